@@ -1,0 +1,14 @@
+"""Schema of the `federation/` config group: rounds, deadlines and the simulation engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FederationConfig:
+    num_rounds: int = 15
+    min_sites: int = 1  # a round closes with fewer replies than this -> the run stops
+    round_timeout_s: float = 600.0  # deadline for replies in one phase of a round
+    client_num_cpus: float = 1.0  # Ray resources per virtual site (simulation)
+    evaluate_every: int = 1  # federated evaluation every k rounds (and always after the last)

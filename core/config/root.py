@@ -1,0 +1,27 @@
+"""The root config: one typed tree composed by Hydra from configs/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .chain import ChainConfig
+from .crypto import CryptoConfig
+from .federation import FederationConfig
+from .privacy import PrivacyConfig
+from .strategy import StrategyConfig
+from .task import TaskConfig
+
+
+@dataclass
+class MedtwinConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    seed: int = 42
+    run_id: str = ""  # empty: generated from time + config hash
+    runs_dir: str = "runs"
+    baselines: bool = True  # also train local (each site alone) and pooled models, simulation only
+    progress: bool = True  # live progress display

@@ -1,0 +1,47 @@
+"""Schema of the `task/` config group: which twin, and how its data is split across sites."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+@dataclass
+class PartitionConfig:
+    """How a pooled dataset is split across synthetic sites (ignored by naturally split tasks)."""
+
+    scheme: str = "iid"  # iid | dirichlet | quantity
+    dirichlet_alpha: float = 0.5  # label skew: smaller alpha = more skew
+    quantity_sigma: float = 1.0  # quantity skew: lognormal sigma of site sizes
+    min_samples_per_site: int = 10
+
+
+@dataclass
+class CsvColumnConfig:
+    name: str = MISSING
+    type: str = "float"  # float | int | category | bool
+    categories: list[str] = field(default_factory=list)  # allowed values for `category`
+    allow_missing: bool = False
+
+
+@dataclass
+class CsvSchemaConfig:
+    """Bring-your-own tabular data: one CSV per site, described here."""
+
+    site_files: list[str] = field(default_factory=list)  # one path per site (simulation)
+    features: list[CsvColumnConfig] = field(default_factory=list)
+    target: str = MISSING
+    task_type: str = "binary"  # binary | regression
+    missing_policy: str = "reject"  # reject | drop_row | impute_mean
+    test_fraction: float = 0.34
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # registered task name: fed_heart_disease | breast_cancer | diabetes_progression | csv
+    num_sites: int = 4
+    test_fraction: float = 0.34
+    split_seed: int = 43
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    csv: CsvSchemaConfig | None = None

@@ -1,0 +1,41 @@
+"""Cross-field checks Hydra's types cannot express; each error names its config key."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .root import MedtwinConfig
+
+STRATEGIES = ("fedavg", "fedprox")
+OPTIMIZERS = ("sgd", "adam")
+PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
+
+
+def validate_config(config: MedtwinConfig) -> None:
+    strategy = config.strategy
+    if strategy.name not in STRATEGIES:
+        raise ConfigError("strategy.name", f"unknown strategy {strategy.name!r}", f"use one of {STRATEGIES}")
+    if strategy.optimizer not in OPTIMIZERS:
+        raise ConfigError("strategy.optimizer", f"unknown optimizer {strategy.optimizer!r}", f"use one of {OPTIMIZERS}")
+    if strategy.learning_rate <= 0:
+        raise ConfigError("strategy.learning_rate", f"must be > 0, got {strategy.learning_rate}")
+    if strategy.local_steps < 1:
+        raise ConfigError("strategy.local_steps", f"must be >= 1, got {strategy.local_steps}")
+    if strategy.batch_size < 1:
+        raise ConfigError("strategy.batch_size", f"must be >= 1, got {strategy.batch_size}")
+    if strategy.proximal_mu < 0:
+        raise ConfigError("strategy.proximal_mu", f"must be >= 0, got {strategy.proximal_mu}")
+    if config.task.partition.scheme not in PARTITION_SCHEMES:
+        raise ConfigError(
+            "task.partition.scheme", f"unknown scheme {config.task.partition.scheme!r}", f"use one of {PARTITION_SCHEMES}"
+        )
+    if config.task.num_sites < 1:
+        raise ConfigError("task.num_sites", f"must be >= 1, got {config.task.num_sites}")
+    if not 0 < config.task.test_fraction < 1:
+        raise ConfigError("task.test_fraction", f"must be in (0, 1), got {config.task.test_fraction}")
+    federation = config.federation
+    if federation.num_rounds < 1:
+        raise ConfigError("federation.num_rounds", f"must be >= 1, got {federation.num_rounds}")
+    if federation.round_timeout_s <= 0:
+        raise ConfigError("federation.round_timeout_s", f"must be > 0, got {federation.round_timeout_s}")
+    if federation.min_sites < 1:
+        raise ConfigError("federation.min_sites", f"must be >= 1, got {federation.min_sites}")

@@ -1,0 +1,101 @@
+"""What a twin task is: data of each site, a model, a loss and metrics, registered by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TaskConfig
+from ..errors import UnknownTaskError
+
+
+@dataclass(frozen=True)
+class SiteSplit:
+    """One site's data, already preprocessed and normalised the way the task's protocol says."""
+
+    site_id: str
+    x_train: np.ndarray  # float32 [n_train, n_features]
+    y_train: np.ndarray  # float32 [n_train]
+    x_test: np.ndarray  # float32 [n_test, n_features]
+    y_test: np.ndarray  # float32 [n_test]
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+
+class TwinTask(ABC):
+    """A digital-twin learning task. Subclasses are registered with `@register_task(name)`."""
+
+    name: str
+    kind: str  # "binary" | "regression"
+    primary_metric: str  # key of `evaluate`'s result that ranks models ("accuracy", "mse")
+    higher_is_better: bool
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def site_ids(self) -> list[str]:
+        """Stable ids of the sites, in site-index order."""
+
+    @abstractmethod
+    def load_site(self, index: int) -> SiteSplit:
+        """The data one site holds (what a hospital's ClientApp loads)."""
+
+    def load_all_sites(self) -> list[SiteSplit]:
+        return [self.load_site(index) for index in range(len(self.site_ids()))]
+
+    @abstractmethod
+    def load_pooled(self) -> SiteSplit:
+        """All sites' train and test rows together, normalised with pooled-train statistics."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh model; callers seed torch first so every site starts from the same weights."""
+
+    @abstractmethod
+    def loss_fn(self) -> nn.Module:
+        """Loss on the model's output, e.g. BCELoss on sigmoid probabilities."""
+
+    def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Metrics of `model` on (x, y); every metric is a mean over rows, with `n` the row count."""
+        model.eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(x)).reshape(-1).numpy()
+        if self.kind == "binary":
+            accuracy = float(np.mean((output >= 0.5) == (y >= 0.5))) if len(y) else float("nan")
+            return {"accuracy": accuracy, "n": float(len(y))}
+        error = output - y
+        return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error))), "n": float(len(y))}
+
+
+TaskFactory = Callable[[TaskConfig], TwinTask]
+_REGISTRY: dict[str, TaskFactory] = {}
+
+
+def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
+    def decorator(factory: TaskFactory) -> TaskFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def registered_tasks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_task(config: TaskConfig) -> TwinTask:
+    if config.name not in _REGISTRY:
+        raise UnknownTaskError(config.name, registered_tasks())
+    return _REGISTRY[config.name](config)

@@ -7,11 +7,12 @@ from .compose import compose_config, config_from_yaml, config_to_yaml, register_
 from .crypto import CryptoConfig
 from .federation import FederationConfig
 from .privacy import PrivacyConfig
-from .root import MedtwinConfig
+from .root import BaselineConfig, MedtwinConfig
 from .strategy import StrategyConfig
 from .task import CsvColumnConfig, CsvSchemaConfig, PartitionConfig, TaskConfig
 
 __all__ = [
+    "BaselineConfig",
     "ChainConfig",
     "CryptoConfig",
     "CsvColumnConfig",

@@ -13,6 +13,17 @@ from .task import TaskConfig
 
 
 @dataclass
+class BaselineConfig:
+    """Recipe of the non-federated baselines (FLamby: Adam, lr 1e-3, batch 4, 50 epochs)."""
+
+    enabled: bool = True  # also train each site alone and a pooled model (simulation only)
+    epochs: int = 50
+    batch_size: int = 4
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+
+
+@dataclass
 class MedtwinConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -23,5 +34,5 @@ class MedtwinConfig:
     seed: int = 42
     run_id: str = ""  # empty: generated from time + config hash
     runs_dir: str = "runs"
-    baselines: bool = True  # also train local (each site alone) and pooled models, simulation only
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     progress: bool = True  # live progress display

@@ -15,6 +15,7 @@ class PartitionConfig:
     dirichlet_alpha: float = 0.5  # label skew: smaller alpha = more skew
     quantity_sigma: float = 1.0  # quantity skew: lognormal sigma of site sizes
     min_samples_per_site: int = 10
+    regression_label_bins: int = 5  # dirichlet on a regression target: number of quantile bins
 
 
 @dataclass
@@ -35,6 +36,7 @@ class CsvSchemaConfig:
     task_type: str = "binary"  # binary | regression
     missing_policy: str = "reject"  # reject | drop_row | impute_mean
     test_fraction: float = 0.34
+    hidden_units: int = 16  # MLP hidden width; 0 = linear model (logistic regression if binary)
 
 
 @dataclass

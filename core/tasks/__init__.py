@@ -1,7 +1,33 @@
-"""Twin tasks: dataset loader + site split + model + loss + metrics, registered by name."""
+"""Twin tasks: dataset loader + site split + model + loss + metrics, registered by name.
+
+Importing this package registers every task: ``fed_heart_disease``, ``breast_cancer``,
+``diabetes_progression`` and ``csv``.
+"""
 
 from __future__ import annotations
 
 from .base import SiteSplit, TwinTask, get_task, register_task, registered_tasks
+from .csv_task import CsvTask, resolve_site_file
+from .csv_validation import CsvProblem, CsvValidationError, ValidatedTable, validate_site_csv
+from .fed_heart_disease import FedHeartDiseaseTask
+from .partition import PARTITION_SCHEMES, partition_indices
+from .sklearn_tasks import BreastCancerTask, DiabetesProgressionTask
 
-__all__ = ["SiteSplit", "TwinTask", "get_task", "register_task", "registered_tasks"]
+__all__ = [
+    "PARTITION_SCHEMES",
+    "BreastCancerTask",
+    "CsvProblem",
+    "CsvTask",
+    "CsvValidationError",
+    "DiabetesProgressionTask",
+    "FedHeartDiseaseTask",
+    "SiteSplit",
+    "TwinTask",
+    "ValidatedTable",
+    "get_task",
+    "partition_indices",
+    "register_task",
+    "registered_tasks",
+    "resolve_site_file",
+    "validate_site_csv",
+]

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates .venv and installs what it needs (torch CPU first, then medtwin, then anvil from npm).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medtwin-installed
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export FLWR_HOME := $(CURDIR)/.flwr
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml $(wildcard package-lock.json)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip || true
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/medtwin demo
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m medtwin.experiments.bench_fed_heart_disease
+
+clean:
+	rm -rf $(VENV) node_modules .flwr runs outputs multirun

@@ -1,0 +1,79 @@
+"""Epsilon and noise calibration with Opacus's own accountants (RDP or PRV).
+
+`medtwin.core.privacy_math` holds the torch-free RDP maths; this module is the site-side wrapper
+that also offers the tighter PRV accountant (Gopi et al. 2021), which lives inside Opacus and so
+imports torch. Accountant state never lives in an Opacus object across rounds — a new
+PrivacyEngine per round would forget it — it is rebuilt here from the ledger's history.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from opacus.accountants import create_accountant
+
+from medtwin.core.errors import ConfigError
+from medtwin.core.privacy_math import ACCOUNTANTS, bisect_noise_multiplier, merge_history
+
+__all__ = ["calibrate_noise_multiplier", "epsilon_after", "history_epsilon"]
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError("privacy.accountant", f"unknown accountant {accountant!r}", f"use one of {ACCOUNTANTS}")
+
+
+def history_epsilon(*, history: Iterable[Sequence[float]], target_delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at `target_delta` of a history of `(noise_multiplier, sample_rate, steps)` entries."""
+    _check_accountant(accountant)
+    merged = merge_history(history)
+    if not merged:
+        return 0.0
+    opacus_accountant = create_accountant(mechanism=accountant)
+    opacus_accountant.history = merged
+    with warnings.catch_warnings():
+        # RDP warns when the best order is the largest one: harmless (the bound is still valid).
+        warnings.simplefilter("ignore", UserWarning)
+        return float(opacus_accountant.get_epsilon(delta=target_delta))
+
+
+def epsilon_after(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    target_delta: float,
+    accountant: str = "rdp",
+    history: Iterable[Sequence[float]] = (),
+) -> float:
+    """Epsilon once `steps` more steps at (noise_multiplier, sample_rate) follow `history`."""
+    return history_epsilon(
+        history=[*history, (noise_multiplier, sample_rate, steps)], target_delta=target_delta, accountant=accountant
+    )
+
+
+@lru_cache(maxsize=256)
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """Noise multiplier so the run's ALL planned steps (num_rounds * local_steps at `sample_rate`)
+    spend at most `target_epsilon` at `target_delta`. Deterministic, so every round of a run (and
+    every restart) gets the same value."""
+    _check_accountant(accountant)
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+
+    def epsilon_for(sigma: float) -> float:
+        return history_epsilon(
+            history=[(sigma, sample_rate, total_steps)], target_delta=target_delta, accountant=accountant
+        )
+
+    return bisect_noise_multiplier(epsilon_for, target_epsilon=target_epsilon, epsilon_tolerance=epsilon_tolerance)

@@ -1,0 +1,66 @@
+"""Non-federated baselines in the same run: each site alone (local) and all data in one place (pooled)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medtwin.client.training import train_epochs
+from medtwin.core.config import MedtwinConfig
+from medtwin.core.model_vector import vector_to_model
+from medtwin.core.tasks import SiteSplit, TwinTask, get_task
+
+
+def score_everywhere(task: TwinTask, model: nn.Module, sites: list[SiteSplit], pooled: SiteSplit) -> dict[str, float]:
+    """A model's primary metric on every site's test split, the pooled test set, and the mean of sites."""
+    metric = task.primary_metric
+    row = {site.site_id: task.evaluate(model, site.x_test, site.y_test)[metric] for site in sites}
+    row["mean_of_sites"] = float(np.mean([row[site.site_id] for site in sites]))
+    row["pooled_test"] = task.evaluate(model, pooled.x_test, pooled.y_test)[metric]
+    return row
+
+
+def _train_baseline(task: TwinTask, config: MedtwinConfig, split: SiteSplit) -> nn.Module:
+    recipe = config.baselines
+    torch.manual_seed(config.seed)
+    model = task.build_model()
+    train_epochs(
+        model,
+        split.x_train,
+        split.y_train,
+        loss_fn=task.loss_fn(),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        optimizer_name=recipe.optimizer,
+        learning_rate=recipe.learning_rate,
+        seed=config.seed,
+    )
+    return model
+
+
+def compute_baselines(config: MedtwinConfig) -> dict[str, Any]:
+    task = get_task(config.task)
+    sites = task.load_all_sites()
+    pooled = task.load_pooled()
+    rows = {f"local:{site.site_id}": score_everywhere(task, _train_baseline(task, config, site), sites, pooled) for site in sites}
+    rows["pooled"] = score_everywhere(task, _train_baseline(task, config, pooled), sites, pooled)
+    columns = [site.site_id for site in sites] + ["pooled_test", "mean_of_sites"]
+    return {"metric": task.primary_metric, "columns": columns, "rows": rows}
+
+
+def final_model_evaluator(config: MedtwinConfig):
+    """Scores the federated model's plaintext weights like the baselines (simulation only)."""
+    task = get_task(config.task)
+    sites = task.load_all_sites()
+    pooled = task.load_pooled()
+
+    def evaluate(weights: np.ndarray) -> dict[str, float]:
+        torch.manual_seed(config.seed)
+        model = task.build_model()
+        vector_to_model(model, weights)
+        return score_everywhere(task, model, sites, pooled)
+
+    return evaluate

@@ -1,0 +1,189 @@
+"""The coordinator's round loop over Flower's Grid: train, sum, evaluate — with a deadline per phase."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from medtwin.core.config import MedtwinConfig
+from medtwin.core.errors import RoundFailedError
+from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE, instruction
+
+from .aggregation import Aggregator, Rejection, SiteUpdate
+
+logger = logging.getLogger("medtwin.coordinator")
+
+RoundCallback = Callable[[dict], None]
+
+
+@dataclass
+class LoopResult:
+    rounds_completed: int = 0
+    sites: dict[int, str] = field(default_factory=dict)  # node id -> site id
+    final_site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    final_pooled_metrics: dict[str, float] = field(default_factory=dict)
+    aggregate: ArrayRecord | None = None
+    rejections: list[Rejection] = field(default_factory=list)
+    update_bytes: int = 0  # bytes of accepted update payloads, summed over the run
+    accepted_updates: int = 0
+    round_times_s: list[float] = field(default_factory=list)
+
+
+def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= expected or time.monotonic() > deadline:
+            return node_ids
+        time.sleep(0.5)
+
+
+def site_error_reason(reason: str) -> str:
+    """The useful line of a site's error (Ray wraps it in pages of traceback)."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason.rsplit(marker, 1)[1]
+    reason = reason.replace("\\n", "\n").strip().strip("'\"<>")
+    return reason.splitlines()[0][:300] if reason else "unknown error"
+
+
+def pooled_metrics(site_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Example-weighted mean of every metric over sites: the metric on the union of their test sets."""
+    total = sum(metrics.get("n", 0.0) for metrics in site_metrics.values())
+    if total <= 0:
+        return {}
+    names = {name for metrics in site_metrics.values() for name in metrics if name != "n"}
+    pooled = {
+        name: sum(metrics[name] * metrics["n"] for metrics in site_metrics.values() if name in metrics) / total
+        for name in sorted(names)
+    }
+    pooled["n"] = total
+    return pooled
+
+
+class RoundLoop:
+    """Runs `num_rounds` rounds; each phase waits at most `round_timeout_s` and closes with whoever replied."""
+
+    def __init__(
+        self,
+        *,
+        grid: Grid,
+        config: MedtwinConfig,
+        run_id: str,
+        aggregator: Aggregator,
+        on_record: RoundCallback,
+    ) -> None:
+        self.grid = grid
+        self.config = config
+        self.run_id = run_id
+        self.aggregator = aggregator
+        self.on_record = on_record
+        self.result = LoopResult()
+
+    def run(self) -> LoopResult:
+        federation = self.config.federation
+        node_ids = wait_for_nodes(self.grid, expected=self.config.task.num_sites, timeout_s=federation.round_timeout_s)
+        logger.info("federation of %d site(s) connected; %d round(s) ahead", len(node_ids), federation.num_rounds)
+        for server_round in range(1, federation.num_rounds + 1):
+            started = time.monotonic()
+            self.train_round(server_round, node_ids)
+            last = server_round == federation.num_rounds
+            if last or server_round % federation.evaluate_every == 0:
+                self.evaluate_round(server_round, node_ids)
+            self.result.rounds_completed = server_round
+            self.result.round_times_s.append(time.monotonic() - started)
+        return self.result
+
+    def _send(self, node_ids: list[int], *, phase: str, server_round: int) -> list[Message]:
+        messages = []
+        for node_id in node_ids:
+            content = RecordDict({INSTRUCTION: instruction(run_id=self.run_id, server_round=server_round, phase=phase)})
+            if self.result.aggregate is not None:
+                content[AGGREGATE] = self.result.aggregate
+            messages.append(Message(content=content, message_type=phase, dst_node_id=node_id))
+        return list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
+
+    def _site_of(self, reply: Message) -> str:
+        node_id = reply.metadata.src_node_id
+        if reply.has_content() and SITE in reply.content:
+            self.result.sites[node_id] = str(reply.content[SITE]["site_id"])
+        return self.result.sites.get(node_id, f"node-{node_id}")
+
+    def train_round(self, server_round: int, node_ids: list[int]) -> None:
+        started = time.monotonic()
+        replies = self._send(node_ids, phase="train", server_round=server_round)
+        accepted: list[SiteUpdate] = []
+        site_metrics: dict[str, dict[str, float]] = {}
+        rejected: list[Rejection] = []
+        for reply in replies:
+            site_id = self._site_of(reply)
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                rejected.append(Rejection(site_id, node_id, f"site error: {site_error_reason(reply.error.reason)}", server_round))
+                continue
+            if UPDATE not in reply.content:
+                reason = str(reply.content[SITE].get("reason", "no update")) if SITE in reply.content else "no update"
+                rejected.append(Rejection(site_id, node_id, reason, server_round))
+                continue
+            update = SiteUpdate(site_id=site_id, node_id=node_id, record=reply.content[UPDATE])
+            problem = self.aggregator.check(update)
+            if problem:
+                rejected.append(Rejection(site_id, node_id, problem, server_round))
+                continue
+            accepted.append(update)
+            self.result.accepted_updates += 1
+            self.result.update_bytes += sum(len(array.data) for array in update.record.values())
+            if METRICS in reply.content:
+                site_metrics[site_id] = {key: float(value) for key, value in reply.content[METRICS].items()}
+        missing = len(node_ids) - len(replies)
+        for rejection in rejected:
+            logger.warning("round %d: update from %s not used: %s", server_round, rejection.site_id, rejection.reason)
+        if missing:
+            logger.warning("round %d: %d site(s) missed the %.0f s deadline", server_round, missing, self.config.federation.round_timeout_s)
+        self.result.rejections.extend(rejected)
+        if len(accepted) < self.config.federation.min_sites:
+            raise RoundFailedError(
+                f"round {server_round}: {len(accepted)} usable update(s), federation.min_sites is "
+                f"{self.config.federation.min_sites}; rejected: "
+                + "; ".join(f"{r.site_id}: {r.reason}" for r in rejected)
+            )
+        self.result.aggregate = self.aggregator.aggregate(sorted(accepted, key=lambda update: update.site_id))
+        self.on_record(
+            {
+                "round": server_round,
+                "phase": "train",
+                "participants": sorted(update.site_id for update in accepted),
+                "rejected": {rejection.site_id: rejection.reason for rejection in rejected},
+                "missed_deadline": missing,
+                "sites": site_metrics,
+                "time_s": time.monotonic() - started,
+            }
+        )
+
+    def evaluate_round(self, server_round: int, node_ids: list[int]) -> None:
+        started = time.monotonic()
+        replies = self._send(node_ids, phase="evaluate", server_round=server_round)
+        site_metrics: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            site_id = self._site_of(reply)
+            if reply.has_error():
+                logger.warning("round %d: evaluation failed at %s: %s", server_round, site_id, site_error_reason(reply.error.reason))
+                continue
+            site_metrics[site_id] = {key: float(value) for key, value in reply.content[METRICS].items()}
+        pooled = pooled_metrics(site_metrics)
+        self.result.final_site_metrics = dict(sorted(site_metrics.items()))
+        self.result.final_pooled_metrics = pooled
+        self.on_record(
+            {
+                "round": server_round,
+                "phase": "evaluate",
+                "sites": dict(sorted(site_metrics.items())),
+                "pooled": pooled,
+                "time_s": time.monotonic() - started,
+            }
+        )

@@ -1,0 +1,112 @@
+"""medtwin.chain: the authorization chain (FederationRegistry) and the data chain (ProvenanceLedger).
+
+Contracts are Vyper (contracts/*.vy, compiled output cached in contracts/build/). Backends:
+embedded (eth-tester, in-process), anvil (local nodes with persistent state), rpc (any URL).
+See chain/README.md for the on-chain data model and the round-anchor leaf definition.
+"""
+
+from .accounts import ChainAccount, dev_account
+from .anchoring import RoundManifest, build_round_anchor, epsilon_hash, participants_hash
+from .audit import (
+    AccessReport,
+    LineageReport,
+    Mismatch,
+    VerifyReport,
+    audit_access,
+    audit_lineage,
+    audit_verify,
+)
+from .auth_chain import MAX_DECISIONS_PER_TX, AuthChain
+from .compiler import CompiledContract, load_contract
+from .data_chain import DataChain
+from .deployment import Deployment, read_deployment
+from .encoding import run_key, site_key
+from .errors import (
+    AnvilNotFoundError,
+    ChainConflictError,
+    ChainError,
+    ChainRevertError,
+    ChainSetupError,
+    ChainUnavailableError,
+    ContractBuildError,
+    DeploymentError,
+    OutboxError,
+)
+from .lifecycle import ChainStatus, NodeStatus, chain_down, chain_status, chain_up
+from .outbox import Outbox, PendingWrite
+from .records import (
+    AccessDecisionRecord,
+    ApprovalRecord,
+    Decision,
+    FlushResult,
+    ModelRecord,
+    Role,
+    RoundAnchor,
+    RoundStatus,
+    RunRecord,
+    RunRegistration,
+    SiteRecord,
+    WriteReceipt,
+)
+from .render import access_table, lineage_table, status_table, verify_table
+from .session import ChainSession, open_readonly, open_session
+
+__all__ = [
+    "MAX_DECISIONS_PER_TX",
+    "AccessDecisionRecord",
+    "AccessReport",
+    "AnvilNotFoundError",
+    "ApprovalRecord",
+    "AuthChain",
+    "ChainAccount",
+    "ChainConflictError",
+    "ChainError",
+    "ChainRevertError",
+    "ChainSession",
+    "ChainSetupError",
+    "ChainStatus",
+    "ChainUnavailableError",
+    "CompiledContract",
+    "ContractBuildError",
+    "DataChain",
+    "Decision",
+    "Deployment",
+    "DeploymentError",
+    "FlushResult",
+    "LineageReport",
+    "Mismatch",
+    "ModelRecord",
+    "NodeStatus",
+    "Outbox",
+    "OutboxError",
+    "PendingWrite",
+    "Role",
+    "RoundAnchor",
+    "RoundManifest",
+    "RoundStatus",
+    "RunRecord",
+    "RunRegistration",
+    "SiteRecord",
+    "VerifyReport",
+    "WriteReceipt",
+    "access_table",
+    "audit_access",
+    "audit_lineage",
+    "audit_verify",
+    "build_round_anchor",
+    "chain_down",
+    "chain_status",
+    "chain_up",
+    "dev_account",
+    "epsilon_hash",
+    "lineage_table",
+    "load_contract",
+    "open_readonly",
+    "open_session",
+    "participants_hash",
+    "read_deployment",
+    "run_key",
+    "site_key",
+    "status_table",
+    "verify_table",
+]

@@ -89,6 +89,7 @@ event AccessDecision:
     actor: indexed(address)
     action: indexed(bytes32)
     run_id: indexed(bytes32)
+    site_key: bytes32
     subject: bytes32
     granted: bool
     reason: bytes32
@@ -176,13 +177,14 @@ def register_site(site: address, site_key: bytes32, name: String[64], key_finger
 
 
 @external
-def revoke_site(site: address, reason: bytes32):
+def revoke_site(site_key: bytes32, reason: bytes32):
     self._require_admin()
-    assert self.sites[site].registered_at != 0, "site is not registered"
+    site: address = self.site_address[site_key]
+    assert site != empty(address), "site is not registered"
     assert self.sites[site].revoked_at == 0, "site already revoked"
     self.sites[site].revoked_at = block.timestamp
     self.roles[site] = self.roles[site] & (ALL_ROLES ^ ROLE_SITE)
-    log SiteRevoked(site=site, site_key=self.sites[site].site_key, reason=reason, timestamp=block.timestamp)
+    log SiteRevoked(site=site, site_key=site_key, reason=reason, timestamp=block.timestamp)
 
 
 @external
@@ -242,14 +244,25 @@ def has_grant(grantee: address, scope: bytes32) -> bool:
     return grant.granted_at != 0 and grant.revoked_at == 0 and block.timestamp < grant.expires_at
 
 
-@external
-def record_decision(actor: address, subject: bytes32, action: bytes32, granted: bool, reason: bytes32, run_id: bytes32, round_index: uint256):
-    self._require_coordinator()
+@internal
+def _log_decision(actor: address, site_key: bytes32, subject: bytes32, action: bytes32, granted: bool, reason: bytes32, run_id: bytes32, round_index: uint256):
     assert action != empty(bytes32), "action is empty"
+    who: address = actor
+    if who == empty(address) and site_key != empty(bytes32):
+        who = self.site_address[site_key]
     log AccessDecision(
-        actor=actor, action=action, run_id=run_id, subject=subject, granted=granted, reason=reason,
-        round_index=round_index, recorder=msg.sender, timestamp=block.timestamp,
+        actor=who, action=action, run_id=run_id, site_key=site_key, subject=subject, granted=granted,
+        reason=reason, round_index=round_index, recorder=msg.sender, timestamp=block.timestamp,
     )
+
+
+@external
+def record_decision(actor: address, site_key: bytes32, subject: bytes32, action: bytes32, granted: bool, reason: bytes32, run_id: bytes32, round_index: uint256):
+    """
+    @notice One access decision. `actor` zero + `site_key` set: the actor is the registered site.
+    """
+    self._require_coordinator()
+    self._log_decision(actor, site_key, subject, action, granted, reason, run_id, round_index)
 
 
 @external
@@ -258,23 +271,23 @@ def record_decisions(
     run_id: bytes32,
     round_index: uint256,
     actors: DynArray[address, MAX_BATCH],
+    site_keys: DynArray[bytes32, MAX_BATCH],
     subjects: DynArray[bytes32, MAX_BATCH],
     actions: DynArray[bytes32, MAX_BATCH],
     granted: DynArray[bool, MAX_BATCH],
     reasons: DynArray[bytes32, MAX_BATCH],
 ):
+    """
+    @notice All access decisions of one round in one transaction; `batch_id` makes it idempotent.
+    """
     self._require_coordinator()
     assert batch_id != empty(bytes32), "batch id is empty"
     assert self.batches[batch_id] == 0, "decision batch already recorded"
     count: uint256 = len(actors)
     assert count > 0, "empty decision batch"
-    assert len(subjects) == count and len(actions) == count, "batch arrays differ in length"
-    assert len(granted) == count and len(reasons) == count, "batch arrays differ in length"
+    assert len(site_keys) == count and len(subjects) == count, "batch arrays differ in length"
+    assert len(actions) == count and len(granted) == count and len(reasons) == count, "batch arrays differ in length"
     for i: uint256 in range(count, bound=MAX_BATCH):
-        assert actions[i] != empty(bytes32), "action is empty"
-        log AccessDecision(
-            actor=actors[i], action=actions[i], run_id=run_id, subject=subjects[i], granted=granted[i],
-            reason=reasons[i], round_index=round_index, recorder=msg.sender, timestamp=block.timestamp,
-        )
+        self._log_decision(actors[i], site_keys[i], subjects[i], actions[i], granted[i], reasons[i], run_id, round_index)
     self.batches[batch_id] = block.timestamp
     log DecisionBatch(batch_id=batch_id, run_id=run_id, round_index=round_index, count=count)

@@ -6,7 +6,8 @@ listing every problem found, each with file, row and column, so nothing trains o
 
 Conventions:
 - Row numbers are 1-based lines of the file; the header is row 1, the first data row is row 2.
-- The first row is the header. Extra columns not named in the schema are ignored.
+- The first row is the header. Extra columns not named in the schema are ignored. Blank lines
+  (and rows whose fields are all empty) are skipped.
 - A cell is missing when empty or one of `MISSING_TOKENS` (case-insensitive), e.g. `NA`, `NaN`, `?`.
 - Types: ``float`` (finite number), ``int`` (integer, ``3.0`` accepted), ``bool`` (one of
   `TRUE_TOKENS` / `FALSE_TOKENS`), ``category`` (exactly one of the schema's `categories`,

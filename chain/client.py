@@ -1,0 +1,188 @@
+"""One connection to one chain: locally signed transactions, calls, logs, and error mapping.
+
+Connection failures become `ChainUnavailableError` (the gateway queues the write in its outbox);
+contract refusals become `ChainRevertError` carrying the contract's assert message.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import requests
+from web3 import Web3
+from web3.contract import Contract
+from eth_tester.exceptions import TransactionFailed, ValidationError
+from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
+
+from .accounts import ChainAccount
+from .compiler import CompiledContract
+from .errors import ChainRevertError, ChainUnavailableError
+
+__all__ = ["CONNECTION_ERRORS", "ChainClient", "TxReceipt"]
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    requests.exceptions.RequestException,
+    ProviderConnectionError,
+)
+GAS_MARGIN = 1.2
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TxReceipt:
+    chain: str
+    call: str
+    tx_hash: str
+    block_number: int
+    gas_used: int
+
+
+def _revert_reason(error: Exception) -> str:
+    message = getattr(error, "message", None) or str(error)
+    for prefix in ("execution reverted: ", "execution reverted", "revert: "):
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+    return message.strip() or "reverted without a reason"
+
+
+class ChainClient:
+    """web3 on one chain; `name` is "auth" or "data" and appears in every error."""
+
+    def __init__(self, w3: Web3, *, name: str, url: str, tx_timeout_s: float = 60.0, fixed_gas: int | None = None) -> None:
+        self.w3, self.name, self.url = w3, name, url
+        self.tx_timeout_s = tx_timeout_s
+        # In-process chains: skip gas estimation (a slow binary search in py-evm) and preflight
+        # with eth_call instead, which still surfaces the revert reason.
+        self.fixed_gas = fixed_gas
+        self._chain_id: int | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def http(cls, url: str, *, name: str, rpc_timeout_s: float = 10.0, tx_timeout_s: float = 60.0) -> ChainClient:
+        provider = Web3.HTTPProvider(url, request_kwargs={"timeout": rpc_timeout_s}, exception_retry_configuration=None)
+        return cls(Web3(provider), name=name, url=url, tx_timeout_s=tx_timeout_s)
+
+    def guarded(self, action: Callable[[], T], *, what: str) -> T:
+        """Run one JSON-RPC interaction, mapping transport failures to ChainUnavailableError."""
+        try:
+            return action()
+        except (ContractLogicError, TransactionFailed) as error:
+            raise ChainRevertError(self.name, what, _revert_reason(error)) from error
+        except (Web3RPCError, ValidationError) as error:
+            raise ChainRevertError(self.name, what, f"node rejected the request: {error}") from error
+        except CONNECTION_ERRORS as error:
+            raise ChainUnavailableError(self.name, self.url, f"{what}: {type(error).__name__}") from error
+
+    @property
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = int(self.guarded(lambda: self.w3.eth.chain_id, what="eth_chainId"))
+        return self._chain_id
+
+    def is_reachable(self) -> bool:
+        try:
+            self.guarded(lambda: self.w3.eth.block_number, what="eth_blockNumber")
+        except ChainUnavailableError:
+            return False
+        return True
+
+    def block_number(self) -> int:
+        return int(self.guarded(lambda: self.w3.eth.block_number, what="eth_blockNumber"))
+
+    def has_code(self, address: str) -> bool:
+        code = self.guarded(lambda: self.w3.eth.get_code(Web3.to_checksum_address(address)), what="eth_getCode")
+        return len(code) > 0
+
+    def contract(self, address: str, abi: list[dict[str, Any]]) -> Contract:
+        return self.w3.eth.contract(address=Web3.to_checksum_address(address), abi=abi)
+
+    def call(self, function: Any, *, what: str) -> Any:
+        return self.guarded(lambda: function.call(), what=what)
+
+    def transact(self, account: ChainAccount, function: Any, *, call: str) -> TxReceipt:
+        """Sign and send `function` from `account`; return once mined. Raises on revert/outage."""
+        with self._lock:
+            return self.guarded(lambda: self._send(account, function, call), what=call)
+
+    def _send(self, account: ChainAccount, function: Any, call: str) -> TxReceipt:
+        params = {"from": account.address, "chainId": self.chain_id}
+        params["nonce"] = self.w3.eth.get_transaction_count(account.address, "pending")
+        params["gas"] = self._gas(function, account)
+        transaction = function.build_transaction(params)
+        return self._submit_signed(account.sign_transaction(transaction), call)
+
+    def _gas(self, function: Any, account: ChainAccount) -> int:
+        if self.fixed_gas is not None:
+            function.call({"from": account.address})
+            return self.fixed_gas
+        return int(function.estimate_gas({"from": account.address}) * GAS_MARGIN) + 10_000
+
+    def _submit_signed(self, raw: bytes, call: str) -> TxReceipt:
+        tx_hash = self.w3.eth.send_raw_transaction(raw)
+        try:
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.tx_timeout_s, poll_latency=0.05)
+        except TimeExhausted as error:
+            raise ChainUnavailableError(
+                self.name, self.url, f"{call}: not mined within chain.tx_timeout_s={self.tx_timeout_s}"
+            ) from error
+        if receipt["status"] != 1:
+            raise ChainRevertError(self.name, call, f"transaction {tx_hash.hex()} reverted when mined")
+        return TxReceipt(
+            chain=self.name,
+            call=call,
+            tx_hash="0x" + bytes(tx_hash).hex().removeprefix("0x"),
+            block_number=int(receipt["blockNumber"]),
+            gas_used=int(receipt["gasUsed"]),
+        )
+
+    def deploy(self, account: ChainAccount, compiled: CompiledContract) -> tuple[str, TxReceipt]:
+        factory = self.w3.eth.contract(abi=compiled.abi, bytecode=compiled.bytecode)
+
+        def send() -> tuple[str, TxReceipt]:
+            constructor = factory.constructor()
+            params = {"from": account.address, "chainId": self.chain_id}
+            params["nonce"] = self.w3.eth.get_transaction_count(account.address, "pending")
+            params["gas"] = self.fixed_gas or int(constructor.estimate_gas({"from": account.address}) * GAS_MARGIN) + 10_000
+            raw = account.sign_transaction(constructor.build_transaction(params))
+            receipt = self._submit_signed(raw, f"deploy {compiled.name}")
+            mined = self.w3.eth.get_transaction_receipt(receipt.tx_hash)
+            return str(mined["contractAddress"]), receipt
+
+        with self._lock:
+            return self.guarded(send, what=f"deploy {compiled.name}")
+
+    def balance(self, address: str) -> int:
+        return int(self.guarded(lambda: self.w3.eth.get_balance(Web3.to_checksum_address(address)), what="eth_getBalance"))
+
+    def fund_from_node(self, address: str, *, wei: int) -> None:
+        """Top `address` up to `wei` from the node's first unlocked account (dev backends only)."""
+
+        def send() -> None:
+            missing = wei - self.w3.eth.get_balance(Web3.to_checksum_address(address))
+            if missing <= 0:
+                return
+            node_accounts = self.w3.eth.accounts
+            if not node_accounts:
+                raise ChainUnavailableError(self.name, self.url, "node has no unlocked account to fund from")
+            tx_hash = self.w3.eth.send_transaction(
+                {"from": node_accounts[0], "to": Web3.to_checksum_address(address), "value": missing}
+            )
+            self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.tx_timeout_s, poll_latency=0.05)
+
+        with self._lock:
+            self.guarded(send, what=f"fund {address}")
+
+    def logs(self, event: Any, *, from_block: int, argument_filters: dict[str, Any] | None = None) -> list[Any]:
+        return list(
+            self.guarded(
+                lambda: event.get_logs(from_block=from_block, to_block="latest", argument_filters=argument_filters or {}),
+                what=f"eth_getLogs {event.event_name}",
+            )
+        )
+
+    def block_timestamp(self, block_number: int) -> int:
+        return int(self.guarded(lambda: self.w3.eth.get_block(block_number)["timestamp"], what="eth_getBlockByNumber"))

@@ -1,0 +1,227 @@
+"""`DataChain`: the typed facade of ProvenanceLedger (the data chain).
+
+Per round at most two transactions: `commit_datasets` (only when a site's manifest is new or
+changed) and `anchor_round`. A round is `finalized` only once its anchor is mined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from web3 import Web3
+
+from .accounts import ChainAccount
+from .encoding import ZERO32, as_bytes32, run_key, site_key
+from .errors import ChainConflictError, ChainError
+from .records import (
+    DatasetCommitment,
+    ModelRecord,
+    ReleaseRecord,
+    RoundAnchor,
+    RoundStatus,
+    RunRecord,
+    RunRegistration,
+    WriteReceipt,
+)
+from .writer import ContractGateway
+
+__all__ = ["MAX_DATASETS_PER_TX", "DataChain", "anchor_call_args"]
+
+MAX_DATASETS_PER_TX = 1024
+
+
+def _hex(value: bytes) -> str:
+    return bytes(value).hex()
+
+
+def anchor_call_args(anchor: RoundAnchor) -> list[Any]:
+    """ProvenanceLedger.anchor_round arguments for `anchor`, in ABI order."""
+    return [
+        run_key(anchor.run_id),
+        int(anchor.round_index),
+        as_bytes32(anchor.update_root, what="update root"),
+        as_bytes32(anchor.aggregate_hash, what="aggregate hash"),
+        as_bytes32(anchor.manifest_hash, what="round manifest hash"),
+        as_bytes32(anchor.participants_hash, what="participants hash"),
+        int(anchor.participant_count),
+        as_bytes32(anchor.epsilon_hash, what="epsilon hash"),
+        int(anchor.max_epsilon_micro),
+        int(anchor.he_error_bound_pico),
+    ]
+
+
+class DataChain(ContractGateway):
+    """ProvenanceLedger on the data chain. `admin`/`coordinator` may be None (read-only use)."""
+
+    def __init__(self, *args: Any, admin: ChainAccount | None = None, coordinator: ChainAccount | None = None, **kwargs: Any) -> None:
+        signers = tuple(account for account in (admin, coordinator) if account is not None)
+        super().__init__(*args, signers=signers, **kwargs)
+        self.admin, self.coordinator = admin, coordinator
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    def set_writer(self, account: str, *, enabled: bool = True) -> WriteReceipt:
+        return self.write(self.admin, "set_writer", [Web3.to_checksum_address(account), enabled], role="admin")
+
+    # -- coordinator (ledger writer) -------------------------------------------------------------
+
+    def register_run(self, registration: RunRegistration) -> WriteReceipt:
+        if len(registration.run_id.encode()) > 128 or len(registration.task.encode()) > 64:
+            raise ChainError("run id must be <= 128 bytes and task name <= 64 bytes to be registered on chain")
+        args = [
+            run_key(registration.run_id),
+            registration.run_id,
+            registration.task,
+            as_bytes32(registration.config_hash, what="config hash"),
+            as_bytes32(registration.code_hash, what="code hash"),
+            as_bytes32(registration.dp_params_hash, what="DP parameters hash"),
+            as_bytes32(registration.he_params_hash, what="HE parameters hash"),
+        ]
+        return self.write(self.coordinator, "register_run", args, role="coordinator")
+
+    def commit_datasets(self, *, run_id: str, manifests: Mapping[str, str | bytes]) -> WriteReceipt | None:
+        """Commit dataset-manifest hashes (site id -> sha256); skips unchanged ones, None if all were."""
+        if len(manifests) > MAX_DATASETS_PER_TX:
+            raise ChainError(f"{len(manifests)} dataset commitments exceed {MAX_DATASETS_PER_TX} per transaction")
+        key = run_key(run_id)
+        changed: dict[bytes, bytes] = {}
+        for site_id in sorted(manifests):
+            manifest = as_bytes32(manifests[site_id], what=f"dataset manifest hash of site {site_id!r}")
+            if self._known_dataset(key, site_key(site_id)) != manifest:
+                changed[site_key(site_id)] = manifest
+        if not changed:
+            return None
+        args = [key, list(changed), list(changed.values())]
+        return self.write(self.coordinator, "commit_datasets", args, role="coordinator")
+
+    def _known_dataset(self, key: bytes, site: bytes) -> bytes | None:
+        for queued in reversed(self.queued("commit_datasets")):
+            if queued[0] == key and site in queued[1]:
+                return queued[2][queued[1].index(site)]
+        try:
+            return bytes(self.call("datasets", key, site))
+        except ChainError:
+            return None  # unreachable: commit again, the write will be queued
+
+    def anchor_round(self, anchor: RoundAnchor) -> WriteReceipt:
+        """Anchor one round (reverts on chain if this (run, round) is already anchored)."""
+        return self.write(self.coordinator, "anchor_round", anchor_call_args(anchor), role="coordinator")
+
+    def record_lineage(self, *, model_hash: str | bytes, parent_hash: str | bytes = "", run_id: str, round_index: int) -> WriteReceipt:
+        parent = as_bytes32(parent_hash, what="parent model hash") if parent_hash else ZERO32
+        args = [as_bytes32(model_hash, what="model hash"), parent, run_key(run_id), int(round_index)]
+        return self.write(self.coordinator, "record_lineage", args, role="coordinator")
+
+    def release_model(self, *, model_hash: str | bytes, run_id: str, site_id: str) -> WriteReceipt:
+        args = [as_bytes32(model_hash, what="model hash"), run_key(run_id), site_key(site_id)]
+        return self.write(self.coordinator, "release_model", args, role="coordinator")
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def is_writer(self, account: str) -> bool:
+        return bool(self.call("writers", Web3.to_checksum_address(account)))
+
+    def run(self, run_id: str) -> RunRecord | None:
+        return self.run_by_key(run_key(run_id))
+
+    def run_by_key(self, key: bytes) -> RunRecord | None:
+        name, task, config, code, dp, he, registered_at, rounds_anchored, last_round = self.call("runs", key)
+        if registered_at == 0:
+            return None
+        return RunRecord(name, _hex(key), task, _hex(config), _hex(code), _hex(dp), _hex(he), registered_at, rounds_anchored, last_round)
+
+    def anchor(self, run_id: str, round_index: int) -> RoundAnchor | None:
+        fields = self.call("anchors", run_key(run_id), int(round_index))
+        root, aggregate, manifest, participants, count, epsilon, max_eps, he_bound, anchored_at = fields
+        if anchored_at == 0:
+            return None
+        return RoundAnchor(
+            run_id, int(round_index), _hex(root), _hex(aggregate), _hex(manifest), _hex(participants),
+            int(count), _hex(epsilon), int(max_eps), int(he_bound), int(anchored_at),
+        )
+
+    def anchors(self, run_id: str) -> list[RoundAnchor]:
+        record = self.run(run_id)
+        if record is None:
+            return []
+        found = (self.anchor(run_id, round_index) for round_index in range(1, record.last_round + 1))
+        return [anchor for anchor in found if anchor is not None]
+
+    def round_status(self, run_id: str, round_index: int) -> RoundStatus:
+        """finalized = anchor mined; queued = waiting in the outbox; missing = neither."""
+        try:
+            if self.anchor(run_id, round_index) is not None:
+                return RoundStatus.FINALIZED
+        except ChainError:
+            pass  # unreachable: fall back to the outbox
+        key = run_key(run_id)
+        if any(args[0] == key and args[1] == round_index for args in self.queued("anchor_round")):
+            return RoundStatus.QUEUED
+        return RoundStatus.MISSING
+
+    def dataset_commitments(self, run_id: str) -> list[DatasetCommitment]:
+        events = self.client.logs(
+            self.contract.events.DatasetCommitted, from_block=self.deploy_block, argument_filters={"run_id": run_key(run_id)}
+        )
+        return [
+            DatasetCommitment(run_id, _hex(e["args"]["site_key"]), _hex(e["args"]["manifest_hash"]), int(e["args"]["timestamp"]), int(e["blockNumber"]))
+            for e in events
+        ]
+
+    def model(self, model_hash: str | bytes) -> ModelRecord | None:
+        key = as_bytes32(model_hash, what="model hash")
+        parent, run, round_index, recorded_at = self.call("models", key)
+        if recorded_at == 0:
+            return None
+        parent_hex = "" if bytes(parent) == ZERO32 else _hex(parent)
+        return ModelRecord(_hex(key), parent_hex, _hex(run), int(round_index), int(recorded_at))
+
+    def lineage(self, model_hash: str | bytes) -> list[ModelRecord]:
+        """The model and its ancestors, newest first (stops at a root or an unrecorded parent)."""
+        chain: list[ModelRecord] = []
+        record = self.model(model_hash)
+        while record is not None and len(chain) < 10_000:
+            chain.append(record)
+            record = self.model(record.parent_hash) if record.parent_hash else None
+        return chain
+
+    def models_of_run(self, run_id: str) -> list[ModelRecord]:
+        events = self.client.logs(
+            self.contract.events.LineageRecorded, from_block=self.deploy_block, argument_filters={"run_id": run_key(run_id)}
+        )
+        records = (self.model(bytes(event["args"]["model_hash"])) for event in events)
+        return [record for record in records if record is not None]
+
+    def release(self, model_hash: str | bytes) -> ReleaseRecord | None:
+        key = as_bytes32(model_hash, what="model hash")
+        site, run, released_at = self.call("releases", key)
+        if released_at == 0:
+            return None
+        return ReleaseRecord(_hex(key), _hex(run), _hex(site), int(released_at))
+
+    # -- outbox replay -------------------------------------------------------------------------
+
+    def is_applied(self, method: str, args: list[Any], sender: str) -> bool:
+        if method == "anchor_round":
+            on_chain = self.call("anchors", args[0], args[1])
+            if int(on_chain[8]) == 0:
+                return False
+            if bytes(on_chain[0]) != args[2]:
+                raise ChainConflictError(
+                    f"data chain: round {args[1]} of run key {args[0].hex()} is already anchored with update root "
+                    f"{bytes(on_chain[0]).hex()}, the queued anchor has {args[2].hex()}; the queued one is kept in the "
+                    "failed outbox file for investigation"
+                )
+            return True
+        if method == "register_run":
+            return int(self.call("runs", args[0])[6]) != 0
+        if method == "commit_datasets":
+            return all(bytes(self.call("datasets", args[0], site)) == manifest for site, manifest in zip(args[1], args[2], strict=True))
+        if method == "record_lineage":
+            return int(self.call("models", args[0])[3]) != 0
+        if method == "release_model":
+            return int(self.call("releases", args[0])[2]) != 0
+        if method == "set_writer":
+            return bool(self.call("writers", args[0])) == args[1]
+        raise ChainError(f"data chain: no replay check for queued method {method!r}")

@@ -1,0 +1,176 @@
+"""`ChainSession`: both gateways wired to the configured backend, plus the accounts that sign.
+
+- embedded: two fresh in-process chains, contracts deployed on open (nothing persists);
+- anvil: reads ``<state_dir>/deployment.json`` written by `chain_up` (or starts the nodes first
+  with ``start_nodes=True``); opens even when a node is down — writes then go to the outbox;
+- rpc: connects to the configured URLs and deploys once (recorded in deployment.json).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from medtwin.core.config.chain import ChainConfig, validate_chain_config
+
+from .accounts import ChainAccount, account_from_env, dev_account
+from .auth_chain import AuthChain
+from .backends import embedded_client, rpc_client
+from .client import ChainClient
+from .compiler import load_contract
+from .data_chain import DataChain
+from .deployment import CONTRACT_OF, Deployment, deploy_chain, is_live, read_deployment, write_deployment
+from .errors import ChainSetupError, ChainUnavailableError, DeploymentError
+from .outbox import Outbox
+from .records import FlushResult
+
+__all__ = ["ChainSession", "ensure_deployed", "open_readonly", "open_session", "signing_accounts"]
+
+SITE_FUNDING_WEI = 10 * 10**18
+DEV_BACKENDS = ("embedded", "anvil")
+
+
+@dataclass
+class ChainSession:
+    backend: str
+    auth: AuthChain
+    data: DataChain
+    deployment: Deployment
+    state_dir: Path | None = None
+    dev_accounts: bool = False
+    _sites: dict[str, ChainAccount] = field(default_factory=dict)
+
+    def site_account(self, site_id: str) -> ChainAccount:
+        """The account a site signs its approvals with (dev backends: derived and funded)."""
+        if site_id not in self._sites:
+            if self.dev_accounts:
+                account = dev_account(f"site:{site_id}")
+                try:
+                    self.auth.client.fund_from_node(account.address, wei=SITE_FUNDING_WEI)
+                except ChainUnavailableError:
+                    pass  # funded later; its writes wait in the outbox meanwhile
+            else:
+                variable = "MEDTWIN_CHAIN_SITE_KEY_" + re.sub(r"[^A-Z0-9]", "_", site_id.upper())
+                account = account_from_env(variable, label=f"site {site_id}")
+            self._sites[site_id] = account
+            self.auth.add_signer(account)
+        return self._sites[site_id]
+
+    def flush(self) -> dict[str, FlushResult]:
+        """Replay both outboxes in order; see FlushResult.remaining for what still waits."""
+        return {"auth": self.auth.flush(), "data": self.data.flush()}
+
+    def summary(self) -> dict[str, Any]:
+        """The `chain` block of a run's summary.json."""
+        return {
+            "backend": self.backend,
+            "auth": {"chain_id": self.deployment.auth.chain_id, "contract": self.deployment.auth.address, "rpc_url": self.deployment.auth.rpc_url},
+            "data": {"chain_id": self.deployment.data.chain_id, "contract": self.deployment.data.address, "rpc_url": self.deployment.data.rpc_url},
+        }
+
+
+def signing_accounts(config: ChainConfig) -> tuple[ChainAccount, ChainAccount, bool]:
+    """(admin, coordinator, are_dev_accounts): env keys on rpc if set, deterministic dev keys otherwise."""
+    if config.name in DEV_BACKENDS:
+        return dev_account("admin"), dev_account("coordinator"), True
+    if os.environ.get(config.admin_key_env) or os.environ.get(config.coordinator_key_env):
+        admin = account_from_env(config.admin_key_env, label="admin")
+        coordinator = account_from_env(config.coordinator_key_env, label="coordinator")
+        return admin, coordinator, False
+    return dev_account("admin"), dev_account("coordinator"), True  # dev node with unlocked accounts
+
+
+def ensure_deployed(
+    backend: str,
+    clients: dict[str, ChainClient],
+    *,
+    admin: ChainAccount,
+    coordinator: ChainAccount,
+    fund_from_node: bool,
+    state_dir: Path | None,
+) -> Deployment:
+    """Reuse the recorded contracts that are still live; deploy the rest; record the result."""
+    previous = read_deployment(state_dir) if state_dir is not None else None
+    chains = {}
+    for role, client in clients.items():
+        recorded = previous.chain(role) if previous is not None and previous.backend == backend else None
+        if recorded is not None and is_live(recorded, client):
+            chains[role] = replace(recorded, rpc_url=client.url)
+        else:
+            chains[role] = deploy_chain(role, client, admin=admin, coordinator=coordinator, fund_from_node=fund_from_node)
+    deployment = Deployment(backend, chains["auth"], chains["data"], admin.address, coordinator.address)
+    if state_dir is not None and deployment != previous:
+        write_deployment(state_dir, deployment)
+    return deployment
+
+
+def _gateways(
+    clients: dict[str, ChainClient],
+    deployment: Deployment,
+    *,
+    admin: ChainAccount | None,
+    coordinator: ChainAccount | None,
+    outbox_dir: Path | None,
+) -> tuple[AuthChain, DataChain]:
+    built: dict[str, Any] = {}
+    for role, gateway_type in (("auth", AuthChain), ("data", DataChain)):
+        record = deployment.chain(role)
+        contract = clients[role].contract(record.address, load_contract(CONTRACT_OF[role]).abi)
+        outbox = Outbox(outbox_dir / f"outbox-{role}.jsonl", chain=role) if outbox_dir is not None else None
+        built[role] = gateway_type(
+            clients[role], contract, deploy_block=record.deploy_block, outbox=outbox, admin=admin, coordinator=coordinator
+        )
+    return built["auth"], built["data"]
+
+
+def open_session(config: ChainConfig, *, state_dir: str | os.PathLike[str] | None = None, start_nodes: bool = False) -> ChainSession:
+    """Connect both chains per `config` (see the module docstring for each backend)."""
+    validate_chain_config(config)
+    if config.name == "none":
+        raise ChainSetupError("chain.name is 'none': no chain to open — pick chain=embedded|anvil|rpc")
+    directory = Path(state_dir if state_dir is not None else config.state_dir)
+    admin, coordinator, dev = signing_accounts(config)
+    if config.name == "embedded":
+        clients = {role: embedded_client(name=role, tx_timeout_s=config.tx_timeout_s) for role in ("auth", "data")}
+        deployment = ensure_deployed("embedded", clients, admin=admin, coordinator=coordinator, fund_from_node=True, state_dir=None)
+        outbox_dir = directory if state_dir is not None and config.use_outbox else None
+    elif config.name == "anvil":
+        if start_nodes:
+            from .lifecycle import chain_up
+
+            chain_up(config, directory)
+        deployment = read_deployment(directory)
+        if deployment is None:
+            raise DeploymentError(f"no {directory / 'deployment.json'}: start the chains first with `medtwin chain up`")
+        clients = {
+            role: ChainClient.http(deployment.chain(role).rpc_url, name=role, rpc_timeout_s=config.rpc_timeout_s, tx_timeout_s=config.tx_timeout_s)
+            for role in ("auth", "data")
+        }
+        outbox_dir = directory if config.use_outbox else None
+    else:
+        urls = {"auth": (config.auth_rpc_url, config.auth_chain_id), "data": (config.data_rpc_url, config.data_chain_id)}
+        clients = {
+            role: rpc_client(url, name=role, expected_chain_id=chain_id, rpc_timeout_s=config.rpc_timeout_s, tx_timeout_s=config.tx_timeout_s)
+            for role, (url, chain_id) in urls.items()
+        }
+        deployment = read_deployment(directory)
+        if deployment is None or all(client.is_reachable() for client in clients.values()):
+            deployment = ensure_deployed("rpc", clients, admin=admin, coordinator=coordinator, fund_from_node=dev, state_dir=directory)
+        outbox_dir = directory if config.use_outbox else None
+    auth, data = _gateways(clients, deployment, admin=admin, coordinator=coordinator, outbox_dir=outbox_dir)
+    return ChainSession(config.name, auth, data, deployment, directory if outbox_dir else None, dev_accounts=dev)
+
+
+def open_readonly(state_dir: str | os.PathLike[str], *, rpc_timeout_s: float = 10.0) -> ChainSession:
+    """Read-only session for auditors, from deployment.json alone (no keys, no outbox)."""
+    deployment = read_deployment(state_dir)
+    if deployment is None:
+        raise DeploymentError(f"no deployment record in {state_dir}; pass the coordinator's chain state dir")
+    if deployment.backend == "embedded":
+        raise DeploymentError("an embedded chain lives only inside the process that created it; it cannot be audited later")
+    clients = {role: ChainClient.http(deployment.chain(role).rpc_url, name=role, rpc_timeout_s=rpc_timeout_s) for role in ("auth", "data")}
+    auth, data = _gateways(clients, deployment, admin=None, coordinator=None, outbox_dir=None)
+    return ChainSession(deployment.backend, auth, data, deployment, Path(state_dir))

@@ -1,0 +1,51 @@
+"""Differential privacy at a hospital site: DP-SGD (Opacus), the site's policy, its budget ledger."""
+
+from __future__ import annotations
+
+from .accounting import calibrate_noise_multiplier, epsilon_after, history_epsilon
+from .dp_training import DpTrainingResult, check_model_compatible, train_locally_dp
+from .errors import (
+    BudgetExceededError,
+    IncompatibleModelError,
+    LedgerConflictError,
+    LedgerCorruptedError,
+    PolicyRefusedError,
+    PrivacyError,
+    RoundAlreadyTrainedError,
+    RoundRefusedError,
+    SitePolicyError,
+)
+from .ledger import BudgetLedger, RoundSpend, RunSpend
+from .policy import PolicyDecision, PrivacyRequest, SitePolicy, check_request, load_site_policy, policy_from_mapping
+from .site_privacy import RoundPrivacyPlan, commit_round, ensure_allowed, plan_round
+
+__all__ = [
+    "BudgetExceededError",
+    "BudgetLedger",
+    "DpTrainingResult",
+    "IncompatibleModelError",
+    "LedgerConflictError",
+    "LedgerCorruptedError",
+    "PolicyDecision",
+    "PolicyRefusedError",
+    "PrivacyError",
+    "PrivacyRequest",
+    "RoundAlreadyTrainedError",
+    "RoundPrivacyPlan",
+    "RoundRefusedError",
+    "RoundSpend",
+    "RunSpend",
+    "SitePolicy",
+    "SitePolicyError",
+    "calibrate_noise_multiplier",
+    "check_model_compatible",
+    "check_request",
+    "commit_round",
+    "ensure_allowed",
+    "epsilon_after",
+    "history_epsilon",
+    "load_site_policy",
+    "plan_round",
+    "policy_from_mapping",
+    "train_locally_dp",
+]

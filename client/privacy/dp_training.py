@@ -1,0 +1,162 @@
+"""DP-SGD local training with Opacus: Poisson sampling, per-example clipping, Gaussian noise.
+
+Same contract as `medtwin.client.training.train_locally` (a fixed number of optimizer steps per
+round, FedProx optional) plus the DP knobs. Each step:
+
+1. Poisson sampling: every example joins the batch independently with probability
+   `sample_rate = batch_size / n` (so the batch size varies, and may be 0);
+2. Opacus computes per-example gradients (`grad_sample_mode`); `FlatDPOptimizer` (Opacus's
+   `DPOptimizer`, vectorised over parameters) clips each to L2 norm `max_grad_norm`, sums, adds
+   N(0, (noise_multiplier * max_grad_norm)^2) and divides by the expected batch size;
+3. the FedProx gradient mu * (w - w_global) is added *after* noising: it depends on no example
+   (only on weights that are already DP outputs), so it needs neither clipping nor noise;
+4. the wrapped torch optimizer steps.
+
+No accountant lives here: a fresh Opacus accountant per round would forget earlier rounds, so the
+spend is recorded in the site's `BudgetLedger` by the caller (see `site_privacy`).
+
+Sampling and noise generators are seeded from the OS CSPRNG (`secrets`), never from the run's
+config seed: a seed the coordinator knows would let it replay the sampling and subtract the noise.
+`seed` is used only with `deterministic_for_tests=True`. `secure_mode` additionally uses Opacus's
+floating-point-attack-resistant noise and reseeds the noise generator from `secrets` every step.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus.grad_sample.utils import prepare_module
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from medtwin.client.training import make_optimizer
+
+from .errors import IncompatibleModelError
+from .flat_optimizer import FlatDPOptimizer
+
+__all__ = ["DpTrainingResult", "check_model_compatible", "train_locally_dp"]
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
+
+
+@dataclass(frozen=True)
+class DpTrainingResult:
+    mean_loss: float  # over the non-empty Poisson batches
+    steps: int  # optimizer steps taken (= local_steps; empty batches still add noise and count)
+    num_examples: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    empty_batches: int
+
+
+def check_model_compatible(model: nn.Module) -> None:
+    """Raise `IncompatibleModelError` listing every Opacus validation problem (e.g. BatchNorm)."""
+    was_training = model.training
+    model.train()
+    try:
+        problems = ModuleValidator.validate(model, strict=False)
+    finally:
+        model.train(was_training)
+    if problems:
+        raise IncompatibleModelError([str(problem) for problem in problems])
+
+
+def _loss_reduction(loss_fn: nn.Module) -> str:
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise IncompatibleModelError(
+            [f"loss reduction {reduction!r} of {type(loss_fn).__name__}: DP-SGD needs 'mean' or 'sum'"]
+        )
+    return reduction
+
+
+def _secret_or_test_seed(seed: int, *, deterministic: bool) -> int:
+    return seed if deterministic else secrets.randbits(63)
+
+
+def train_locally_dp(
+    model: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    loss_fn: nn.Module,
+    local_steps: int,
+    batch_size: int,
+    optimizer_name: str,
+    learning_rate: float,
+    proximal_mu: float = 0.0,
+    seed: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str = "hooks",
+    secure_mode: bool = False,
+    deterministic_for_tests: bool = False,
+) -> DpTrainingResult:
+    """Train `model` in place with DP-SGD for `local_steps` steps; it comes back a plain nn.Module."""
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+    if noise_multiplier < 0 or max_grad_norm <= 0:
+        raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
+    check_model_compatible(model)
+    reduction = _loss_reduction(loss_fn)
+    num_examples = len(x_train)
+    sample_rate = min(1.0, batch_size / num_examples)
+    features, targets = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    sampling = np.random.default_rng(_secret_or_test_seed(seed, deterministic=deterministic_for_tests))
+    noise = torch.Generator().manual_seed(_secret_or_test_seed(seed + 1, deterministic=deterministic_for_tests))
+
+    model.train()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    global_parameters = [parameter.detach().clone() for parameter in trainable]
+    optimizer = make_optimizer(model, optimizer_name=optimizer_name, learning_rate=learning_rate)
+    wrapped = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction=reduction)
+    dp_optimizer = FlatDPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=max(1, round(sample_rate * num_examples)),
+        loss_reduction=reduction,
+        generator=noise,
+        secure_mode=secure_mode,
+    )
+    total_loss, non_empty = 0.0, 0
+    try:
+        for _ in range(local_steps):
+            dp_optimizer.zero_grad(set_to_none=True)
+            index = torch.from_numpy(np.flatnonzero(sampling.random(num_examples) < sample_rate))
+            if len(index) == 0:
+                # Still a DP step: zero clipped sum + noise, exactly what the accountant assumes.
+                for parameter in trainable:
+                    parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+            else:
+                output = wrapped(features[index]).reshape(-1)
+                loss = loss_fn(output, targets[index])
+                loss.backward()
+                total_loss += float(loss.detach())
+                non_empty += 1
+            if secure_mode:
+                noise.manual_seed(secrets.randbits(63))
+            dp_optimizer.pre_step()  # clip per example, sum, add noise, scale
+            if proximal_mu > 0:
+                for parameter, anchor in zip(trainable, global_parameters, strict=True):
+                    parameter.grad.add_(parameter.detach() - anchor, alpha=proximal_mu)
+            optimizer.step()
+    finally:
+        dp_optimizer.zero_grad(set_to_none=True)
+        wrapped.to_standard_module()  # removes hooks and Opacus' per-parameter attributes
+        for parameter in model.parameters():
+            if hasattr(parameter, "summed_grad"):
+                del parameter.summed_grad
+    return DpTrainingResult(
+        mean_loss=total_loss / max(1, non_empty),
+        steps=local_steps,
+        num_examples=num_examples,
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        empty_batches=local_steps - non_empty,
+    )

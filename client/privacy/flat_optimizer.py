@@ -1,0 +1,79 @@
+"""`FlatDPOptimizer`: Opacus's DPOptimizer with clip / noise / scale done once on all parameters.
+
+Opacus's `DPOptimizer` loops over parameters for every operation (and re-derives the flat
+per-sample gradient list and the accumulation count inside those loops). For the small twin
+models that loop *is* the DP step's cost. This subclass keeps Opacus's control flow, per-sample
+gradients (from `GradSampleModule`), noise generator (`_generate_noise`, including secure mode),
+skip-step and processed-flag checks, and only changes how the same maths is laid out:
+
+    per-example gradients [B, P] = concat of every parameter's grad_sample, flattened
+    clip factor_i = min(1, C / (||g_i||_2 + 1e-6))            (Opacus's formula, all layers jointly)
+    summed       = factor @ G                                  [P]
+    grad         = (summed + N(0, (sigma C)^2 I_P)) / expected_batch_size
+
+`p.summed_grad` and `p.grad` are views into the flat vectors. A unit test checks it gives the same
+gradients as the stock `DPOptimizer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _generate_noise, _mark_as_processed
+
+__all__ = ["FlatDPOptimizer"]
+
+
+class FlatDPOptimizer(DPOptimizer):
+    """Drop-in `DPOptimizer` (flat-clipping, non-distributed) for small models."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._flat_summed: torch.Tensor | None = None
+        self._flat_grad: torch.Tensor | None = None
+
+    def _split(self, flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        sizes = [p.numel() for p in params]
+        return [piece.view_as(p) for piece, p in zip(torch.split(flat, sizes), params, strict=True)]
+
+    def clip_and_accumulate(self) -> None:
+        params = self.params
+        per_sample = []
+        for p in params:
+            _check_processed_flag(p.grad_sample)
+            per_sample.append(p.grad_sample if isinstance(p.grad_sample, torch.Tensor) else self._get_flat_grad_sample(p))
+        batch = per_sample[0].shape[0]
+        if batch == 0:  # empty Poisson batch: the clipped sum is zero, noise is still added
+            summed = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        else:
+            flat = torch.cat([g.reshape(batch, -1) for g in per_sample], dim=1).to(params[0].dtype)
+            clip_factor = torch.clamp_max(self.max_grad_norm / (torch.linalg.vector_norm(flat, dim=1) + 1e-6), 1.0)
+            summed = clip_factor @ flat
+        self._flat_summed = summed if self._flat_summed is None else self._flat_summed + summed
+        for p, view in zip(params, self._split(self._flat_summed, params), strict=True):
+            p.summed_grad = view
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        params = self.params
+        _check_processed_flag(self._flat_summed)
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.secure_mode or std == 0:
+            noise = _generate_noise(
+                std=std, reference=self._flat_summed, generator=self.generator, secure_mode=self.secure_mode
+            )
+            self._flat_grad = self._flat_summed + noise
+        else:  # one draw: N(summed, std^2), the same distribution as summed + _generate_noise(std)
+            self._flat_grad = torch.normal(self._flat_summed, std, generator=self.generator)
+        for p, view in zip(params, self._split(self._flat_grad, params), strict=True):
+            p.grad = view
+        _mark_as_processed(self._flat_summed)
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            self._flat_grad /= self.expected_batch_size * self.accumulated_iterations  # views follow
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        if not self._is_last_step_skipped:
+            self._flat_summed = None
+        self._flat_grad = None

@@ -1,0 +1,181 @@
+"""Content-addressed artifact store: bytes are filed under their sha256 and checked on every read.
+
+Layout: ``<root>/<sha[:2]>/<sha>`` (the file's bytes hash to its name) plus ``<root>/index.jsonl``,
+an append-only log of (sha256, kind, size) lines that tells what each blob is. Writes are atomic
+(temp file in the same folder, fsync, rename) and files are private (0600). The chains hold only
+these digests; an auditor re-reads the blobs and recomputes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MedtwinError
+
+__all__ = [
+    "ArtifactCorruptedError",
+    "ArtifactError",
+    "ArtifactNotFoundError",
+    "ArtifactProblem",
+    "ArtifactStore",
+    "sha256_hex",
+]
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_KIND = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+FILE_MODE = 0o600
+INDEX_NAME = "index.jsonl"
+
+
+class ArtifactError(MedtwinError):
+    """Base class of artifact-store errors."""
+
+
+class ArtifactNotFoundError(ArtifactError):
+    def __init__(self, digest: str, path: Path) -> None:
+        self.digest = digest
+        super().__init__(f"artifact {digest} not found at {path} — was it stored in another artifact root?")
+
+
+class ArtifactCorruptedError(ArtifactError):
+    """The bytes on disk no longer hash to the name they were filed under."""
+
+    def __init__(self, digest: str, path: Path, actual: str) -> None:
+        self.digest, self.path, self.actual = digest, path, actual
+        super().__init__(
+            f"artifact {path} is corrupted: expected sha256 {digest}, the file hashes to {actual} — "
+            "restore it from a backup; the on-chain digest is the reference"
+        )
+
+
+@dataclass(frozen=True)
+class ArtifactProblem:
+    digest: str
+    path: str
+    problem: str
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_digest(digest: str) -> str:
+    normalized = digest.lower().removeprefix("0x")
+    if not _DIGEST.match(normalized):
+        raise ArtifactError(f"artifact id {digest!r} is not a sha256 hex digest (64 hex characters)")
+    return normalized
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class ArtifactStore:
+    """A folder of immutable blobs named by their sha256."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, digest: str) -> Path:
+        normalized = _check_digest(digest)
+        return self.root / normalized[:2] / normalized
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def put(self, data: bytes, *, kind: str) -> str:
+        """Store `data` (idempotent) and return its sha256 hex; repairs a corrupted copy."""
+        if not _KIND.match(kind):
+            raise ArtifactError(f"artifact kind {kind!r} must be lowercase letters, digits, '_', '.', '-' (max 64)")
+        digest = sha256_hex(data)
+        target = self.path(digest)
+        if target.is_file() and sha256_hex(target.read_bytes()) == digest:
+            return digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temporary, FILE_MODE)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        self._append_index({"sha256": digest, "kind": kind, "size": len(data)})
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        """The bytes filed under `digest`; raises ArtifactCorruptedError if they no longer match."""
+        normalized = _check_digest(digest)
+        target = self.path(normalized)
+        if not target.is_file():
+            raise ArtifactNotFoundError(normalized, target)
+        data = target.read_bytes()
+        actual = sha256_hex(data)
+        if actual != normalized:
+            raise ArtifactCorruptedError(normalized, target, actual)
+        return data
+
+    def read_unverified(self, digest: str) -> bytes:
+        """Raw bytes without the hash check (for auditors who recompute digests themselves)."""
+        target = self.path(digest)
+        if not target.is_file():
+            raise ArtifactNotFoundError(_check_digest(digest), target)
+        return target.read_bytes()
+
+    def digests(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            return
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and len(folder.name) == 2:
+                for blob in sorted(folder.iterdir()):
+                    if _DIGEST.match(blob.name):
+                        yield blob.name
+
+    def kinds(self) -> dict[str, str]:
+        """sha256 -> kind, from the index (last entry wins)."""
+        index = self.root / INDEX_NAME
+        if not index.is_file():
+            return {}
+        kinds: dict[str, str] = {}
+        for line in index.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                kinds[entry["sha256"]] = entry["kind"]
+        return kinds
+
+    def verify_all(self) -> list[ArtifactProblem]:
+        """Re-hash every blob; an empty list means the store is intact."""
+        problems = []
+        for digest in self.digests():
+            target = self.path(digest)
+            actual = sha256_hex(target.read_bytes())
+            if actual != digest:
+                problems.append(ArtifactProblem(digest, str(target), f"content hashes to {actual}"))
+        for digest in self.kinds():
+            if not self.exists(digest):
+                problems.append(ArtifactProblem(digest, str(self.path(digest)), "listed in the index but missing"))
+        return problems
+
+    def _append_index(self, entry: dict[str, object]) -> None:
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        descriptor = os.open(self.root / INDEX_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        try:
+            os.write(descriptor, line)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

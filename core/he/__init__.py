@@ -1,0 +1,62 @@
+"""CKKS (TenSEAL) encrypted aggregation: parameter choice and checks, contexts, the update codec.
+
+Sites pack [n_i * w_i ..., n_i], encrypt it with the federation's secret context and sign its
+digest; the coordinator adds ciphertexts with a public context (no keys at all); sites decrypt
+the sum and divide by its last entry. `params` is pure maths (no TenSEAL import).
+"""
+
+from .codec import decrypt_average, decrypt_sum, encrypt_update, sum_encrypted, update_digest
+from .context import (
+    HeContext,
+    create_secret_context,
+    load_context,
+    serialize_public_context,
+    serialize_secret_context,
+)
+from .errors import (
+    CiphertextMismatchError,
+    CkksParameterError,
+    HeContextError,
+    HeError,
+    ImpreciseParametersError,
+    InsecureParametersError,
+    ValueRangeError,
+)
+from .params import (
+    SECURITY_TABLE_BITS,
+    CkksParameters,
+    average_error_bound,
+    check_ckks_parameters,
+    choose_ckks_parameters,
+    ckks_parameters_from_config,
+    decryption_error_bound,
+    max_coeff_modulus_bits,
+)
+
+__all__ = [
+    "SECURITY_TABLE_BITS",
+    "CiphertextMismatchError",
+    "CkksParameterError",
+    "CkksParameters",
+    "HeContext",
+    "HeContextError",
+    "HeError",
+    "ImpreciseParametersError",
+    "InsecureParametersError",
+    "ValueRangeError",
+    "average_error_bound",
+    "check_ckks_parameters",
+    "choose_ckks_parameters",
+    "ckks_parameters_from_config",
+    "create_secret_context",
+    "decrypt_average",
+    "decrypt_sum",
+    "decryption_error_bound",
+    "encrypt_update",
+    "load_context",
+    "max_coeff_modulus_bits",
+    "serialize_public_context",
+    "serialize_secret_context",
+    "sum_encrypted",
+    "update_digest",
+]

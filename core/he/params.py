@@ -1,0 +1,359 @@
+"""CKKS parameter choice and checks for addition-only aggregation — pure maths, no TenSEAL.
+
+What sites encrypt is the packed vector [n_i * w_i ..., n_i]; the coordinator only adds, so no
+multiplicative depth is needed: one data prime q0 holds the values, and SEAL's special prime (the
+last one) only has to exist. The trade-offs, measured with TenSEAL 0.3.18 (docs in FIELD-NOTES):
+
+* Wire size. A ciphertext has 2 polynomials of N coefficients mod q0 in N/2 slots, i.e. 4
+  coefficients per packed value, independent of N. TenSEAL stores each coefficient as a uint64 and
+  compresses with zstd, which works byte-wise: q0 of 17-24 bits costs ~3 bytes per coefficient
+  (bytes/param / 4 ~ 3.3), 25-32 bits ~4 bytes (~4.1-4.3), 40 bits ~6. So q0 is picked as the
+  largest size of the cheapest byte class that meets the precision target (extra bits are free).
+* Noise. Sites hold the secret key, so they encrypt symmetrically: the fresh error in a slot is
+  Gaussian with std sqrt(N/2 * (sigma^2 + 1/12)) in units of the scale (sigma = 3.2, SEAL's error
+  std; 1/12 from rounding the encoding) — measured within 2 % at N = 2048, 4096, 8192. Public-key
+  encryption would add ~3 bits. A sum of k updates has sqrt(k) times that std; the bound uses a
+  Gaussian tail over every slot of the model with failure probability 2^-40.
+* Fixed point. CKKS stores round(value * 2^scale_bits) mod q0, so the largest packed sum
+  (full scale: max_total_examples * max_abs_weight_bound) times 2^scale_bits must stay below
+  q0 / 2; one more bit of headroom lets sites detect a total count over its bound instead of
+  decrypting garbage. The count slot carries n_i * max_abs_weight_bound so that it uses the same
+  full scale as the weight slots (the codec divides it out). The relative error at full scale is
+  then about 2 * noise / 2^(q0 - 2), whatever the bounds; data far below full scale (fewer
+  examples, smaller weights) lose precision proportionally, so set the bounds close to reality.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from .errors import CkksParameterError, ImpreciseParametersError, InsecureParametersError
+
+if TYPE_CHECKING:
+    from ..config.crypto import CryptoConfig
+
+# HomomorphicEncryption.org standard (ternary secret): max total coefficient-modulus bits per N.
+# These are SEAL's CoeffModulus::MaxBitCount values.
+SECURITY_TABLE_BITS: dict[int, dict[int, int]] = {
+    128: {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881},
+    192: {2048: 37, 4096: 75, 8192: 152, 16384: 305, 32768: 611},
+    256: {2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
+}
+MAX_PRIME_BITS = 60  # SEAL's limit per prime
+MIN_SPECIAL_PRIME_BITS = 20  # plenty of NTT-friendly primes exist at this size for every N here
+DATA_PRIME_BIT_CLASSES = (24, 32, 40, 48, 56, 60)  # largest q0 of each zstd byte class
+ERROR_STD = 3.2  # SEAL's standard deviation of the RLWE error
+NOISE_SAFETY_FACTOR = 1.05  # measured std was up to 1.5 % above the model
+FAILURE_PROBABILITY_LOG2 = -40  # chance that any slot of a sum exceeds the bound
+HEADROOM_BITS = 1  # packed sums use at most half of the signed range of q0
+
+
+@dataclass(frozen=True)
+class CkksParameters:
+    """One CKKS parameter set for one federation and model size; travels inside the HE contexts."""
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+    slots: int
+    num_ciphertexts: int
+    predicted_error_bound: float  # max error of an averaged weight / max_abs_weight_bound, at full scale
+    num_parameters: int
+    num_sites: int
+    max_abs_weight_bound: float
+    max_total_examples: int
+    security_level: int = 128
+
+    @property
+    def data_bits(self) -> int:
+        """Bits of the modulus the ciphertexts live under (every prime but SEAL's special one)."""
+        return sum(self.coeff_mod_bit_sizes[:-1])
+
+    @property
+    def full_scale(self) -> float:
+        """The largest magnitude a slot of the summed update may take."""
+        return self.max_total_examples * self.max_abs_weight_bound
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["coeff_mod_bit_sizes"] = list(self.coeff_mod_bit_sizes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CkksParameters:
+        fields = dict(data)
+        fields["coeff_mod_bit_sizes"] = tuple(int(bits) for bits in fields["coeff_mod_bit_sizes"])
+        return cls(**fields)
+
+
+def max_coeff_modulus_bits(poly_modulus_degree: int, *, security_level: int = 128) -> int:
+    """Largest secure total coefficient-modulus size for N at the given security level."""
+    if security_level not in SECURITY_TABLE_BITS:
+        raise InsecureParametersError(
+            "crypto.security_level", f"{security_level} is not in the table", f"use one of {sorted(SECURITY_TABLE_BITS)}"
+        )
+    table = SECURITY_TABLE_BITS[security_level]
+    if poly_modulus_degree not in table:
+        raise InsecureParametersError(
+            "crypto.poly_modulus_degree",
+            f"{poly_modulus_degree} has no {security_level}-bit security entry",
+            f"use one of {sorted(table)}, or 0 to choose automatically",
+        )
+    return table[poly_modulus_degree]
+
+
+def fresh_noise_std(poly_modulus_degree: int) -> float:
+    """Std of the error of one symmetrically encrypted slot, in units of the scale (integers)."""
+    return NOISE_SAFETY_FACTOR * math.sqrt(poly_modulus_degree / 2 * (ERROR_STD**2 + 1 / 12))
+
+
+def tail_multiplier(total_slots: int) -> float:
+    """t such that P(any of `total_slots` Gaussians exceeds t std) <= 2^FAILURE_PROBABILITY_LOG2."""
+    log_failures = math.log(2 * max(total_slots, 1)) - FAILURE_PROBABILITY_LOG2 * math.log(2)
+    return math.sqrt(2 * log_failures)
+
+
+def decryption_error_bound(params: CkksParameters, num_sites: int) -> float:
+    """Bound on |decrypted sum - exact sum| in any slot, in value units, for `num_sites` updates."""
+    total_slots = params.num_ciphertexts * params.slots
+    integer_bound = tail_multiplier(total_slots) * math.sqrt(num_sites) * fresh_noise_std(params.poly_modulus_degree)
+    return integer_bound / 2.0**params.scale_bits
+
+
+def average_error_bound(params: CkksParameters, *, num_sites: int, total_examples: float) -> float:
+    """Bound on |decrypted average - exact average| of any weight, once T = sum n_i is known.
+
+    avg' = (S + e1) / (T + e2) with |e1| <= e and, the count slot holding T * B, |e2| <= e / B;
+    since |avg| <= B, |avg' - avg| <= (e + B e / B) / (T - e / B) = 2 e / (T - e / B).
+    Sites round the decrypted T to an integer when e / B < 1/2, which only helps.
+    """
+    error = decryption_error_bound(params, num_sites)
+    count_error = error / params.max_abs_weight_bound
+    if total_examples <= count_error:
+        return math.inf
+    return 2 * error / (total_examples - count_error)
+
+
+def auto_scale_bits(*, data_bits: int, full_scale: float) -> int:
+    """The largest scale whose full-scale sums keep HEADROOM_BITS below q0 / 2."""
+    return math.floor(data_bits - 1 - HEADROOM_BITS - math.log2(full_scale))
+
+
+def choose_ckks_parameters(
+    *,
+    num_parameters: int,
+    num_sites: int,
+    max_relative_error: float = 1e-5,
+    max_abs_weight_bound: float = 4.0,
+    max_total_examples: int = 10_000,
+    security_level: int = 128,
+    poly_modulus_degree: int = 0,
+    coeff_mod_bit_sizes: tuple[int, ...] | list[int] = (),
+    scale_bits: int = 0,
+) -> CkksParameters:
+    """The smallest secure parameter set meeting the precision target for a sum of `num_sites` updates.
+
+    Zero / empty arguments are chosen; given ones are kept and checked. Raises
+    `InsecureParametersError` or `ImpreciseParametersError` (naming the crypto.* key) if no set fits.
+    """
+    if num_parameters < 1:
+        raise ValueError(f"num_parameters must be >= 1, got {num_parameters}")
+    if num_sites < 1:
+        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+    _check_targets(max_relative_error, max_abs_weight_bound, max_total_examples)
+    if security_level not in SECURITY_TABLE_BITS:
+        max_coeff_modulus_bits(2048, security_level=security_level)  # raises the explanatory error
+    degrees = [poly_modulus_degree] if poly_modulus_degree else sorted(SECURITY_TABLE_BITS[security_level])
+    common = {
+        "num_parameters": num_parameters,
+        "num_sites": num_sites,
+        "max_abs_weight_bound": float(max_abs_weight_bound),
+        "max_total_examples": int(max_total_examples),
+        "security_level": security_level,
+    }
+    candidates = [
+        build_parameters(poly_modulus_degree=degree, coeff_mod_bit_sizes=bit_sizes, scale_bits=scale_bits, **common)
+        for degree in degrees
+        for bit_sizes in _candidate_bit_sizes(
+            max_coeff_modulus_bits(degree, security_level=security_level),
+            tuple(coeff_mod_bit_sizes),
+            skip_insecure=not poly_modulus_degree,
+        )
+    ]
+    if not candidates:
+        if coeff_mod_bit_sizes:
+            raise InsecureParametersError(
+                "crypto.coeff_mod_bit_sizes",
+                f"{list(coeff_mod_bit_sizes)} totals {sum(coeff_mod_bit_sizes)} bits, more than any "
+                f"poly_modulus_degree allows at {security_level}-bit security",
+                "use fewer/smaller primes, or [] to choose automatically",
+            )
+        raise InsecureParametersError(
+            "crypto.poly_modulus_degree",
+            f"{poly_modulus_degree} leaves no room for a {DATA_PRIME_BIT_CLASSES[0]}-bit data prime and a "
+            f"{MIN_SPECIAL_PRIME_BITS}-bit special prime at {security_level}-bit security",
+            "use a larger crypto.poly_modulus_degree, or 0 to choose automatically",
+        )
+    # smallest N first (least noise); for each N the cheapest byte class first
+    usable = [params for params in candidates if params.scale_bits >= 1 and _overflow_bits(params) <= 0]
+    for params in usable:
+        if params.predicted_error_bound <= max_relative_error:
+            check_ckks_parameters(params, max_relative_error=max_relative_error)
+            return params
+    closest = min(usable, key=lambda params: params.predicted_error_bound) if usable else candidates[0]
+    check_ckks_parameters(closest, max_relative_error=max_relative_error)  # raises, naming the key
+    raise ImpreciseParametersError("crypto.max_relative_error", f"no parameter set meets {max_relative_error:g}")
+
+
+def build_parameters(
+    *,
+    poly_modulus_degree: int,
+    coeff_mod_bit_sizes: tuple[int, ...],
+    scale_bits: int,
+    num_parameters: int,
+    num_sites: int,
+    max_abs_weight_bound: float,
+    max_total_examples: int,
+    security_level: int = 128,
+) -> CkksParameters:
+    """Assemble a parameter set (scale_bits 0 = automatic) with its predicted error; no checks."""
+    bit_sizes = tuple(int(bits) for bits in coeff_mod_bit_sizes)
+    full_scale = max_total_examples * max_abs_weight_bound
+    scale = scale_bits or auto_scale_bits(data_bits=sum(bit_sizes[:-1]), full_scale=full_scale)
+    slots = poly_modulus_degree // 2
+    draft = CkksParameters(
+        poly_modulus_degree=poly_modulus_degree,
+        coeff_mod_bit_sizes=bit_sizes,
+        scale_bits=scale,
+        slots=slots,
+        num_ciphertexts=math.ceil((num_parameters + 1) / slots),
+        predicted_error_bound=math.inf,
+        num_parameters=num_parameters,
+        num_sites=num_sites,
+        max_abs_weight_bound=max_abs_weight_bound,
+        max_total_examples=max_total_examples,
+        security_level=security_level,
+    )
+    relative = average_error_bound(draft, num_sites=num_sites, total_examples=max_total_examples) / max_abs_weight_bound
+    return replace(draft, predicted_error_bound=relative)
+
+
+def check_ckks_parameters(params: CkksParameters, *, max_relative_error: float) -> None:
+    """Reject insecure, malformed or too imprecise parameters; each error lists every problem found."""
+    _check_targets(max_relative_error, params.max_abs_weight_bound, params.max_total_examples)
+    budget = max_coeff_modulus_bits(params.poly_modulus_degree, security_level=params.security_level)
+    total_bits = sum(params.coeff_mod_bit_sizes)
+    if total_bits > budget:
+        raise InsecureParametersError(
+            "crypto.coeff_mod_bit_sizes",
+            f"{list(params.coeff_mod_bit_sizes)} total {total_bits} bits, over the {params.security_level}-bit "
+            f"security limit of {budget} bits for poly_modulus_degree {params.poly_modulus_degree}",
+            "use fewer/smaller primes or a larger crypto.poly_modulus_degree (or [] to choose automatically)",
+        )
+    _raise_all(CkksParameterError, _shape_problems(params))
+    _raise_all(ImpreciseParametersError, _precision_problems(params, max_relative_error))
+
+
+def _candidate_bit_sizes(budget: int, fixed: tuple[int, ...], *, skip_insecure: bool) -> list[tuple[int, ...]]:
+    if fixed:
+        return [] if skip_insecure and sum(fixed) > budget else [fixed]
+    candidates = []
+    for data_bits in DATA_PRIME_BIT_CLASSES:
+        special_bits = min(data_bits, budget - data_bits, MAX_PRIME_BITS)
+        if special_bits >= MIN_SPECIAL_PRIME_BITS:
+            candidates.append((data_bits, special_bits))
+    return candidates
+
+
+def _overflow_bits(params: CkksParameters) -> float:
+    """> 0 when full-scale sums times the scale come closer than HEADROOM_BITS to q0 / 2."""
+    return math.log2(params.full_scale) + params.scale_bits - (params.data_bits - 1 - HEADROOM_BITS)
+
+
+def _check_targets(max_relative_error: float, max_abs_weight_bound: float, max_total_examples: int) -> None:
+    problems = []
+    if not 0 < max_relative_error < 1:
+        problems.append(("crypto.max_relative_error", f"must be in (0, 1), got {max_relative_error}", "e.g. 1e-5"))
+    if not max_abs_weight_bound > 0:
+        problems.append(("crypto.max_abs_weight_bound", f"must be > 0, got {max_abs_weight_bound}", "e.g. 4.0"))
+    if max_total_examples < 1:
+        problems.append(("crypto.max_total_examples", f"must be >= 1, got {max_total_examples}", "sum of n_i bound"))
+    _raise_all(CkksParameterError, problems)
+
+
+def _shape_problems(params: CkksParameters) -> list[tuple[str, str, str]]:
+    key = "crypto.coeff_mod_bit_sizes"
+    bit_sizes = list(params.coeff_mod_bit_sizes)
+    problems = []
+    if len(bit_sizes) < 2:
+        problems.append((key, f"{bit_sizes} needs at least a data prime and SEAL's special prime", "e.g. [32, 22]"))
+    min_bits = int(math.log2(2 * params.poly_modulus_degree)) + 2
+    for bits in bit_sizes:
+        if not min_bits <= bits <= MAX_PRIME_BITS:
+            problems.append(
+                (
+                    key,
+                    f"prime size {bits} in {bit_sizes} is outside [{min_bits}, {MAX_PRIME_BITS}] "
+                    f"for N={params.poly_modulus_degree}",
+                    "",
+                )
+            )
+    return problems
+
+
+def _precision_problems(params: CkksParameters, max_relative_error: float) -> list[tuple[str, str, str]]:
+    problems = []
+    if params.scale_bits < 1:
+        problems.append(("crypto.scale_bits", f"must be >= 1, got {params.scale_bits}", "use 0 to choose automatically"))
+    overflow = _overflow_bits(params)
+    if overflow > 0:
+        problems.append(
+            (
+                "crypto.scale_bits",
+                f"sums up to {params.full_scale:g} (max_total_examples x max_abs_weight_bound) at scale "
+                f"2^{params.scale_bits} need {math.log2(params.full_scale) + params.scale_bits + 1 + HEADROOM_BITS:.1f} "
+                f"bits, over the data modulus of {params.data_bits} bits",
+                f"lower crypto.scale_bits by {math.ceil(overflow)}, "
+                "or use a larger first prime in crypto.coeff_mod_bit_sizes",
+            )
+        )
+    if params.predicted_error_bound > max_relative_error:
+        problems.append(
+            (
+                "crypto.max_relative_error",
+                f"target {max_relative_error:g} not met: N={params.poly_modulus_degree}, "
+                f"coeff_mod_bit_sizes={list(params.coeff_mod_bit_sizes)}, scale 2^{params.scale_bits} give "
+                f"{params.predicted_error_bound:.3g} for {params.num_sites} sites",
+                "raise crypto.scale_bits or the first prime, tighten crypto.max_total_examples / "
+                "crypto.max_abs_weight_bound, relax the target, or leave the parameters at 0/[] to choose them",
+            )
+        )
+    return problems
+
+
+def _raise_all(error_type: type[CkksParameterError], problems: list[tuple[str, str, str]]) -> None:
+    if not problems:
+        return
+    key, problem, fix = problems[0]
+    if len(problems) > 1:
+        problem += "".join(f"; also `{other_key}`: {other_problem}" for other_key, other_problem, _ in problems[1:])
+    raise error_type(key, problem, fix)
+
+
+def ckks_parameters_from_config(config: CryptoConfig, *, num_parameters: int, num_sites: int) -> CkksParameters:
+    """`choose_ckks_parameters` driven by the `crypto/` config group (0 / [] = automatic)."""
+    if config.name != "ckks":
+        raise CkksParameterError("crypto.name", f"is {config.name!r}, HE parameters exist only for 'ckks'", "crypto=ckks")
+    return choose_ckks_parameters(
+        num_parameters=num_parameters,
+        num_sites=num_sites,
+        max_relative_error=config.max_relative_error,
+        max_abs_weight_bound=config.max_abs_weight_bound,
+        max_total_examples=config.max_total_examples,
+        security_level=config.security_level,
+        poly_modulus_degree=config.poly_modulus_degree,
+        coeff_mod_bit_sizes=tuple(config.coeff_mod_bit_sizes),
+        scale_bits=config.scale_bits,
+    )

@@ -1,0 +1,132 @@
+"""`federation.json`: the public manifest every party holds — site keys, fingerprints, CA, coordinator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .errors import KitError, ProvisionError
+from .keys import fingerprint, write_public_file
+
+MANIFEST_FORMAT = "medtwin-federation/1"
+MANIFEST_FILE = "federation.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ProvisionError(
+            f"{kind} {name!r} is not a valid name: use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+
+
+@dataclass(frozen=True)
+class SiteEntry:
+    """One site's public identity: Ed25519 signing key and X25519 key-agreement key (raw, hex)."""
+
+    site_id: str
+    signing_public_key: str
+    key_agreement_public_key: str
+
+    @property
+    def signing_key_fingerprint(self) -> str:
+        return fingerprint(bytes.fromhex(self.signing_public_key))
+
+    @property
+    def key_agreement_key_fingerprint(self) -> str:
+        return fingerprint(bytes.fromhex(self.key_agreement_public_key))
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "signing_public_key": self.signing_public_key,
+            "signing_key_fingerprint": self.signing_key_fingerprint,
+            "key_agreement_public_key": self.key_agreement_public_key,
+            "key_agreement_key_fingerprint": self.key_agreement_key_fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class FederationManifest:
+    federation_name: str
+    created_utc: str
+    ca_certificate_pem: str
+    coordinator_host: str
+    coordinator_tls_fingerprint: str  # SHA-256 of the coordinator's TLS certificate (DER), hex
+    sites: tuple[SiteEntry, ...]
+
+    @property
+    def ca_fingerprint(self) -> str:
+        certificate = x509.load_pem_x509_certificate(self.ca_certificate_pem.encode("ascii"))
+        return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    @property
+    def site_ids(self) -> list[str]:
+        return [entry.site_id for entry in self.sites]
+
+    def site(self, site_id: str) -> SiteEntry:
+        for entry in self.sites:
+            if entry.site_id == site_id:
+                return entry
+        raise KitError(f"site {site_id!r} is not in federation {self.federation_name!r} (sites: {self.site_ids})")
+
+    def to_json(self) -> str:
+        document = {
+            "format": MANIFEST_FORMAT,
+            "federation_name": self.federation_name,
+            "created_utc": self.created_utc,
+            "ca": {"certificate_pem": self.ca_certificate_pem, "fingerprint_sha256": self.ca_fingerprint},
+            "coordinator": {
+                "host": self.coordinator_host,
+                "tls_certificate_fingerprint_sha256": self.coordinator_tls_fingerprint,
+            },
+            "sites": {entry.site_id: entry.to_dict() for entry in self.sites},
+        }
+        return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "federation.json") -> FederationManifest:
+        try:
+            document = json.loads(text)
+            if document.get("format") != MANIFEST_FORMAT:
+                raise KitError(f"{source}: format {document.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            sites = tuple(
+                SiteEntry(
+                    site_id=site_id,
+                    signing_public_key=entry["signing_public_key"],
+                    key_agreement_public_key=entry["key_agreement_public_key"],
+                )
+                for site_id, entry in sorted(document["sites"].items())
+            )
+            manifest = cls(
+                federation_name=document["federation_name"],
+                created_utc=document["created_utc"],
+                ca_certificate_pem=document["ca"]["certificate_pem"],
+                coordinator_host=document["coordinator"]["host"],
+                coordinator_tls_fingerprint=document["coordinator"]["tls_certificate_fingerprint_sha256"],
+                sites=sites,
+            )
+            stored = document["sites"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise KitError(f"{source} is not a valid federation manifest ({error!r})") from error
+        for entry in sites:  # stored fingerprints must match the keys they describe
+            if stored[entry.site_id].get("signing_key_fingerprint") != entry.signing_key_fingerprint:
+                raise KitError(f"{source}: site {entry.site_id!r} signing-key fingerprint does not match its key")
+        return manifest
+
+    def save(self, path: Path) -> None:
+        write_public_file(path, self.to_json().encode("utf-8"))
+
+
+def load_manifest(path: Path | str) -> FederationManifest:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_FILE
+    if not path.is_file():
+        raise KitError(f"no federation manifest at {path}; run `medtwin provision` or copy federation.json here")
+    return FederationManifest.from_json(path.read_text(encoding="utf-8"), source=str(path))

@@ -1,0 +1,146 @@
+"""Audit on the embedded EVM: verify recomputes roots from stored artifacts; lineage and access read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from medtwin.chain import (
+    ChainSession,
+    Decision,
+    RunRegistration,
+    access_table,
+    audit_access,
+    audit_lineage,
+    audit_verify,
+    build_round_anchor,
+    lineage_table,
+    open_session,
+    verify_table,
+)
+from medtwin.core.artifacts import ArtifactStore
+from medtwin.core.config.chain import ChainConfig
+
+SITES = ("hosp-a", "hosp-b", "hosp-c")
+RUN = "run-audit"
+
+
+def h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture()
+def federation(tmp_path: Path) -> tuple[ChainSession, ArtifactStore, dict[tuple[int, str], str]]:
+    """Three sites, three rounds, all anchored, with their updates in an artifact store."""
+    session = open_session(ChainConfig(name="embedded"))
+    store = ArtifactStore(tmp_path / "artifacts")
+    for site_id in SITES:
+        account = session.site_account(site_id)
+        session.auth.register_site(site_id=site_id, address=account.address, key_fingerprint=h(f"key {site_id}"))
+        session.auth.approve_run(site=account, run_id=RUN, config_hash=h("config"), code_hash=h("code"))
+    session.data.register_run(RunRegistration(RUN, "breast_cancer", h("config"), h("code"), h("dp"), h("he")))
+    session.data.commit_datasets(run_id=RUN, manifests={site: h(f"dataset {site}") for site in SITES})
+    updates: dict[tuple[int, str], str] = {}
+    previous_model = ""
+    for round_index in (1, 2, 3):
+        digests = {site: store.put(f"{site} round {round_index} update".encode(), kind="update") for site in SITES}
+        updates.update({(round_index, site): digest for site, digest in digests.items()})
+        aggregate = store.put(f"aggregate {round_index}".encode(), kind="aggregate")
+        session.auth.record_decisions(
+            [Decision("admit_update", True, "ok", site_id=site, subject=digest) for site, digest in digests.items()],
+            run_id=RUN, round_index=round_index,
+        )
+        anchor, _ = build_round_anchor(
+            store, run_id=RUN, round_index=round_index, update_digests=digests, aggregate_digest=aggregate,
+            epsilon_by_site={site: 0.5 * round_index for site in SITES}, he_error_bound=3e-8,
+        )
+        assert session.data.anchor_round(anchor).mined
+        session.data.record_lineage(model_hash=aggregate, parent_hash=previous_model, run_id=RUN, round_index=round_index)
+        previous_model = aggregate
+    return session, store, updates
+
+
+def test_verify_passes_on_an_intact_store(federation) -> None:
+    session, store, _ = federation
+    report = audit_verify(session, store, RUN)
+    assert report.ok, report.mismatches
+    assert report.rounds_checked == 3
+    assert report.artifacts_checked == 3 * (1 + len(SITES) + 1) + 3  # manifest, updates, aggregate; models
+    assert json.loads(report.to_json())["ok"] is True
+
+
+def test_altering_one_byte_of_one_update_is_reported_for_that_round_only(federation) -> None:
+    session, store, updates = federation
+    path = store.path(updates[(2, "hosp-b")])
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x20
+    path.write_bytes(bytes(data))
+    report = audit_verify(session, store, RUN)
+    assert not report.ok
+    assert {(m.round_index, m.kind) for m in report.mismatches} == {(2, "update"), (2, "merkle_root")}
+    assert any("hosp-b" in m.detail for m in report.mismatches)
+    Console(width=200, record=True).print(verify_table(report))
+
+
+def test_verify_reports_a_missing_artifact_and_a_tampered_manifest(federation) -> None:
+    session, store, updates = federation
+    store.path(updates[(1, "hosp-a")]).unlink()
+    manifest_hash = session.data.anchor(RUN, 3).manifest_hash
+    store.path(manifest_hash).write_bytes(store.path(manifest_hash).read_bytes().replace(b"hosp-c", b"hosp-x"))
+    kinds = {(m.round_index, m.kind) for m in audit_verify(session, store, RUN).mismatches}
+    assert (1, "update") in kinds and (1, "merkle_root") in kinds
+    assert (3, "manifest") in kinds
+
+
+def test_verify_of_an_unknown_run_fails(federation) -> None:
+    session, store, _ = federation
+    report = audit_verify(session, store, "no-such-run")
+    assert not report.ok and report.mismatches[0].kind == "run"
+
+
+def test_lineage_lists_rounds_sites_approvals_epsilon_datasets_and_models(federation) -> None:
+    session, store, updates = federation
+    report = audit_lineage(session, store, RUN)
+    assert report.problems == ()
+    assert [r.round_index for r in report.rounds] == [1, 2, 3]
+    last = report.rounds[-1]
+    assert [p.site_id for p in last.participants] == list(SITES)
+    assert all(p.approval_valid_then and p.admitted_at > 0 for p in last.participants)
+    assert last.max_epsilon == pytest.approx(1.5) and last.he_error_bound == pytest.approx(3e-8)
+    assert last.participants[0].update_sha256 == updates[(3, "hosp-a")]
+    assert {d.site_id for d in report.datasets} == set(SITES)
+    assert len(report.models) == 3
+    by_model = audit_lineage(session, store, report.models[-1].model_hash)
+    assert by_model.run is not None and by_model.run.run_id == RUN
+    assert [m.round_index for m in by_model.models] == [3, 2, 1]
+    Console(width=200, record=True).print(lineage_table(report))
+
+
+def test_lineage_flags_a_participant_whose_site_was_revoked(federation) -> None:
+    session, store, _ = federation
+    session.auth.revoke_site(site_id="hosp-c", reason="withdrawn")
+    digest = store.put(b"late update", kind="update")
+    aggregate = store.put(b"late aggregate", kind="aggregate")
+    session.auth.record_decisions([Decision("admit_update", True, "ok", site_id="hosp-c")], run_id=RUN, round_index=4)
+    anchor, _ = build_round_anchor(
+        store, run_id=RUN, round_index=4, update_digests={"hosp-c": digest}, aggregate_digest=aggregate,
+        epsilon_by_site={}, he_error_bound=0.0,
+    )
+    session.data.anchor_round(anchor)
+    report = audit_lineage(session, store, RUN)
+    assert not report.rounds[-1].participants[0].approval_valid_then
+    assert any("round 4" in problem and "hosp-c" in problem for problem in report.problems)
+
+
+def test_access_report_filters_by_site(federation) -> None:
+    session, _, _ = federation
+    report = audit_access(session, site_id="hosp-b")
+    assert [(d.round_index, d.action, d.site_id) for d in report.decisions] == [(r, "admit_update", "hosp-b") for r in (1, 2, 3)]
+    kinds = {event.kind for event in report.governance}
+    assert {"SiteRegistered", "RunApproved"} <= kinds
+    assert json.loads(report.to_json())["site_id"] == "hosp-b"
+    Console(width=200, record=True).print(access_table(report))

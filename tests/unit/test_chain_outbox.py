@@ -1,0 +1,137 @@
+"""Durable outbox: writes made while a chain is unreachable are kept on disk and replayed in order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from web3 import Web3
+
+from medtwin.chain import ChainSession, Decision, Outbox, RoundStatus, RunRegistration, build_round_anchor, open_session
+from medtwin.chain.backends import free_port
+from medtwin.chain.auth_chain import decision_batch_args
+from medtwin.chain.data_chain import anchor_call_args
+from medtwin.chain.outbox import decode_args, encode_args
+from medtwin.core.artifacts import ArtifactStore
+from medtwin.core.config.chain import ChainConfig
+
+
+def h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextmanager
+def unreachable(session: ChainSession, chain: str = "data") -> Iterator[None]:
+    """Point one chain's provider at a closed port: real connection errors, then restore."""
+    w3 = getattr(session, chain).client.w3
+    original = w3.provider
+    w3.provider = Web3.HTTPProvider(f"http://127.0.0.1:{free_port()}", request_kwargs={"timeout": 1}, exception_retry_configuration=None)
+    try:
+        yield
+    finally:
+        w3.provider = original
+
+
+@pytest.fixture()
+def session(tmp_path: Path) -> ChainSession:
+    opened = open_session(ChainConfig(name="embedded"), state_dir=tmp_path / "chain")
+    opened.data.register_run(RunRegistration("run-o", "breast_cancer", h("c"), h("k"), h("dp"), h("he")))
+    return opened
+
+
+def make_anchor(store: ArtifactStore, round_index: int, *, salt: str = ""):
+    update = store.put(f"update {round_index}{salt}".encode(), kind="update")
+    aggregate = store.put(f"aggregate {round_index}{salt}".encode(), kind="aggregate")
+    anchor, _ = build_round_anchor(
+        store, run_id="run-o", round_index=round_index, update_digests={"hosp0": update},
+        aggregate_digest=aggregate, epsilon_by_site={}, he_error_bound=0.0,
+    )
+    return anchor
+
+
+def test_outbox_entries_survive_a_new_instance_and_keep_bytes(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox-data.jsonl", chain="data")
+    with outbox.locked():
+        first = outbox.append(method="anchor_round", args=[b"\x01" * 32, 1, [b"\x02" * 32]], sender="0xabc")
+        second = outbox.append(method="anchor_round", args=[b"\x03" * 32, 2, []], sender="0xabc")
+    reopened = Outbox(tmp_path / "outbox-data.jsonl", chain="data")
+    assert [entry.seq for entry in reopened.pending()] == [first.seq, second.seq] == [1, 2]
+    assert decode_args(reopened.pending()[0].args) == [b"\x01" * 32, 1, [b"\x02" * 32]]
+    assert oct((tmp_path / "outbox-data.jsonl").stat().st_mode & 0o777) == "0o600"
+    with reopened.locked():
+        reopened.remove(1)
+    assert [entry.seq for entry in Outbox(tmp_path / "outbox-data.jsonl", chain="data").pending()] == [2]
+    assert encode_args([True, "x", b"\xff"]) == [True, "x", {"b": "ff"}]
+
+
+def test_unreachable_chain_queues_in_order_and_flush_finalizes(session: ChainSession, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    anchors = [make_anchor(store, index) for index in (1, 2, 3)]
+    with unreachable(session):
+        receipts = [session.data.anchor_round(anchor) for anchor in anchors[:2]]
+        assert [receipt.status for receipt in receipts] == ["queued", "queued"]
+        assert session.data.round_status("run-o", 1) is RoundStatus.QUEUED, "queued is not finalized"
+        lines = (session.state_dir / "outbox-data.jsonl").read_text().splitlines()
+        assert [json.loads(line)["args"][1] for line in lines] == [1, 2]
+    assert session.data.round_status("run-o", 1) is RoundStatus.QUEUED
+    # The next write first replays the queue, then goes out itself: order is kept.
+    third = session.data.anchor_round(anchors[2])
+    assert third.mined
+    rounds = {index: session.data.anchor("run-o", index) for index in (1, 2, 3)}
+    assert all(rounds.values())
+    assert rounds[1].update_root == anchors[0].update_root
+    events = session.data.client.logs(session.data.contract.events.RoundAnchored, from_block=0)
+    assert [event["args"]["round_index"] for event in events] == [1, 2, 3]
+    assert session.data.round_status("run-o", 2) is RoundStatus.FINALIZED
+    assert len(session.data.outbox) == 0
+
+
+def test_explicit_flush_reports_what_was_mined(session: ChainSession, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    with unreachable(session):
+        assert session.data.anchor_round(make_anchor(store, 1)).status == "queued"
+        assert session.flush()["data"].remaining == 1, "flush while down keeps the entry"
+    result = session.flush()["data"]
+    assert [receipt.call for receipt in result.mined] == ["anchor_round"] and result.remaining == 0
+
+
+def test_replay_skips_a_write_already_mined_before_a_crash(session: ChainSession, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    anchor = make_anchor(store, 1)
+    assert session.data.anchor_round(anchor).mined
+    # Simulate: the process queued it, crashed after mining, and restarts with the entry still there.
+    with session.data.outbox.locked():
+        session.data.outbox.append(method="anchor_round", args=anchor_call_args(anchor), sender=session.data.coordinator.address)
+    result = session.flush()["data"]
+    assert (result.already_applied, result.mined, result.remaining) == (1, (), 0)
+
+
+def test_a_conflicting_queued_anchor_moves_to_failed_not_lost(session: ChainSession, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert session.data.anchor_round(make_anchor(store, 1)).mined
+    other = make_anchor(store, 1, salt="-other")
+    with session.data.outbox.locked():
+        session.data.outbox.append(method="anchor_round", args=anchor_call_args(other), sender=session.data.coordinator.address)
+    result = session.flush()["data"]
+    assert len(result.failed) == 1 and "already anchored" in result.failed[0]
+    failed = session.data.outbox.failed()
+    assert len(failed) == 1 and decode_args(failed[0].args)[2] == bytes.fromhex(other.update_root)
+
+
+
+def test_auth_decisions_queue_and_replay_exactly_once(session: ChainSession) -> None:
+    decisions = [Decision("admit_update", True, "ok", site_id="hosp0"), Decision("reject_update", False, "replay", site_id="hosp1")]
+    with unreachable(session, "auth"):
+        assert session.auth.record_decisions(decisions, run_id="run-o", round_index=1).status == "queued"
+    first = session.flush()["auth"]
+    assert len(first.mined) == 1 and first.remaining == 0
+    assert [(d.action, d.reason) for d in session.auth.decisions(run_id="run-o")] == [("admit_update", "ok"), ("reject_update", "replay")]
+    with session.auth.outbox.locked():  # the same batch queued again (e.g. crash before removal)
+        session.auth.outbox.append(method="record_decisions", args=decision_batch_args(decisions, run_id="run-o", round_index=1), sender=session.auth.coordinator.address)
+    assert session.flush()["auth"].already_applied == 1
+    assert len(session.auth.decisions(run_id="run-o")) == 2, "a replayed batch must not duplicate events"
+

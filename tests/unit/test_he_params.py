@@ -1,0 +1,146 @@
+"""CKKS parameter choice and checks: pure maths, no TenSEAL, milliseconds."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from medtwin.core.config import CryptoConfig
+from medtwin.core.errors import ConfigError
+from medtwin.core.he.errors import CkksParameterError, ImpreciseParametersError, InsecureParametersError
+from medtwin.core.he.params import (
+    SECURITY_TABLE_BITS,
+    average_error_bound,
+    build_parameters,
+    check_ckks_parameters,
+    choose_ckks_parameters,
+    ckks_parameters_from_config,
+    decryption_error_bound,
+)
+
+PARAMS_SOURCE = Path(__file__).resolve().parents[2] / "core" / "he" / "params.py"
+
+
+def test_params_module_is_pure() -> None:
+    tree = ast.parse(PARAMS_SOURCE.read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name.split(".")[0] in {"tenseal", "torch", "flwr", "web3"}}
+
+
+def test_security_table_is_the_he_standard() -> None:
+    assert SECURITY_TABLE_BITS[128] == {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+@pytest.mark.parametrize("num_parameters", [1, 1_000, 5_000, 100_000, 3_000_000])
+@pytest.mark.parametrize("num_sites", [1, 4, 8, 64])
+@pytest.mark.parametrize("max_relative_error", [1e-3, 1e-5, 1e-7])
+def test_chosen_parameters_are_secure_precise_and_cover_the_model(
+    num_parameters: int, num_sites: int, max_relative_error: float
+) -> None:
+    params = choose_ckks_parameters(
+        num_parameters=num_parameters, num_sites=num_sites, max_relative_error=max_relative_error
+    )
+    assert sum(params.coeff_mod_bit_sizes) <= SECURITY_TABLE_BITS[128][params.poly_modulus_degree]
+    assert all(bits <= 60 for bits in params.coeff_mod_bit_sizes)
+    assert params.predicted_error_bound <= max_relative_error
+    assert params.slots == params.poly_modulus_degree // 2
+    assert params.num_ciphertexts * params.slots >= num_parameters + 1  # weights + the count slot
+    assert (params.num_ciphertexts - 1) * params.slots < num_parameters + 1  # no wasted ciphertext
+    # the largest packed sum times the scale stays below q0 / 4 (one bit of headroom)
+    assert params.full_scale * 2.0**params.scale_bits <= 2.0 ** (params.data_bits - 2)
+    check_ckks_parameters(params, max_relative_error=max_relative_error)
+
+
+def test_choice_prefers_the_cheapest_byte_class_and_the_smallest_ring() -> None:
+    loose = choose_ckks_parameters(num_parameters=100_000, num_sites=2, max_relative_error=2e-3)
+    default = choose_ckks_parameters(num_parameters=100_000, num_sites=8, max_relative_error=1e-5)
+    tight = choose_ckks_parameters(num_parameters=100_000, num_sites=8, max_relative_error=1e-7)
+    assert loose.coeff_mod_bit_sizes[0] == 24 and loose.poly_modulus_degree == 2048
+    assert default.coeff_mod_bit_sizes[0] == 32 and default.poly_modulus_degree == 2048
+    assert tight.coeff_mod_bit_sizes[0] == 40 and tight.poly_modulus_degree == 4096
+
+
+def test_more_sites_mean_a_larger_error_bound() -> None:
+    common = {"num_parameters": 1000, "max_relative_error": 1e-4, "poly_modulus_degree": 2048, "coeff_mod_bit_sizes": (32, 22)}
+    few = choose_ckks_parameters(num_sites=2, **common)
+    many = choose_ckks_parameters(num_sites=32, **common)
+    assert many.predicted_error_bound == pytest.approx(few.predicted_error_bound * 4, rel=0.01)  # sqrt(32/2)
+    assert decryption_error_bound(many, 32) > decryption_error_bound(many, 2)
+
+
+def test_insecure_parameters_are_rejected_naming_key_value_and_limit() -> None:
+    with pytest.raises(InsecureParametersError) as caught:
+        choose_ckks_parameters(
+            num_parameters=100, num_sites=2, poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 60)
+        )
+    message = str(caught.value)
+    assert "crypto.coeff_mod_bit_sizes" in message and "120" in message and "109" in message
+    assert isinstance(caught.value, ConfigError)
+
+
+def test_unknown_ring_and_security_level_are_insecure() -> None:
+    with pytest.raises(InsecureParametersError, match="crypto.poly_modulus_degree"):
+        choose_ckks_parameters(num_parameters=100, num_sites=2, poly_modulus_degree=1024)
+    with pytest.raises(InsecureParametersError, match="crypto.security_level"):
+        choose_ckks_parameters(num_parameters=100, num_sites=2, security_level=80)
+
+
+def test_explicit_primes_with_automatic_ring_pick_a_ring_that_makes_them_secure() -> None:
+    params = choose_ckks_parameters(num_parameters=100, num_sites=2, coeff_mod_bit_sizes=(40, 40))
+    assert params.poly_modulus_degree == 4096  # 80 bits do not fit N = 2048 (54)
+
+
+def test_too_imprecise_parameters_are_rejected() -> None:
+    with pytest.raises(ImpreciseParametersError) as caught:
+        choose_ckks_parameters(
+            num_parameters=100, num_sites=4, max_relative_error=1e-6, poly_modulus_degree=2048, coeff_mod_bit_sizes=(24, 24)
+        )
+    assert "crypto.max_relative_error" in str(caught.value) and "1e-06" in str(caught.value)
+
+
+def test_overflowing_scale_is_rejected_with_the_fix() -> None:
+    with pytest.raises(ImpreciseParametersError) as caught:
+        choose_ckks_parameters(
+            num_parameters=100, num_sites=2, poly_modulus_degree=2048, coeff_mod_bit_sizes=(32, 22), scale_bits=20
+        )
+    assert "crypto.scale_bits" in str(caught.value) and "lower crypto.scale_bits" in str(caught.value)
+
+
+def test_unreachable_precision_is_rejected() -> None:
+    with pytest.raises(ImpreciseParametersError, match="crypto.max_relative_error"):
+        choose_ckks_parameters(num_parameters=100, num_sites=2, max_relative_error=1e-15)
+
+
+def test_malformed_targets_and_primes_are_config_errors() -> None:
+    with pytest.raises(CkksParameterError, match="crypto.max_abs_weight_bound"):
+        choose_ckks_parameters(num_parameters=10, num_sites=2, max_abs_weight_bound=0)
+    params = build_parameters(
+        poly_modulus_degree=4096, coeff_mod_bit_sizes=(40,), scale_bits=10, num_parameters=10, num_sites=2,
+        max_abs_weight_bound=1.0, max_total_examples=100,
+    )
+    with pytest.raises(CkksParameterError, match="special prime"):
+        check_ckks_parameters(params, max_relative_error=1e-3)
+
+
+def test_average_error_bound_shrinks_with_more_examples() -> None:
+    params = choose_ckks_parameters(num_parameters=1000, num_sites=4, max_total_examples=10_000)
+    small = average_error_bound(params, num_sites=4, total_examples=100)
+    full = average_error_bound(params, num_sites=4, total_examples=10_000)
+    assert small == pytest.approx(full * 100, rel=1e-3)
+    assert full / params.max_abs_weight_bound == pytest.approx(params.predicted_error_bound)
+
+
+def test_parameters_round_trip_through_a_dict() -> None:
+    params = choose_ckks_parameters(num_parameters=1234, num_sites=3)
+    assert type(params).from_dict(params.to_dict()) == params
+
+
+def test_parameters_from_the_crypto_config() -> None:
+    config = CryptoConfig(name="ckks", max_relative_error=1e-3, max_total_examples=500)
+    params = ckks_parameters_from_config(config, num_parameters=300, num_sites=3)
+    assert params.max_total_examples == 500 and params.predicted_error_bound <= 1e-3
+    with pytest.raises(CkksParameterError, match="crypto.name"):
+        ckks_parameters_from_config(CryptoConfig(name="plain"), num_parameters=300, num_sites=3)

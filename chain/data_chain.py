@@ -13,7 +13,7 @@ from web3 import Web3
 
 from .accounts import ChainAccount
 from .encoding import ZERO32, as_bytes32, run_key, site_key
-from .errors import ChainConflictError, ChainError
+from .errors import ChainConflictError, ChainError, ChainUnavailableError
 from .records import (
     DatasetCommitment,
     ModelRecord,
@@ -149,16 +149,14 @@ class DataChain(ContractGateway):
         return [anchor for anchor in found if anchor is not None]
 
     def round_status(self, run_id: str, round_index: int) -> RoundStatus:
-        """finalized = anchor mined; queued = waiting in the outbox; missing = neither."""
-        try:
-            if self.anchor(run_id, round_index) is not None:
-                return RoundStatus.FINALIZED
-        except ChainError:
-            pass  # unreachable: fall back to the outbox
+        """finalized = anchor mined; queued = waiting in the outbox; missing = neither; unknown = chain down."""
         key = run_key(run_id)
         if any(args[0] == key and args[1] == round_index for args in self.queued("anchor_round")):
             return RoundStatus.QUEUED
-        return RoundStatus.MISSING
+        try:
+            return RoundStatus.FINALIZED if self.anchor(run_id, round_index) is not None else RoundStatus.MISSING
+        except ChainUnavailableError:
+            return RoundStatus.UNKNOWN
 
     def dataset_commitments(self, run_id: str) -> list[DatasetCommitment]:
         events = self.client.logs(

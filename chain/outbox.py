@@ -35,6 +35,7 @@ class PendingWrite:
     sender: str  # address that must sign the replay
     queued_at: float
     reason: str = ""  # why it was queued (the outage message)
+    signer_label: str = ""  # e.g. "coordinator", "site:hosp0" — lets a new process find the key
 
 
 def encode_args(args: list[Any]) -> list[Any]:
@@ -131,7 +132,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.pending())
 
-    def append(self, *, method: str, args: list[Any], sender: str, reason: str = "") -> PendingWrite:
+    def append(self, *, method: str, args: list[Any], sender: str, reason: str = "", signer_label: str = "") -> PendingWrite:
         """Queue one write after every write already queued (caller holds `locked()`)."""
         existing = self.pending() + self.failed()
         entry = PendingWrite(
@@ -142,6 +143,7 @@ class Outbox:
             sender=sender,
             queued_at=time.time(),
             reason=reason,
+            signer_label=signer_label,
         )
         _append_line(self.path, asdict(entry))
         return entry

@@ -42,6 +42,7 @@ class RoundStatus(StrEnum):
     FINALIZED = "finalized"  # the anchor is mined on the data chain
     QUEUED = "queued"  # the anchor waits in the outbox (chain unreachable)
     MISSING = "missing"  # neither on chain nor queued
+    UNKNOWN = "unknown"  # not queued, and the data chain cannot be asked right now
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ def _gateways(
     admin: ChainAccount | None,
     coordinator: ChainAccount | None,
     outbox_dir: Path | None,
+    dev: bool = False,
 ) -> tuple[AuthChain, DataChain]:
     built: dict[str, Any] = {}
     for role, gateway_type in (("auth", AuthChain), ("data", DataChain)):
@@ -121,8 +122,9 @@ def _gateways(
         contract = clients[role].contract(record.address, load_contract(CONTRACT_OF[role]).abi)
         outbox = Outbox(outbox_dir / f"outbox-{role}.jsonl", chain=role) if outbox_dir is not None else None
         built[role] = gateway_type(
-            clients[role], contract, deploy_block=record.deploy_block, outbox=outbox, admin=admin, coordinator=coordinator
-        )
+            clients[role], contract, deploy_block=record.deploy_block, outbox=outbox, admin=admin, coordinator=coordinator,
+            signer_resolver=dev_account if dev else None,
+        )  # fmt: skip
     return built["auth"], built["data"]
 
 
@@ -160,7 +162,7 @@ def open_session(config: ChainConfig, *, state_dir: str | os.PathLike[str] | Non
         if deployment is None or all(client.is_reachable() for client in clients.values()):
             deployment = ensure_deployed("rpc", clients, admin=admin, coordinator=coordinator, fund_from_node=dev, state_dir=directory)
         outbox_dir = directory if config.use_outbox else None
-    auth, data = _gateways(clients, deployment, admin=admin, coordinator=coordinator, outbox_dir=outbox_dir)
+    auth, data = _gateways(clients, deployment, admin=admin, coordinator=coordinator, outbox_dir=outbox_dir, dev=dev)
     return ChainSession(config.name, auth, data, deployment, directory if outbox_dir else None, dev_accounts=dev)
 
 

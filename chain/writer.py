@@ -9,6 +9,7 @@ replay moves to the failed file and is reported. Contract refusals of fresh writ
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from web3.contract import Contract
@@ -35,12 +36,15 @@ class ContractGateway:
         deploy_block: int = 0,
         outbox: Outbox | None = None,
         signers: tuple[ChainAccount, ...] = (),
+        signer_resolver: Callable[[str], ChainAccount | None] | None = None,
     ) -> None:
         self.client = client
         self.contract = contract
         self.deploy_block = deploy_block
         self.outbox = outbox
         self._signers = {account.address: account for account in signers}
+        # label -> account, for queued writes of signers this process has not met yet (dev keys)
+        self.signer_resolver = signer_resolver
 
     @property
     def address(self) -> str:
@@ -84,7 +88,7 @@ class ContractGateway:
                     return self._send(account, method, args)
                 except ChainUnavailableError as error:
                     reason = str(error)
-            entry = self.outbox.append(method=method, args=args, sender=account.address, reason=reason)
+            entry = self.outbox.append(method=method, args=args, sender=account.address, reason=reason, signer_label=account.label)
         log.warning("%s chain: %s queued in %s (seq %d): %s", self.client.name, method, self.outbox.path, entry.seq, reason)
         return WriteReceipt(status="queued", chain=self.client.name, call=method, outbox_seq=entry.seq)
 
@@ -101,7 +105,7 @@ class ContractGateway:
         failed: list[str] = []
         applied = 0
         for entry in self.outbox.pending():
-            signer = self._signers.get(entry.sender)
+            signer = self._signer_for(entry.sender, entry.signer_label)
             if signer is None:
                 log.warning("%s chain: outbox seq %d waits for signer %s", self.client.name, entry.seq, entry.sender)
                 break
@@ -120,6 +124,13 @@ class ContractGateway:
                 failed.append(f"seq {entry.seq} {entry.method}: {error}")
                 log.error("%s chain: queued %s refused on replay: %s", self.client.name, entry.method, error)
         return FlushResult(mined=tuple(mined), already_applied=applied, failed=tuple(failed), remaining=len(self.outbox))
+
+    def _signer_for(self, address: str, label: str) -> ChainAccount | None:
+        if address not in self._signers and label and self.signer_resolver is not None:
+            account = self.signer_resolver(label)
+            if account is not None and account.address == address:
+                self._signers[address] = account
+        return self._signers.get(address)
 
     def queued(self, method: str) -> list[list[Any]]:
         """Decoded arguments of the queued writes calling `method`."""

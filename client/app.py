@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -11,41 +12,36 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medtwin.core.config import MedtwinConfig, config_to_yaml, config_from_yaml
+from medtwin.core.config import MedtwinConfig, config_from_yaml, config_to_yaml
 from medtwin.core.model_vector import model_to_vector, vector_to_model
-from medtwin.core.protocol import (
-    AGGREGATE,
-    INSTRUCTION,
-    METRICS,
-    SITE,
-    UPDATE,
-    average_from_sum,
-    pack_plain_update,
-    unpack_plain,
-)
+from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE
 from medtwin.core.runconfig import config_from_run_config
 from medtwin.core.tasks import SiteSplit, TwinTask, get_task
 
+from .codec import CkksSiteCodec, PlainSiteCodec
 from .training import train_locally
 
 logger = logging.getLogger("medtwin.site")
 
+SiteCodec = PlainSiteCodec | CkksSiteCodec
+
 
 @dataclass(frozen=True)
 class Site:
-    """Everything a site needs for one run: its config, task and its own data split."""
+    """Everything a site needs for one run: its config, task, own data split and codec."""
 
     config: MedtwinConfig
     task: TwinTask
     index: int
     data: SiteSplit
+    codec: SiteCodec
 
     @property
     def site_id(self) -> str:
         return self.data.site_id
 
 
-def site_index_from_node_config(node_config: dict) -> int:
+def site_index_from_node_config(node_config: Mapping) -> int:
     for key in ("site-index", "partition-id"):
         if key in node_config:
             return int(node_config[key])
@@ -53,10 +49,18 @@ def site_index_from_node_config(node_config: dict) -> int:
 
 
 @lru_cache(maxsize=4)
-def _load_site(config_yaml: str, index: int) -> Site:
+def _load_site(config_yaml: str, index: int, kit_dir: str) -> Site:
     config = config_from_yaml(config_yaml)
     task = get_task(config.task)
-    return Site(config=config, task=task, index=index, data=task.load_site(index))
+    codec: SiteCodec = PlainSiteCodec()
+    if config.crypto.name == "ckks":
+        if not kit_dir:
+            raise KeyError("crypto=ckks needs this site's kit: set node_config `kit-dir` (from `medtwin provision`)")
+        codec = CkksSiteCodec.from_kit(kit_dir)
+    site = Site(config=config, task=task, index=index, data=task.load_site(index), codec=codec)
+    if isinstance(codec, CkksSiteCodec) and codec.kit.site_id != site.site_id:
+        raise KeyError(f"kit {kit_dir} belongs to {codec.kit.site_id!r}, but site index {index} holds {site.site_id!r}")
+    return site
 
 
 def initial_model(task: TwinTask, *, seed: int) -> torch.nn.Module:
@@ -65,23 +69,28 @@ def initial_model(task: TwinTask, *, seed: int) -> torch.nn.Module:
     return task.build_model()
 
 
-def model_from_aggregate(task: TwinTask, aggregate: ArrayRecord | None, *, seed: int) -> torch.nn.Module:
-    model = initial_model(task, seed=seed)
-    if aggregate is not None:
-        average, _ = average_from_sum(unpack_plain(aggregate))
-        vector_to_model(model, average)
-    return model
+def current_model(site: Site, aggregate: ArrayRecord | None) -> tuple[torch.nn.Module, float]:
+    """The shared model (initial, or the decoded aggregate) and the decoding error bound."""
+    model = initial_model(site.task, seed=site.config.seed)
+    if aggregate is None:
+        return model, 0.0
+    average, total_examples = site.codec.average(aggregate)
+    vector_to_model(model, average)
+    return model, site.codec.error_bound(total_examples=total_examples)
 
 
-def build_client_app(config: MedtwinConfig | None = None) -> ClientApp:
-    """A ClientApp bound to `config`, or (None) to the config carried in the run's run_config."""
+def build_client_app(config: MedtwinConfig | None = None, site_kits: Mapping[int, str] | None = None) -> ClientApp:
+    """A ClientApp bound to `config` (or the run's run_config) and, in simulation, to kit folders by site index."""
     config_yaml = config_to_yaml(config) if config is not None else None
+    kits = dict(site_kits or {})
     app = ClientApp()
 
     def site_for(context: Context) -> Site:
         torch.set_num_threads(1)
         yaml_text = config_yaml or config_to_yaml(config_from_run_config(context.run_config))
-        return _load_site(yaml_text, site_index_from_node_config(dict(context.node_config)))
+        index = site_index_from_node_config(context.node_config)
+        kit_dir = str(context.node_config.get("kit-dir", kits.get(index, "")))
+        return _load_site(yaml_text, index, kit_dir)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -89,7 +98,7 @@ def build_client_app(config: MedtwinConfig | None = None) -> ClientApp:
         order = message.content[INSTRUCTION]
         server_round = int(order["round"])
         settings = site.config.strategy
-        model = model_from_aggregate(site.task, message.content.get(AGGREGATE), seed=site.config.seed)
+        model, _ = current_model(site, message.content.get(AGGREGATE))
         result = train_locally(
             model,
             site.data.x_train,
@@ -103,10 +112,13 @@ def build_client_app(config: MedtwinConfig | None = None) -> ClientApp:
             seed=_step_seed(site.config.seed, server_round, site.index),
         )
         logger.info("site %s trained round %d: %d steps, loss %.4f", site.site_id, server_round, result.steps, result.mean_loss)
+        update, proof = site.codec.pack(
+            model_to_vector(model), num_examples=result.num_examples, run_id=str(order["run_id"]), server_round=server_round
+        )
         content = RecordDict(
             {
-                UPDATE: pack_plain_update(model_to_vector(model), num_examples=result.num_examples),
-                SITE: ConfigRecord({"site_id": site.site_id, "status": "trained"}),
+                UPDATE: update,
+                SITE: ConfigRecord({"site_id": site.site_id, "status": "trained", **proof}),
                 METRICS: MetricRecord({"train_loss": result.mean_loss}),
             }
         )
@@ -115,8 +127,11 @@ def build_client_app(config: MedtwinConfig | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         site = site_for(context)
-        model = model_from_aggregate(site.task, message.content.get(AGGREGATE), seed=site.config.seed)
+        model, error_bound = current_model(site, message.content.get(AGGREGATE))
         metrics = site.task.evaluate(model, site.data.x_test, site.data.y_test)
+        metrics["num_parameters"] = float(model_to_vector(model).size)
+        if site.codec.scheme != "plain":
+            metrics["he_error_bound"] = error_bound
         content = RecordDict(
             {
                 SITE: ConfigRecord({"site_id": site.site_id, "status": "evaluated"}),

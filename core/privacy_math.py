@@ -35,6 +35,7 @@ __all__ = [
     "merge_history",
     "planned_total_steps",
     "rdp_epsilon",
+    "rdp_epsilon_floor",
     "rdp_sampled_gaussian",
     "rdp_to_epsilon",
     "sample_rate_for",
@@ -43,8 +44,13 @@ __all__ = [
 ACCOUNTANTS = ("rdp", "prv")
 # Opacus's default orders, so both implementations pick the same optimum.
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
-MAX_NOISE_MULTIPLIER = 1e6
+MAX_NOISE_MULTIPLIER = 1e4  # std 10^4 * C per step: no useful training is that noisy
 _SERIES_CUTOFF_LOG = -30.0  # stop the fractional-order series once both terms fall below e^-30
+
+_UNREACHABLE_FIX = (
+    "raise privacy.target_epsilon or privacy.target_delta, or train fewer steps "
+    "(federation.num_rounds, strategy.local_steps) or smaller batches (strategy.batch_size)"
+)
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -208,6 +214,11 @@ def rdp_epsilon(
     return rdp_to_epsilon(rdp=total, orders=orders, target_delta=target_delta)[0]
 
 
+def rdp_epsilon_floor(*, target_delta: float, orders: Sequence[float] = RDP_ORDERS) -> float:
+    """The smallest epsilon the RDP conversion can certify at `target_delta`, even with infinite noise."""
+    return rdp_to_epsilon(rdp=np.zeros(len(orders)), orders=orders, target_delta=target_delta)[0]
+
+
 # ---------------------------------------------------------------- epsilon and calibration
 
 
@@ -254,8 +265,7 @@ def bisect_noise_multiplier(
         if sigma_high > MAX_NOISE_MULTIPLIER:
             raise PrivacyBudgetUnreachableError(
                 f"no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches epsilon {target_epsilon}; "
-                "raise privacy.target_epsilon or privacy.target_delta, or train fewer steps "
-                "(federation.num_rounds, strategy.local_steps) or smaller batches (strategy.batch_size)"
+                + _UNREACHABLE_FIX
             )
         epsilon_high = epsilon_for(sigma_high)
     for _ in range(200):
@@ -284,6 +294,12 @@ def calibrate_noise_multiplier(
     _require_pure_accountant(accountant)
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    floor = rdp_epsilon_floor(target_delta=target_delta)
+    if target_epsilon <= floor + epsilon_tolerance:
+        raise PrivacyBudgetUnreachableError(
+            f"epsilon {target_epsilon} at delta {target_delta} is below what RDP accounting can certify "
+            f"(about {floor:.3f} even with infinite noise); {_UNREACHABLE_FIX}"
+        )
 
     def epsilon_for(sigma: float) -> float:
         return rdp_epsilon(history=[(sigma, sample_rate, total_steps)], target_delta=target_delta)

@@ -49,3 +49,49 @@ def average_from_sum(summed: np.ndarray) -> tuple[np.ndarray, float]:
 
 def instruction(*, run_id: str, server_round: int, phase: str) -> ConfigRecord:
     return ConfigRecord({"run_id": run_id, "round": server_round, "phase": phase})
+
+
+CKKS_STYPE = "medtwin.ckks"
+
+
+def chunks_to_record(chunks: list[bytes]) -> ArrayRecord:
+    """Opaque ciphertext chunks as an ArrayRecord (Flower carries bytes arrays untouched)."""
+    return ArrayRecord(
+        {f"chunk-{index:05d}": Array(dtype="bytes", shape=(len(chunk),), stype=CKKS_STYPE, data=chunk) for index, chunk in enumerate(chunks)}
+    )
+
+
+def record_to_chunks(record: ArrayRecord) -> list[bytes]:
+    return [record[name].data for name in sorted(record) if name.startswith("chunk-")]
+
+
+RECORD_MAGIC = b"medtwin/payload/v1\x00"
+
+
+def record_bytes(record: ArrayRecord) -> bytes:
+    """A canonical byte string of a payload record: what the artifact store keeps and the chain anchors."""
+    parts = [RECORD_MAGIC]
+    for name in sorted(record):
+        array = record[name]
+        for field in (name.encode(), array.dtype.encode(), repr(tuple(array.shape)).encode(), array.stype.encode(), array.data):
+            parts.append(len(field).to_bytes(8, "big"))
+            parts.append(field)
+    return b"".join(parts)
+
+
+def record_from_bytes(data: bytes) -> ArrayRecord:
+    """Inverse of `record_bytes` (for auditors and the simulation harness reading artifacts back)."""
+    if not data.startswith(RECORD_MAGIC):
+        raise ValueError("not a medtwin payload artifact (bad magic)")
+    offset = len(RECORD_MAGIC)
+    fields: list[bytes] = []
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 8], "big")
+        fields.append(data[offset + 8 : offset + 8 + length])
+        offset += 8 + length
+    arrays = {}
+    for index in range(0, len(fields), 5):
+        name, dtype, shape, stype, blob = fields[index : index + 5]
+        dims = tuple(int(part) for part in shape.decode().strip("(),").split(",") if part.strip())
+        arrays[name.decode()] = Array(dtype=dtype.decode(), shape=dims, stype=stype.decode(), data=blob)
+    return ArrayRecord(arrays)

@@ -36,7 +36,7 @@ def plot_metric_per_round(metrics: list[dict[str, Any]], *, metric: str, path: P
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
     return "—" if value is None else str(value)
 
 
@@ -73,8 +73,9 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
         "",
         "## Aggregation",
         "",
-        f"Scheme **{crypto['scheme']}**; {_fmt(crypto.get('bytes_per_parameter'))} bytes per parameter on the wire; "
-        f"max decryption error {_fmt(crypto.get('max_decryption_error'))}.",
+        f"Scheme **{crypto['scheme']}**; {_fmt(crypto.get('bytes_per_parameter'))} bytes per parameter on the wire "
+        f"({_fmt(crypto.get('wire_expansion_vs_float32'))}x float32); max decryption error (relative to the largest "
+        f"weight) {_fmt(crypto.get('max_decryption_error'))}, bound {_fmt(crypto.get('max_decryption_error_bound'))}.",
     ]
     rejections = summary.get("rejections", [])
     if rejections:
@@ -85,10 +86,16 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
     return "\n".join(lines) + "\n"
 
 
+def ordered_rows(rows: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Baseline rows in reading order: each site alone, pooled, then federated."""
+    rank = {"pooled": 1, "federated": 2}
+    return sorted(rows.items(), key=lambda item: (rank.get(item[0], 0), item[0]))
+
+
 def _baseline_table(baselines: dict[str, Any], metric: str) -> list[str]:
     columns = baselines["columns"]
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for name, row in baselines["rows"].items():
+    for name, row in ordered_rows(baselines["rows"]):
         lines.append(f"| {name} | " + " | ".join(_fmt(row.get(column)) for column in columns) + " |")
     lines += [
         "",

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     for workload in WORKLOADS:
         for batch_size in (4, 64):
-            result = bench(workload, batch_size=batch_size, local_steps=args.local_steps, repeats=args.repeats, modes=modes)
+            result = bench(
+                workload, batch_size=batch_size, local_steps=args.local_steps, repeats=args.repeats, modes=modes
+            )
             plain = result["medians"]["plain"]
             cells = []
             for mode in modes:

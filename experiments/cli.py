@@ -14,6 +14,7 @@ from rich.table import Table
 
 from medtwin.core.config import compose_config
 from medtwin.core.errors import MedtwinError
+from medtwin.core.report import ordered_rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -36,7 +37,7 @@ def setup_logging(verbose: bool) -> None:
 def print_summary(run_path: Path) -> None:
     summary = json.loads((run_path / "summary.json").read_text())
     metric = summary["primary_metric"]
-    table = Table(title=f"run {summary['run_id']} — {summary['task']} ({metric})")
+    table = Table(title=f"federated model, {metric} per site")
     table.add_column("site")
     table.add_column(metric, justify="right")
     for site, values in summary["final_metrics"]["sites"].items():
@@ -46,11 +47,11 @@ def print_summary(run_path: Path) -> None:
     console.print(table)
     if summary.get("baselines"):
         baselines = summary["baselines"]
-        comparison = Table(title="baselines vs federated (same test splits)")
+        comparison = Table(title=f"baselines vs federated, {metric}")
         comparison.add_column("model")
         for column in baselines["columns"]:
             comparison.add_column(column, justify="right")
-        for name, row in baselines["rows"].items():
+        for name, row in ordered_rows(baselines["rows"]):
             comparison.add_row(name, *(f"{row[column]:.3f}" for column in baselines["columns"]))
         console.print(comparison)
     console.print(f"run directory: [bold]{run_path}[/bold] (report.md, summary.json, metrics.jsonl)")

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from medtwin.client.app import build_client_app
+from medtwin.client.codec import CkksSiteCodec
+from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig
-from medtwin.server.app import RunExtras, build_server_app, make_run_id
+from medtwin.core.protocol import average_from_sum, record_from_bytes, unpack_plain
+from medtwin.core.report import render_report
+from medtwin.core.rundir import RunDirectory, atomic_write_text
+from medtwin.server.app import build_server_app, make_run_id
 
 from .baselines import compute_baselines, final_model_evaluator
+from .federation_setup import SimulatedFederation, prepare_federation
 
 logger = logging.getLogger("medtwin")
 
@@ -20,7 +29,7 @@ OFFLINE_ENVIRONMENT = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -32,12 +41,11 @@ def simulate(config: MedtwinConfig) -> Path:
 
     if not config.run_id:
         config.run_id = make_run_id(config)
-    extras = RunExtras()
+    federation = prepare_federation(config, config.run_id)
+    baselines = None
     if config.baselines.enabled:
         logger.info("training baselines: each site alone, and pooled")
-        extras = RunExtras(baselines=compute_baselines(config), evaluate_final_model=final_model_evaluator(config))
-    server_app = build_server_app(config, extras)
-    client_app = build_client_app(config)
+        baselines = compute_baselines(config)
     backend_config = {
         "client_resources": {"num_cpus": config.federation.client_num_cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False, "log_to_driver": True},
@@ -45,12 +53,51 @@ def simulate(config: MedtwinConfig) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=server_app,
-            client_app=client_app,
+            server_app=build_server_app(config, federation.coordinator),
+            client_app=build_client_app(config, federation.site_kits),
             num_supernodes=config.task.num_sites,
             backend_config=backend_config,
         )
     run_path = Path(config.runs_dir) / config.run_id
     if not (run_path / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without writing {run_path / 'summary.json'}; see the log above")
+    add_simulation_findings(config, run_path, federation, baselines)
     return run_path
+
+
+def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation) -> tuple[np.ndarray, np.ndarray]:
+    """(average weights, packed plaintext sum) of the last round, decoded as a site would."""
+    summary = run_dir.read_summary()
+    aggregate = record_from_bytes(ArtifactStore(run_dir.artifacts).get(summary["final_aggregate_sha256"]))
+    if config.crypto.name == "plain":
+        packed = unpack_plain(aggregate)
+        return average_from_sum(packed)[0], packed
+    codec = CkksSiteCodec.from_kit(federation.site_kits[0])
+    average, _ = codec.average(aggregate)
+    return average, np.array([])
+
+
+def measured_decryption_error(run_dir: RunDirectory, federation: SimulatedFederation, average: np.ndarray) -> float:
+    """max |decrypted average - plaintext average| / max |weight|, from the sites' kept plaintext updates."""
+    last_train = [record for record in run_dir.read_metrics() if record["phase"] == "train"][-1]
+    kits = {Path(kit).name: Path(kit) for kit in federation.site_kits.values()}
+    packed = sum(np.load(kits[site] / "state" / f"last-update-{run_dir.run_id}.npy") for site in last_train["participants"])
+    exact = packed[:-1] / packed[-1]
+    return float(np.max(np.abs(average - exact)) / max(np.max(np.abs(exact)), 1e-12))
+
+
+def add_simulation_findings(
+    config: MedtwinConfig, run_path: Path, federation: SimulatedFederation, baselines: dict | None
+) -> None:
+    """What only the simulation harness can know: baselines vs federated, and the measured HE error."""
+    run_dir = RunDirectory(run_path.parent, run_path.name)
+    summary = run_dir.read_summary()
+    average, _ = final_average(config, run_dir, federation)
+    if config.crypto.name == "ckks":
+        summary["crypto"]["max_decryption_error"] = measured_decryption_error(run_dir, federation, average)
+    if baselines is not None:
+        baselines["rows"]["federated"] = final_model_evaluator(config)(average)
+        summary["baselines"] = baselines
+    run_dir.write_summary(summary)
+    atomic_write_text(run_path / "report.md", render_report(summary, run_dir.read_metrics(), run_path))
+    logger.debug("summary: %s", json.dumps(summary["final_metrics"]))

@@ -1,20 +1,30 @@
-"""Aggregation at the coordinator: it only ever sums site payloads, so encrypted schemes slot in."""
+"""Aggregation at the coordinator: it only ever sums site payloads, so encrypted schemes slot in.
+
+`PlainAggregator` adds float vectors. `CkksAggregator` holds only the federation's public CKKS
+context and the sites' public signing keys: it verifies every signature, refuses replays, unknown
+sites and mismatched ciphertexts, and adds the rest without being able to read any of them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from flwr.app import ArrayRecord
 
-from medtwin.core.protocol import sum_plain_updates
+from medtwin.core.errors import MedtwinError
+from medtwin.core.he import HeContext, check_update_chunks, load_context, sum_encrypted, update_digest
+from medtwin.core.identity import FederationManifest, verify_update
+from medtwin.core.protocol import chunks_to_record, record_to_chunks, sum_plain_updates
 
 
 @dataclass(frozen=True)
 class SiteUpdate:
     site_id: str
     node_id: int
+    server_round: int
     record: ArrayRecord
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -28,11 +38,14 @@ class Rejection:
 class Aggregator(Protocol):
     scheme: str
 
-    def check(self, update: SiteUpdate) -> str | None:
+    def check(self, update: SiteUpdate, *, run_id: str) -> str | None:
         """None if the update is acceptable, else the reason it is rejected."""
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
         """The sum of the accepted updates, in the same payload format."""
+
+    def describe(self) -> dict:
+        """Scheme and parameters for summary.json (nothing secret)."""
 
 
 class PlainAggregator:
@@ -43,7 +56,7 @@ class PlainAggregator:
     def __init__(self) -> None:
         self.expected_shape: tuple[int, ...] | None = None
 
-    def check(self, update: SiteUpdate) -> str | None:
+    def check(self, update: SiteUpdate, *, run_id: str) -> str | None:
         if "payload" not in update.record:
             return "update carries no `payload` array"
         shape = tuple(update.record["payload"].shape)
@@ -55,3 +68,60 @@ class PlainAggregator:
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
         return sum_plain_updates([update.record for update in updates])
+
+    def describe(self) -> dict:
+        return {"scheme": self.scheme, "parameters": {"dtype": "float64"}}
+
+
+@dataclass
+class CkksAggregator:
+    """Sums CKKS ciphertexts with a key-less public context; checks signatures and replays first."""
+
+    public_context: HeContext
+    manifest: FederationManifest
+    scheme: str = "ckks"
+    seen_digests: dict[bytes, tuple[int, str]] = field(default_factory=dict)  # digest -> (round, site)
+    accepted: set[tuple[str, int, str]] = field(default_factory=set)  # (run, round, site)
+
+    @classmethod
+    def from_files(cls, *, public_context_path: str, manifest_path: str) -> CkksAggregator:
+        from medtwin.core.identity import load_manifest
+
+        with open(public_context_path, "rb") as handle:
+            context = load_context(handle.read(), expected_kind="public")
+        if context.is_private:
+            raise MedtwinError(f"{public_context_path} holds a secret key: the coordinator must only get the public context")
+        return cls(public_context=context, manifest=load_manifest(manifest_path))
+
+    def check(self, update: SiteUpdate, *, run_id: str) -> str | None:
+        if update.site_id not in self.manifest.site_ids:
+            return f"unknown site {update.site_id!r}: not in federation {self.manifest.federation_name!r}"
+        chunks = record_to_chunks(update.record)
+        digest = update_digest(chunks)
+        if digest in self.seen_digests:
+            earlier_round, earlier_site = self.seen_digests[digest]
+            return f"replay: this exact ciphertext was already submitted by {earlier_site} in round {earlier_round}"
+        if (run_id, update.server_round, update.site_id) in self.accepted:
+            return f"replay: {update.site_id} already has an accepted update in round {update.server_round}"
+        try:
+            verify_update(
+                self.manifest.site(update.site_id).signing_public_key,
+                update.signature,
+                run_id=run_id,
+                server_round=update.server_round,
+                site_id=update.site_id,
+                ciphertext_digest=digest,
+            )
+            check_update_chunks(self.public_context, chunks)
+        except (MedtwinError, ValueError) as error:
+            return str(error)
+        self.seen_digests[digest] = (update.server_round, update.site_id)
+        self.accepted.add((run_id, update.server_round, update.site_id))
+        return None
+
+    def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
+        summed = sum_encrypted(self.public_context, [record_to_chunks(update.record) for update in updates])
+        return chunks_to_record(summed)
+
+    def describe(self) -> dict:
+        return {"scheme": self.scheme, "parameters": self.public_context.parameters.to_dict()}

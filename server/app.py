@@ -5,38 +5,42 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, config_to_yaml
-from medtwin.core.protocol import average_from_sum, unpack_plain
+from medtwin.core.errors import ConfigError
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
 from medtwin.core.runconfig import config_from_run_config
 from medtwin.core.tasks import get_task
 
-from .aggregation import PlainAggregator
+from .aggregation import Aggregator, CkksAggregator, PlainAggregator
 from .loop import LoopResult, RoundLoop
 from .progress import RoundProgress
 
 logger = logging.getLogger("medtwin.coordinator")
 
-FinalModelEvaluator = Callable[[np.ndarray], dict[str, Any]]
+PUBLIC_CONTEXT_KEY = "medtwin-he-public-context"
+MANIFEST_KEY = "medtwin-federation-manifest"
 
 
-@dataclass
-class RunExtras:
-    """What the wiring layer adds in simulation, where it can see every site's data."""
+@dataclass(frozen=True)
+class CoordinatorSetup:
+    """What the coordinator holds besides the config: public material only."""
 
-    baselines: dict[str, Any] | None = None
-    evaluate_final_model: FinalModelEvaluator | None = None  # plaintext runs only
+    public_context_path: str = ""  # CKKS context without any key (crypto=ckks)
+    manifest_path: str = ""  # federation.json: the sites' public signing keys
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> CoordinatorSetup:
+        return cls(str(run_config.get(PUBLIC_CONTEXT_KEY, "")), str(run_config.get(MANIFEST_KEY, "")))
 
 
 def make_run_id(config: MedtwinConfig) -> str:
@@ -47,15 +51,30 @@ def make_run_id(config: MedtwinConfig) -> str:
     return f"{stamp}-{config.task.name}-{digest}"
 
 
-def run_federation(grid: Grid, config: MedtwinConfig, extras: RunExtras | None = None) -> Path:
+def make_aggregator(config: MedtwinConfig, setup: CoordinatorSetup) -> Aggregator:
+    if config.crypto.name == "plain":
+        return PlainAggregator()
+    if not setup.public_context_path or not setup.manifest_path:
+        raise ConfigError(
+            "crypto.name",
+            "ckks needs the federation's public HE context and manifest at the coordinator",
+            f"pass run-config keys {PUBLIC_CONTEXT_KEY} and {MANIFEST_KEY} (written by the key steward / `medtwin provision`)",
+        )
+    return CkksAggregator.from_files(public_context_path=setup.public_context_path, manifest_path=setup.manifest_path)
+
+
+def run_federation(grid: Grid, config: MedtwinConfig, setup: CoordinatorSetup | None = None) -> Path:
     """Run a whole federated training and return its run directory."""
-    extras = extras or RunExtras()
     started = time.monotonic()
     run_id = make_run_id(config)
     run_dir = RunDirectory(config.runs_dir, run_id)
     run_dir.write_config(config_to_yaml(config))
     task = get_task(config.task)
-    logger.info("run %s: task %s, strategy %s, writing to %s", run_id, config.task.name, config.strategy.name, run_dir.path)
+    aggregator = make_aggregator(config, setup or CoordinatorSetup())
+    logger.info(
+        "run %s: task %s, strategy %s, aggregation %s, writing to %s",
+        run_id, config.task.name, config.strategy.name, aggregator.scheme, run_dir.path,
+    )
     with RoundProgress(
         total_rounds=config.federation.num_rounds, enabled=config.progress, primary_metric=task.primary_metric
     ) as progress:
@@ -64,9 +83,16 @@ def run_federation(grid: Grid, config: MedtwinConfig, extras: RunExtras | None =
             run_dir.append_metrics(record)
             progress.record(record)
 
-        loop = RoundLoop(grid=grid, config=config, run_id=run_id, aggregator=PlainAggregator(), on_record=on_record)
+        loop = RoundLoop(
+            grid=grid,
+            config=config,
+            run_id=run_id,
+            aggregator=aggregator,
+            artifacts=ArtifactStore(run_dir.artifacts),
+            on_record=on_record,
+        )
         result = loop.run()
-    summary = build_summary(config, run_id, task.primary_metric, result, extras, wall_time_s=time.monotonic() - started)
+    summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)
     run_dir.write_summary(summary)
     atomic_write_text(run_dir.path / "report.md", render_report(summary, run_dir.read_metrics(), run_dir.path))
     logger.info("run %s finished: %s", run_id, run_dir.path / "report.md")
@@ -78,17 +104,18 @@ def build_summary(
     run_id: str,
     primary_metric: str,
     result: LoopResult,
-    extras: RunExtras,
+    aggregator: Aggregator,
     *,
     wall_time_s: float,
 ) -> dict[str, Any]:
-    num_parameters = 0
-    baselines = extras.baselines
-    if result.aggregate is not None:
-        average, _ = average_from_sum(unpack_plain(result.aggregate))
-        num_parameters = int(average.size)
-        if extras.evaluate_final_model is not None and baselines is not None:
-            baselines = {**baselines, "rows": {**baselines["rows"], "federated": extras.evaluate_final_model(average)}}
+    num_parameters = result.num_parameters
+    crypto = aggregator.describe() | {
+        "num_parameters": num_parameters,
+        "bytes_per_parameter": result.update_bytes / max(1, result.accepted_updates) / max(1, num_parameters),
+        "max_decryption_error_bound": max(result.he_error_bounds, default=0.0),
+        "max_decryption_error": 0.0 if aggregator.scheme == "plain" else None,  # measured in simulation
+    }
+    crypto["wire_expansion_vs_float32"] = crypto["bytes_per_parameter"] / 4
     return {
         "run_id": run_id,
         "task": config.task.name,
@@ -98,17 +125,12 @@ def build_summary(
         "sites": sorted(set(result.sites.values())),
         "final_metrics": {"sites": result.final_site_metrics, "pooled": result.final_pooled_metrics},
         "privacy": {},
-        "crypto": {
-            "scheme": "plain",
-            "parameters": {"dtype": "float64"},
-            "num_parameters": num_parameters,
-            "bytes_per_parameter": result.update_bytes / max(1, result.accepted_updates) / max(1, num_parameters),
-            "max_decryption_error": 0.0,
-        },
+        "crypto": crypto,
         "chain": {"backend": config.chain.name, "chain_ids": {}, "contracts": {}, "anchors_written": 0},
-        "baselines": baselines,
+        "final_aggregate_sha256": result.aggregate_digests[-1] if result.aggregate_digests else None,
         "rejections": [
-            {"round": rejection.server_round, "site": rejection.site_id, "reason": rejection.reason} for rejection in result.rejections
+            {"round": rejection.server_round, "site": rejection.site_id, "reason": rejection.reason}
+            for rejection in result.rejections
         ],
         "round_time_s": result.round_times_s,
         "wall_time_s": wall_time_s,
@@ -116,13 +138,18 @@ def build_summary(
     }
 
 
-def build_server_app(config: MedtwinConfig | None = None, extras: RunExtras | None = None) -> ServerApp:
+def build_server_app(config: MedtwinConfig | None = None, setup: CoordinatorSetup | None = None) -> ServerApp:
     """A ServerApp bound to `config`, or (None) to the config carried in the run's run_config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config or config_from_run_config(context.run_config), extras)
+        run_config = dict(context.run_config)
+        run_federation(
+            grid,
+            config or config_from_run_config(run_config),
+            setup or CoordinatorSetup.from_run_config(run_config),
+        )
 
     return app
 

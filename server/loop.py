@@ -12,7 +12,8 @@ from flwr.serverapp import Grid
 
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.errors import RoundFailedError
-from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE, instruction
+from medtwin.core.artifacts import ArtifactStore
+from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE, instruction, record_bytes
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
 
@@ -32,6 +33,9 @@ class LoopResult:
     update_bytes: int = 0  # bytes of accepted update payloads, summed over the run
     accepted_updates: int = 0
     round_times_s: list[float] = field(default_factory=list)
+    aggregate_digests: list[str] = field(default_factory=list)  # sha256 of each round's aggregate artifact
+    num_parameters: int = 0  # model size the sites report (not their sample counts)
+    he_error_bounds: list[float] = field(default_factory=list)  # per evaluation: max bound sites reported
 
 
 def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float) -> list[int]:
@@ -76,12 +80,14 @@ class RoundLoop:
         config: MedtwinConfig,
         run_id: str,
         aggregator: Aggregator,
+        artifacts: ArtifactStore,
         on_record: RoundCallback,
     ) -> None:
         self.grid = grid
         self.config = config
         self.run_id = run_id
         self.aggregator = aggregator
+        self.artifacts = artifacts
         self.on_record = on_record
         self.result = LoopResult()
 
@@ -130,8 +136,15 @@ class RoundLoop:
                 reason = str(reply.content[SITE].get("reason", "no update")) if SITE in reply.content else "no update"
                 rejected.append(Rejection(site_id, node_id, reason, server_round))
                 continue
-            update = SiteUpdate(site_id=site_id, node_id=node_id, record=reply.content[UPDATE])
-            problem = self.aggregator.check(update)
+            site_record = reply.content[SITE] if SITE in reply.content else {}
+            update = SiteUpdate(
+                site_id=site_id,
+                node_id=node_id,
+                server_round=server_round,
+                record=reply.content[UPDATE],
+                signature=bytes(site_record.get("signature", b"")),
+            )
+            problem = self.aggregator.check(update, run_id=self.run_id)
             if problem:
                 rejected.append(Rejection(site_id, node_id, problem, server_round))
                 continue
@@ -152,7 +165,11 @@ class RoundLoop:
                 f"{self.config.federation.min_sites}; rejected: "
                 + "; ".join(f"{r.site_id}: {r.reason}" for r in rejected)
             )
-        self.result.aggregate = self.aggregator.aggregate(sorted(accepted, key=lambda update: update.site_id))
+        accepted.sort(key=lambda update: update.site_id)
+        update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
+        self.result.aggregate = self.aggregator.aggregate(accepted)
+        aggregate_digest = self.artifacts.put(record_bytes(self.result.aggregate), kind="aggregate")
+        self.result.aggregate_digests.append(aggregate_digest)
         self.on_record(
             {
                 "round": server_round,
@@ -160,6 +177,8 @@ class RoundLoop:
                 "participants": sorted(update.site_id for update in accepted),
                 "rejected": {rejection.site_id: rejection.reason for rejection in rejected},
                 "missed_deadline": missing,
+                "update_sha256": update_digests,
+                "aggregate_sha256": aggregate_digest,
                 "sites": site_metrics,
                 "time_s": time.monotonic() - started,
             }
@@ -169,13 +188,21 @@ class RoundLoop:
         started = time.monotonic()
         replies = self._send(node_ids, phase="evaluate", server_round=server_round)
         site_metrics: dict[str, dict[str, float]] = {}
+        error_bounds: list[float] = []
         for reply in replies:
             site_id = self._site_of(reply)
             if reply.has_error():
                 logger.warning("round %d: evaluation failed at %s: %s", server_round, site_id, site_error_reason(reply.error.reason))
                 continue
-            site_metrics[site_id] = {key: float(value) for key, value in reply.content[METRICS].items()}
+            metrics = {key: float(value) for key, value in reply.content[METRICS].items()}
+            self.result.num_parameters = int(metrics.pop("num_parameters", self.result.num_parameters))
+            bound = metrics.pop("he_error_bound", None)
+            if bound is not None:
+                error_bounds.append(bound)
+            site_metrics[site_id] = metrics
         pooled = pooled_metrics(site_metrics)
+        if error_bounds:
+            self.result.he_error_bounds.append(max(error_bounds))
         self.result.final_site_metrics = dict(sorted(site_metrics.items()))
         self.result.final_pooled_metrics = pooled
         self.on_record(
@@ -184,6 +211,7 @@ class RoundLoop:
                 "phase": "evaluate",
                 "sites": dict(sorted(site_metrics.items())),
                 "pooled": pooled,
+                "he_error_bound": max(error_bounds, default=None),
                 "time_s": time.monotonic() - started,
             }
         )

@@ -15,7 +15,13 @@ from functools import lru_cache
 from opacus.accountants import create_accountant
 
 from medtwin.core.errors import ConfigError
-from medtwin.core.privacy_math import ACCOUNTANTS, bisect_noise_multiplier, merge_history
+from medtwin.core.privacy_math import (
+    ACCOUNTANTS,
+    PrivacyBudgetUnreachableError,
+    bisect_noise_multiplier,
+    merge_history,
+    rdp_epsilon_floor,
+)
 
 __all__ = ["calibrate_noise_multiplier", "epsilon_after", "history_epsilon"]
 
@@ -70,6 +76,11 @@ def calibrate_noise_multiplier(
     _check_accountant(accountant)
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if accountant == "rdp" and target_epsilon <= rdp_epsilon_floor(target_delta=target_delta) + epsilon_tolerance:
+        raise PrivacyBudgetUnreachableError(
+            f"epsilon {target_epsilon} at delta {target_delta} is below what RDP accounting can certify even with "
+            "infinite noise; raise privacy.target_epsilon or privacy.target_delta, or use privacy.accountant=prv"
+        )
 
     def epsilon_for(sigma: float) -> float:
         return history_epsilon(

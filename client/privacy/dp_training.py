@@ -24,6 +24,7 @@ floating-point-attack-resistant noise and reseeds the noise generator from `secr
 from __future__ import annotations
 
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,18 +34,16 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from medtwin.client.training import make_optimizer
+from medtwin.core.config.privacy import GRAD_SAMPLE_MODES
 
 from .errors import IncompatibleModelError
 from .flat_optimizer import FlatDPOptimizer
 
 __all__ = ["DpTrainingResult", "check_model_compatible", "train_locally_dp"]
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
-
-
 @dataclass(frozen=True)
 class DpTrainingResult:
-    mean_loss: float  # over the non-empty Poisson batches
+    mean_loss: float  # over the non-empty Poisson batches (NOT DP-protected: keep it at the site)
     steps: int  # optimizer steps taken (= local_steps; empty batches still add noise and count)
     num_examples: int
     sample_rate: float
@@ -78,6 +77,20 @@ def _secret_or_test_seed(seed: int, *, deterministic: bool) -> int:
     return seed if deterministic else secrets.randbits(63)
 
 
+def _backward_per_example(
+    wrapped: nn.Module, loss_fn: nn.Module, features: torch.Tensor, targets: torch.Tensor, trainable: list
+) -> float | None:
+    """Forward/backward one Poisson batch so each parameter holds `grad_sample`; None if it is empty."""
+    if len(features) == 0:
+        # Still a DP step: the clipped sum is zero and the optimizer adds noise, as the accountant assumes.
+        for parameter in trainable:
+            parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+        return None
+    loss = loss_fn(wrapped(features).reshape(-1), targets)
+    loss.backward()
+    return float(loss.detach())
+
+
 def train_locally_dp(
     model: nn.Module,
     x_train: np.ndarray,
@@ -92,7 +105,7 @@ def train_locally_dp(
     seed: int,
     noise_multiplier: float,
     max_grad_norm: float,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "ew",
     secure_mode: bool = False,
     deterministic_for_tests: bool = False,
 ) -> DpTrainingResult:
@@ -123,28 +136,24 @@ def train_locally_dp(
         generator=noise,
         secure_mode=secure_mode,
     )
-    total_loss, non_empty = 0.0, 0
+    losses: list[float] = []
     try:
-        for _ in range(local_steps):
-            dp_optimizer.zero_grad(set_to_none=True)
-            index = torch.from_numpy(np.flatnonzero(sampling.random(num_examples) < sample_rate))
-            if len(index) == 0:
-                # Still a DP step: zero clipped sum + noise, exactly what the accountant assumes.
-                for parameter in trainable:
-                    parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
-            else:
-                output = wrapped(features[index]).reshape(-1)
-                loss = loss_fn(output, targets[index])
-                loss.backward()
-                total_loss += float(loss.detach())
-                non_empty += 1
-            if secure_mode:
-                noise.manual_seed(secrets.randbits(63))
-            dp_optimizer.pre_step()  # clip per example, sum, add noise, scale
-            if proximal_mu > 0:
-                for parameter, anchor in zip(trainable, global_parameters, strict=True):
-                    parameter.grad.add_(parameter.detach() - anchor, alpha=proximal_mu)
-            optimizer.step()
+        with warnings.catch_warnings():
+            # Opacus' hooks warn that the first layer's input needs no gradient: expected, harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            for _ in range(local_steps):
+                index = torch.from_numpy(np.flatnonzero(sampling.random(num_examples) < sample_rate))
+                loss = _backward_per_example(wrapped, loss_fn, features[index], targets[index], trainable)
+                if loss is not None:
+                    losses.append(loss)
+                if secure_mode:
+                    noise.manual_seed(secrets.randbits(63))
+                dp_optimizer.pre_step()  # clip per example, sum, add noise, scale
+                if proximal_mu > 0:  # data-independent: added after the noise, needs no clipping
+                    for parameter, anchor in zip(trainable, global_parameters, strict=True):
+                        parameter.grad.add_(parameter.detach() - anchor, alpha=proximal_mu)
+                optimizer.step()
+                dp_optimizer.zero_grad(set_to_none=True)
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         wrapped.to_standard_module()  # removes hooks and Opacus' per-parameter attributes
@@ -152,11 +161,11 @@ def train_locally_dp(
             if hasattr(parameter, "summed_grad"):
                 del parameter.summed_grad
     return DpTrainingResult(
-        mean_loss=total_loss / max(1, non_empty),
+        mean_loss=float(np.mean(losses)) if losses else float("nan"),
         steps=local_steps,
         num_examples=num_examples,
         sample_rate=sample_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        empty_batches=local_steps - non_empty,
+        empty_batches=local_steps - len(losses),
     )

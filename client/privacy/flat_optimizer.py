@@ -40,7 +40,8 @@ class FlatDPOptimizer(DPOptimizer):
         per_sample = []
         for p in params:
             _check_processed_flag(p.grad_sample)
-            per_sample.append(p.grad_sample if isinstance(p.grad_sample, torch.Tensor) else self._get_flat_grad_sample(p))
+            grad_sample = p.grad_sample
+            per_sample.append(grad_sample if isinstance(grad_sample, torch.Tensor) else self._get_flat_grad_sample(p))
         batch = per_sample[0].shape[0]
         if batch == 0:  # empty Poisson batch: the clipped sum is zero, noise is still added
             summed = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)

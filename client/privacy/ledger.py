@@ -200,6 +200,7 @@ class BudgetLedger:
         if spend["steps"] < 0 or not all(math.isfinite(spend[key]) and spend[key] >= 0 for key in _ROUND_FIELDS[1:]):
             raise ValueError(f"round {round} of run {run_id!r}: invalid spend {spend}")
         with self._exclusive():
+            self._remove_stale_temporaries()
             ledger = self._load()
             run = ledger["runs"].setdefault(
                 run_id, {"accountant": accountant, "delta": spend["delta"], "epsilon": 0.0, "rounds": {}}
@@ -237,6 +238,11 @@ class BudgetLedger:
             fcntl.flock(descriptor, fcntl.LOCK_UN)
             os.close(descriptor)
 
+    def _remove_stale_temporaries(self) -> None:
+        """Temp files of writers killed before `os.replace` (we hold the lock: nobody else is writing)."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
     def _empty(self) -> dict:
         return {"format": LEDGER_FORMAT, "site_id": self.site_id, "runs": {}}
 
@@ -259,7 +265,8 @@ class BudgetLedger:
         except ValueError as error:
             raise LedgerCorruptedError(self.path, f"ledger content is not canonical JSON ({error})") from None
         if actual != document["checksum"]:
-            raise LedgerCorruptedError(self.path, f"checksum mismatch (stored {document['checksum']}, computed {actual})")
+            stored = document["checksum"]
+            raise LedgerCorruptedError(self.path, f"checksum mismatch (stored {stored}, computed {actual})")
         self._check_structure(ledger)
         if ledger["site_id"] != self.site_id:
             raise LedgerConflictError(

@@ -71,9 +71,13 @@ def check_request(policy: SitePolicy, request: PrivacyRequest) -> PolicyDecision
     """Allow the request only if it meets every limit of the site's policy; list every violation."""
     violations = []
     if request.target_epsilon > policy.max_epsilon:
-        violations.append(f"requested epsilon {float(request.target_epsilon)} exceeds this site's max_epsilon {float(policy.max_epsilon)}")
+        violations.append(
+            f"requested epsilon {float(request.target_epsilon)} exceeds this site's max_epsilon {float(policy.max_epsilon)}"
+        )
     if request.target_delta > policy.max_delta:
-        violations.append(f"requested delta {float(request.target_delta)} exceeds this site's max_delta {float(policy.max_delta)}")
+        violations.append(
+            f"requested delta {float(request.target_delta)} exceeds this site's max_delta {float(policy.max_delta)}"
+        )
     if request.noise_multiplier < policy.min_noise_multiplier:
         violations.append(
             f"noise multiplier {request.noise_multiplier:.4g} is below this site's min_noise_multiplier "

@@ -168,3 +168,8 @@ def _load_update(context: HeContext, chunks: Sequence[bytes], *, update_index: i
             )
         vectors.append(vector)
     return vectors
+
+
+def check_update_chunks(context: HeContext, chunks: Sequence[bytes]) -> None:
+    """Raise `CiphertextMismatchError` unless `chunks` load as an update under `context`'s parameters."""
+    _load_update(context, chunks, update_index=None)

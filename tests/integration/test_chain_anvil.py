@@ -124,7 +124,7 @@ def test_two_nodes_persist_state_replay_the_outbox_and_pass_an_external_audit(
     assert {node.role: node.pid for node in status.nodes} != first_pids, "nodes were restarted"
     assert all(session.auth.is_admitted(site_id=site, run_id=RUN) for site in SITES), "auth state lost on restart"
     assert session.data.anchor(RUN, 2) is not None, "data state lost on restart"
-    assert len(session.auth.decisions(run_id=RUN)) == 3 * len(SITES) - len(SITES)  # round 3's batch still queued
+    assert len(session.auth.decisions(run_id=RUN)) == 2 * len(SITES)  # round 3's batch is still queued
     flushed = session.flush()
     assert flushed["data"].remaining == 0 and flushed["auth"].remaining == 0
     assert session.data.round_status(RUN, 3) is RoundStatus.FINALIZED
@@ -133,9 +133,9 @@ def test_two_nodes_persist_state_replay_the_outbox_and_pass_an_external_audit(
     code, report = audit_in_fresh_process(state_dir, tmp_path / "artifacts")
     assert code == 0 and report["ok"] and report["rounds_checked"] == 3, report
 
-    victim = store.path(store.kinds() and next(d for d, k in store.kinds().items() if k == "update"))
+    victim = store.path(next(digest for digest, kind in store.kinds().items() if kind == "update"))
     data = bytearray(victim.read_bytes())
-    data[0] ^= 0xFF
+    data[0] ^= 0xFF  # alter one byte of one stored update
     victim.write_bytes(bytes(data))
     code, report = audit_in_fresh_process(state_dir, tmp_path / "artifacts")
     assert code == 3 and not report["ok"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def test_anchor_round_stores_every_field_and_a_second_anchor_reverts(session: Ch
     with pytest.raises(ChainRevertError, match="round already anchored"):
         session.data.anchor_round(anchor)
     with pytest.raises(ChainRevertError, match="round already anchored"):
-        session.data.anchor_round(type(anchor)(**{**anchor.__dict__, "update_root": h("different")}))
+        session.data.anchor_round(replace(anchor, update_root=h("different")))
     assert session.data.round_status("run-anchor", 2) is RoundStatus.MISSING
 
 
@@ -94,7 +95,7 @@ def test_only_writers_write_and_only_the_admin_sets_writers(session: ChainSessio
     intruder = acting_as(session, dev_account("ledger-intruder"))
     store = ArtifactStore(tmp_path)
     anchor, _, _ = anchored_round(session, store, "run-writers", 1)
-    forged = type(anchor)(**{**anchor.__dict__, "round_index": 2})
+    forged = replace(anchor, round_index=2)
     with pytest.raises(ChainRevertError, match="not an authorized ledger writer"):
         intruder.anchor_round(forged)
     with pytest.raises(ChainRevertError, match="not an authorized ledger writer"):

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from medtwin.chain import ChainSession, Decision, Outbox, RoundStatus, RunRegistration, build_round_anchor, open_session
+from medtwin.chain import (
+    AuthChain,
+    ChainSession,
+    Decision,
+    Outbox,
+    RoundStatus,
+    RunRegistration,
+    build_round_anchor,
+    dev_account,
+    open_session,
+)
 from medtwin.chain.backends import free_port
 from medtwin.chain.auth_chain import decision_batch_args
 from medtwin.chain.data_chain import anchor_call_args
@@ -135,3 +145,30 @@ def test_auth_decisions_queue_and_replay_exactly_once(session: ChainSession) -> 
     assert session.flush()["auth"].already_applied == 1
     assert len(session.auth.decisions(run_id="run-o")) == 2, "a replayed batch must not duplicate events"
 
+
+
+def test_a_new_gateway_replays_a_queued_site_approval_with_the_sites_dev_key(session: ChainSession) -> None:
+    site = session.site_account("hosp-late")
+    session.auth.register_site(site_id="hosp-late", address=site.address, key_fingerprint=h("key"))
+    with unreachable(session, "auth"):
+        receipt = session.auth.approve_run(site=site, run_id="run-o", config_hash=h("c"), code_hash=h("k"))
+        assert receipt.status == "queued"
+    # A fresh gateway (as after a restart) has never seen the site's key: without a way to find it
+    # the entry waits; with the dev-key resolver the outbox's signer label is enough.
+    without_keys = AuthChain(session.auth.client, session.auth.contract, outbox=Outbox(session.auth.outbox.path, chain="auth"))
+    assert without_keys.flush().remaining == 1
+    assert not without_keys.is_admitted(site_id="hosp-late", run_id="run-o")
+    fresh = AuthChain(
+        session.auth.client, session.auth.contract, outbox=Outbox(session.auth.outbox.path, chain="auth"),
+        admin=session.auth.admin, coordinator=session.auth.coordinator, signer_resolver=dev_account,
+    )
+    assert fresh.flush().remaining == 0
+    assert fresh.is_admitted(site_id="hosp-late", run_id="run-o")
+
+
+def test_round_status_is_unknown_not_missing_while_the_chain_is_down(session: ChainSession, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert session.data.anchor_round(make_anchor(store, 1)).mined
+    with unreachable(session):
+        assert session.data.round_status("run-o", 1) is RoundStatus.UNKNOWN
+    assert session.data.round_status("run-o", 1) is RoundStatus.FINALIZED

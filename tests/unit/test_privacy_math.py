@@ -29,9 +29,9 @@ def opacus_rdp_epsilon(history, delta):
         return accountant.get_epsilon(delta=delta)
 
 
-@pytest.mark.parametrize("noise_multiplier", [0.5, 1.1, 3.0, 9.0])
+@pytest.mark.parametrize("noise_multiplier", [0.5, 1.1, 6.0])
 @pytest.mark.parametrize("sample_rate", [0.004, 0.02, 0.3, 1.0])
-@pytest.mark.parametrize("steps", [1, 40, 1500])
+@pytest.mark.parametrize("steps", [1, 1500])
 def test_rdp_epsilon_equals_opacus_rdp_accountant(noise_multiplier, sample_rate, steps):
     ours = epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, target_delta=1e-5)
     theirs = opacus_rdp_epsilon([(noise_multiplier, sample_rate, steps)], 1e-5)

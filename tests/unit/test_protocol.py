@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 from medtwin.core.model_vector import count_parameters, model_to_vector, vector_to_model
-from medtwin.core.protocol import average_from_sum, pack_plain_update, sum_plain_updates, unpack_plain
+from medtwin.core.protocol import (
+    average_from_sum,
+    chunks_to_record,
+    pack_plain_update,
+    record_bytes,
+    record_from_bytes,
+    record_to_chunks,
+    sum_plain_updates,
+    unpack_plain,
+)
 from medtwin.server.aggregation import PlainAggregator, SiteUpdate
 from medtwin.server.loop import pooled_metrics, site_error_reason
 
@@ -26,10 +35,17 @@ def test_sum_of_packed_updates_gives_the_weighted_average() -> None:
 
 def test_shape_mismatch_is_rejected_by_the_aggregator() -> None:
     aggregator = PlainAggregator()
-    good = SiteUpdate("a", 1, pack_plain_update(np.zeros(4), num_examples=1))
-    bad = SiteUpdate("b", 2, pack_plain_update(np.zeros(5), num_examples=1))
-    assert aggregator.check(good) is None
-    assert "shape" in aggregator.check(bad)
+    good = SiteUpdate("a", 1, 1, pack_plain_update(np.zeros(4), num_examples=1))
+    bad = SiteUpdate("b", 2, 1, pack_plain_update(np.zeros(5), num_examples=1))
+    assert aggregator.check(good, run_id="r") is None
+    assert "shape" in aggregator.check(bad, run_id="r")
+
+
+def test_payload_bytes_round_trip() -> None:
+    record = pack_plain_update(np.arange(5.0), num_examples=3)
+    assert np.array_equal(unpack_plain(record_from_bytes(record_bytes(record))), unpack_plain(record))
+    chunks = [b"\x00\x01ciphertext", b"second"]
+    assert record_to_chunks(record_from_bytes(record_bytes(chunks_to_record(chunks)))) == chunks
 
 
 def test_model_vector_round_trip() -> None:

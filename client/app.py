@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from flwr.clientapp import ClientApp
 from medtwin.core.config import MedtwinConfig, config_from_yaml, config_to_yaml
 from medtwin.core.model_vector import model_to_vector, vector_to_model
 from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE
+from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import config_from_run_config
 from medtwin.core.tasks import SiteSplit, TwinTask, get_task
 
@@ -79,8 +81,29 @@ def current_model(site: Site, aggregate: ArrayRecord | None) -> tuple[torch.nn.M
     return model, site.codec.error_bound(total_examples=total_examples)
 
 
-def build_client_app(config: MedtwinConfig | None = None, site_kits: Mapping[int, str] | None = None) -> ClientApp:
-    """A ClientApp bound to `config` (or the run's run_config) and, in simulation, to kit folders by site index."""
+def dataset_manifest_hash(site: Site) -> str:
+    """sha256 of a manifest of the site's data (shapes + digests of its arrays): a commitment, never the data."""
+    digest = hashlib.sha256(f"medtwin/dataset/v1\x00{site.config.task.name}\x00{site.site_id}".encode())
+    for array in (site.data.x_train, site.data.y_train, site.data.x_test, site.data.y_test):
+        digest.update(repr(array.shape).encode())
+        digest.update(hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest())
+    return digest.hexdigest()
+
+
+def refusal(message: Message, site: Site, *, status: str, reason: str) -> Message:
+    """A reply without an update: the coordinator logs the reason, the round goes on without this site."""
+    logger.warning("site %s refused round: %s", site.site_id, reason)
+    content = RecordDict({SITE: ConfigRecord({"site_id": site.site_id, "status": status, "reason": reason})})
+    return Message(content=content, reply_to=message)
+
+
+def build_client_app(
+    config: MedtwinConfig | None = None,
+    site_kits: Mapping[int, str] | None = None,
+    approval_check: RunApprovalCheck | None = None,
+) -> ClientApp:
+    """A ClientApp bound to `config` (or the run's run_config), in simulation to kit folders by site index,
+    and to a check of the site's own run approval on the authorization chain."""
     config_yaml = config_to_yaml(config) if config is not None else None
     kits = dict(site_kits or {})
     app = ClientApp()
@@ -97,6 +120,11 @@ def build_client_app(config: MedtwinConfig | None = None, site_kits: Mapping[int
         site = site_for(context)
         order = message.content[INSTRUCTION]
         server_round = int(order["round"])
+        run_id = str(order["run_id"])
+        if approval_check is not None:
+            problem = approval_check.problem(site_id=site.site_id, run_id=run_id)
+            if problem:
+                return refusal(message, site, status="not_approved", reason=problem)
         settings = site.config.strategy
         model, _ = current_model(site, message.content.get(AGGREGATE))
         result = train_locally(
@@ -113,12 +141,14 @@ def build_client_app(config: MedtwinConfig | None = None, site_kits: Mapping[int
         )
         logger.info("site %s trained round %d: %d steps, loss %.4f", site.site_id, server_round, result.steps, result.mean_loss)
         update, proof = site.codec.pack(
-            model_to_vector(model), num_examples=result.num_examples, run_id=str(order["run_id"]), server_round=server_round
+            model_to_vector(model), num_examples=result.num_examples, run_id=run_id, server_round=server_round
         )
         content = RecordDict(
             {
                 UPDATE: update,
-                SITE: ConfigRecord({"site_id": site.site_id, "status": "trained", **proof}),
+                SITE: ConfigRecord(
+                    {"site_id": site.site_id, "status": "trained", "dataset_manifest": dataset_manifest_hash(site), **proof}
+                ),
                 METRICS: MetricRecord({"train_loss": result.mean_loss}),
             }
         )

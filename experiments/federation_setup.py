@@ -14,7 +14,7 @@ import torch
 
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.he import CkksParameters, ckks_parameters_from_config
-from medtwin.core.identity import install_he_secret, provision_federation, steward_generate_he_keys
+from medtwin.core.identity import FederationManifest, install_he_secret, provision_federation, steward_generate_he_keys
 from medtwin.core.model_vector import model_to_vector
 from medtwin.core.tasks import get_task
 from medtwin.server.app import CoordinatorSetup
@@ -26,6 +26,7 @@ class SimulatedFederation:
     site_kits: dict[int, str] = field(default_factory=dict)  # site index -> kit folder
     coordinator: CoordinatorSetup = field(default_factory=CoordinatorSetup)
     he_parameters: CkksParameters | None = None
+    manifest: FederationManifest | None = None
 
 
 def kits_root(config: MedtwinConfig, run_id: str) -> Path:
@@ -34,13 +35,20 @@ def kits_root(config: MedtwinConfig, run_id: str) -> Path:
 
 
 def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederation:
-    if config.crypto.name == "plain":
+    """Identities whenever crypto or chains need them; CKKS keys from the first site as key steward."""
+    if config.crypto.name == "plain" and config.chain.name == "none":
         return SimulatedFederation(root=kits_root(config, run_id))
     task = get_task(config.task)
     sites = task.load_all_sites()
     provisioned = provision_federation(
         kits_root(config, run_id), federation_name=run_id, site_ids=[site.site_id for site in sites]
     )
+    site_kits = {index: str(provisioned.site_kits[site.site_id]) for index, site in enumerate(sites)}
+    manifest_path = str(provisioned.coordinator_kit)
+    if config.crypto.name == "plain":
+        return SimulatedFederation(
+            root=provisioned.root, site_kits=site_kits, coordinator=CoordinatorSetup(manifest_path=manifest_path), manifest=provisioned.manifest
+        )
     crypto = config.crypto
     if crypto.max_total_examples <= 0:  # 0 = bound from the sites' declared training-set sizes
         crypto = replace(crypto, max_total_examples=2 * sum(site.num_train for site in sites))
@@ -53,10 +61,8 @@ def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederatio
         install_he_secret(provisioned.site_kits[site_id], envelope)
     return SimulatedFederation(
         root=provisioned.root,
-        site_kits={index: str(provisioned.site_kits[site.site_id]) for index, site in enumerate(sites)},
-        coordinator=CoordinatorSetup(
-            public_context_path=str(distribution.public_context_path),
-            manifest_path=str(provisioned.coordinator_kit),
-        ),
+        site_kits=site_kits,
+        coordinator=CoordinatorSetup(public_context_path=str(distribution.public_context_path), manifest_path=manifest_path),
         he_parameters=parameters,
+        manifest=provisioned.manifest,
     )

@@ -111,7 +111,9 @@ class ProcessTree:
         self._stopped = threading.Event()
         self._signalled: set[int] = set()
         self.scan()
-        self._watcher = threading.Thread(target=self._watch, args=(scan_interval_s,), name=f"pids-{root.pid}", daemon=True)
+        self._watcher = threading.Thread(
+            target=self._watch, args=(scan_interval_s,), name=f"pids-{root.pid}", daemon=True
+        )
         self._watcher.start()
 
     @property
@@ -129,7 +131,9 @@ class ProcessTree:
                 root = stats[self.root.pid]
                 self._seen[self.root.pid] = ProcessId(self.root.pid, root.start_ticks, root.name)
             # only live recorded processes can adopt: a dead one's PID may belong to a stranger now
-            owners = {pid for pid, known in self._seen.items() if pid in stats and stats[pid].start_ticks == known.start_ticks}
+            owners = {
+                pid for pid, known in self._seen.items() if pid in stats and stats[pid].start_ticks == known.start_ticks
+            }
             changed = True
             while changed:
                 changed = False
@@ -239,7 +243,9 @@ class LocalFlowerFederation:
         logger.info("SuperLink pid %d on 127.0.0.1:%d, FLWR_HOME %s", process.pid, self.port, self.flwr_home)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -426,9 +432,9 @@ def _complete_overrides(overrides: list[str], *, runs_dir: Path) -> list[str]:
     if "baselines.enabled" not in keys:
         extra.append("baselines.enabled=false")  # the ServerApp path computes no baselines
     completed = overrides + extra
+    config = compose_config(completed)  # fail here, with Hydra's message, rather than inside the SuperLink
     if "run_id" not in keys:
-        completed.append(f"run_id={make_run_id(compose_config(completed))}")
-    compose_config(completed)  # fail here, with Hydra's message, rather than inside the SuperLink
+        completed.append(f"run_id={make_run_id(config)}")
     return completed
 
 
@@ -448,9 +454,12 @@ def _free_local_port() -> int:
 
 def _venv_bin_dir() -> Path:
     bin_dir = Path(sys.executable).parent  # not resolved: the venv's bin, not the base interpreter's
-    missing = [name for name in ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation") if not (bin_dir / name).exists()]
+    commands = ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation")
+    missing = [name for name in commands if not (bin_dir / name).exists()]
     if missing:
-        raise FlowerRunError(f"{missing} not found beside {sys.executable}; install with `pip install 'flwr[simulation]==1.41.0'`")
+        raise FlowerRunError(
+            f"{missing} not found beside {sys.executable}; install with `pip install 'flwr[simulation]==1.41.0'`"
+        )
     return bin_dir
 
 

@@ -13,13 +13,14 @@ import numpy as np
 from medtwin.client.app import build_client_app
 from medtwin.client.codec import CkksSiteCodec
 from medtwin.core.artifacts import ArtifactStore
-from medtwin.core.config import MedtwinConfig
+from medtwin.core.config import MedtwinConfig, config_to_yaml
 from medtwin.core.protocol import average_from_sum, record_from_bytes, unpack_plain
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
 from medtwin.server.app import build_server_app, make_run_id
 
 from .baselines import compute_baselines, final_model_evaluator
+from .chain_wiring import ChainApprovalCheck, ChainProvenance, enrol_federation, open_chains
 from .federation_setup import SimulatedFederation, prepare_federation
 
 logger = logging.getLogger("medtwin")
@@ -42,6 +43,7 @@ def simulate(config: MedtwinConfig) -> Path:
     if not config.run_id:
         config.run_id = make_run_id(config)
     federation = prepare_federation(config, config.run_id)
+    provenance, approval_check = connect_chains(config, federation, Path(config.runs_dir) / config.run_id / "artifacts")
     baselines = None
     if config.baselines.enabled:
         logger.info("training baselines: each site alone, and pooled")
@@ -53,8 +55,8 @@ def simulate(config: MedtwinConfig) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=build_server_app(config, federation.coordinator),
-            client_app=build_client_app(config, federation.site_kits),
+            server_app=build_server_app(config, federation.coordinator, provenance),
+            client_app=build_client_app(config, federation.site_kits, approval_check),
             num_supernodes=config.task.num_sites,
             backend_config=backend_config,
         )
@@ -63,6 +65,23 @@ def simulate(config: MedtwinConfig) -> Path:
         raise RuntimeError(f"the simulation ended without writing {run_path / 'summary.json'}; see the log above")
     add_simulation_findings(config, run_path, federation, baselines)
     return run_path
+
+
+def connect_chains(
+    config: MedtwinConfig, federation: SimulatedFederation, artifacts_root: Path
+) -> tuple[ChainProvenance | None, ChainApprovalCheck | None]:
+    """Open both chains, enrol the sites and their approvals of this run (acting for admin and sites)."""
+    if config.chain.name == "none":
+        return None, None
+    session = open_chains(config.chain)
+    config_yaml = config_to_yaml(config)
+    enrol_federation(session, federation.manifest, run_id=config.run_id, config_yaml=config_yaml)
+    check = None
+    if config.chain.name == "embedded":
+        logger.warning("chain=embedded lives in this process only: sites (Ray actors) cannot read it; use chain=anvil")
+    else:
+        check = ChainApprovalCheck(state_dir=str(Path(config.chain.state_dir).resolve()), config_yaml=config_yaml)
+    return ChainProvenance(session=session, artifacts_root=artifacts_root), check
 
 
 def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,14 @@ from typing import Protocol
 from flwr.app import ArrayRecord
 
 from medtwin.core.errors import MedtwinError
-from medtwin.core.he import HeContext, check_update_chunks, load_context, sum_encrypted, update_digest
+from medtwin.core.he import (
+    HeContext,
+    check_update_chunks,
+    decryption_error_bound,
+    load_context,
+    sum_encrypted,
+    update_digest,
+)
 from medtwin.core.identity import FederationManifest, verify_update
 from medtwin.core.protocol import chunks_to_record, record_to_chunks, sum_plain_updates
 
@@ -33,19 +40,26 @@ class Rejection:
     node_id: int
     reason: str
     server_round: int = 0
+    code: str = "rejected"  # short on-chain label
+
+
+Problem = tuple[str, str]  # (short code, human-readable reason)
 
 
 class Aggregator(Protocol):
     scheme: str
 
-    def check(self, update: SiteUpdate, *, run_id: str) -> str | None:
-        """None if the update is acceptable, else the reason it is rejected."""
+    def check(self, update: SiteUpdate, *, run_id: str) -> Problem | None:
+        """None if the update is acceptable, else (code, reason) of its rejection."""
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
         """The sum of the accepted updates, in the same payload format."""
 
     def describe(self) -> dict:
         """Scheme and parameters for summary.json (nothing secret)."""
+
+    def sum_error_bound(self, num_updates: int) -> float:
+        """Bound on |decrypted sum - exact sum| in any slot (0 for plaintext)."""
 
 
 class PlainAggregator:
@@ -56,14 +70,14 @@ class PlainAggregator:
     def __init__(self) -> None:
         self.expected_shape: tuple[int, ...] | None = None
 
-    def check(self, update: SiteUpdate, *, run_id: str) -> str | None:
+    def check(self, update: SiteUpdate, *, run_id: str) -> Problem | None:
         if "payload" not in update.record:
-            return "update carries no `payload` array"
+            return "malformed_update", "update carries no `payload` array"
         shape = tuple(update.record["payload"].shape)
         if self.expected_shape is None:
             self.expected_shape = shape
         if shape != self.expected_shape:
-            return f"update shape {shape} differs from the federation's {self.expected_shape}"
+            return "shape_mismatch", f"update shape {shape} differs from the federation's {self.expected_shape}"
         return None
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
@@ -71,6 +85,9 @@ class PlainAggregator:
 
     def describe(self) -> dict:
         return {"scheme": self.scheme, "parameters": {"dtype": "float64"}}
+
+    def sum_error_bound(self, num_updates: int) -> float:
+        return 0.0
 
 
 @dataclass
@@ -93,16 +110,16 @@ class CkksAggregator:
             raise MedtwinError(f"{public_context_path} holds a secret key: the coordinator must only get the public context")
         return cls(public_context=context, manifest=load_manifest(manifest_path))
 
-    def check(self, update: SiteUpdate, *, run_id: str) -> str | None:
+    def check(self, update: SiteUpdate, *, run_id: str) -> Problem | None:
         if update.site_id not in self.manifest.site_ids:
-            return f"unknown site {update.site_id!r}: not in federation {self.manifest.federation_name!r}"
+            return "unknown_site", f"unknown site {update.site_id!r}: not in federation {self.manifest.federation_name!r}"
         chunks = record_to_chunks(update.record)
         digest = update_digest(chunks)
         if digest in self.seen_digests:
             earlier_round, earlier_site = self.seen_digests[digest]
-            return f"replay: this exact ciphertext was already submitted by {earlier_site} in round {earlier_round}"
+            return "replay", f"replay: this exact ciphertext was already submitted by {earlier_site} in round {earlier_round}"
         if (run_id, update.server_round, update.site_id) in self.accepted:
-            return f"replay: {update.site_id} already has an accepted update in round {update.server_round}"
+            return "replay", f"replay: {update.site_id} already has an accepted update in round {update.server_round}"
         try:
             verify_update(
                 self.manifest.site(update.site_id).signing_public_key,
@@ -112,9 +129,12 @@ class CkksAggregator:
                 site_id=update.site_id,
                 ciphertext_digest=digest,
             )
+        except (MedtwinError, ValueError) as error:
+            return "bad_signature", str(error)
+        try:
             check_update_chunks(self.public_context, chunks)
         except (MedtwinError, ValueError) as error:
-            return str(error)
+            return "ciphertext_mismatch", str(error)
         self.seen_digests[digest] = (update.server_round, update.site_id)
         self.accepted.add((run_id, update.server_round, update.site_id))
         return None
@@ -125,3 +145,6 @@ class CkksAggregator:
 
     def describe(self) -> dict:
         return {"scheme": self.scheme, "parameters": self.public_context.parameters.to_dict()}
+
+    def sum_error_bound(self, num_updates: int) -> float:
+        return decryption_error_bound(self.public_context.parameters, num_updates)

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, config_to_yaml
+from medtwin.core.provenance import ProvenanceRecorder, RunDescription
 from medtwin.core.errors import ConfigError
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
@@ -63,14 +64,30 @@ def make_aggregator(config: MedtwinConfig, setup: CoordinatorSetup) -> Aggregato
     return CkksAggregator.from_files(public_context_path=setup.public_context_path, manifest_path=setup.manifest_path)
 
 
-def run_federation(grid: Grid, config: MedtwinConfig, setup: CoordinatorSetup | None = None) -> Path:
+def run_federation(
+    grid: Grid,
+    config: MedtwinConfig,
+    setup: CoordinatorSetup | None = None,
+    provenance: ProvenanceRecorder | None = None,
+) -> Path:
     """Run a whole federated training and return its run directory."""
     started = time.monotonic()
     run_id = make_run_id(config)
     run_dir = RunDirectory(config.runs_dir, run_id)
-    run_dir.write_config(config_to_yaml(config))
+    config_yaml = config_to_yaml(config)
+    run_dir.write_config(config_yaml)
     task = get_task(config.task)
     aggregator = make_aggregator(config, setup or CoordinatorSetup())
+    if provenance is not None:
+        provenance.start_run(
+            RunDescription(
+                run_id=run_id,
+                task=config.task.name,
+                config_yaml=config_yaml,
+                dp_parameters=_as_dict(config.privacy),
+                he_parameters=aggregator.describe()["parameters"],
+            )
+        )
     logger.info(
         "run %s: task %s, strategy %s, aggregation %s, writing to %s",
         run_id, config.task.name, config.strategy.name, aggregator.scheme, run_dir.path,
@@ -90,9 +107,14 @@ def run_federation(grid: Grid, config: MedtwinConfig, setup: CoordinatorSetup | 
             aggregator=aggregator,
             artifacts=ArtifactStore(run_dir.artifacts),
             on_record=on_record,
+            provenance=provenance,
         )
         result = loop.run()
     summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)
+    if provenance is not None and result.aggregate_digests:
+        summary["chain"] = provenance.finish_run(
+            run_id=run_id, final_aggregate_digest=result.aggregate_digests[-1], rounds_completed=result.rounds_completed
+        )
     run_dir.write_summary(summary)
     atomic_write_text(run_dir.path / "report.md", render_report(summary, run_dir.read_metrics(), run_dir.path))
     logger.info("run %s finished: %s", run_id, run_dir.path / "report.md")
@@ -138,7 +160,15 @@ def build_summary(
     }
 
 
-def build_server_app(config: MedtwinConfig | None = None, setup: CoordinatorSetup | None = None) -> ServerApp:
+def _as_dict(node: object) -> dict[str, Any]:
+    return dict(vars(node)) if hasattr(node, "__dict__") else {}
+
+
+def build_server_app(
+    config: MedtwinConfig | None = None,
+    setup: CoordinatorSetup | None = None,
+    provenance: ProvenanceRecorder | None = None,
+) -> ServerApp:
     """A ServerApp bound to `config`, or (None) to the config carried in the run's run_config."""
     app = ServerApp()
 
@@ -149,6 +179,7 @@ def build_server_app(config: MedtwinConfig | None = None, setup: CoordinatorSetu
             grid,
             config or config_from_run_config(run_config),
             setup or CoordinatorSetup.from_run_config(run_config),
+            provenance,
         )
 
     return app

@@ -14,6 +14,7 @@ from medtwin.core.config import MedtwinConfig
 from medtwin.core.errors import RoundFailedError
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE, instruction, record_bytes
+from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
 
@@ -82,12 +83,14 @@ class RoundLoop:
         aggregator: Aggregator,
         artifacts: ArtifactStore,
         on_record: RoundCallback,
+        provenance: ProvenanceRecorder | None = None,
     ) -> None:
         self.grid = grid
         self.config = config
         self.run_id = run_id
         self.aggregator = aggregator
         self.artifacts = artifacts
+        self.provenance = provenance
         self.on_record = on_record
         self.result = LoopResult()
 
@@ -126,15 +129,18 @@ class RoundLoop:
         accepted: list[SiteUpdate] = []
         site_metrics: dict[str, dict[str, float]] = {}
         rejected: list[Rejection] = []
+        manifests: dict[str, str] = {}
         for reply in replies:
             site_id = self._site_of(reply)
             node_id = reply.metadata.src_node_id
             if reply.has_error():
-                rejected.append(Rejection(site_id, node_id, f"site error: {site_error_reason(reply.error.reason)}", server_round))
+                rejected.append(Rejection(site_id, node_id, f"site error: {site_error_reason(reply.error.reason)}", server_round, "site_error"))
                 continue
             if UPDATE not in reply.content:
-                reason = str(reply.content[SITE].get("reason", "no update")) if SITE in reply.content else "no update"
-                rejected.append(Rejection(site_id, node_id, reason, server_round))
+                site_record = reply.content[SITE] if SITE in reply.content else {}
+                reason = str(site_record.get("reason", "no update"))
+                code = str(site_record.get("status", "no_update"))
+                rejected.append(Rejection(site_id, node_id, reason, server_round, code))
                 continue
             site_record = reply.content[SITE] if SITE in reply.content else {}
             update = SiteUpdate(
@@ -144,10 +150,12 @@ class RoundLoop:
                 record=reply.content[UPDATE],
                 signature=bytes(site_record.get("signature", b"")),
             )
-            problem = self.aggregator.check(update, run_id=self.run_id)
+            problem = self.admission_problem(site_id) or self.aggregator.check(update, run_id=self.run_id)
             if problem:
-                rejected.append(Rejection(site_id, node_id, problem, server_round))
+                code, reason = problem
+                rejected.append(Rejection(site_id, node_id, reason, server_round, code))
                 continue
+            manifests[site_id] = str(site_record.get("dataset_manifest", ""))
             accepted.append(update)
             self.result.accepted_updates += 1
             self.result.update_bytes += sum(len(array.data) for array in update.record.values())
@@ -170,6 +178,7 @@ class RoundLoop:
         self.result.aggregate = self.aggregator.aggregate(accepted)
         aggregate_digest = self.artifacts.put(record_bytes(self.result.aggregate), kind="aggregate")
         self.result.aggregate_digests.append(aggregate_digest)
+        chain = self.close_round_on_chain(server_round, accepted, rejected, update_digests, aggregate_digest, manifests, site_metrics)
         self.on_record(
             {
                 "round": server_round,
@@ -179,9 +188,43 @@ class RoundLoop:
                 "missed_deadline": missing,
                 "update_sha256": update_digests,
                 "aggregate_sha256": aggregate_digest,
+                "chain": chain,
                 "sites": site_metrics,
                 "time_s": time.monotonic() - started,
             }
+        )
+
+    def admission_problem(self, site_id: str) -> tuple[str, str] | None:
+        if self.provenance is None:
+            return None
+        problem = self.provenance.admission_problem(site_id=site_id, run_id=self.run_id)
+        return ("not_admitted", problem) if problem else None
+
+    def close_round_on_chain(
+        self,
+        server_round: int,
+        accepted: list[SiteUpdate],
+        rejected: list[Rejection],
+        update_digests: dict[str, str],
+        aggregate_digest: str,
+        manifests: dict[str, str],
+        site_metrics: dict[str, dict[str, float]],
+    ) -> dict:
+        if self.provenance is None:
+            return {}
+        decisions = [
+            AccessDecision(update.site_id, True, "ok", update_digests[update.site_id]) for update in accepted
+        ] + [AccessDecision(rejection.site_id, False, rejection.code) for rejection in rejected]
+        epsilon = {site: metrics["epsilon"] for site, metrics in site_metrics.items() if "epsilon" in metrics and site in update_digests}
+        return self.provenance.close_round(
+            run_id=self.run_id,
+            server_round=server_round,
+            decisions=decisions,
+            update_digests=update_digests,
+            aggregate_digest=aggregate_digest,
+            dataset_manifests={site: digest for site, digest in manifests.items() if digest},
+            epsilon_by_site=epsilon,
+            he_error_bound=self.aggregator.sum_error_bound(len(accepted)),
         )
 
     def evaluate_round(self, server_round: int, node_ids: list[int]) -> None:

@@ -72,7 +72,8 @@ def check_request(policy: SitePolicy, request: PrivacyRequest) -> PolicyDecision
     violations = []
     if request.target_epsilon > policy.max_epsilon:
         violations.append(
-            f"requested epsilon {float(request.target_epsilon)} exceeds this site's max_epsilon {float(policy.max_epsilon)}"
+            f"requested epsilon {float(request.target_epsilon)} exceeds this site's max_epsilon "
+            f"{float(policy.max_epsilon)}"
         )
     if request.target_delta > policy.max_delta:
         violations.append(

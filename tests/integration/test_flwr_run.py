@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
-import os
 import sys
 import threading
 import time
@@ -125,5 +125,6 @@ def test_app_bundle_leaves_out_environments_and_run_outputs() -> None:
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert len(fab) < FAB_MAX_SIZE // 4, f"FAB is {len(fab)} bytes"
     assert "server/app.py" in names and "client/app.py" in names
-    offending = [name for name in names if name.split("/")[0] in {".venv", "node_modules", "runs", ".flwr", ".medtwin", "outputs"}]
+    excluded = {".venv", "node_modules", "runs", ".flwr", ".medtwin", "outputs"}
+    offending = [name for name in names if name.split("/")[0] in excluded]
     assert offending == []

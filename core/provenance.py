@@ -1,0 +1,61 @@
+"""What the coordinator and sites need from the chains, as protocols: roles stay free of web3.
+
+The wiring layer (experiments/) implements these with `medtwin.chain`; role code sees only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    site_id: str
+    granted: bool
+    code: str  # short label that goes on chain: "ok", "bad_signature", "replay", "not_admitted", ...
+    subject_sha256: str = ""  # e.g. the update's artifact digest
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    run_id: str
+    task: str
+    config_yaml: str
+    dp_parameters: Mapping[str, Any]
+    he_parameters: Mapping[str, Any]
+
+
+class ProvenanceRecorder(Protocol):
+    """The coordinator's view of both chains."""
+
+    def start_run(self, run: RunDescription) -> None:
+        """Register the run on the data chain (config, code, DP and HE parameter hashes)."""
+
+    def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
+        """None if the auth chain admits `site_id` to `run_id` (registered, not revoked, approved)."""
+
+    def close_round(
+        self,
+        *,
+        run_id: str,
+        server_round: int,
+        decisions: list[AccessDecision],
+        update_digests: Mapping[str, str],
+        aggregate_digest: str,
+        dataset_manifests: Mapping[str, str],
+        epsilon_by_site: Mapping[str, float],
+        he_error_bound: float,
+    ) -> dict[str, Any]:
+        """Log the round's access decisions (1 auth tx) and anchor it (<= 2 data tx); returns receipts."""
+
+    def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int) -> dict[str, Any]:
+        """Flush anything queued, record the model's lineage; returns the summary's `chain` block."""
+
+
+class RunApprovalCheck(Protocol):
+    """A site's view of the auth chain: did *I* approve this run, and am I still an active member?"""
+
+    def problem(self, *, site_id: str, run_id: str) -> str | None:
+        """None if the site may train for `run_id`, else why not."""

@@ -1,0 +1,151 @@
+"""The chains behind the roles' provenance protocols, and the simulation's governance steps.
+
+`ChainProvenance` implements the coordinator's `ProvenanceRecorder`; `ChainApprovalCheck` a site's
+`RunApprovalCheck` (it reconnects read-only from the chain state dir, so it works inside Ray actors).
+`enrol_federation` plays the admin and every site before a simulated run: register each site with
+its identity-key fingerprint, and let each site approve the run's config and code hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtwin.chain import ChainSession, Decision, RunRegistration, build_round_anchor, open_readonly, open_session
+from medtwin.core.artifacts import ArtifactStore
+from medtwin.core.config import ChainConfig
+from medtwin.core.hashing import code_hash, config_hash
+from medtwin.core.identity import FederationManifest
+from medtwin.core.provenance import AccessDecision, RunDescription
+
+logger = logging.getLogger("medtwin.chain")
+
+
+def _params_hash(parameters: Mapping[str, Any]) -> str:
+    canonical = json.dumps(parameters, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def open_chains(config: ChainConfig) -> ChainSession:
+    return open_session(config, start_nodes=config.name == "anvil")
+
+
+def enrol_federation(session: ChainSession, manifest: FederationManifest, *, run_id: str, config_yaml: str) -> None:
+    """Admin registers every site (idempotent); every site approves this run's config + code."""
+    for entry in manifest.sites:
+        account = session.site_account(entry.site_id)
+        if session.auth.site(entry.site_id) is None:
+            session.auth.register_site(
+                site_id=entry.site_id, address=account.address, key_fingerprint=entry.signing_key_fingerprint
+            )
+        session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(config_yaml), code_hash=code_hash())
+
+
+@dataclass
+class ChainProvenance:
+    """The coordinator's writes and checks against both chains (at most 1 auth + 2 data tx per round)."""
+
+    session: ChainSession
+    artifacts_root: Path
+    anchors_written: int = 0
+
+    def start_run(self, run: RunDescription) -> None:
+        if self.session.data.run(run.run_id) is None:
+            self.session.data.register_run(
+                RunRegistration(
+                    run_id=run.run_id,
+                    task=run.task,
+                    config_hash=config_hash(run.config_yaml),
+                    code_hash=code_hash(),
+                    dp_params_hash=_params_hash(run.dp_parameters),
+                    he_params_hash=_params_hash(run.he_parameters),
+                )
+            )
+
+    def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
+        if self.session.auth.is_admitted(site_id=site_id, run_id=run_id):
+            return None
+        if self.session.auth.site(site_id) is None:
+            return f"{site_id} is not registered on the authorization chain"
+        return f"{site_id} is revoked or has not approved run {run_id} on the authorization chain"
+
+    def close_round(
+        self,
+        *,
+        run_id: str,
+        server_round: int,
+        decisions: list[AccessDecision],
+        update_digests: Mapping[str, str],
+        aggregate_digest: str,
+        dataset_manifests: Mapping[str, str],
+        epsilon_by_site: Mapping[str, float],
+        he_error_bound: float,
+    ) -> dict[str, Any]:
+        auth_receipt = self.session.auth.record_decisions(
+            [
+                Decision(
+                    action="admit_update" if decision.granted else "reject_update",
+                    granted=decision.granted,
+                    reason=decision.code[:32],
+                    site_id=decision.site_id,
+                    subject=decision.subject_sha256,
+                )
+                for decision in decisions
+            ],
+            run_id=run_id,
+            round_index=server_round,
+        )
+        dataset_receipt = self.session.data.commit_datasets(run_id=run_id, manifests=dict(dataset_manifests)) if dataset_manifests else None
+        anchor, _ = build_round_anchor(
+            ArtifactStore(self.artifacts_root),
+            run_id=run_id,
+            round_index=server_round,
+            update_digests=dict(update_digests),
+            aggregate_digest=aggregate_digest,
+            epsilon_by_site=dict(epsilon_by_site),
+            he_error_bound=he_error_bound,
+        )
+        anchor_receipt = self.session.data.anchor_round(anchor)
+        self.anchors_written += int(anchor_receipt.mined)
+        return {
+            "auth_tx": auth_receipt.status,
+            "dataset_tx": dataset_receipt.status if dataset_receipt else None,
+            "anchor_tx": anchor_receipt.status,
+            "finalized": anchor_receipt.mined,
+            "gas": sum(r.gas_used for r in (auth_receipt, dataset_receipt, anchor_receipt) if r is not None),
+        }
+
+    def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int) -> dict[str, Any]:
+        self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)
+        flushed = self.session.flush()
+        pending = sum(result.remaining for result in flushed.values())
+        return self.session.summary() | {
+            "chain_ids": {"auth": self.session.deployment.auth.chain_id, "data": self.session.deployment.data.chain_id},
+            "contracts": {"auth": self.session.deployment.auth.address, "data": self.session.deployment.data.address},
+            "anchors_written": len(self.session.data.anchors(run_id)),
+            "writes_pending_in_outbox": pending,
+        }
+
+
+@dataclass(frozen=True)
+class ChainApprovalCheck:
+    """A site's check before training: registered, not revoked, and it approved exactly this config + code."""
+
+    state_dir: str
+    config_yaml: str
+
+    def problem(self, *, site_id: str, run_id: str) -> str | None:
+        session = open_readonly(self.state_dir)
+        approval = session.auth.approval(site_id=site_id, run_id=run_id)
+        if approval is None or not session.auth.is_admitted(site_id=site_id, run_id=run_id):
+            return f"run {run_id} is not approved by {site_id} on the authorization chain (or the site is revoked)"
+        if approval.config_hash.removeprefix("0x") != config_hash(self.config_yaml):
+            return f"the approved config hash of run {run_id} differs from the config this site was asked to run"
+        if approval.code_hash.removeprefix("0x") != code_hash():
+            return f"the approved code hash of run {run_id} differs from the code installed at {site_id}"
+        return None

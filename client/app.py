@@ -13,57 +13,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medtwin.core.config import MedtwinConfig, config_from_yaml, config_to_yaml
+from medtwin.core.config import MedtwinConfig, config_to_yaml
 from medtwin.core.model_vector import model_to_vector, vector_to_model
 from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE
 from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import config_from_run_config
-from medtwin.core.tasks import SiteSplit, TwinTask, get_task
+from medtwin.core.tasks import TwinTask
 
-from .codec import CkksSiteCodec, PlainSiteCodec
-from .training import train_locally
+from .privacy import commit_round, plan_round, train_locally_dp
+from .site import Site, SiteLocal, dataset_manifest_hash, load_site, site_index_from_node_config
+from .training import LocalTrainingResult, train_locally
 
 logger = logging.getLogger("medtwin.site")
-
-SiteCodec = PlainSiteCodec | CkksSiteCodec
-
-
-@dataclass(frozen=True)
-class Site:
-    """Everything a site needs for one run: its config, task, own data split and codec."""
-
-    config: MedtwinConfig
-    task: TwinTask
-    index: int
-    data: SiteSplit
-    codec: SiteCodec
-
-    @property
-    def site_id(self) -> str:
-        return self.data.site_id
-
-
-def site_index_from_node_config(node_config: Mapping) -> int:
-    for key in ("site-index", "partition-id"):
-        if key in node_config:
-            return int(node_config[key])
-    raise KeyError("node_config needs `site-index` (deployment) or `partition-id` (simulation)")
-
-
-@lru_cache(maxsize=4)
-def _load_site(config_yaml: str, index: int, kit_dir: str) -> Site:
-    config = config_from_yaml(config_yaml)
-    task = get_task(config.task)
-    codec: SiteCodec = PlainSiteCodec()
-    if config.crypto.name == "ckks":
-        if not kit_dir:
-            raise KeyError("crypto=ckks needs this site's kit: set node_config `kit-dir` (from `medtwin provision`)")
-        codec = CkksSiteCodec.from_kit(kit_dir)
-    site = Site(config=config, task=task, index=index, data=task.load_site(index), codec=codec)
-    if isinstance(codec, CkksSiteCodec) and codec.kit.site_id != site.site_id:
-        raise KeyError(f"kit {kit_dir} belongs to {codec.kit.site_id!r}, but site index {index} holds {site.site_id!r}")
-    return site
-
 
 def initial_model(task: TwinTask, *, seed: int) -> torch.nn.Module:
     """Round 1 starts from a public, seeded model that every site builds identically."""
@@ -81,15 +42,6 @@ def current_model(site: Site, aggregate: ArrayRecord | None) -> tuple[torch.nn.M
     return model, site.codec.error_bound(total_examples=total_examples)
 
 
-def dataset_manifest_hash(site: Site) -> str:
-    """sha256 of a manifest of the site's data (shapes + digests of its arrays): a commitment, never the data."""
-    digest = hashlib.sha256(f"medtwin/dataset/v1\x00{site.config.task.name}\x00{site.site_id}".encode())
-    for array in (site.data.x_train, site.data.y_train, site.data.x_test, site.data.y_test):
-        digest.update(repr(array.shape).encode())
-        digest.update(hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest())
-    return digest.hexdigest()
-
-
 def refusal(message: Message, site: Site, *, status: str, reason: str) -> Message:
     """A reply without an update: the coordinator logs the reason, the round goes on without this site."""
     logger.warning("site %s refused round: %s", site.site_id, reason)
@@ -97,23 +49,77 @@ def refusal(message: Message, site: Site, *, status: str, reason: str) -> Messag
     return Message(content=content, reply_to=message)
 
 
+def train_round(site: Site, model: torch.nn.Module, *, server_round: int, run_id: str) -> tuple[LocalTrainingResult, dict]:
+    """Local training, DP-SGD under the site's own policy and budget when privacy=dp.
+
+    Returns the result and the metrics the site shares. Raises `RoundRefused` when the site says no.
+    """
+    settings = site.config.strategy
+    common = dict(
+        loss_fn=site.task.loss_fn(),
+        local_steps=settings.local_steps,
+        batch_size=settings.batch_size,
+        optimizer_name=settings.optimizer,
+        learning_rate=settings.learning_rate,
+        proximal_mu=settings.proximal_mu if settings.name == "fedprox" else 0.0,
+        seed=_step_seed(site.config.seed, server_round, site.index),
+    )
+    if site.config.privacy.name != "dp":
+        result = train_locally(model, site.data.x_train, site.data.y_train, **common)
+        return result, {"train_loss": result.mean_loss}
+    ledger = site.ledger()
+    plan = plan_round(
+        policy=site.policy(),
+        ledger=ledger,
+        run_id=run_id,
+        round=server_round,
+        privacy_cfg=site.config.privacy,
+        num_train=site.data.num_train,
+        batch_size=settings.batch_size,
+        local_steps=settings.local_steps,
+        num_rounds=site.config.federation.num_rounds,
+    )
+    if not plan.allowed:
+        raise RoundRefused(plan.refusal or "refused", plan.reason)
+    result = train_locally_dp(
+        model,
+        site.data.x_train,
+        site.data.y_train,
+        **common,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        grad_sample_mode=site.config.privacy.grad_sample_mode,
+        secure_mode=site.config.privacy.secure_mode,
+    )
+    epsilon = commit_round(ledger=ledger, plan=plan, steps_taken=result.steps)
+    # the training loss is not DP-protected: it stays at the site
+    return result, {"epsilon": epsilon, "delta": plan.target_delta, "noise_multiplier": plan.noise_multiplier}
+
+
+class RoundRefused(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 def build_client_app(
     config: MedtwinConfig | None = None,
-    site_kits: Mapping[int, str] | None = None,
+    sites: Mapping[int, SiteLocal] | None = None,
     approval_check: RunApprovalCheck | None = None,
 ) -> ClientApp:
-    """A ClientApp bound to `config` (or the run's run_config), in simulation to kit folders by site index,
-    and to a check of the site's own run approval on the authorization chain."""
+    """A ClientApp bound to `config` (or the run's run_config); in simulation, `sites` gives each site index
+    its own local settings (kit, state folder, policy); `approval_check` reads the site's run approval."""
     config_yaml = config_to_yaml(config) if config is not None else None
-    kits = dict(site_kits or {})
+    site_settings = dict(sites or {})
     app = ClientApp()
 
     def site_for(context: Context) -> Site:
         torch.set_num_threads(1)
         yaml_text = config_yaml or config_to_yaml(config_from_run_config(context.run_config))
         index = site_index_from_node_config(context.node_config)
-        kit_dir = str(context.node_config.get("kit-dir", kits.get(index, "")))
-        return _load_site(yaml_text, index, kit_dir)
+        local = SiteLocal.from_node_config(context.node_config, site_settings.get(index))
+        return load_site(yaml_text, index, local)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -125,21 +131,12 @@ def build_client_app(
             problem = approval_check.problem(site_id=site.site_id, run_id=run_id)
             if problem:
                 return refusal(message, site, status="not_approved", reason=problem)
-        settings = site.config.strategy
         model, _ = current_model(site, message.content.get(AGGREGATE))
-        result = train_locally(
-            model,
-            site.data.x_train,
-            site.data.y_train,
-            loss_fn=site.task.loss_fn(),
-            local_steps=settings.local_steps,
-            batch_size=settings.batch_size,
-            optimizer_name=settings.optimizer,
-            learning_rate=settings.learning_rate,
-            proximal_mu=settings.proximal_mu if settings.name == "fedprox" else 0.0,
-            seed=_step_seed(site.config.seed, server_round, site.index),
-        )
-        logger.info("site %s trained round %d: %d steps, loss %.4f", site.site_id, server_round, result.steps, result.mean_loss)
+        try:
+            result, shared_metrics = train_round(site, model, server_round=server_round, run_id=run_id)
+        except RoundRefused as refused:
+            return refusal(message, site, status=refused.status, reason=refused.reason)
+        logger.info("site %s trained round %d: %d steps", site.site_id, server_round, result.steps)
         update, proof = site.codec.pack(
             model_to_vector(model), num_examples=result.num_examples, run_id=run_id, server_round=server_round
         )
@@ -149,7 +146,7 @@ def build_client_app(
                 SITE: ConfigRecord(
                     {"site_id": site.site_id, "status": "trained", "dataset_manifest": dataset_manifest_hash(site), **proof}
                 ),
-                METRICS: MetricRecord({"train_loss": result.mean_loss}),
+                METRICS: MetricRecord(shared_metrics),
             }
         )
         return Message(content=content, reply_to=message)

@@ -68,6 +68,9 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
         lines += ["", "## Baselines (same protocol, same test splits)", ""]
         lines += _baseline_table(baselines, metric)
     lines += ["", "## Privacy", "", summary.get("privacy_text", "No differential privacy in this run.")]
+    if summary.get("privacy"):
+        lines += ["", "| site | ε spent (this run) | δ |", "|---|---|---|"]
+        lines += [f"| {site} | {v['epsilon']:.3f} | {v['delta']:.0e} |" for site, v in sorted(summary["privacy"].items())]
     crypto = summary["crypto"]
     lines += [
         "",
@@ -83,6 +86,15 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
         lines += [f"| {r['round']} | {r['site']} | {r['reason']} |" for r in rejections]
     chain = summary["chain"]
     lines += ["", "## Provenance", "", f"Chain backend: **{chain.get('backend', 'none')}**."]
+    if chain.get("backend", "none") != "none":
+        ids = chain.get("chain_ids", {})
+        lines += [
+            f"Authorization chain id {ids.get('auth')} (contract `{chain.get('contracts', {}).get('auth')}`), "
+            f"data chain id {ids.get('data')} (contract `{chain.get('contracts', {}).get('data')}`); "
+            f"{chain.get('anchors_written', 0)} round anchor(s) on the data chain, "
+            f"{chain.get('writes_pending_in_outbox', 0)} write(s) still queued. "
+            f"Check it yourself: `medtwin audit verify {summary['run_id']}`."
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +21,14 @@ from medtwin.core.report import ordered_rows
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 
-DEMO_OVERRIDES = ["task=fed_heart_disease", "strategy=fedavg"]
+DEMO_OVERRIDES = [
+    "task=fed_heart_disease",
+    "strategy=fedavg_tuned",
+    "privacy=dp",
+    "privacy.target_epsilon=3.0",
+    "crypto=ckks",
+    "chain=anvil",
+]
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -85,8 +94,36 @@ def demo(
     context: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """The demo: Fed-Heart-Disease across 4 hospitals, with baselines, ending with the run report."""
-    _run(DEMO_OVERRIDES + list(context.args), verbose)
+    """The demo: Fed-Heart-Disease across 4 hospitals with DP, CKKS aggregation and both chains, then an audit."""
+    from medtwin.chain import chain_down
+
+    overrides = DEMO_OVERRIDES + list(context.args)
+    state_dir = compose_config(overrides).chain.state_dir
+    try:
+        run_path = _run(overrides, verbose)
+        console.rule("independent audit (a separate process reading the chains and the artifact store)")
+        audit = subprocess.run(
+            [sys.executable, "-m", "medtwin.experiments.cli", "audit", "verify", run_path.name,
+             "--state-dir", state_dir, "--runs-dir", str(run_path.parent)],
+            check=False,
+        )  # fmt: skip
+    finally:
+        chain_down(state_dir)
+    console.print(f"chains stopped; their state stays in {state_dir} — `medtwin chain up` brings them back for `medtwin audit …`")
+    if audit.returncode != 0:
+        raise typer.Exit(code=audit.returncode)
+
+
+def register_admin_commands() -> None:
+    from .cli_admin import audit_app, chain_app, provision_command, site_app
+
+    app.add_typer(chain_app, name="chain")
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(site_app, name="site")
+    app.command("provision")(provision_command)
+
+
+register_admin_commands()
 
 
 def main() -> None:

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import yaml
 
+from medtwin.client.privacy import SitePolicy, policy_from_mapping
+from medtwin.client.site import SiteLocal
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.he import CkksParameters, ckks_parameters_from_config
 from medtwin.core.identity import FederationManifest, install_he_secret, provision_federation, steward_generate_he_keys
@@ -20,10 +23,13 @@ from medtwin.core.tasks import get_task
 from medtwin.server.app import CoordinatorSetup
 
 
+SITE_POLICIES = Path(__file__).resolve().parent.parent / "configs" / "sites" / "simulation.yaml"
+
+
 @dataclass(frozen=True)
 class SimulatedFederation:
     root: Path
-    site_kits: dict[int, str] = field(default_factory=dict)  # site index -> kit folder
+    sites: dict[int, SiteLocal] = field(default_factory=dict)  # site index -> that hospital's own settings
     coordinator: CoordinatorSetup = field(default_factory=CoordinatorSetup)
     he_parameters: CkksParameters | None = None
     manifest: FederationManifest | None = None
@@ -34,20 +40,48 @@ def kits_root(config: MedtwinConfig, run_id: str) -> Path:
     return Path(config.runs_dir).resolve().parent / ".medtwin-kits" / run_id
 
 
+def site_state_dir(config: MedtwinConfig, site_id: str) -> Path:
+    """A simulated hospital's durable state (privacy ledger): stable across runs, never reset by one."""
+    return Path(config.runs_dir).resolve().parent / ".medtwin-sites" / site_id
+
+
+def simulated_policies(site_ids: list[str], path: Path = SITE_POLICIES) -> dict[str, SitePolicy]:
+    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    default = document.get("default", {})
+    overrides = document.get("sites") or {}
+    return {
+        site_id: policy_from_mapping({**default, **overrides.get(site_id, {})}, source=f"{path} (site {site_id})")
+        for site_id in site_ids
+    }
+
+
+def site_settings(config: MedtwinConfig, site_ids: list[str], kits: dict[str, Path]) -> dict[int, SiteLocal]:
+    policies = simulated_policies(site_ids)
+    return {
+        index: SiteLocal(
+            kit_dir=str(kits.get(site_id, "")),
+            state_dir=str(site_state_dir(config, site_id)),
+            policy=policies[site_id],
+        )
+        for index, site_id in enumerate(site_ids)
+    }
+
+
 def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederation:
     """Identities whenever crypto or chains need them; CKKS keys from the first site as key steward."""
-    if config.crypto.name == "plain" and config.chain.name == "none":
-        return SimulatedFederation(root=kits_root(config, run_id))
     task = get_task(config.task)
+    site_ids = task.site_ids()
+    if config.crypto.name == "plain" and config.chain.name == "none":
+        return SimulatedFederation(root=kits_root(config, run_id), sites=site_settings(config, site_ids, {}))
     sites = task.load_all_sites()
     provisioned = provision_federation(
         kits_root(config, run_id), federation_name=run_id, site_ids=[site.site_id for site in sites]
     )
-    site_kits = {index: str(provisioned.site_kits[site.site_id]) for index, site in enumerate(sites)}
+    site_locals = site_settings(config, site_ids, provisioned.site_kits)
     manifest_path = str(provisioned.coordinator_kit)
     if config.crypto.name == "plain":
         return SimulatedFederation(
-            root=provisioned.root, site_kits=site_kits, coordinator=CoordinatorSetup(manifest_path=manifest_path), manifest=provisioned.manifest
+            root=provisioned.root, sites=site_locals, coordinator=CoordinatorSetup(manifest_path=manifest_path), manifest=provisioned.manifest
         )
     crypto = config.crypto
     if crypto.max_total_examples <= 0:  # 0 = bound from the sites' declared training-set sizes
@@ -61,7 +95,7 @@ def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederatio
         install_he_secret(provisioned.site_kits[site_id], envelope)
     return SimulatedFederation(
         root=provisioned.root,
-        site_kits=site_kits,
+        sites=site_locals,
         coordinator=CoordinatorSetup(public_context_path=str(distribution.public_context_path), manifest_path=manifest_path),
         he_parameters=parameters,
         manifest=provisioned.manifest,

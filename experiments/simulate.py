@@ -31,6 +31,7 @@ OFFLINE_ENVIRONMENT = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes Ray bind its services to 127.0.0.1 only
 }
 
 
@@ -56,7 +57,7 @@ def simulate(config: MedtwinConfig) -> Path:
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=build_server_app(config, federation.coordinator, provenance),
-            client_app=build_client_app(config, federation.site_kits, approval_check),
+            client_app=build_client_app(config, federation.sites, approval_check),
             num_supernodes=config.task.num_sites,
             backend_config=backend_config,
         )
@@ -91,7 +92,7 @@ def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: Simu
     if config.crypto.name == "plain":
         packed = unpack_plain(aggregate)
         return average_from_sum(packed)[0], packed
-    codec = CkksSiteCodec.from_kit(federation.site_kits[0])
+    codec = CkksSiteCodec.from_kit(federation.sites[0].kit_dir)
     average, _ = codec.average(aggregate)
     return average, np.array([])
 
@@ -99,7 +100,7 @@ def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: Simu
 def measured_decryption_error(run_dir: RunDirectory, federation: SimulatedFederation, average: np.ndarray) -> float:
     """max |decrypted average - plaintext average| / max |weight|, from the sites' kept plaintext updates."""
     last_train = [record for record in run_dir.read_metrics() if record["phase"] == "train"][-1]
-    kits = {Path(kit).name: Path(kit) for kit in federation.site_kits.values()}
+    kits = {Path(site.kit_dir).name: Path(site.kit_dir) for site in federation.sites.values()}
     packed = sum(np.load(kits[site] / "state" / f"last-update-{run_dir.run_id}.npy") for site in last_train["participants"])
     exact = packed[:-1] / packed[-1]
     return float(np.max(np.abs(average - exact)) / max(np.max(np.abs(exact)), 1e-12))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -146,7 +147,8 @@ def build_summary(
         "rounds_completed": result.rounds_completed,
         "sites": sorted(set(result.sites.values())),
         "final_metrics": {"sites": result.final_site_metrics, "pooled": result.final_pooled_metrics},
-        "privacy": {},
+        "privacy": result.privacy,
+        "privacy_text": privacy_paragraph(config, result.privacy),
         "crypto": crypto,
         "chain": {"backend": config.chain.name, "chain_ids": {}, "contracts": {}, "anchors_written": 0},
         "final_aggregate_sha256": result.aggregate_digests[-1] if result.aggregate_digests else None,
@@ -162,6 +164,27 @@ def build_summary(
 
 def _as_dict(node: object) -> dict[str, Any]:
     return dict(vars(node)) if hasattr(node, "__dict__") else {}
+
+
+def privacy_paragraph(config: MedtwinConfig, privacy: dict[str, dict[str, float]]) -> str:
+    """One paragraph a clinician can read."""
+    if config.privacy.name != "dp" or not privacy:
+        return (
+            "This run used no differential privacy: patient records never left their hospital, but the model "
+            "updates carry no formal guarantee against someone trying to infer whether a patient was included."
+        )
+    worst = max(values["epsilon"] for values in privacy.values())
+    delta = max(values["delta"] for values in privacy.values())
+    per_site = ", ".join(f"{site} ε={values['epsilon']:.2f}" for site, values in sorted(privacy.items()))
+    return (
+        f"Every hospital trained with differential privacy (DP-SGD): each patient's influence on an update was "
+        f"clipped and hidden under calibrated random noise before the update left the hospital. The privacy spent "
+        f"in this run is at most ε={worst:.2f} with δ={delta:.0e} ({per_site}). In plain words: whether or not any "
+        f"single patient's record was used changes the probability of any outcome of this training by at most a "
+        f"factor of e^ε ≈ {math.exp(worst):.1f}, except with probability δ. Smaller ε is stronger protection; "
+        f"each hospital's own policy caps it ({config.privacy.target_epsilon:g} was requested for the whole run), "
+        f"and each hospital's ledger keeps counting across runs and restarts."
+    )
 
 
 def build_server_app(

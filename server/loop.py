@@ -37,6 +37,7 @@ class LoopResult:
     aggregate_digests: list[str] = field(default_factory=list)  # sha256 of each round's aggregate artifact
     num_parameters: int = 0  # model size the sites report (not their sample counts)
     he_error_bounds: list[float] = field(default_factory=list)  # per evaluation: max bound sites reported
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest (epsilon, delta) it reported
 
 
 def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float) -> list[int]:
@@ -178,6 +179,9 @@ class RoundLoop:
         self.result.aggregate = self.aggregator.aggregate(accepted)
         aggregate_digest = self.artifacts.put(record_bytes(self.result.aggregate), kind="aggregate")
         self.result.aggregate_digests.append(aggregate_digest)
+        for site, metrics in site_metrics.items():
+            if "epsilon" in metrics and site in update_digests:
+                self.result.privacy[site] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta", 0.0)}
         chain = self.close_round_on_chain(server_round, accepted, rejected, update_digests, aggregate_digest, manifests, site_metrics)
         self.on_record(
             {

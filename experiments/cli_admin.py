@@ -1,0 +1,157 @@
+"""`medtwin chain …`, `medtwin audit …`, `medtwin provision`, `medtwin site …`: operating the federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from medtwin.core.config import compose_config
+
+console = Console()
+chain_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the two chains (anvil nodes).")
+audit_app = typer.Typer(no_args_is_help=True, help="Check what the chains say, without trusting the coordinator.")
+site_app = typer.Typer(no_args_is_help=True, help="What a hospital site runs: HE keys.")
+
+StateDir = Annotated[Path, typer.Option("--state-dir", help="chain state folder (pidfiles, deployment.json, --state files)")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="the coordinator's runs/ folder (artifact stores)")]
+AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _chain_config(overrides: list[str]):
+    config = compose_config(["chain=anvil", *overrides])
+    return config.chain
+
+
+@chain_app.command("up", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def chain_up_command(context: typer.Context) -> None:
+    """Start both anvil nodes (state persisted with --state) and deploy the contracts once. Overrides: chain.*"""
+    from medtwin.chain import chain_up, status_table
+
+    config = _chain_config(list(context.args))
+    console.print(status_table(chain_up(config, config.state_dir)))
+
+
+@chain_app.command("down")
+def chain_down_command(state_dir: StateDir = Path(".medtwin/chain")) -> None:
+    """Stop the nodes recorded in the state folder, by PID; their state stays for the next `up`."""
+    from medtwin.chain import chain_down
+
+    stopped = chain_down(state_dir)
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@chain_app.command("status")
+def chain_status_command(state_dir: StateDir = Path(".medtwin/chain")) -> None:
+    """Health, chain ids, contract addresses and block heights of both chains."""
+    from medtwin.chain import chain_status, status_table
+
+    console.print(status_table(chain_status(state_dir)))
+
+
+def _artifact_store(runs_dir: Path, target: str):
+    from medtwin.core.artifacts import ArtifactStore
+
+    candidate = runs_dir / target / "artifacts"
+    if candidate.is_dir():
+        return ArtifactStore(candidate)
+    for folder in sorted(runs_dir.glob("*/artifacts")):
+        if ArtifactStore(folder).exists(target.removeprefix("0x")):
+            return ArtifactStore(folder)
+    return ArtifactStore(candidate)
+
+
+@audit_app.command("lineage")
+def audit_lineage_command(
+    target: Annotated[str, typer.Argument(help="run id or model hash")],
+    state_dir: StateDir = Path(".medtwin/chain"),
+    runs_dir: RunsDir = Path("runs"),
+    as_json: AsJson = False,
+) -> None:
+    """Rounds, participating sites, their approvals at the time, epsilon, HE parameters, dataset commitments."""
+    from medtwin.chain import audit_lineage, lineage_table, open_readonly
+
+    report = audit_lineage(open_readonly(state_dir), _artifact_store(runs_dir, target), target)
+    console.print_json(report.to_json()) if as_json else console.print(lineage_table(report))
+
+
+@audit_app.command("access")
+def audit_access_command(
+    site: Annotated[str, typer.Option("--site", help="only this site")] = "",
+    run: Annotated[str, typer.Option("--run", help="only this run")] = "",
+    state_dir: StateDir = Path(".medtwin/chain"),
+    as_json: AsJson = False,
+) -> None:
+    """The access log: every admission, rejection and export decision, and governance events."""
+    from medtwin.chain import access_table, audit_access, open_readonly
+
+    report = audit_access(open_readonly(state_dir), site_id=site, run_id=run)
+    console.print_json(report.to_json()) if as_json else console.print(access_table(report))
+
+
+@audit_app.command("verify")
+def audit_verify_command(
+    run: Annotated[str, typer.Argument(help="run id")],
+    state_dir: StateDir = Path(".medtwin/chain"),
+    runs_dir: RunsDir = Path("runs"),
+    as_json: AsJson = False,
+) -> None:
+    """Recompute every Merkle root and artifact hash of a run against the data chain; exit 1 on any mismatch."""
+    from medtwin.chain import audit_verify, open_readonly, verify_table
+
+    report = audit_verify(open_readonly(state_dir), _artifact_store(runs_dir, run), run)
+    console.print_json(report.to_json()) if as_json else console.print(verify_table(report))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def provision_command(
+    out: Annotated[Path, typer.Option("--out", help="folder for the kits and the public manifest")],
+    site: Annotated[list[str], typer.Option("--site", help="site id (repeat)")],
+    federation: Annotated[str, typer.Option("--federation", help="federation name")] = "medtwin",
+    coordinator_host: Annotated[str, typer.Option("--coordinator-host")] = "127.0.0.1",
+) -> None:
+    """Create a federation: per-site Ed25519 + X25519 keys, a CA and the coordinator's TLS certificate."""
+    from medtwin.core.identity import provision_federation
+
+    result = provision_federation(out, federation_name=federation, site_ids=site, coordinator_host=coordinator_host)
+    console.print(f"federation [bold]{federation}[/bold]: {len(result.site_kits)} site kit(s) under {result.root}")
+    for site_id, kit in sorted(result.site_kits.items()):
+        console.print(f"  {site_id}: {kit} (private files 0600)")
+    console.print(f"  coordinator: {result.coordinator_kit} (TLS certificate; no site secrets)")
+
+
+@site_app.command("keygen")
+def site_keygen_command(
+    kit: Annotated[Path, typer.Option("--kit", help="the key steward's site kit")],
+    num_parameters: Annotated[int, typer.Option("--num-parameters", help="model size the keys are for")],
+    num_sites: Annotated[int, typer.Option("--num-sites")],
+    max_total_examples: Annotated[int, typer.Option("--max-total-examples")] = 10_000,
+    outbox: Annotated[Path | None, typer.Option("--outbox", help="where envelopes and the public context go")] = None,
+) -> None:
+    """Key steward: generate the CKKS keys, wrap them for every other site, publish the public context."""
+    from dataclasses import replace
+
+    from medtwin.core.he import ckks_parameters_from_config
+    from medtwin.core.identity import steward_generate_he_keys
+
+    crypto = replace(compose_config(["crypto=ckks"]).crypto, max_total_examples=max_total_examples)
+    parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=num_sites)
+    distribution = steward_generate_he_keys(kit, parameters, outbox_dir=outbox)
+    console.print(f"CKKS key set {distribution.key_id}: N={parameters.poly_modulus_degree}, primes {parameters.coeff_mod_bit_sizes}")
+    console.print(f"  public context for the coordinator: {distribution.public_context_path}")
+    for site_id, path in sorted(distribution.envelope_paths.items()):
+        console.print(f"  envelope for {site_id}: {path}")
+
+
+@site_app.command("install-key")
+def site_install_key_command(
+    kit: Annotated[Path, typer.Option("--kit", help="this site's kit")],
+    envelope: Annotated[Path, typer.Option("--envelope", help="the steward's envelope for this site")],
+) -> None:
+    """Open the steward's envelope with this site's key and store the CKKS secret context (0600)."""
+    from medtwin.core.identity import install_he_secret
+
+    console.print(f"installed {install_he_secret(kit, envelope)}")

@@ -15,14 +15,16 @@ from flwr.app import ArrayRecord
 from medtwin.core.errors import MedtwinError
 from medtwin.core.he import (
     HeContext,
-    check_update_chunks,
     decryption_error_bound,
     load_context,
-    sum_encrypted,
+    load_update_chunks,
+    sum_loaded,
     update_digest,
 )
 from medtwin.core.identity import FederationManifest, verify_update
 from medtwin.core.protocol import chunks_to_record, record_to_chunks, sum_plain_updates
+
+CHUNK_NAME = "chunk-{:05d}"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class CkksAggregator:
     scheme: str = "ckks"
     seen_digests: dict[bytes, tuple[int, str]] = field(default_factory=dict)  # digest -> (round, site)
     accepted: set[tuple[str, int, str]] = field(default_factory=set)  # (run, round, site)
+    loaded: dict[bytes, list] = field(default_factory=dict)  # digest -> ciphertexts checked this round
 
     @classmethod
     def from_files(cls, *, public_context_path: str, manifest_path: str) -> CkksAggregator:
@@ -114,6 +117,9 @@ class CkksAggregator:
         if update.site_id not in self.manifest.site_ids:
             return "unknown_site", f"unknown site {update.site_id!r}: not in federation {self.manifest.federation_name!r}"
         chunks = record_to_chunks(update.record)
+        expected_names = [CHUNK_NAME.format(index) for index in range(len(chunks))]
+        if sorted(update.record) != expected_names:
+            return "malformed_update", f"{update.site_id}'s update holds arrays {sorted(update.record)[:4]}…, expected only chunk-00000…"
         digest = update_digest(chunks)
         if digest in self.seen_digests:
             earlier_round, earlier_site = self.seen_digests[digest]
@@ -132,16 +138,20 @@ class CkksAggregator:
         except (MedtwinError, ValueError) as error:
             return "bad_signature", str(error)
         try:
-            check_update_chunks(self.public_context, chunks)
+            vectors = load_update_chunks(self.public_context, chunks, label=f"{update.site_id}'s update")
         except (MedtwinError, ValueError) as error:
             return "ciphertext_mismatch", str(error)
+        self.loaded[digest] = vectors
         self.seen_digests[digest] = (update.server_round, update.site_id)
         self.accepted.add((run_id, update.server_round, update.site_id))
         return None
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
-        summed = sum_encrypted(self.public_context, [record_to_chunks(update.record) for update in updates])
-        return chunks_to_record(summed)
+        """Sum the updates `check` accepted (their ciphertexts are already loaded and checked)."""
+        digests = [update_digest(record_to_chunks(update.record)) for update in updates]
+        vectors = [self.loaded.pop(digest) for digest in digests]
+        self.loaded.clear()
+        return chunks_to_record(sum_loaded(self.public_context, vectors))
 
     def describe(self) -> dict:
         return {"scheme": self.scheme, "parameters": self.public_context.parameters.to_dict()}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import ConfigError
+from .chain import validate_chain_config
+from .privacy import validate_privacy_config
 from .root import MedtwinConfig
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -39,3 +43,22 @@ def validate_config(config: MedtwinConfig) -> None:
         raise ConfigError("federation.round_timeout_s", f"must be > 0, got {federation.round_timeout_s}")
     if federation.min_sites < 1:
         raise ConfigError("federation.min_sites", f"must be >= 1, got {federation.min_sites}")
+    validate_privacy_config(config.privacy)
+    validate_chain_config(config.chain)
+    validate_crypto(config)
+
+
+def validate_crypto(config: MedtwinConfig) -> None:
+    """Insecure (over the HomomorphicEncryption.org 128-bit table) or too-imprecise CKKS settings fail here."""
+    if config.crypto.name == "plain":
+        return
+    if config.crypto.name != "ckks":
+        raise ConfigError("crypto.name", f"unknown scheme {config.crypto.name!r}", "use plain or ckks")
+    from ..he.params import ckks_parameters_from_config
+    from ..tasks import get_task
+
+    crypto = config.crypto
+    if crypto.max_total_examples <= 0:  # decided from the sites' sizes at key generation; check a generous bound
+        crypto = replace(crypto, max_total_examples=10_000)
+    num_parameters = sum(parameter.numel() for parameter in get_task(config.task).build_model().state_dict().values())
+    ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=config.task.num_sites)

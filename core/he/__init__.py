@@ -5,7 +5,7 @@ digest; the coordinator adds ciphertexts with a public context (no keys at all);
 the sum and divide by its last entry. `params` is pure maths (no TenSEAL import).
 """
 
-from .codec import check_update_chunks, decrypt_average, decrypt_sum, encrypt_update, sum_encrypted, update_digest
+from .codec import check_update_chunks, load_update_chunks, sum_loaded, decrypt_average, decrypt_sum, encrypt_update, sum_encrypted, update_digest
 from .context import (
     HeContext,
     create_secret_context,
@@ -47,6 +47,8 @@ __all__ = [
     "average_error_bound",
     "check_ckks_parameters",
     "check_update_chunks",
+    "load_update_chunks",
+    "sum_loaded",
     "choose_ckks_parameters",
     "ckks_parameters_from_config",
     "create_secret_context",

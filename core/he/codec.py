@@ -123,9 +123,11 @@ def decrypt_average(secret_context: HeContext, summed: Sequence[bytes], num_para
     return packed[:num_parameters] / total_examples, total_examples
 
 
-def _load_update(context: HeContext, chunks: Sequence[bytes], *, update_index: int | None) -> list[ts.CKKSVector]:
+def _load_update(
+    context: HeContext, chunks: Sequence[bytes], *, update_index: int | None, label: str = ""
+) -> list[ts.CKKSVector]:
     params = context.parameters
-    where = "the aggregate" if update_index is None else f"update #{update_index}"
+    where = label or ("the aggregate" if update_index is None else f"update #{update_index}")
     if len(chunks) != params.num_ciphertexts:
         raise CiphertextMismatchError(
             f"{where} has {len(chunks)} ciphertext chunks, the federation's parameters need {params.num_ciphertexts} "
@@ -170,6 +172,26 @@ def _load_update(context: HeContext, chunks: Sequence[bytes], *, update_index: i
     return vectors
 
 
-def check_update_chunks(context: HeContext, chunks: Sequence[bytes]) -> None:
+def load_update_chunks(context: HeContext, chunks: Sequence[bytes], *, label: str = "the update") -> list[ts.CKKSVector]:
+    """The update's ciphertexts, or `CiphertextMismatchError` naming `label` if they do not fit `context`."""
+    return _load_update(context, chunks, update_index=None, label=label)
+
+
+def check_update_chunks(context: HeContext, chunks: Sequence[bytes], *, label: str = "the update") -> None:
     """Raise `CiphertextMismatchError` unless `chunks` load as an update under `context`'s parameters."""
-    _load_update(context, chunks, update_index=None)
+    load_update_chunks(context, chunks, label=label)
+
+
+def sum_loaded(context: HeContext, updates: Sequence[Sequence[ts.CKKSVector]]) -> list[bytes]:
+    """Coordinator side, from already-checked ciphertexts: the encrypted sum, serialized in chunks."""
+    if not updates:
+        raise CiphertextMismatchError("no updates to add")
+    totals = list(updates[0])  # freshly loaded for this sum: adding in place is safe
+    for vectors in updates[1:]:
+        for total, vector in zip(totals, vectors, strict=True):
+            total.add_(vector)
+    packed_length = context.parameters.num_parameters + 1
+    return [
+        CHUNK_HEADER.pack(CHUNK_MAGIC, context.key_id, index, len(totals), packed_length) + total.serialize()
+        for index, total in enumerate(totals)
+    ]

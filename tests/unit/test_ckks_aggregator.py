@@ -237,8 +237,8 @@ def _no_signature(alpha: Federation, beta: Federation) -> SiteUpdate:
 
 
 def _signed_for_another_run(alpha: Federation, beta: Federation) -> SiteUpdate:
-    update = _pack(alpha.site_codecs["hosp2"], site_id="hosp2", server_round=1, run_id="run-other")
-    return update  # the coordinator checks it against RUN_ID
+    """hosp2's genuine update from another run of the same federation (the coordinator checks RUN_ID)."""
+    return _pack(alpha.site_codecs["hosp2"], site_id="hosp2", server_round=1, run_id="run-other")
 
 
 def _unknown_site(alpha: Federation, beta: Federation) -> SiteUpdate:
@@ -384,12 +384,13 @@ def test_round_loop_rejects_bad_replies_and_closes_the_round_with_the_honest_sum
     round_1 = {site: _pack(alpha.site_codecs[site], site_id=site, server_round=1) for site in SITES}
     honest_2 = {site: _pack(alpha.site_codecs[site], site_id=site, server_round=2) for site in ("hosp0", "hosp1")}
     intruder = _unknown_site(alpha, alpha)
+    tampered_3 = _flip_a_ciphertext_byte(_pack(alpha.site_codecs["hosp3"], site_id="hosp3", server_round=2))
     replies = {
         1: [_reply(round_1[site], node_id=nodes[site]) for site in SITES],
         2: [
             _reply(honest_2["hosp0"], node_id=nodes["hosp0"]),
             _reply(round_1["hosp2"], node_id=nodes["hosp2"]),  # replays its round-1 reply
-            _reply(_flip_a_ciphertext_byte(_pack(alpha.site_codecs["hosp3"], site_id="hosp3", server_round=2)), node_id=nodes["hosp3"]),
+            _reply(tampered_3, node_id=nodes["hosp3"]),  # altered in transit
             _reply(intruder, node_id=99),
             _reply(honest_2["hosp1"], node_id=nodes["hosp1"]),
         ],

@@ -62,3 +62,21 @@ def test_invalid_values_name_their_config_key(override: str, key: str) -> None:
 def test_unknown_key_is_refused() -> None:
     with pytest.raises(Exception, match="not_a_knob"):
         compose_config(["strategy.not_a_knob=1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["crypto=ckks", "crypto.poly_modulus_degree=4096", "crypto.coeff_mod_bit_sizes=[60,60]"], "crypto.coeff_mod_bit_sizes"),
+        (["privacy=dp", "privacy.target_epsilon=-1"], "privacy.target_epsilon"),
+        (["chain=anvil", "chain.data_chain_id=31338"], "chain.data_chain_id"),
+    ],
+)
+def test_insecure_or_inconsistent_groups_are_rejected_at_load(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        compose_config(overrides)
+    assert key in str(caught.value)
+
+
+def test_ckks_with_automatic_parameters_composes() -> None:
+    assert compose_config(["crypto=ckks"]).crypto.name == "ckks"

@@ -55,7 +55,7 @@ class AnvilNotFoundError(ChainSetupError):
         super().__init__(
             "anvil binary not found; looked in:\n"
             f"{places}\n"
-            "run `npm ci` at the repository root (installs @foundry-rs/anvil into node_modules), "
+            "run `npm install` (or `make install`) at the repository root (installs @foundry-rs/anvil into node_modules), "
             "or set MEDTWIN_ANVIL=/path/to/anvil or chain.anvil_binary"
         )
 

@@ -35,14 +35,26 @@ def open_chains(config: ChainConfig) -> ChainSession:
     return open_session(config, start_nodes=config.name == "anvil")
 
 
+def _fingerprint(value: str | bytes) -> str:
+    return (value.hex() if isinstance(value, bytes) else value).removeprefix("0x").lower()
+
+
 def enrol_federation(session: ChainSession, manifest: FederationManifest, *, run_id: str, config_yaml: str) -> None:
-    """Admin registers every site (idempotent); every site approves this run's config + code."""
+    """Admin registers every new site; every active site approves this run's config + code.
+
+    A site registered earlier under another identity key is not silently re-used: the coordinator's
+    admission check compares fingerprints and refuses it (`key_mismatch`). Revoked sites stay out.
+    """
     for entry in manifest.sites:
         account = session.site_account(entry.site_id)
-        if session.auth.site(entry.site_id) is None:
+        record = session.auth.site(entry.site_id)
+        if record is None:
             session.auth.register_site(
                 site_id=entry.site_id, address=account.address, key_fingerprint=entry.signing_key_fingerprint
             )
+        elif not record.active:
+            logger.warning("site %s is revoked on the authorization chain; it will not be admitted", entry.site_id)
+            continue
         session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(config_yaml), code_hash=code_hash())
 
 
@@ -52,6 +64,7 @@ class ChainProvenance:
 
     session: ChainSession
     artifacts_root: Path
+    manifest: FederationManifest | None = None  # the sites' identity keys this coordinator verifies against
     anchors_written: int = 0
 
     def start_run(self, run: RunDescription) -> None:
@@ -68,11 +81,16 @@ class ChainProvenance:
             )
 
     def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
-        if self.session.auth.is_admitted(site_id=site_id, run_id=run_id):
-            return None
-        if self.session.auth.site(site_id) is None:
+        record = self.session.auth.site(site_id)
+        if record is None:
             return f"{site_id} is not registered on the authorization chain"
-        return f"{site_id} is revoked or has not approved run {run_id} on the authorization chain"
+        if not self.session.auth.is_admitted(site_id=site_id, run_id=run_id):
+            return f"{site_id} is revoked or has not approved run {run_id} on the authorization chain"
+        if self.manifest is not None and site_id in self.manifest.site_ids:
+            expected = _fingerprint(self.manifest.site(site_id).signing_key_fingerprint)
+            if _fingerprint(record.key_fingerprint) != expected:
+                return f"{site_id}'s identity key differs from the fingerprint registered on the authorization chain"
+        return None
 
     def close_round(
         self,

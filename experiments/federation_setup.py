@@ -7,6 +7,7 @@ keeping each party's files in its own kit folder. The coordinator's setup only e
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from medtwin.client.privacy import SitePolicy, policy_from_mapping
 from medtwin.client.site import SiteLocal
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.he import CkksParameters, ckks_parameters_from_config
-from medtwin.core.identity import FederationManifest, install_he_secret, provision_federation, steward_generate_he_keys
+from medtwin.core.identity import (
+    FederationManifest,
+    ProvisionedFederation,
+    install_he_secret,
+    load_manifest,
+    provision_federation,
+    steward_generate_he_keys,
+)
 from medtwin.core.model_vector import model_to_vector
 from medtwin.core.tasks import get_task
 from medtwin.server.app import CoordinatorSetup
@@ -37,7 +45,25 @@ class SimulatedFederation:
 
 def kits_root(config: MedtwinConfig, run_id: str) -> Path:
     """Kits live beside, never inside, the coordinator's run directory."""
-    return Path(config.runs_dir).resolve().parent / ".medtwin-kits" / run_id
+    return Path(config.runs_dir).resolve().parent / ".medtwin-kits" / config.task.name / "runs" / run_id
+
+
+def stable_identities(config: MedtwinConfig, site_ids: list[str]) -> Path:
+    """A simulated hospital keeps one identity across runs (as a real one would): provisioned once per task."""
+    root = Path(config.runs_dir).resolve().parent / ".medtwin-kits" / config.task.name / "identity"
+    if not (root / "federation.json").is_file():
+        provision_federation(root, federation_name=f"medtwin-{config.task.name}", site_ids=site_ids)
+    return root
+
+
+def provision_run_kits(config: MedtwinConfig, run_id: str, site_ids: list[str]) -> ProvisionedFederation:
+    """This run's copy of the stable kits (it gets its own CKKS keys); identities stay the same."""
+    root = kits_root(config, run_id)
+    shutil.copytree(stable_identities(config, site_ids), root)  # copytree keeps the 0600/0700 modes
+    kits = {site_id: root / "sites" / site_id for site_id in site_ids}
+    return ProvisionedFederation(
+        root=root, manifest=load_manifest(root / "coordinator"), coordinator_kit=root / "coordinator", site_kits=kits, ca_dir=root / "ca"
+    )
 
 
 def site_state_dir(config: MedtwinConfig, site_id: str) -> Path:
@@ -45,7 +71,8 @@ def site_state_dir(config: MedtwinConfig, site_id: str) -> Path:
     return Path(config.runs_dir).resolve().parent / ".medtwin-sites" / site_id
 
 
-def simulated_policies(site_ids: list[str], path: Path = SITE_POLICIES) -> dict[str, SitePolicy]:
+def simulated_policies(site_ids: list[str], path: Path | None = None) -> dict[str, SitePolicy]:
+    path = SITE_POLICIES if path is None else Path(path)
     document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     default = document.get("default", {})
     overrides = document.get("sites") or {}
@@ -74,9 +101,7 @@ def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederatio
     if config.crypto.name == "plain" and config.chain.name == "none":
         return SimulatedFederation(root=kits_root(config, run_id), sites=site_settings(config, site_ids, {}))
     sites = task.load_all_sites()
-    provisioned = provision_federation(
-        kits_root(config, run_id), federation_name=run_id, site_ids=[site.site_id for site in sites]
-    )
+    provisioned = provision_run_kits(config, run_id, site_ids)
     site_locals = site_settings(config, site_ids, provisioned.site_kits)
     manifest_path = str(provisioned.coordinator_kit)
     if config.crypto.name == "plain":

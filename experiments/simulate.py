@@ -82,7 +82,7 @@ def connect_chains(
         logger.warning("chain=embedded lives in this process only: sites (Ray actors) cannot read it; use chain=anvil")
     else:
         check = ChainApprovalCheck(state_dir=str(Path(config.chain.state_dir).resolve()), config_yaml=config_yaml)
-    return ChainProvenance(session=session, artifacts_root=artifacts_root), check
+    return ChainProvenance(session=session, artifacts_root=artifacts_root, manifest=federation.manifest), check
 
 
 def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation) -> tuple[np.ndarray, np.ndarray]:

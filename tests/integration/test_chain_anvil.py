@@ -1,6 +1,6 @@
 """Two real anvil nodes: deploy, write, stop/restart with --state, outbox replay, audit in a fresh process.
 
-Needs anvil from npm: run `npm ci` at the repository root (the test fails, not skips, without it).
+Needs anvil from npm: run `npm install` at the repository root (the test fails, not skips, without it).
 Nodes are always stopped by PID in the fixture finalizer, even when an assertion fails.
 """
 
@@ -55,7 +55,7 @@ def anvil_config() -> ChainConfig:
     try:
         find_anvil()
     except AnvilNotFoundError as error:
-        pytest.fail(f"anvil is not installed — run `npm ci` at the repository root.\n{error}")
+        pytest.fail(f"anvil is not installed — run `npm install` at the repository root.\n{error}")
     return ChainConfig(
         name="anvil", auth_chain_id=424201, data_chain_id=424202, auth_port=free_port(), data_port=free_port(), state_interval_s=1
     )

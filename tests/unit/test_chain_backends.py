@@ -15,12 +15,12 @@ from medtwin.core.config.chain import ChainConfig, validate_chain_config
 from medtwin.core.errors import ConfigError
 
 
-def test_missing_anvil_says_to_run_npm_ci(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_anvil_says_to_run_npm_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(anvil_backend, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("MEDTWIN_ANVIL", raising=False)
-    with pytest.raises(AnvilNotFoundError, match="npm ci") as caught:
+    with pytest.raises(AnvilNotFoundError, match="npm install") as caught:
         find_anvil()
     assert any("node_modules" in place for place in caught.value.searched)
 

@@ -1,0 +1,190 @@
+"""Differential privacy through whole simulated runs: per-site (epsilon, delta) in the run directory,
+the site's own policy overriding the coordinator's request, and a budget that a restart never resets.
+
+Each run is 2 rounds of Fed-Heart-Disease with real Opacus DP-SGD in Flower's simulation engine,
+crypto=plain and no chain. Every run gets its own tmp folder, so the sites' ledgers
+(<runs_dir parent>/.medtwin-sites/<site>/privacy-ledger.json) are the test's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from medtwin.core.config import MedtwinConfig, compose_config
+
+pytestmark = pytest.mark.slow
+
+SITES = ["cleveland", "hungarian", "switzerland", "va"]
+TARGET_EPSILON = 1.0
+STRICT_SITE = "switzerland"
+STRICT_MAX_EPSILON = 0.5
+
+
+@dataclass(frozen=True)
+class Run:
+    config: MedtwinConfig
+    path: Path
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.path / "summary.json").read_text())
+
+    def records(self, phase: str) -> list[dict[str, Any]]:
+        lines = (self.path / "metrics.jsonl").read_text().splitlines()
+        return [record for record in map(json.loads, lines) if record["phase"] == phase]
+
+
+def dp_config(root: Path, *, run_id: str) -> MedtwinConfig:
+    return compose_config(
+        [
+            "task=fed_heart_disease",
+            "federation.num_rounds=2",
+            "baselines.enabled=false",
+            "progress=false",
+            f"runs_dir={root / 'runs'}",
+            "privacy=dp",
+            f"privacy.target_epsilon={TARGET_EPSILON}",
+            "crypto=plain",
+            "chain=none",
+            f"run_id={run_id}",
+        ]
+    )
+
+
+def ledger(config: MedtwinConfig, site: str):
+    from medtwin.client.privacy import BudgetLedger
+    from medtwin.experiments.federation_setup import site_state_dir
+
+    return BudgetLedger(site_state_dir(config, site) / "privacy-ledger.json", site)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    from medtwin.experiments.simulate import simulate
+
+    config = dp_config(tmp_path_factory.mktemp("dp-run"), run_id="dp-run")
+    return Run(config=config, path=simulate(config))
+
+
+@pytest.fixture(scope="module")
+def strict_site_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One hospital's policy allows less epsilon than the run requests.
+
+    simulate() takes no site-policy file, and monkeypatching federation_setup.SITE_POLICIES has no
+    effect (it is bound as simulated_policies' default argument at import), so the harness's
+    policy loader — a boundary we own — is pointed at a tmp YAML instead.
+    """
+    from medtwin.experiments import federation_setup
+    from medtwin.experiments.simulate import simulate
+
+    root = tmp_path_factory.mktemp("strict-site-run")
+    policy_file = root / "site-policies.yaml"
+    document = yaml.safe_load(federation_setup.SITE_POLICIES.read_text(encoding="utf-8"))
+    document["sites"] = {STRICT_SITE: {"max-epsilon": STRICT_MAX_EPSILON}}
+    policy_file.write_text(yaml.safe_dump(document), encoding="utf-8")
+    config = dp_config(root, run_id="strict-site-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            federation_setup, "simulated_policies", functools.partial(federation_setup.simulated_policies, path=policy_file)
+        )
+        path = simulate(config)
+    return Run(config=config, path=path)
+
+
+# -- a DP run ------------------------------------------------------------------------------------
+
+
+def test_summary_reports_epsilon_and_delta_per_site_within_the_target(dp_run: Run) -> None:
+    summary = dp_run.summary
+    privacy_config = dp_run.config.privacy
+    assert summary["rounds_completed"] == 2 and summary["rejections"] == []
+    assert sorted(summary["privacy"]) == SITES
+    ceiling = privacy_config.target_epsilon * (1 + privacy_config.epsilon_tolerance)
+    for site, spent in summary["privacy"].items():
+        assert set(spent) == {"epsilon", "delta"}, site
+        assert 0 < spent["epsilon"] <= ceiling, (site, spent)
+        assert spent["epsilon"] >= 0.9 * privacy_config.target_epsilon, (site, spent)  # calibrated, not just "small"
+        assert spent["delta"] == privacy_config.target_delta
+        assert ledger(dp_run.config, site).spent("dp-run") == pytest.approx(spent["epsilon"], rel=1e-12)
+
+
+def test_report_has_the_privacy_paragraph(dp_run: Run) -> None:
+    summary = dp_run.summary
+    report = (dp_run.path / "report.md").read_text(encoding="utf-8")
+    assert "## Privacy" in report
+    assert summary["privacy_text"] in report
+    assert "differential privacy" in summary["privacy_text"].lower()
+    worst = max(spent["epsilon"] for spent in summary["privacy"].values())
+    assert f"ε={worst:.2f}" in summary["privacy_text"]
+    for site in SITES:
+        assert re.search(rf"\|\s*{site}\s*\|\s*{summary['privacy'][site]['epsilon']:.3f}\s*\|", report), site
+
+
+def test_metrics_carry_per_site_epsilon_that_grows_with_rounds(dp_run: Run) -> None:
+    first, second = dp_run.records("train")
+    for site in SITES:
+        assert 0 < first["sites"][site]["epsilon"] < second["sites"][site]["epsilon"], site
+        assert second["sites"][site]["epsilon"] == dp_run.summary["privacy"][site]["epsilon"]
+        # one noise multiplier per site for the whole run, calibrated to its own sample rate
+        assert first["sites"][site]["noise_multiplier"] == second["sites"][site]["noise_multiplier"] > 0
+        assert "train_loss" not in first["sites"][site]  # the non-DP training loss stays at the site
+        assert [spend.round for spend in ledger(dp_run.config, site).run("dp-run").rounds] == [1, 2]
+
+
+# -- the site's policy wins ------------------------------------------------------------------------
+
+
+def test_a_sites_policy_wins_over_the_requested_epsilon(strict_site_run: Run) -> None:
+    summary = strict_site_run.summary
+    others = [site for site in SITES if site != STRICT_SITE]
+    assert summary["rounds_completed"] == 2
+    rejections = summary["rejections"]
+    assert [(r["round"], r["site"]) for r in rejections] == [(1, STRICT_SITE), (2, STRICT_SITE)]
+    for rejection in rejections:
+        assert f"max_epsilon {STRICT_MAX_EPSILON}" in rejection["reason"], rejection
+        assert f"requested epsilon {TARGET_EPSILON}" in rejection["reason"], rejection
+    for record in strict_site_run.records("train"):
+        assert record["participants"] == others
+        assert STRICT_SITE in record["rejected"] and STRICT_SITE not in record["update_sha256"]
+    assert sorted(summary["privacy"]) == others
+    assert ledger(strict_site_run.config, STRICT_SITE).run("strict-site-run") is None  # refused before spending
+    assert ledger(strict_site_run.config, STRICT_SITE).spent("strict-site-run") == 0.0
+    assert ledger(strict_site_run.config, "va").spent("strict-site-run") > 0
+    assert set(summary["final_metrics"]["sites"]) == set(SITES)  # it still evaluates the shared model
+
+
+# -- restarts never reset the budget (last: it reuses dp_run's folders) ------------------------------
+
+
+def test_running_the_same_run_id_again_is_refused_and_spends_nothing(dp_run: Run) -> None:
+    from medtwin.core.errors import RoundFailedError
+    from medtwin.experiments.simulate import simulate
+
+    ledgers_before = {site: ledger(dp_run.config, site) for site in SITES}
+    spent_before = {site: book.spent("dp-run") for site, book in ledgers_before.items()}
+    assert all(spent > 0 for spent in spent_before.values())
+
+    again = dp_config(Path(dp_run.config.runs_dir).parent, run_id="dp-run")  # same run id, same runs_dir
+    replay = "round 1 of run 'dp-run' is already in this site's ledger"
+    try:
+        path = simulate(again)
+    except RoundFailedError as error:  # no site trained, so round 1 cannot close
+        refused = {site for site in SITES if f"{site}: {replay}" in str(error)}
+    else:
+        rejections = json.loads((path / "summary.json").read_text())["rejections"]
+        refused = {r["site"] for r in rejections if r["round"] == 1 and replay in r["reason"]}
+    assert refused == set(SITES)
+
+    for site in SITES:
+        after = ledger(dp_run.config, site)
+        assert after.spent("dp-run") >= spent_before[site], site
+        assert after.spent("dp-run") == spent_before[site]  # refused as replay: nothing spent twice
+        assert [spend.round for spend in after.run("dp-run").rounds] == [1, 2]

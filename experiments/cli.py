@@ -115,11 +115,12 @@ def demo(
 
 
 def register_admin_commands() -> None:
-    from .cli_admin import audit_app, chain_app, provision_command, site_app
+    from .cli_admin import audit_app, chain_app, model_app, provision_command, site_app
 
     app.add_typer(chain_app, name="chain")
     app.add_typer(audit_app, name="audit")
     app.add_typer(site_app, name="site")
+    app.add_typer(model_app, name="model")
     app.command("provision")(provision_command)
 
 

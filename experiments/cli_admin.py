@@ -155,3 +155,64 @@ def site_install_key_command(
     from medtwin.core.identity import install_he_secret
 
     console.print(f"installed {install_he_secret(kit, envelope)}")
+
+
+model_app = typer.Typer(no_args_is_help=True, help="Release a trained model (an explicit, logged act of a key-holding site).")
+
+
+@model_app.command("export")
+def model_export_command(
+    run: Annotated[str, typer.Argument(help="run id")],
+    site: Annotated[str, typer.Option("--site", help="the exporting site's id")],
+    out: Annotated[Path, typer.Option("--out", help="where to write the plaintext model (torch state_dict)")],
+    kit: Annotated[Path | None, typer.Option("--kit", help="the site's kit (needed to decrypt a CKKS run)")] = None,
+    state_dir: StateDir = Path(".medtwin/chain"),
+    runs_dir: RunsDir = Path("runs"),
+) -> None:
+    """Decrypt the run's final model at a site, write it, and log the export on both chains."""
+    import io
+
+    import torch
+
+    from medtwin.chain import Decision, open_session
+    from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
+    from medtwin.core.config import config_from_yaml
+    from medtwin.core.model_vector import vector_to_model
+    from medtwin.core.protocol import record_from_bytes
+    from medtwin.core.rundir import RunDirectory, atomic_write_bytes
+    from medtwin.core.tasks import get_task
+
+    run_dir = RunDirectory(runs_dir, run)
+    config = config_from_yaml((run_dir.path / "config.yaml").read_text())
+    model_hash = run_dir.read_summary()["final_aggregate_sha256"]
+    session = open_session(replace_state_dir(config.chain, state_dir))
+    admitted = session.auth.is_admitted(site_id=site, run_id=run)
+    reason = "ok" if admitted else "not_admitted"
+    session.auth.record_decisions(
+        [Decision(action="export_model", granted=admitted, reason=reason, site_id=site, subject=model_hash)],
+        run_id=run,
+        round_index=0,
+        batch_label=f"export:{site}",
+    )
+    if not admitted:
+        console.print(f"[red]refused:[/red] {site} is not admitted to run {run} on the authorization chain (logged)")
+        raise typer.Exit(code=1)
+    if config.crypto.name == "ckks" and kit is None:
+        raise typer.BadParameter("a CKKS run can only be decrypted with the site's kit: pass --kit")
+    codec = CkksSiteCodec.from_kit(str(kit)) if config.crypto.name == "ckks" else PlainSiteCodec()
+    average, _ = codec.average(record_from_bytes(_artifact_store(runs_dir, run).get(model_hash)))
+    task = get_task(config.task)
+    torch.manual_seed(config.seed)
+    model = task.build_model()
+    vector_to_model(model, average)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
+    receipt = session.data.release_model(model_hash=model_hash, run_id=run, site_id=site)
+    console.print(f"model {model_hash[:16]}… of run {run} written to {out}; release {receipt.status} on the data chain")
+
+
+def replace_state_dir(chain, state_dir: Path):
+    from dataclasses import replace
+
+    return replace(chain, state_dir=str(state_dir))

@@ -384,3 +384,22 @@ def test_stopping_and_restarting_the_nodes_keeps_every_record(chain_run: Run, re
     assert after.auth.site(REVOKED_SITE).revoked_at > 0
     code, report = verify(chain_run)
     assert code == 0 and report["rounds_checked"] == 2, report
+
+
+def test_model_export_is_a_logged_act_of_an_admitted_site(chain_run: Run, tmp_path: Path) -> None:
+    """Runs last: it adds an export decision and a release to the run's chain records."""
+    kit = chain_run.runs_dir.parent / ".medtwin-kits" / "fed_heart_disease" / "runs" / RUN / "sites" / "cleveland"
+    common = ("--state-dir", str(chain_run.state_dir), "--runs-dir", str(chain_run.runs_dir))
+    exported = cli("model", "export", RUN, "--site", "cleveland", "--kit", str(kit), "--out", str(tmp_path / "m.pt"), *common)
+    assert exported.returncode == 0, exported.stderr
+    import torch
+
+    state = torch.load(tmp_path / "m.pt")
+    assert sum(tensor.numel() for tensor in state.values()) == chain_run.summary["crypto"]["num_parameters"]
+    refused = cli("model", "export", RUN, "--site", "mallory", "--out", str(tmp_path / "x.pt"), *common)
+    assert refused.returncode == 1 and not (tmp_path / "x.pt").exists()
+    _, access = cli_json("audit", "access", "--state-dir", str(chain_run.state_dir))
+    exports = [(d["granted"], d["reason"]) for d in access["decisions"] if d["action"] == "export_model"]
+    assert (True, "ok") in exports and (False, "not_admitted") in exports
+    session = open_readonly(chain_run.state_dir)
+    assert session.data.release(chain_run.summary["final_aggregate_sha256"]) is not None

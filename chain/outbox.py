@@ -11,13 +11,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from medtwin.core.rundir import atomic_write_bytes
 
 from .errors import OutboxError
 
@@ -65,17 +66,7 @@ def decode_args(args: list[Any]) -> list[Any]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"), mode=FILE_MODE)
 
 
 def _append_line(path: Path, entry: dict[str, Any]) -> None:

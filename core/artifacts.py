@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MedtwinError
+from .rundir import atomic_write_bytes
 
 __all__ = [
     "ArtifactCorruptedError",
@@ -73,14 +73,6 @@ def _check_digest(digest: str) -> str:
     return normalized
 
 
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 class ArtifactStore:
     """A folder of immutable blobs named by their sha256."""
 
@@ -102,19 +94,7 @@ class ArtifactStore:
         target = self.path(digest)
         if target.is_file() and sha256_hex(target.read_bytes()) == digest:
             return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temporary, FILE_MODE)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        atomic_write_bytes(target, data, mode=FILE_MODE)
         self._append_index({"sha256": digest, "kind": kind, "size": len(data)})
         return digest
 

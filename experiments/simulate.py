@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from medtwin.client.app import build_client_app
-from medtwin.client.codec import CkksSiteCodec
+from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, config_to_yaml
-from medtwin.core.protocol import average_from_sum, record_from_bytes, unpack_plain
+from medtwin.core.protocol import record_from_bytes
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
 from medtwin.server.app import build_server_app, make_run_id
@@ -85,16 +85,11 @@ def connect_chains(
     return ChainProvenance(session=session, artifacts_root=artifacts_root, manifest=federation.manifest), check
 
 
-def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation) -> tuple[np.ndarray, np.ndarray]:
-    """(average weights, packed plaintext sum) of the last round, decoded as a site would."""
-    summary = run_dir.read_summary()
-    aggregate = record_from_bytes(ArtifactStore(run_dir.artifacts).get(summary["final_aggregate_sha256"]))
-    if config.crypto.name == "plain":
-        packed = unpack_plain(aggregate)
-        return average_from_sum(packed)[0], packed
-    codec = CkksSiteCodec.from_kit(federation.sites[0].kit_dir)
-    average, _ = codec.average(aggregate)
-    return average, np.array([])
+def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation, digest: str) -> np.ndarray:
+    """The last round's average weights, decoded by the first site's own codec."""
+    aggregate = record_from_bytes(ArtifactStore(run_dir.artifacts).get(digest))
+    codec = CkksSiteCodec.from_kit(federation.sites[0].kit_dir) if config.crypto.name == "ckks" else PlainSiteCodec()
+    return codec.average(aggregate)[0]
 
 
 def measured_decryption_error(run_dir: RunDirectory, federation: SimulatedFederation, average: np.ndarray) -> float:
@@ -112,7 +107,7 @@ def add_simulation_findings(
     """What only the simulation harness can know: baselines vs federated, and the measured HE error."""
     run_dir = RunDirectory(run_path.parent, run_path.name)
     summary = run_dir.read_summary()
-    average, _ = final_average(config, run_dir, federation)
+    average = final_average(config, run_dir, federation, summary["final_aggregate_sha256"])
     if config.crypto.name == "ckks":
         summary["crypto"]["max_decryption_error"] = measured_decryption_error(run_dir, federation, average)
     if baselines is not None:

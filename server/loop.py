@@ -137,13 +137,12 @@ class RoundLoop:
             if reply.has_error():
                 rejected.append(Rejection(site_id, node_id, f"site error: {site_error_reason(reply.error.reason)}", server_round, "site_error"))
                 continue
+            site_record = reply.content[SITE] if SITE in reply.content else {}
             if UPDATE not in reply.content:
-                site_record = reply.content[SITE] if SITE in reply.content else {}
                 reason = str(site_record.get("reason", "no update"))
                 code = str(site_record.get("status", "no_update"))
                 rejected.append(Rejection(site_id, node_id, reason, server_round, code))
                 continue
-            site_record = reply.content[SITE] if SITE in reply.content else {}
             update = SiteUpdate(
                 site_id=site_id,
                 node_id=node_id,

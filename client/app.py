@@ -1,57 +1,113 @@
-"""The hospital site's Flower ClientApp: train on local data, evaluate the shared model locally."""
+"""The hospital site's Flower ClientApp: the site's own file decides; the coordinator only proposes.
+
+Every message is checked in the same order, in simulation as in deployment:
+
+1. the site file (node_config `site-file`; a simulation harness names one file per virtual node);
+2. the run proposal (run_config `medtwin-config-yaml`), parsed as plain data within the file's bounds;
+3. the site's approval of (run id, config hash, code hash) — on the auth chain, or in its own state;
+4. the aggregate's round certificate (signed claims of its participants, enough of them, its hash);
+5. privacy: the site's policy and budget ledger (reserved under one lock before training);
+6. every reply — update, evaluation or refusal — is a claim signed with the site's own key.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medtwin.core.config import MedtwinConfig, config_to_yaml
+from medtwin.core.hashing import code_hash
+from medtwin.core.identity import ReplyClaim, sign_claim
 from medtwin.core.model_vector import model_to_vector, vector_to_model
-from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE
+from medtwin.core.protocol import (
+    AGGREGATE,
+    CERTIFICATE,
+    INSTRUCTION,
+    METRICS,
+    SITE,
+    UPDATE,
+    metrics_sha256,
+    payload_sha256,
+    site_reply_record,
+)
 from medtwin.core.provenance import RunApprovalCheck
-from medtwin.core.runconfig import config_from_run_config
-from medtwin.core.tasks import TwinTask
+from medtwin.core.runconfig import CONFIG_YAML_KEY
 
-from .privacy import commit_round, plan_round, train_locally_dp
-from .site import Site, SiteLocal, dataset_manifest_hash, load_site, site_index_from_node_config
+from .aggregate_check import AggregateRefused, VerifiedAggregate, check_example_count, verify_certificate
+from .privacy import PrivacyError, plan_round, reserve_round, train_locally_dp
+from .proposal import ProposalRefused
+from .release import release_metrics
+from .site import Site, dataset_manifest_hash, load_site
+from .site_state import EvaluationRegister, SiteApprovals
 from .training import LocalTrainingResult, train_locally
 
 logger = logging.getLogger("medtwin.site")
 
-def initial_model(task: TwinTask, *, seed: int) -> torch.nn.Module:
+SITE_FILE_KEY = "site-file"  # node_config: the only thing a SuperNode tells its ClientApp
+SITES_DIR_ENV = "MEDTWIN_SITES_DIR"  # simulation engine: a folder of site files + index.json by partition id
+
+
+class RoundRefused(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def initial_model(task, *, seed: int) -> torch.nn.Module:
     """Round 1 starts from a public, seeded model that every site builds identically."""
     torch.manual_seed(seed)
     return task.build_model()
 
 
-def current_model(site: Site, aggregate: ArrayRecord | None) -> tuple[torch.nn.Module, float]:
-    """The shared model (initial, or the decoded aggregate) and the decoding error bound."""
+def site_file_for(node_config: Mapping[str, object], site_files: Mapping[int, str]) -> str:
+    """This node's site file: node_config `site-file`, the harness's file for its partition, or the sites folder."""
+    if SITE_FILE_KEY in node_config:
+        return str(node_config[SITE_FILE_KEY])
+    partition = node_config.get("partition-id")
+    if partition is not None and int(partition) in site_files:
+        return site_files[int(partition)]
+    sites_dir = os.environ.get(SITES_DIR_ENV, "")
+    if partition is not None and sites_dir:
+        index = json.loads((Path(sites_dir) / "index.json").read_text(encoding="utf-8"))
+        return str(Path(sites_dir) / index[str(int(partition))])
+    raise KeyError(f"this node has no site file: start the SuperNode with --node-config '{SITE_FILE_KEY}=\"/path/site.yaml\"'")
+
+
+def current_model(site: Site, message: Message, *, certificate_round: int) -> tuple[torch.nn.Module, VerifiedAggregate | None]:
+    """The shared model: initial in round 1, else the verified, decoded aggregate."""
     model = initial_model(site.task, seed=site.config.seed)
+    aggregate = message.content.array_records.get(AGGREGATE) if AGGREGATE in message.content else None
     if aggregate is None:
-        return model, 0.0
+        return model, None
+    verified = verify_certificate(
+        message.content.config_records.get(CERTIFICATE),
+        aggregate,
+        manifest=site.kit.manifest,
+        run_id=site.proposal.run_id,
+        server_round=certificate_round,
+        min_participants=max(site.file.evaluation.min_participants, site.config.federation.min_sites),
+    )
     average, total_examples = site.codec.average(aggregate)
+    check_example_count(verified, total_examples, error_bound=site.codec.count_error_bound())
     vector_to_model(model, average)
-    return model, site.codec.error_bound(total_examples=total_examples)
+    return model, verified
 
 
-def refusal(message: Message, site: Site, *, status: str, reason: str) -> Message:
-    """A reply without an update: the coordinator logs the reason, the round goes on without this site."""
-    logger.warning("site %s refused round: %s", site.site_id, reason)
-    content = RecordDict({SITE: ConfigRecord({"site_id": site.site_id, "status": status, "reason": reason})})
-    return Message(content=content, reply_to=message)
+def train_round(site: Site, model: torch.nn.Module, *, server_round: int) -> tuple[LocalTrainingResult, float, float, dict]:
+    """Local training under the site's own policy and budget. Returns (result, ε, δ, shared metrics).
 
-
-def train_round(site: Site, model: torch.nn.Module, *, server_round: int, run_id: str) -> tuple[LocalTrainingResult, dict]:
-    """Local training, DP-SGD under the site's own policy and budget when privacy=dp.
-
-    Returns the result and the metrics the site shares. Raises `RoundRefused` when the site says no.
+    Raises `RoundRefused` when the site says no.
     """
     settings = site.config.strategy
+    run_id = site.proposal.run_id
     common = dict(
         loss_fn=site.task.loss_fn(),
         local_steps=settings.local_steps,
@@ -59,14 +115,21 @@ def train_round(site: Site, model: torch.nn.Module, *, server_round: int, run_id
         optimizer_name=settings.optimizer,
         learning_rate=settings.learning_rate,
         proximal_mu=settings.proximal_mu if settings.name == "fedprox" else 0.0,
-        seed=_step_seed(site.config.seed, server_round, site.index),
+        seed=_step_seed(site.config.seed, server_round, site.seed_index),
     )
+    policy = site.policy()
     if site.config.privacy.name != "dp":
+        if policy.require_dp:
+            raise RoundRefused(
+                "refused:policy",
+                f"the run asks for no differential privacy (privacy.name={site.config.privacy.name!r}); "
+                f"this site requires DP (its site file: privacy.require_dp, max_epsilon {policy.max_epsilon:g})",
+            )
         result = train_locally(model, site.data.x_train, site.data.y_train, **common)
-        return result, {"train_loss": result.mean_loss}
+        return result, 0.0, 0.0, {"train_loss": result.mean_loss}
     ledger = site.ledger()
     plan = plan_round(
-        policy=site.policy(),
+        policy=policy,
         ledger=ledger,
         run_id=run_id,
         round=server_round,
@@ -77,7 +140,11 @@ def train_round(site: Site, model: torch.nn.Module, *, server_round: int, run_id
         num_rounds=site.config.federation.num_rounds,
     )
     if not plan.allowed:
-        raise RoundRefused(plan.refusal or "refused", plan.reason)
+        raise RoundRefused(f"refused:{plan.refusal or 'policy'}", plan.reason)
+    try:
+        epsilon = reserve_round(ledger=ledger, plan=plan)  # check and spend under one lock, before training
+    except PrivacyError as error:
+        raise RoundRefused("refused:budget", str(error)) from None
     result = train_locally_dp(
         model,
         site.data.x_train,
@@ -88,83 +155,177 @@ def train_round(site: Site, model: torch.nn.Module, *, server_round: int, run_id
         grad_sample_mode=site.config.privacy.grad_sample_mode,
         secure_mode=site.config.privacy.secure_mode,
     )
-    epsilon = commit_round(ledger=ledger, plan=plan, steps_taken=result.steps)
     # the training loss is not DP-protected: it stays at the site
-    return result, {"epsilon": epsilon, "delta": plan.target_delta, "noise_multiplier": plan.noise_multiplier}
-
-
-class RoundRefused(Exception):
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+    return result, epsilon, plan.target_delta, {"noise_multiplier": plan.noise_multiplier}
 
 
 def build_client_app(
-    config: MedtwinConfig | None = None,
-    sites: Mapping[int, SiteLocal] | None = None,
+    *,
+    proposal_text: str | None = None,
+    site_files: Mapping[int, str] | None = None,
     approval_check: RunApprovalCheck | None = None,
 ) -> ClientApp:
-    """A ClientApp bound to `config` (or the run's run_config); in simulation, `sites` gives each site index
-    its own local settings (kit, state folder, policy); `approval_check` reads the site's run approval."""
-    config_yaml = config_to_yaml(config) if config is not None else None
-    site_settings = dict(sites or {})
+    """The ClientApp. Deployed, it reads the proposal from the run_config and the site file from node_config;
+    a simulation harness passes the same proposal text and one site file per virtual node. `approval_check`
+    reads approvals on the authorization chain (site files with `approvals: chain`)."""
+    bound_files = dict(site_files or {})
     app = ClientApp()
 
-    def site_for(context: Context) -> Site:
+    def open_site(context: Context) -> Site:
         torch.set_num_threads(1)
-        yaml_text = config_yaml or config_to_yaml(config_from_run_config(context.run_config))
-        index = site_index_from_node_config(context.node_config)
-        local = SiteLocal.from_node_config(context.node_config, site_settings.get(index))
-        return load_site(yaml_text, index, local)
+        text = proposal_text if proposal_text is not None else context.run_config.get(CONFIG_YAML_KEY, "")
+        return load_site(site_file_for(context.node_config, bound_files), str(text))
+
+    def handle(message: Message, context: Context, phase) -> Message:
+        try:
+            site = open_site(context)
+        except ProposalRefused as refused:
+            # nothing of the proposal was used; the reply carries no site claim (no site was opened)
+            logger.warning("proposal refused: %s", refused.reason)
+            return Message(
+                content=RecordDict({SITE: ConfigRecord({"status": f"refused:{refused.code}", "reason": refused.reason[:500]})}),
+                reply_to=message,
+            )
+        try:
+            server_round = _instructed_round(message, site)
+            approval_problem = _approval_problem(site, approval_check)
+            if approval_problem:
+                raise RoundRefused("refused:not_approved", approval_problem)
+            return phase(site, message, server_round, approval_check)
+        except (RoundRefused, AggregateRefused, ProposalRefused) as refused:
+            code = getattr(refused, "code", "refused:unverified_aggregate")
+            if isinstance(refused, ProposalRefused):
+                code = f"refused:{refused.code}"
+            return refusal(message, site, server_round=_safe_round(message), status=code, reason=refused.reason)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        site = site_for(context)
-        order = message.content[INSTRUCTION]
-        server_round = int(order["round"])
-        run_id = str(order["run_id"])
-        if approval_check is not None:
-            problem = approval_check.problem(site_id=site.site_id, run_id=run_id)
-            if problem:
-                return refusal(message, site, status="not_approved", reason=problem)
-        model, _ = current_model(site, message.content.get(AGGREGATE))
-        try:
-            result, shared_metrics = train_round(site, model, server_round=server_round, run_id=run_id)
-        except RoundRefused as refused:
-            return refusal(message, site, status=refused.status, reason=refused.reason)
-        logger.info("site %s trained round %d: %d steps", site.site_id, server_round, result.steps)
-        update, proof = site.codec.pack(
-            model_to_vector(model), num_examples=result.num_examples, run_id=run_id, server_round=server_round
-        )
-        content = RecordDict(
-            {
-                UPDATE: update,
-                SITE: ConfigRecord(
-                    {"site_id": site.site_id, "status": "trained", "dataset_manifest": dataset_manifest_hash(site), **proof}
-                ),
-                METRICS: MetricRecord(shared_metrics),
-            }
-        )
-        return Message(content=content, reply_to=message)
+        return handle(message, context, train_phase)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        site = site_for(context)
-        model, error_bound = current_model(site, message.content.get(AGGREGATE))
-        metrics = site.task.evaluate(model, site.data.x_test, site.data.y_test)
-        metrics["num_parameters"] = float(model_to_vector(model).size)
-        if site.codec.scheme != "plain":
-            metrics["he_error_bound"] = error_bound
-        content = RecordDict(
-            {
-                SITE: ConfigRecord({"site_id": site.site_id, "status": "evaluated"}),
-                METRICS: MetricRecord({key: float(value) for key, value in metrics.items()}),
-            }
-        )
-        return Message(content=content, reply_to=message)
+        return handle(message, context, evaluate_phase)
 
     return app
+
+
+def train_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
+    model, _ = current_model(site, message, certificate_round=server_round - 1)
+    result, epsilon, delta, shared_metrics = train_round(site, model, server_round=server_round)
+    logger.info("site %s trained round %d: %d steps", site.site_id, server_round, result.steps)
+    update = site.codec.pack(model_to_vector(model), num_examples=result.num_examples, run_id=site.proposal.run_id)
+    claim = ReplyClaim(
+        kind="update",
+        run_id=site.proposal.run_id,
+        server_round=server_round,
+        site_id=site.site_id,
+        payload_sha256=payload_sha256(update),
+        num_examples=int(result.num_examples),
+        epsilon=float(epsilon),
+        delta=float(delta),
+        dataset_manifest=dataset_manifest_hash(site),
+        status="trained",
+    )
+    content = RecordDict(
+        {
+            UPDATE: update,
+            SITE: site_reply_record(claim, sign_claim(site.kit.signing_key, claim)),
+            METRICS: MetricRecord({key: float(value) for key, value in shared_metrics.items()}),
+        }
+    )
+    return Message(content=content, reply_to=message)
+
+
+def evaluate_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
+    if AGGREGATE not in message.content:
+        raise RoundRefused("refused:no_aggregate", "an evaluation needs the round's aggregate")
+    model, verified = current_model(site, message, certificate_round=server_round)
+    assert verified is not None
+    if site.file.approvals == "chain" and approval_check is not None:
+        problem = approval_check.aggregate_problem(
+            run_id=site.proposal.run_id, server_round=server_round, aggregate_sha256=verified.aggregate_sha256
+        )
+        if problem:
+            raise RoundRefused("refused:unanchored", problem)
+    problem = EvaluationRegister(site.file.state_dir).record_once(
+        run_id=site.proposal.run_id, server_round=server_round, aggregate_sha256=verified.aggregate_sha256
+    )
+    if problem:
+        raise RoundRefused("refused:already_evaluated", problem)
+    policy = site.file.evaluation
+    if policy.release == "dp":
+        try:
+            site.ledger().reserve_release(
+                site.proposal.run_id,
+                round=server_round,
+                epsilon=policy.epsilon_per_release,
+                max_total_epsilon=site.policy().max_total_epsilon,
+            )
+        except PrivacyError as error:
+            raise RoundRefused("refused:budget", str(error)) from None
+    metrics = site.task.evaluate(model, site.data.x_test, site.data.y_test)
+    released = release_metrics({key: float(value) for key, value in metrics.items()}, policy)
+    released["num_parameters"] = float(model_to_vector(model).size)
+    if site.codec.scheme != "plain":
+        released["he_error_bound"] = site.codec.error_bound(total_examples=verified.claimed_examples)
+    claim = ReplyClaim(
+        kind="evaluate",
+        run_id=site.proposal.run_id,
+        server_round=server_round,
+        site_id=site.site_id,
+        payload_sha256=metrics_sha256(released),
+        epsilon=policy.epsilon_per_release if policy.release == "dp" else 0.0,
+        status="evaluated",
+        aggregate_sha256=verified.aggregate_sha256,
+    )
+    content = RecordDict(
+        {SITE: site_reply_record(claim, sign_claim(site.kit.signing_key, claim)), METRICS: MetricRecord(released)}
+    )
+    return Message(content=content, reply_to=message)
+
+
+def refusal(message: Message, site: Site, *, server_round: int, status: str, reason: str) -> Message:
+    """A signed reply without an update: the coordinator logs the reason, the round goes on without this site."""
+    logger.warning("site %s refused round %d: %s", site.site_id, server_round, reason)
+    claim = ReplyClaim(
+        kind="update" if message.metadata.message_type == "train" else "evaluate",
+        run_id=site.proposal.run_id,
+        server_round=server_round,
+        site_id=site.site_id,
+        payload_sha256="",
+        status=status[:64],
+    )
+    content = RecordDict({SITE: site_reply_record(claim, sign_claim(site.kit.signing_key, claim), reason=reason)})
+    return Message(content=content, reply_to=message)
+
+
+def _approval_problem(site: Site, approval_check: RunApprovalCheck | None) -> str | None:
+    binding = dict(site_id=site.site_id, run_id=site.proposal.run_id, config_hash=site.proposal.config_hash, code_hash=code_hash())
+    if site.file.approvals == "chain":
+        if approval_check is None:
+            return "this site approves runs on the authorization chain, but no chain is connected to its ClientApp"
+        return approval_check.problem(**binding)
+    return SiteApprovals(site.file.state_dir).problem(**binding)
+
+
+def _instructed_round(message: Message, site: Site) -> int:
+    order = message.content.config_records.get(INSTRUCTION) if INSTRUCTION in message.content else None
+    if order is None:
+        raise RoundRefused("refused:bad_instruction", "the message carries no instruction")
+    run_id, server_round = order.get("run_id"), order.get("round")
+    if run_id != site.proposal.run_id:
+        raise RoundRefused("refused:run_mismatch", f"the instruction's run id differs from the proposal's {site.proposal.run_id!r}")
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or not 1 <= server_round <= site.config.federation.num_rounds:
+        raise RoundRefused("refused:bad_instruction", f"round {server_round!r} is outside the proposal's 1..{site.config.federation.num_rounds}")
+    return server_round
+
+
+def _safe_round(message: Message) -> int:
+    try:
+        value = message.content.config_records[INSTRUCTION]["round"]
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    except (KeyError, TypeError):
+        return 0
 
 
 def _step_seed(seed: int, server_round: int, site_index: int) -> int:

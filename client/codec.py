@@ -1,16 +1,19 @@
-"""How a site reads the aggregate it receives and packs the update it sends: plain or CKKS-encrypted."""
+"""How a site reads the aggregate it receives and packs the update it sends: plain or CKKS-encrypted.
+
+Codecs only encode and decode; the site signs what leaves it (client/app.py) for every scheme.
+"""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord
 
-from medtwin.core.he import HeContext, decrypt_average, encrypt_update, update_digest
-from medtwin.core.he.params import average_error_bound
-from medtwin.core.identity import SiteKit, load_site_he_context, load_site_kit, sign_update
-from medtwin.core.rundir import atomic_write_bytes
+from medtwin.core.he import HeContext, decrypt_average, encrypt_update
+from medtwin.core.he.params import average_error_bound, decryption_error_bound
+from medtwin.core.identity import load_site_he_context
 from medtwin.core.protocol import (
     average_from_sum,
     chunks_to_record,
@@ -18,6 +21,7 @@ from medtwin.core.protocol import (
     record_to_chunks,
     unpack_plain,
 )
+from medtwin.core.rundir import atomic_write_bytes
 
 
 class PlainSiteCodec:
@@ -29,23 +33,25 @@ class PlainSiteCodec:
     def error_bound(self, *, total_examples: float) -> float:
         return 0.0
 
-    def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str, server_round: int) -> tuple[ArrayRecord, dict]:
-        return pack_plain_update(weights, num_examples=num_examples), {}
+    def count_error_bound(self) -> float:
+        return 0.0
+
+    def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str) -> ArrayRecord:
+        return pack_plain_update(weights, num_examples=num_examples)
 
 
 class CkksSiteCodec:
-    """Decrypts with the site's secret CKKS context; encrypts and signs with its kit's keys."""
+    """Decrypts with the site's secret CKKS context for the run's key id; encrypts its update."""
 
     scheme = "ckks"
 
-    def __init__(self, kit: SiteKit, context: HeContext) -> None:
-        self.kit = kit
+    def __init__(self, context: HeContext, *, kit_dir: Path) -> None:
         self.context = context
+        self.kit_dir = Path(kit_dir)
 
     @classmethod
-    def from_kit(cls, kit_dir: str) -> CkksSiteCodec:
-        kit = load_site_kit(kit_dir)
-        return cls(kit, load_site_he_context(kit))
+    def from_kit(cls, kit_dir: str | Path, key_id: str = "") -> CkksSiteCodec:
+        return cls(load_site_he_context(kit_dir, key_id or None), kit_dir=Path(kit_dir))
 
     def average(self, aggregate: ArrayRecord) -> tuple[np.ndarray, float]:
         chunks = record_to_chunks(aggregate)
@@ -56,18 +62,16 @@ class CkksSiteCodec:
         parameters = self.context.parameters
         return average_error_bound(parameters, num_sites=parameters.num_sites, total_examples=total_examples)
 
-    def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str, server_round: int) -> tuple[ArrayRecord, dict]:
+    def count_error_bound(self) -> float:
+        """Bound on the absolute error of any decrypted sum slot, the example count included."""
+        parameters = self.context.parameters
+        return decryption_error_bound(parameters, parameters.num_sites)
+
+    def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str) -> ArrayRecord:
         chunks = encrypt_update(self.context, weights, num_examples)
         # the site keeps its own plaintext update (it never leaves the site): lets it, or a simulation
         # harness acting for it, measure the aggregate's real decryption error
         kept = io.BytesIO()
         np.save(kept, np.append(weights * num_examples, float(num_examples)))
-        atomic_write_bytes(self.kit.path / "state" / f"last-update-{run_id}.npy", kept.getvalue(), mode=0o600)
-        signature = sign_update(
-            self.kit.signing_key,
-            run_id=run_id,
-            server_round=server_round,
-            site_id=self.kit.site_id,
-            ciphertext_digest=update_digest(chunks),
-        )
-        return chunks_to_record(chunks), {"signature": signature}
+        atomic_write_bytes(self.kit_dir / "state" / f"last-update-{run_id}.npy", kept.getvalue(), mode=0o600)
+        return chunks_to_record(chunks)

@@ -1,94 +1,119 @@
-"""A site's own setting: data, codec, privacy policy and budget ledger — never the coordinator's."""
+"""A site for one run: the hospital's own site file, and the coordinator's proposal it accepted.
+
+Data, kit, privacy policy, budget ledger and approvals come from the site file; the proposal only
+chooses the knobs the site file lets a coordinator set (client/proposal.py).
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from medtwin.core.config import MedtwinConfig, config_from_yaml
-from medtwin.core.tasks import SiteSplit, TwinTask, get_task
+from medtwin.core.identity import SiteKit, load_site_kit
+from medtwin.core.tasks import CsvTask, SiteSplit, TwinTask, get_task
 
 from .codec import CkksSiteCodec, PlainSiteCodec
-from .privacy import BudgetLedger, SitePolicy, load_site_policy
+from .privacy import BudgetLedger, SitePolicy
+from .proposal import RunProposal, parse_proposal
+from .site_file import SiteFile, SiteFileError, load_site_file
 
 SiteCodec = PlainSiteCodec | CkksSiteCodec
 LEDGER_FILE = "privacy-ledger.json"
-
-
-@dataclass(frozen=True)
-class SiteLocal:
-    """Settings that belong to the hospital: from its SuperNode node_config, or the simulation harness."""
-
-    kit_dir: str = ""  # identity kit (+ HE secret context): `medtwin provision` / key steward
-    state_dir: str = ""  # where the privacy ledger lives; must survive restarts
-    policy: SitePolicy | None = None  # fallback when node_config carries no policy keys
-    node_config: tuple[tuple[str, object], ...] = ()  # hashable copy: sites are cached per process
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, object], fallback: SiteLocal | None = None) -> SiteLocal:
-        fallback = fallback or cls()
-        return cls(
-            kit_dir=str(node_config.get("kit-dir", fallback.kit_dir)),
-            state_dir=str(node_config.get("state-dir", fallback.state_dir)),
-            policy=fallback.policy,
-            node_config=tuple(sorted(node_config.items())),
-        )
+LEDGER_MARK_FILE = "ledger-mark.json"  # in the kit: a deleted or rolled-back ledger is noticed
 
 
 @dataclass(frozen=True)
 class Site:
     """Everything a site needs for one run."""
 
-    config: MedtwinConfig
+    file: SiteFile
+    proposal: RunProposal
     task: TwinTask
-    index: int
     data: SiteSplit
     codec: SiteCodec
-    local: SiteLocal
+    kit: SiteKit
+
+    @property
+    def config(self):
+        return self.proposal.config
 
     @property
     def site_id(self) -> str:
-        return self.data.site_id
+        return self.file.site_id
 
-    def ledger(self) -> BudgetLedger:
-        if not self.local.state_dir:
-            raise KeyError("privacy=dp needs a durable site state folder: set node_config `state-dir`")
-        return BudgetLedger(Path(self.local.state_dir) / LEDGER_FILE, self.site_id)
+    @property
+    def seed_index(self) -> int:
+        """Distinguishes sites' training seeds (the task's site index for shipped datasets)."""
+        if self.file.task.name == "csv":
+            return zlib.crc32(self.site_id.encode()) % 10_000
+        return self.file.builtin_index
 
     def policy(self) -> SitePolicy:
-        return load_site_policy(dict(self.local.node_config), fallback=self.local.policy)
+        return self.file.privacy
+
+    def ledger(self) -> BudgetLedger:
+        return open_ledger(self.file)
 
 
-def site_index_from_node_config(node_config: Mapping) -> int:
-    for key in ("site-index", "partition-id"):
-        if key in node_config:
-            return int(node_config[key])
-    raise KeyError("node_config needs `site-index` (deployment) or `partition-id` (simulation)")
+def open_ledger(site_file: SiteFile) -> BudgetLedger:
+    return BudgetLedger(
+        site_file.state_dir / LEDGER_FILE, site_file.site_id, mark_path=site_file.kit_dir / LEDGER_MARK_FILE
+    )
 
 
-@lru_cache(maxsize=4)
-def load_site(config_yaml: str, index: int, local: SiteLocal) -> Site:
-    config = config_from_yaml(config_yaml)
-    task = get_task(config.task)
+def load_site(site_file_path: str | Path, proposal_text: str) -> Site:
+    """The site for this proposal (cached per process: Flower may call the app many times a run).
+
+    Raises `ProposalRefused` for a proposal this site will not run, `SiteFileError` / `KitError`
+    for a broken site installation.
+    """
+    path = Path(site_file_path).expanduser().resolve()
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError as error:
+        raise SiteFileError(str(path), [f"cannot read it: {error.strerror or error}"]) from None
+    return _load_site(str(path), stamp, proposal_text)
+
+
+@lru_cache(maxsize=8)
+def _load_site(path: str, stamp: int, proposal_text: str) -> Site:
+    site_file = load_site_file(path)
+    proposal = parse_proposal(proposal_text, site_file)
+    kit = load_site_kit(site_file.kit_dir)
+    if kit.site_id != site_file.site_id:
+        raise SiteFileError(path, [f"`kit_dir` {site_file.kit_dir} holds the identity of {kit.site_id!r}, not {site_file.site_id!r}"])
+    task = get_task(proposal.config.task)
+    data = load_site_data(site_file, task)
     codec: SiteCodec = PlainSiteCodec()
-    if config.crypto.name == "ckks":
-        if not local.kit_dir:
-            raise KeyError("crypto=ckks needs this site's kit: set node_config `kit-dir` (from `medtwin provision`)")
-        codec = CkksSiteCodec.from_kit(local.kit_dir)
-    site = Site(config=config, task=task, index=index, data=task.load_site(index), codec=codec, local=local)
-    if isinstance(codec, CkksSiteCodec) and codec.kit.site_id != site.site_id:
-        raise KeyError(f"kit {local.kit_dir} belongs to {codec.kit.site_id!r}, but site index {index} holds {site.site_id!r}")
-    return site
+    if proposal.config.crypto.name == "ckks":
+        codec = CkksSiteCodec.from_kit(site_file.kit_dir, proposal.config.crypto.key_id)
+    return Site(file=site_file, proposal=proposal, task=task, data=data, codec=codec, kit=kit)
+
+
+def load_site_data(site_file: SiteFile, task: TwinTask) -> SiteSplit:
+    if isinstance(task, CsvTask):
+        assert site_file.data_path is not None
+        return task.load_site_file(site_file.data_path, site_id=site_file.site_id)
+    ids = task.site_ids()
+    if not 0 <= site_file.builtin_index < len(ids):
+        raise SiteFileError(str(site_file.path), [f"`data.builtin.index` {site_file.builtin_index} is outside 0..{len(ids) - 1}"])
+    data = task.load_site(site_file.builtin_index)
+    if data.site_id != site_file.site_id:
+        raise SiteFileError(
+            str(site_file.path),
+            [f"`data.builtin.index` {site_file.builtin_index} of {task.name} is site {data.site_id!r}, but site_id is {site_file.site_id!r}"],
+        )
+    return data
 
 
 def dataset_manifest_hash(site: Site) -> str:
     """sha256 of a manifest of the site's data (shapes + digests of its arrays): a commitment, never the data."""
-    digest = hashlib.sha256(f"medtwin/dataset/v1\x00{site.config.task.name}\x00{site.site_id}".encode())
+    digest = hashlib.sha256(f"medtwin/dataset/v1\x00{site.file.task.name}\x00{site.site_id}".encode())
     for array in (site.data.x_train, site.data.y_train, site.data.x_test, site.data.y_test):
         digest.update(repr(array.shape).encode())
         digest.update(hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest())

@@ -8,8 +8,15 @@ with ciphertext chunks but keep the same meaning.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from .identity.errors import SignatureError
+from .identity.signing import ReplyClaim
 
 # record names inside a Message's RecordDict
 INSTRUCTION = "medtwin.instruction"  # ConfigRecord: run_id, round, phase, ...
@@ -17,6 +24,7 @@ AGGREGATE = "medtwin.aggregate"  # ArrayRecord: summed payload of the previous r
 UPDATE = "medtwin.update"  # ArrayRecord: a site's payload
 SITE = "medtwin.site"  # ConfigRecord: site_id, status, reason
 METRICS = "medtwin.metrics"  # MetricRecord: training or evaluation metrics
+CERTIFICATE = "medtwin.certificate"  # ConfigRecord: the signed claims behind the AGGREGATE (see RoundCertificate)
 
 PLAIN_PAYLOAD = "payload"
 
@@ -95,3 +103,79 @@ def record_from_bytes(data: bytes) -> ArrayRecord:
         dims = tuple(int(part) for part in shape.decode().strip("(),").split(",") if part.strip())
         arrays[name.decode()] = Array(dtype=dtype.decode(), shape=dims, stype=stype.decode(), data=blob)
     return ArrayRecord(arrays)
+
+
+def payload_sha256(record: ArrayRecord) -> str:
+    """Hex sha256 of a payload record's canonical bytes: what a site signs and the artifact store keys."""
+    return hashlib.sha256(record_bytes(record)).hexdigest()
+
+
+def metrics_sha256(metrics: dict[str, float]) -> str:
+    """Hex sha256 of an evaluation's metrics as canonical JSON: what a site signs in an "evaluate" claim."""
+    return hashlib.sha256(json.dumps(metrics, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+MAX_CLAIM_JSON = 4096
+
+
+def site_reply_record(claim: ReplyClaim, signature: bytes, *, reason: str = "") -> ConfigRecord:
+    """The SITE record of every reply: the signed claim (canonical JSON), its signature, a reason."""
+    return ConfigRecord(
+        {
+            "claim": json.dumps(claim.to_dict(), sort_keys=True),
+            "signature": bytes(signature),
+            "site_id": claim.site_id,  # for logs only: the verified claim names the site
+            "status": claim.status,
+            "reason": reason[:500],
+        }
+    )
+
+
+def claim_from_site_record(record: object) -> tuple[ReplyClaim, object]:
+    """(claim, signature as sent) from a reply's SITE record; raises `SignatureError` if malformed."""
+    if not isinstance(record, ConfigRecord) and not hasattr(record, "get"):
+        raise SignatureError("the reply has no site record")
+    text = record.get("claim")
+    if not isinstance(text, str) or len(text) > MAX_CLAIM_JSON:
+        raise SignatureError("the reply's site record carries no signed claim")
+    try:
+        values = json.loads(text)
+    except ValueError as error:
+        raise SignatureError(f"the reply's claim is not JSON ({error})") from None
+    return ReplyClaim.from_dict(values), record.get("signature")
+
+
+@dataclass(frozen=True)
+class RoundCertificate:
+    """Why a site may trust an aggregate: the round it closes, its hash, and the participants' signed claims.
+
+    The coordinator sends it beside every AGGREGATE. A site checks each claim against the federation
+    manifest, that enough distinct sites took part, and — once decrypted — that the aggregate's
+    example count is the sum of the claimed counts (a single site's update posing as an aggregate fails).
+    """
+
+    server_round: int
+    aggregate_sha256: str
+    claims: tuple[tuple[ReplyClaim, bytes], ...]
+
+    def to_record(self) -> ConfigRecord:
+        signed = [{"claim": claim.to_dict(), "signature": signature.hex()} for claim, signature in self.claims]
+        return ConfigRecord(
+            {"round": self.server_round, "aggregate_sha256": self.aggregate_sha256, "claims": json.dumps(signed, sort_keys=True)}
+        )
+
+    @classmethod
+    def from_record(cls, record: object) -> RoundCertificate:
+        """Parse untrusted data; raises `SignatureError` on anything malformed."""
+        try:
+            server_round = record["round"]  # type: ignore[index]
+            aggregate = record["aggregate_sha256"]  # type: ignore[index]
+            signed = json.loads(record["claims"])  # type: ignore[index]
+            if isinstance(server_round, bool) or not isinstance(server_round, int) or not isinstance(aggregate, str):
+                raise TypeError("round must be an integer and aggregate_sha256 a string")
+            claims = tuple(
+                (ReplyClaim.from_dict(item["claim"]), bytes.fromhex(item["signature"])) for item in signed
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise SignatureError(f"malformed round certificate ({error!r:.200})") from None
+        return cls(server_round=server_round, aggregate_sha256=aggregate, claims=claims)

@@ -55,7 +55,10 @@ class ProvenanceRecorder(Protocol):
 
 
 class RunApprovalCheck(Protocol):
-    """A site's view of the auth chain: did *I* approve this run, and am I still an active member?"""
+    """A site's view of the auth and data chains: did *I* approve this run, is this aggregate anchored?"""
 
-    def problem(self, *, site_id: str, run_id: str) -> str | None:
-        """None if the site may train for `run_id`, else why not."""
+    def problem(self, *, site_id: str, run_id: str, config_hash: str, code_hash: str) -> str | None:
+        """None if `site_id` approved exactly (run, config hash, code hash) and is still active, else why not."""
+
+    def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
+        """None if the data chain anchors `aggregate_sha256` as round `server_round` of `run_id`, else why not."""

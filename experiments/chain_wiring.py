@@ -39,7 +39,7 @@ def _fingerprint(value: str | bytes) -> str:
     return (value.hex() if isinstance(value, bytes) else value).removeprefix("0x").lower()
 
 
-def enrol_federation(session: ChainSession, manifest: FederationManifest, *, run_id: str, config_yaml: str) -> None:
+def enrol_federation(session: ChainSession, manifest: FederationManifest, *, run_id: str, proposal_text: str) -> None:
     """Admin registers every new site; every active site approves this run's config + code.
 
     A site registered earlier under another identity key is not silently re-used: the coordinator's
@@ -55,7 +55,7 @@ def enrol_federation(session: ChainSession, manifest: FederationManifest, *, run
         elif not record.active:
             logger.warning("site %s is revoked on the authorization chain; it will not be admitted", entry.site_id)
             continue
-        session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(config_yaml), code_hash=code_hash())
+        session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(proposal_text), code_hash=code_hash())
 
 
 @dataclass
@@ -152,18 +152,25 @@ class ChainProvenance:
 
 @dataclass(frozen=True)
 class ChainApprovalCheck:
-    """A site's check before training: registered, not revoked, and it approved exactly this config + code."""
+    """A site's checks against the chains: its approval of (config, code), and each aggregate's anchor."""
 
     state_dir: str
-    config_yaml: str
 
-    def problem(self, *, site_id: str, run_id: str) -> str | None:
+    def problem(self, *, site_id: str, run_id: str, config_hash: str, code_hash: str) -> str | None:
         session = open_readonly(self.state_dir)
         approval = session.auth.approval(site_id=site_id, run_id=run_id)
         if approval is None or not session.auth.is_admitted(site_id=site_id, run_id=run_id):
             return f"run {run_id} is not approved by {site_id} on the authorization chain (or the site is revoked)"
-        if approval.config_hash.removeprefix("0x") != config_hash(self.config_yaml):
+        if approval.config_hash.removeprefix("0x") != config_hash:
             return f"the approved config hash of run {run_id} differs from the config this site was asked to run"
-        if approval.code_hash.removeprefix("0x") != code_hash():
+        if approval.code_hash.removeprefix("0x") != code_hash:
             return f"the approved code hash of run {run_id} differs from the code installed at {site_id}"
+        return None
+
+    def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
+        anchor = open_readonly(self.state_dir).data.anchor(run_id, server_round)
+        if anchor is None:
+            return f"round {server_round} of run {run_id} is not anchored on the data chain"
+        if anchor.aggregate_hash.removeprefix("0x").lower() != aggregate_sha256.lower():
+            return f"the aggregate sent for round {server_round} is not the one anchored on the data chain"
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,7 @@ from medtwin.core.config import compose_config
 console = Console()
 chain_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the two chains (anvil nodes).")
 audit_app = typer.Typer(no_args_is_help=True, help="Check what the chains say, without trusting the coordinator.")
-site_app = typer.Typer(no_args_is_help=True, help="What a hospital site runs: HE keys.")
+site_app = typer.Typer(no_args_is_help=True, help="What a hospital site runs: its identity, joining, HE keys.")
 
 StateDir = Annotated[Path, typer.Option("--state-dir", help="chain state folder (pidfiles, deployment.json, --state files)")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="the coordinator's runs/ folder (artifact stores)")]
@@ -107,20 +108,71 @@ def audit_verify_command(
         raise typer.Exit(code=1)
 
 
+@contextmanager
+def _refusals():
+    """Identity refusals (bad public file, existing key, wrong manifest) end the command with their message."""
+    from medtwin.core.identity import IdentityError
+
+    try:
+        yield
+    except IdentityError as error:
+        console.print(f"refused: {error}", style="red", markup=False, highlight=False)
+        raise typer.Exit(code=1) from error
+
+
 def provision_command(
-    out: Annotated[Path, typer.Option("--out", help="folder for the kits and the public manifest")],
-    site: Annotated[list[str], typer.Option("--site", help="site id (repeat)")],
+    out: Annotated[Path, typer.Option("--out", help="new, empty folder for the CA, the coordinator kit and federation.json")],
+    site_public: Annotated[
+        list[Path], typer.Option("--site-public", help="a site's site-public.json from `medtwin site init` (repeat)")
+    ],
     federation: Annotated[str, typer.Option("--federation", help="federation name")] = "medtwin",
     coordinator_host: Annotated[str, typer.Option("--coordinator-host")] = "127.0.0.1",
 ) -> None:
-    """Create a federation: per-site Ed25519 + X25519 keys, a CA and the coordinator's TLS certificate."""
+    """Admin: build a federation from the sites' PUBLIC files: CA, coordinator TLS certificate, federation.json."""
     from medtwin.core.identity import provision_federation
 
-    result = provision_federation(out, federation_name=federation, site_ids=site, coordinator_host=coordinator_host)
-    console.print(f"federation [bold]{federation}[/bold]: {len(result.site_kits)} site kit(s) under {result.root}")
-    for site_id, kit in sorted(result.site_kits.items()):
-        console.print(f"  {site_id}: {kit} (private files 0600)")
-    console.print(f"  coordinator: {result.coordinator_kit} (TLS certificate; no site secrets)")
+    with _refusals():
+        result = provision_federation(
+            out, federation_name=federation, site_public_files=site_public, coordinator_host=coordinator_host
+        )
+    console.print(f"federation [bold]{federation}[/bold] with {len(result.manifest.sites)} site(s) under {result.root}")
+    for entry in result.manifest.sites:
+        console.print(f"  {entry.site_id}: signing key {entry.signing_key_fingerprint[:16]}…")
+    console.print(f"  CA (keep ca_key.pem offline): {result.ca_dir}")
+    console.print(f"  coordinator kit: {result.coordinator_kit} (TLS key; no site secrets)")
+    console.print(f"send {result.manifest_path} to every site: `medtwin site join --kit DIR --manifest federation.json`")
+
+
+@site_app.command("init")
+def site_init_command(
+    kit: Annotated[Path, typer.Option("--kit", help="new kit folder on this site's machine")],
+    site_id: Annotated[str, typer.Option("--site-id", help="this site's id in the federation")],
+) -> None:
+    """Create this site's own signing and key-agreement keys (they never leave the kit); print the public file."""
+    from medtwin.core.identity import init_site_identity
+
+    with _refusals():
+        public_path = init_site_identity(kit, site_id=site_id)
+    console.print(f"identity of site [bold]{site_id}[/bold] created in {kit} (private keys 0600, never copied)")
+    console.print(f"hand this public file to the federation admin: {public_path}")
+    console.print_json(public_path.read_text(encoding="utf-8"))
+
+
+@site_app.command("join")
+def site_join_command(
+    kit: Annotated[Path, typer.Option("--kit", help="this site's kit (from `medtwin site init`)")],
+    manifest: Annotated[Path, typer.Option("--manifest", help="federation.json from the admin")],
+) -> None:
+    """Check the admin's federation.json lists exactly this site's keys; install it and the CA certificate."""
+    from medtwin.core.identity import join_federation
+
+    with _refusals():
+        site_kit = join_federation(kit, manifest)
+    joined = site_kit.manifest
+    console.print(f"site [bold]{site_kit.site_id}[/bold] joined federation [bold]{joined.federation_name}[/bold]")
+    console.print(f"  sites: {', '.join(joined.site_ids)}")
+    console.print(f"  coordinator: {joined.coordinator_host} (TLS {joined.coordinator_tls_fingerprint[:16]}…)")
+    console.print(f"  CA fingerprint: {joined.ca_fingerprint}")
 
 
 @site_app.command("keygen")
@@ -129,9 +181,11 @@ def site_keygen_command(
     num_parameters: Annotated[int, typer.Option("--num-parameters", help="model size the keys are for")],
     num_sites: Annotated[int, typer.Option("--num-sites")],
     max_total_examples: Annotated[int, typer.Option("--max-total-examples")] = 10_000,
-    outbox: Annotated[Path | None, typer.Option("--outbox", help="where envelopes and the public context go")] = None,
+    outbox: Annotated[
+        Path | None, typer.Option("--outbox", help="where envelopes and the public context go (default: KIT/he-outbox/<key id>)")
+    ] = None,
 ) -> None:
-    """Key steward: generate the CKKS keys, wrap them for every other site, publish the public context."""
+    """Key steward: generate a new CKKS key set, wrap it for every other site, publish the public context."""
     from dataclasses import replace
 
     from medtwin.core.he import ckks_parameters_from_config
@@ -139,8 +193,10 @@ def site_keygen_command(
 
     crypto = replace(compose_config(["crypto=ckks"]).crypto, max_total_examples=max_total_examples)
     parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=num_sites)
-    distribution = steward_generate_he_keys(kit, parameters, outbox_dir=outbox)
-    console.print(f"CKKS key set {distribution.key_id}: N={parameters.poly_modulus_degree}, primes {parameters.coeff_mod_bit_sizes}")
+    with _refusals():
+        distribution = steward_generate_he_keys(kit, parameters, outbox_dir=outbox)
+    console.print(f"CKKS key set [bold]{distribution.key_id}[/bold]: N={parameters.poly_modulus_degree}, primes {parameters.coeff_mod_bit_sizes}")
+    console.print(f"  secret context kept in this kit: {distribution.secret_context_path} (0600)")
     console.print(f"  public context for the coordinator: {distribution.public_context_path}")
     for site_id, path in sorted(distribution.envelope_paths.items()):
         console.print(f"  envelope for {site_id}: {path}")
@@ -151,10 +207,13 @@ def site_install_key_command(
     kit: Annotated[Path, typer.Option("--kit", help="this site's kit")],
     envelope: Annotated[Path, typer.Option("--envelope", help="the steward's envelope for this site")],
 ) -> None:
-    """Open the steward's envelope with this site's key and store the CKKS secret context (0600)."""
-    from medtwin.core.identity import install_he_secret
+    """Open the steward's envelope with this site's key; store the CKKS secret under its key id (never replacing one)."""
+    from medtwin.core.identity import install_he_secret, installed_he_key_ids
 
-    console.print(f"installed {install_he_secret(kit, envelope)}")
+    with _refusals():
+        path = install_he_secret(kit, envelope)
+    console.print(f"HE key set [bold]{path.parent.name}[/bold] installed at {path}")
+    console.print(f"  key sets in this kit: {', '.join(installed_he_key_ids(kit))}")
 
 
 model_app = typer.Typer(no_args_is_help=True, help="Release a trained model (an explicit, logged act of a key-holding site).")

@@ -1,74 +1,175 @@
 """Set up a simulated federation's identities and keys, acting for every party on one machine.
 
-In deployment each hospital and the coordinator run these steps themselves (`medtwin provision`,
-`medtwin site keygen`, `medtwin site install-key`); in simulation the harness plays all of them,
-keeping each party's files in its own kit folder. The coordinator's setup only ever names public files.
+The harness runs the same steps as real parties, with the same functions (ARCHITECTURE.md section 4):
+
+    each hospital   `init_site_identity` once, in its own stable kit   (`medtwin site init`)
+    the admin       `provision_federation` from the sites' PUBLIC files (`medtwin provision`)
+    each hospital   `join_federation` with the admin's federation.json  (`medtwin site join`)
+    per CKKS run    the first site, as key steward, makes a new key set; the others install their
+                    envelopes (`medtwin site keygen` / `medtwin site install-key`)
+
+Folders (beside, never inside, the coordinator's runs/ folder; base = parent of runs_dir):
+
+    <base>/.medtwin-sites/<task>/<site>/kit      the hospital's identity + HE key sets (kept across runs)
+    <base>/.medtwin-sites/<task>/<site>/state    its durable state (privacy ledger)
+    <base>/.medtwin-kits/<task>/admin            the admin: CA, coordinator kit, federation.json
+    <base>/.medtwin-kits/<task>/runs/<run>/      per run: the steward's outbox (public context, envelopes)
+
+The coordinator's setup only ever names public files.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
 
 from medtwin.client.privacy import SitePolicy, policy_from_mapping
-from medtwin.client.site import SiteLocal
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.he import CkksParameters, ckks_parameters_from_config
 from medtwin.core.identity import (
     FederationManifest,
-    ProvisionedFederation,
+    IdentityError,
+    init_site_identity,
     install_he_secret,
+    join_federation,
     load_manifest,
     provision_federation,
+    read_site_public,
     steward_generate_he_keys,
 )
 from medtwin.core.model_vector import model_to_vector
 from medtwin.core.tasks import get_task
 from medtwin.server.app import CoordinatorSetup
 
+try:  # POSIX: serialise parallel harnesses (sweeps) creating the same identities
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 SITE_POLICIES = Path(__file__).resolve().parent.parent / "configs" / "sites" / "simulation.yaml"
+SITE_PUBLIC_FILE = "site-public.json"
+ADMIN_DIR = "admin"
+
+
+@dataclass(frozen=True)
+class SimulatedSiteSettings:
+    """Transitional (lead replaces with site files): what `site_settings` hands the client app per site index."""
+
+    kit_dir: str = ""
+    state_dir: str = ""
+    policy: SitePolicy | None = None
 
 
 @dataclass(frozen=True)
 class SimulatedFederation:
-    root: Path
-    sites: dict[int, SiteLocal] = field(default_factory=dict)  # site index -> that hospital's own settings
+    root: Path  # this run's folder for the harness's per-run files (the steward's outbox)
+    sites: dict[int, SimulatedSiteSettings] = field(default_factory=dict)  # site index -> that hospital's settings
     coordinator: CoordinatorSetup = field(default_factory=CoordinatorSetup)
     he_parameters: CkksParameters | None = None
     manifest: FederationManifest | None = None
+    kit_dirs: dict[str, Path] = field(default_factory=dict)  # site id -> its stable kit
+    he_key_id: str = ""  # the CKKS key set of this run ("" for crypto=plain)
+
+
+def base_dir(config: MedtwinConfig) -> Path:
+    return Path(config.runs_dir).resolve().parent
+
+
+def federation_name(config: MedtwinConfig) -> str:
+    return f"medtwin-{config.task.name}"
+
+
+def admin_root(config: MedtwinConfig) -> Path:
+    """The simulated admin's folder for this task: CA, coordinator kit, federation.json."""
+    return base_dir(config) / ".medtwin-kits" / config.task.name / ADMIN_DIR
 
 
 def kits_root(config: MedtwinConfig, run_id: str) -> Path:
-    """Kits live beside, never inside, the coordinator's run directory."""
-    return Path(config.runs_dir).resolve().parent / ".medtwin-kits" / config.task.name / "runs" / run_id
+    """This run's harness folder (the steward's outbox); beside, never inside, the run directory."""
+    return base_dir(config) / ".medtwin-kits" / config.task.name / "runs" / run_id
 
 
-def stable_identities(config: MedtwinConfig, site_ids: list[str]) -> Path:
-    """A simulated hospital keeps one identity across runs (as a real one would): provisioned once per task."""
-    root = Path(config.runs_dir).resolve().parent / ".medtwin-kits" / config.task.name / "identity"
-    if not (root / "federation.json").is_file():
-        provision_federation(root, federation_name=f"medtwin-{config.task.name}", site_ids=site_ids)
-    return root
+def site_root(config: MedtwinConfig, site_id: str) -> Path:
+    return base_dir(config) / ".medtwin-sites" / config.task.name / site_id
 
 
-def provision_run_kits(config: MedtwinConfig, run_id: str, site_ids: list[str]) -> ProvisionedFederation:
-    """This run's copy of the stable kits (it gets its own CKKS keys); identities stay the same."""
-    root = kits_root(config, run_id)
-    shutil.copytree(stable_identities(config, site_ids), root)  # copytree keeps the 0600/0700 modes
-    kits = {site_id: root / "sites" / site_id for site_id in site_ids}
-    return ProvisionedFederation(
-        root=root, manifest=load_manifest(root / "coordinator"), coordinator_kit=root / "coordinator", site_kits=kits, ca_dir=root / "ca"
-    )
+def site_kit_dir(config: MedtwinConfig, site_id: str) -> Path:
+    """A simulated hospital's own kit: its identity is made here once and kept across runs."""
+    return site_root(config, site_id) / "kit"
 
 
 def site_state_dir(config: MedtwinConfig, site_id: str) -> Path:
     """A simulated hospital's durable state (privacy ledger): stable across runs, never reset by one."""
-    return Path(config.runs_dir).resolve().parent / ".medtwin-sites" / site_id
+    return site_root(config, site_id) / "state"
+
+
+def simulated_identities(
+    config: MedtwinConfig, site_ids: list[str]
+) -> tuple[FederationManifest, Path, dict[str, Path]]:
+    """Every hospital's stable identity, the admin's federation built from their public files, all joined.
+
+    Returns (manifest, admin folder, site id -> kit). Idempotent: existing identities are kept; the
+    admin re-provisions (into a fresh folder, the old one kept aside) only when the sites changed.
+    """
+    with _harness_lock(base_dir(config) / ".medtwin-kits" / config.task.name / ".identities.lock"):
+        kit_dirs = {site_id: site_kit_dir(config, site_id) for site_id in site_ids}
+        public_files = []
+        for site_id, kit in kit_dirs.items():
+            public_path = kit / SITE_PUBLIC_FILE
+            if not public_path.is_file():
+                public_path = init_site_identity(kit, site_id=site_id)  # the hospital, on its machine
+            public_files.append(public_path)
+        admin = _current_admin(config, public_files)
+        for kit in kit_dirs.values():
+            join_federation(kit, admin / "federation.json")  # a no-op when already joined
+        return load_manifest(admin), admin, kit_dirs
+
+
+def _current_admin(config: MedtwinConfig, public_files: list[Path]) -> Path:
+    """The admin folder whose manifest lists exactly these sites' public keys, provisioned if needed."""
+    admin = admin_root(config)
+    wanted = {entry.site_id: entry for entry in (read_site_public(path) for path in public_files)}
+    if (admin / "federation.json").is_file():
+        try:
+            current = load_manifest(admin)
+            if {entry.site_id: entry for entry in current.sites} == wanted:
+                return admin
+        except IdentityError:
+            pass  # unreadable: provision afresh below, keeping the old folder aside
+    admin.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(dir=admin.parent, prefix=f"{ADMIN_DIR}.new-"))
+    provision_federation(fresh, federation_name=federation_name(config), site_public_files=public_files)
+    if admin.exists():  # the admin never deletes a CA key: the old folder stays, renamed
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        admin.rename(admin.with_name(f"{ADMIN_DIR}.replaced-{stamp}"))
+    fresh.rename(admin)
+    return admin
+
+
+@contextlib.contextmanager
+def _harness_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+# --- transitional: site settings (the lead replaces these with site files) -------------------------
 
 
 def simulated_policies(site_ids: list[str], path: Path | None = None) -> dict[str, SitePolicy]:
@@ -82,10 +183,10 @@ def simulated_policies(site_ids: list[str], path: Path | None = None) -> dict[st
     }
 
 
-def site_settings(config: MedtwinConfig, site_ids: list[str], kits: dict[str, Path]) -> dict[int, SiteLocal]:
+def site_settings(config: MedtwinConfig, site_ids: list[str], kits: dict[str, Path]) -> dict[int, SimulatedSiteSettings]:
     policies = simulated_policies(site_ids)
     return {
-        index: SiteLocal(
+        index: SimulatedSiteSettings(
             kit_dir=str(kits.get(site_id, "")),
             state_dir=str(site_state_dir(config, site_id)),
             policy=policies[site_id],
@@ -94,34 +195,41 @@ def site_settings(config: MedtwinConfig, site_ids: list[str], kits: dict[str, Pa
     }
 
 
+# ----------------------------------------------------------------------------------------------------
+
+
 def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederation:
-    """Identities whenever crypto or chains need them; CKKS keys from the first site as key steward."""
+    """Identities for every run (every reply is signed); with crypto=ckks a new key set from the first site."""
     task = get_task(config.task)
     site_ids = task.site_ids()
-    if config.crypto.name == "plain" and config.chain.name == "none":
-        return SimulatedFederation(root=kits_root(config, run_id), sites=site_settings(config, site_ids, {}))
-    sites = task.load_all_sites()
-    provisioned = provision_run_kits(config, run_id, site_ids)
-    site_locals = site_settings(config, site_ids, provisioned.site_kits)
-    manifest_path = str(provisioned.coordinator_kit)
-    if config.crypto.name == "plain":
+    manifest, admin, kit_dirs = simulated_identities(config, site_ids)
+    root = kits_root(config, run_id)
+    sites = site_settings(config, site_ids, kit_dirs)
+    manifest_path = str(admin / "coordinator" / "federation.json")
+    if config.crypto.name != "ckks":
         return SimulatedFederation(
-            root=provisioned.root, sites=site_locals, coordinator=CoordinatorSetup(manifest_path=manifest_path), manifest=provisioned.manifest
+            root=root,
+            sites=sites,
+            coordinator=CoordinatorSetup(manifest_path=manifest_path),
+            manifest=manifest,
+            kit_dirs=kit_dirs,
         )
     crypto = config.crypto
     if crypto.max_total_examples <= 0:  # 0 = bound from the sites' declared training-set sizes
-        crypto = replace(crypto, max_total_examples=2 * sum(site.num_train for site in sites))
+        crypto = replace(crypto, max_total_examples=2 * sum(site.num_train for site in task.load_all_sites()))
     torch.manual_seed(config.seed)
     num_parameters = int(model_to_vector(task.build_model()).size)
-    parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=len(sites))
-    steward_kit = provisioned.site_kits[sites[0].site_id]
-    distribution = steward_generate_he_keys(steward_kit, parameters, outbox_dir=provisioned.root / "steward-outbox")
+    parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=len(site_ids))
+    steward = site_ids[0]
+    distribution = steward_generate_he_keys(kit_dirs[steward], parameters, outbox_dir=root / "steward-outbox")
     for site_id, envelope in distribution.envelope_paths.items():
-        install_he_secret(provisioned.site_kits[site_id], envelope)
+        install_he_secret(kit_dirs[site_id], envelope)  # each hospital opens its own envelope
     return SimulatedFederation(
-        root=provisioned.root,
-        sites=site_locals,
+        root=root,
+        sites=sites,
         coordinator=CoordinatorSetup(public_context_path=str(distribution.public_context_path), manifest_path=manifest_path),
         he_parameters=parameters,
-        manifest=provisioned.manifest,
+        manifest=manifest,
+        kit_dirs=kit_dirs,
+        he_key_id=distribution.key_id,
     )

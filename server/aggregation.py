@@ -1,15 +1,19 @@
 """Aggregation at the coordinator: it only ever sums site payloads, so encrypted schemes slot in.
 
-`PlainAggregator` adds float vectors. `CkksAggregator` holds only the federation's public CKKS
-context and the sites' public signing keys: it verifies every signature, refuses replays, unknown
-sites and mismatched ciphertexts, and adds the rest without being able to read any of them.
+Who sent an update, and whether it may count (signatures, replays, unknown sites), is the
+`ReplyVerifier`'s job, the same for every scheme. An aggregator sees only updates whose claims
+verified, and checks what is specific to its payload: `PlainAggregator` a finite float64 vector
+of the federation's shape ending in the signed example count; `CkksAggregator` ciphertext chunks
+that load under the federation's public CKKS context (it holds no key and cannot read them).
+`check` never stores anything; `accept` records an update as part of the round.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord
 
 from medtwin.core.errors import MedtwinError
@@ -19,26 +23,38 @@ from medtwin.core.he import (
     load_context,
     load_update_chunks,
     sum_loaded,
-    update_digest,
 )
-from medtwin.core.identity import FederationManifest, verify_update
-from medtwin.core.protocol import chunks_to_record, record_to_chunks, sum_plain_updates
+from medtwin.core.identity import ReplyClaim
+from medtwin.core.protocol import PLAIN_PAYLOAD, chunks_to_record, record_to_chunks, sum_plain_updates
 
 CHUNK_NAME = "chunk-{:05d}"
 
 
 @dataclass(frozen=True)
 class SiteUpdate:
-    site_id: str
+    """An update whose signed claim verified: its site, round and example count are the claim's."""
+
     node_id: int
-    server_round: int
     record: ArrayRecord
-    signature: bytes = b""
+    claim: ReplyClaim
+    signature: bytes
+
+    @property
+    def site_id(self) -> str:
+        return self.claim.site_id
+
+    @property
+    def server_round(self) -> int:
+        return self.claim.server_round
+
+    @property
+    def num_examples(self) -> int:
+        return self.claim.num_examples
 
 
 @dataclass(frozen=True)
 class Rejection:
-    site_id: str
+    site_id: str  # the verified site, else the node's label ("node-7")
     node_id: int
     reason: str
     server_round: int = 0
@@ -51,8 +67,11 @@ Problem = tuple[str, str]  # (short code, human-readable reason)
 class Aggregator(Protocol):
     scheme: str
 
-    def check(self, update: SiteUpdate, *, run_id: str) -> Problem | None:
-        """None if the update is acceptable, else (code, reason) of its rejection."""
+    def check(self, update: SiteUpdate) -> Problem | None:
+        """None if the payload is acceptable, else (code, reason) of its rejection; stores nothing."""
+
+    def accept(self, update: SiteUpdate) -> None:
+        """Record a checked update as part of the round (e.g. pin the federation's payload shape)."""
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
         """The sum of the accepted updates, in the same payload format."""
@@ -65,22 +84,44 @@ class Aggregator(Protocol):
 
 
 class PlainAggregator:
-    """Plaintext sum of [n_i * w_i ..., n_i] vectors (crypto=plain)."""
+    """Plaintext sum of [n_i * w_i ..., n_i] float64 vectors (crypto=plain)."""
 
     scheme = "plain"
 
     def __init__(self) -> None:
-        self.expected_shape: tuple[int, ...] | None = None
+        self.expected_shape: tuple[int, ...] | None = None  # pinned by the first accepted update
 
-    def check(self, update: SiteUpdate, *, run_id: str) -> Problem | None:
-        if "payload" not in update.record:
-            return "malformed_update", "update carries no `payload` array"
-        shape = tuple(update.record["payload"].shape)
-        if self.expected_shape is None:
-            self.expected_shape = shape
-        if shape != self.expected_shape:
+    def check(self, update: SiteUpdate) -> Problem | None:
+        record = update.record
+        if sorted(record) != [PLAIN_PAYLOAD]:
+            return "malformed_update", f"update holds arrays {sorted(record)[:4]}, expected only {PLAIN_PAYLOAD!r}"
+        array = record[PLAIN_PAYLOAD]
+        if array.dtype != "float64":
+            return "malformed_update", f"update payload has dtype {array.dtype!r:.40}, expected 'float64'"
+        shape = tuple(array.shape)
+        if len(shape) != 1 or shape[0] < 2:
+            return "malformed_update", f"update payload has shape {shape!r:.60}, expected a vector [n*w..., n]"
+        if self.expected_shape is not None and shape != self.expected_shape:
             return "shape_mismatch", f"update shape {shape} differs from the federation's {self.expected_shape}"
+        try:
+            vector = array.numpy()
+        except (ValueError, TypeError, OSError, EOFError) as error:
+            return "malformed_update", f"update payload does not decode as {shape} float64 ({error})"
+        if vector.dtype != np.float64 or vector.shape != shape:
+            return "malformed_update", f"update payload decodes as {vector.dtype} {vector.shape}, expected float64 {shape}"
+        if not np.all(np.isfinite(vector)):
+            return "malformed_update", f"update payload holds {int(np.sum(~np.isfinite(vector)))} NaN/inf value(s)"
+        count = float(vector[-1])
+        if count <= 0 or not count.is_integer() or int(count) != update.num_examples:
+            return (
+                "malformed_update",
+                f"update's example count {count!r} is not the positive integer {update.num_examples} its claim signs",
+            )
         return None
+
+    def accept(self, update: SiteUpdate) -> None:
+        if self.expected_shape is None:
+            self.expected_shape = tuple(update.record[PLAIN_PAYLOAD].shape)
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
         return sum_plain_updates([update.record for update in updates])
@@ -94,63 +135,41 @@ class PlainAggregator:
 
 @dataclass
 class CkksAggregator:
-    """Sums CKKS ciphertexts with a key-less public context; checks signatures and replays first."""
+    """Sums CKKS ciphertexts with a key-less public context; refuses chunks that do not fit it."""
 
     public_context: HeContext
-    manifest: FederationManifest
     scheme: str = "ckks"
-    seen_digests: dict[bytes, tuple[int, str]] = field(default_factory=dict)  # digest -> (round, site)
-    accepted: set[tuple[str, int, str]] = field(default_factory=set)  # (run, round, site)
-    loaded: dict[bytes, list] = field(default_factory=dict)  # digest -> ciphertexts checked this round
 
     @classmethod
-    def from_files(cls, *, public_context_path: str, manifest_path: str) -> CkksAggregator:
-        from medtwin.core.identity import load_manifest
-
+    def from_files(cls, *, public_context_path: str) -> CkksAggregator:
         with open(public_context_path, "rb") as handle:
             context = load_context(handle.read(), expected_kind="public")
         if context.is_private:
             raise MedtwinError(f"{public_context_path} holds a secret key: the coordinator must only get the public context")
-        return cls(public_context=context, manifest=load_manifest(manifest_path))
+        return cls(public_context=context)
 
-    def check(self, update: SiteUpdate, *, run_id: str) -> Problem | None:
-        if update.site_id not in self.manifest.site_ids:
-            return "unknown_site", f"unknown site {update.site_id!r}: not in federation {self.manifest.federation_name!r}"
+    def check(self, update: SiteUpdate) -> Problem | None:
         chunks = record_to_chunks(update.record)
         expected_names = [CHUNK_NAME.format(index) for index in range(len(chunks))]
         if sorted(update.record) != expected_names:
-            return "malformed_update", f"{update.site_id}'s update holds arrays {sorted(update.record)[:4]}…, expected only chunk-00000…"
-        digest = update_digest(chunks)
-        if digest in self.seen_digests:
-            earlier_round, earlier_site = self.seen_digests[digest]
-            return "replay", f"replay: this exact ciphertext was already submitted by {earlier_site} in round {earlier_round}"
-        if (run_id, update.server_round, update.site_id) in self.accepted:
-            return "replay", f"replay: {update.site_id} already has an accepted update in round {update.server_round}"
+            return "malformed_update", f"{update.site_id}'s update holds arrays {sorted(update.record)[:4]}, expected only chunk-00000..."
+        if any(not isinstance(chunk, bytes) for chunk in chunks):
+            return "malformed_update", f"{update.site_id}'s update holds chunks that are not bytes"
         try:
-            verify_update(
-                self.manifest.site(update.site_id).signing_public_key,
-                update.signature,
-                run_id=run_id,
-                server_round=update.server_round,
-                site_id=update.site_id,
-                ciphertext_digest=digest,
-            )
-        except (MedtwinError, ValueError) as error:
-            return "bad_signature", str(error)
-        try:
-            vectors = load_update_chunks(self.public_context, chunks, label=f"{update.site_id}'s update")
+            load_update_chunks(self.public_context, chunks, label=f"{update.site_id}'s update")
         except (MedtwinError, ValueError) as error:
             return "ciphertext_mismatch", str(error)
-        self.loaded[digest] = vectors
-        self.seen_digests[digest] = (update.server_round, update.site_id)
-        self.accepted.add((run_id, update.server_round, update.site_id))
         return None
 
+    def accept(self, update: SiteUpdate) -> None:
+        """Nothing to pin: the public context fixes every chunk's shape."""
+
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
-        """Sum the updates `check` accepted (their ciphertexts are already loaded and checked)."""
-        digests = [update_digest(record_to_chunks(update.record)) for update in updates]
-        vectors = [self.loaded.pop(digest) for digest in digests]
-        self.loaded.clear()
+        """Sum the updates `check` approved (loaded again: a check keeps nothing)."""
+        vectors = [
+            load_update_chunks(self.public_context, record_to_chunks(update.record), label=f"{update.site_id}'s update")
+            for update in updates
+        ]
         return chunks_to_record(sum_loaded(self.public_context, vectors))
 
     def describe(self) -> dict:

@@ -18,6 +18,7 @@ from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, config_to_yaml
 from medtwin.core.provenance import ProvenanceRecorder, RunDescription
 from medtwin.core.errors import ConfigError
+from medtwin.core.identity import load_manifest
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
 from medtwin.core.runconfig import config_from_run_config
@@ -38,7 +39,7 @@ class CoordinatorSetup:
     """What the coordinator holds besides the config: public material only."""
 
     public_context_path: str = ""  # CKKS context without any key (crypto=ckks)
-    manifest_path: str = ""  # federation.json: the sites' public signing keys
+    manifest_path: str = ""  # federation.json: the sites' public signing keys (required for every scheme)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> CoordinatorSetup:
@@ -53,16 +54,28 @@ def make_run_id(config: MedtwinConfig) -> str:
     return f"{stamp}-{config.task.name}-{digest}"
 
 
+def manifest_path_of(setup: CoordinatorSetup) -> str:
+    """federation.json's path: every scheme needs the sites' public keys to verify every reply."""
+    if not setup.manifest_path:
+        raise ConfigError(
+            MANIFEST_KEY,
+            "the coordinator needs the federation manifest (federation.json) to verify every site reply, plain or encrypted",
+            f"pass run-config key {MANIFEST_KEY} = path of federation.json (written by the federation admin)",
+        )
+    return setup.manifest_path
+
+
 def make_aggregator(config: MedtwinConfig, setup: CoordinatorSetup) -> Aggregator:
+    manifest_path_of(setup)
     if config.crypto.name == "plain":
         return PlainAggregator()
-    if not setup.public_context_path or not setup.manifest_path:
+    if not setup.public_context_path:
         raise ConfigError(
-            "crypto.name",
-            "ckks needs the federation's public HE context and manifest at the coordinator",
-            f"pass run-config keys {PUBLIC_CONTEXT_KEY} and {MANIFEST_KEY} (written by the key steward / `medtwin provision`)",
+            PUBLIC_CONTEXT_KEY,
+            "ckks needs the federation's public HE context at the coordinator",
+            f"pass run-config key {PUBLIC_CONTEXT_KEY} (written by the key steward)",
         )
-    return CkksAggregator.from_files(public_context_path=setup.public_context_path, manifest_path=setup.manifest_path)
+    return CkksAggregator.from_files(public_context_path=setup.public_context_path)
 
 
 def run_federation(
@@ -73,12 +86,14 @@ def run_federation(
 ) -> Path:
     """Run a whole federated training and return its run directory."""
     started = time.monotonic()
+    setup = setup or CoordinatorSetup()
+    manifest = load_manifest(manifest_path_of(setup))  # before anything is written: no manifest, no run
+    aggregator = make_aggregator(config, setup)
     run_id = make_run_id(config)
     run_dir = RunDirectory(config.runs_dir, run_id)
     config_yaml = config_to_yaml(config)
     run_dir.write_config(config_yaml)
     task = get_task(config.task)
-    aggregator = make_aggregator(config, setup or CoordinatorSetup())
     if provenance is not None:
         provenance.start_run(
             RunDescription(
@@ -106,6 +121,7 @@ def run_federation(
             config=config,
             run_id=run_id,
             aggregator=aggregator,
+            manifest=manifest,
             artifacts=ArtifactStore(run_dir.artifacts),
             on_record=on_record,
             provenance=provenance,
@@ -153,7 +169,7 @@ def build_summary(
         "chain": {"backend": config.chain.name, "chain_ids": {}, "contracts": {}, "anchors_written": 0},
         "final_aggregate_sha256": result.aggregate_digests[-1] if result.aggregate_digests else None,
         "rejections": [
-            {"round": rejection.server_round, "site": rejection.site_id, "reason": rejection.reason}
+            {"round": rejection.server_round, "site": rejection.site_id, "code": rejection.code, "reason": rejection.reason}
             for rejection in result.rejections
         ],
         "round_time_s": result.round_times_s,

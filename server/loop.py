@@ -1,8 +1,15 @@
-"""The coordinator's round loop over Flower's Grid: train, sum, evaluate — with a deadline per phase."""
+"""The coordinator's round loop over Flower's Grid: train, sum, evaluate — with a deadline per phase.
+
+Nothing a site sends stops the loop: each reply is read inside a guard, and whatever is wrong with
+it — a bad signature, a malformed record, an exception while reading it — becomes a `Rejection`
+with a short code that goes on the auth chain. What the loop records about a site (its id, ε, δ,
+dataset manifest, example count) comes only from the site's verified, signed claim.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,26 +17,42 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.errors import RoundFailedError
-from medtwin.core.artifacts import ArtifactStore
-from medtwin.core.protocol import AGGREGATE, INSTRUCTION, METRICS, SITE, UPDATE, instruction, record_bytes
+from medtwin.core.identity import FederationManifest
+from medtwin.core.protocol import (
+    AGGREGATE,
+    CERTIFICATE,
+    INSTRUCTION,
+    METRICS,
+    SITE,
+    UPDATE,
+    RoundCertificate,
+    instruction,
+    metrics_sha256,
+    payload_sha256,
+    record_bytes,
+)
 from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
+from .verifier import ReplyRejected, ReplyVerifier, safe_text
 
 logger = logging.getLogger("medtwin.coordinator")
 
 RoundCallback = Callable[[dict], None]
+NON_NEGATIVE_METRICS = ("n", "num_parameters", "he_error_bound")
 
 
 @dataclass
 class LoopResult:
     rounds_completed: int = 0
-    sites: dict[int, str] = field(default_factory=dict)  # node id -> site id
+    sites: dict[int, str] = field(default_factory=dict)  # node id -> verified site id
     final_site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     final_pooled_metrics: dict[str, float] = field(default_factory=dict)
     aggregate: ArrayRecord | None = None
+    certificate: RoundCertificate | None = None  # the signed claims behind `aggregate`
     rejections: list[Rejection] = field(default_factory=list)
     update_bytes: int = 0  # bytes of accepted update payloads, summed over the run
     accepted_updates: int = 0
@@ -37,7 +60,7 @@ class LoopResult:
     aggregate_digests: list[str] = field(default_factory=list)  # sha256 of each round's aggregate artifact
     num_parameters: int = 0  # model size the sites report (not their sample counts)
     he_error_bounds: list[float] = field(default_factory=list)  # per evaluation: max bound sites reported
-    privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest (epsilon, delta) it reported
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest signed (epsilon, delta)
 
 
 def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float) -> list[int]:
@@ -60,16 +83,40 @@ def site_error_reason(reason: str) -> str:
 
 def pooled_metrics(site_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """Example-weighted mean of every metric over sites: the metric on the union of their test sets."""
-    total = sum(metrics.get("n", 0.0) for metrics in site_metrics.values())
+    counted = {site: metrics for site, metrics in site_metrics.items() if metrics.get("n", 0.0) > 0}
+    total = sum(metrics["n"] for metrics in counted.values())
     if total <= 0:
         return {}
-    names = {name for metrics in site_metrics.values() for name in metrics if name != "n"}
+    names = {name for metrics in counted.values() for name in metrics if name != "n"}
     pooled = {
-        name: sum(metrics[name] * metrics["n"] for metrics in site_metrics.values() if name in metrics) / total
+        name: sum(metrics[name] * metrics["n"] for metrics in counted.values() if name in metrics) / total
         for name in sorted(names)
     }
     pooled["n"] = total
     return pooled
+
+
+def shared_metrics(record: object) -> dict[str, float]:
+    """A train reply's optional, unsigned metrics, for the log only: finite numbers, the rest dropped."""
+    if record is None or not hasattr(record, "items"):
+        return {}
+    kept = {}
+    for name, value in record.items():
+        if isinstance(name, str) and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            kept[safe_text(name, limit=64)] = float(value)
+    return kept
+
+
+def evaluation_metrics(metrics: dict[str, object], *, site_id: str) -> dict[str, float]:
+    """A signed evaluation's metrics as floats; raises `ReplyRejected` on anything that is not a sane number."""
+    values = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ReplyRejected("malformed_metrics", f"metric {name!r:.40} is {value!r:.40}, not a finite number", site_id=site_id)
+        if name in NON_NEGATIVE_METRICS and value < 0:
+            raise ReplyRejected("malformed_metrics", f"metric {name!r} is {value!r}, must be >= 0", site_id=site_id)
+        values[name] = float(value)
+    return values
 
 
 class RoundLoop:
@@ -82,6 +129,7 @@ class RoundLoop:
         config: MedtwinConfig,
         run_id: str,
         aggregator: Aggregator,
+        manifest: FederationManifest,
         artifacts: ArtifactStore,
         on_record: RoundCallback,
         provenance: ProvenanceRecorder | None = None,
@@ -90,6 +138,7 @@ class RoundLoop:
         self.config = config
         self.run_id = run_id
         self.aggregator = aggregator
+        self.verifier = ReplyVerifier(manifest, run_id=run_id)
         self.artifacts = artifacts
         self.provenance = provenance
         self.on_record = on_record
@@ -112,17 +161,65 @@ class RoundLoop:
     def _send(self, node_ids: list[int], *, phase: str, server_round: int) -> list[Message]:
         messages = []
         for node_id in node_ids:
-            content = RecordDict({INSTRUCTION: instruction(run_id=self.run_id, server_round=server_round, phase=phase)})
-            if self.result.aggregate is not None:
+            order = instruction(run_id=self.run_id, server_round=server_round, phase=phase)
+            order["min_sites"] = self.config.federation.min_sites
+            content = RecordDict({INSTRUCTION: order})
+            if self.result.aggregate is not None and self.result.certificate is not None:
                 content[AGGREGATE] = self.result.aggregate
+                content[CERTIFICATE] = self.result.certificate.to_record()
             messages.append(Message(content=content, message_type=phase, dst_node_id=node_id))
         return list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
 
-    def _site_of(self, reply: Message) -> str:
+    def _label(self, node_id: int, site_id: str = "") -> str:
+        """Who a rejection is about: the verified site, else the site the node proved earlier, else the node."""
+        return site_id or self.verifier.site_of(node_id) or f"node-{node_id}"
+
+    def _rejection(self, reply: Message, server_round: int, error: Exception) -> Rejection:
         node_id = reply.metadata.src_node_id
-        if reply.has_content() and SITE in reply.content:
-            self.result.sites[node_id] = str(reply.content[SITE]["site_id"])
-        return self.result.sites.get(node_id, f"node-{node_id}")
+        if isinstance(error, ReplyRejected):
+            return Rejection(self._label(node_id, error.site_id), node_id, error.reason, server_round, error.code)
+        reason = safe_text(f"{type(error).__name__}: {error}", limit=300)
+        return Rejection(self._label(node_id), node_id, reason, server_round, "malformed_reply")
+
+    def _site_record(self, reply: Message) -> object:
+        if reply.has_error():
+            raise ReplyRejected("site_error", f"site error: {site_error_reason(str(reply.error.reason))}")
+        if SITE not in reply.content:
+            raise ReplyRejected("malformed_reply", "the reply has no site record")
+        return reply.content[SITE]
+
+    def read_update(self, reply: Message, server_round: int) -> tuple[SiteUpdate, dict[str, float]]:
+        """The verified update of a train reply and its (unsigned) metrics; raises on anything else.
+
+        A verified reply is accepted by the verifier (its node, round slot and payload are used up)
+        even when its payload then fails the aggregator's check or it is a refusal.
+        """
+        node_id = reply.metadata.src_node_id
+        site_record = self._site_record(reply)
+        record = reply.content[UPDATE] if UPDATE in reply.content else None
+        if record is not None and not isinstance(record, ArrayRecord):
+            raise ReplyRejected("malformed_reply", f"the update is a {type(record).__name__}, not an ArrayRecord")
+        verified = self.verifier.verify(
+            site_record,
+            node_id=node_id,
+            kind="update",
+            server_round=server_round,
+            payload_sha256=payload_sha256(record) if record is not None else "",
+        )
+        self.verifier.accept(verified)
+        claim = verified.claim
+        if record is None:  # a signed refusal: its status is the code
+            if claim.status == "trained":
+                raise ReplyRejected("malformed_reply", "claims to have trained but sent no update", site_id=claim.site_id)
+            raise ReplyRejected(claim.status or "no_update", str(site_record.get("reason", "")), site_id=claim.site_id)  # type: ignore[attr-defined]
+        if claim.status != "trained":
+            raise ReplyRejected("malformed_reply", f"an update with status {claim.status!r:.40}", site_id=claim.site_id)
+        update = SiteUpdate(node_id=node_id, record=record, claim=claim, signature=verified.signature)
+        problem = self.aggregator.check(update)
+        if problem:
+            code, reason = problem
+            raise ReplyRejected(code, reason, site_id=claim.site_id)
+        return update, shared_metrics(reply.content[METRICS] if METRICS in reply.content else None)
 
     def train_round(self, server_round: int, node_ids: list[int]) -> None:
         started = time.monotonic()
@@ -130,40 +227,33 @@ class RoundLoop:
         accepted: list[SiteUpdate] = []
         site_metrics: dict[str, dict[str, float]] = {}
         rejected: list[Rejection] = []
-        manifests: dict[str, str] = {}
         for reply in replies:
-            site_id = self._site_of(reply)
-            node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                rejected.append(Rejection(site_id, node_id, f"site error: {site_error_reason(reply.error.reason)}", server_round, "site_error"))
+            try:
+                update, metrics = self.read_update(reply, server_round)
+            except Exception as error:  # noqa: BLE001 — nothing a site sends may stop the round
+                rejected.append(self._rejection(reply, server_round, error))
                 continue
-            site_record = reply.content[SITE] if SITE in reply.content else {}
-            if UPDATE not in reply.content:
-                reason = str(site_record.get("reason", "no update"))
-                code = str(site_record.get("status", "no_update"))
-                rejected.append(Rejection(site_id, node_id, reason, server_round, code))
-                continue
-            update = SiteUpdate(
-                site_id=site_id,
-                node_id=node_id,
-                server_round=server_round,
-                record=reply.content[UPDATE],
-                signature=bytes(site_record.get("signature", b"")),
-            )
-            problem = self.admission_problem(site_id) or self.aggregator.check(update, run_id=self.run_id)
+            problem = self.admission_problem(update.site_id)
             if problem:
                 code, reason = problem
-                rejected.append(Rejection(site_id, node_id, reason, server_round, code))
+                rejected.append(Rejection(update.site_id, update.node_id, safe_text(reason, limit=300), server_round, code))
                 continue
-            manifests[site_id] = str(site_record.get("dataset_manifest", ""))
+            self.aggregator.accept(update)
             accepted.append(update)
+            self.result.sites[update.node_id] = update.site_id
             self.result.accepted_updates += 1
             self.result.update_bytes += sum(len(array.data) for array in update.record.values())
-            if METRICS in reply.content:
-                site_metrics[site_id] = {key: float(value) for key, value in reply.content[METRICS].items()}
-        missing = len(node_ids) - len(replies)
+            claim = update.claim
+            metrics = {name: value for name, value in metrics.items() if name not in ("epsilon", "delta")}
+            if claim.epsilon > 0 or claim.delta > 0:  # what the site signed, never its unsigned metrics
+                self.result.privacy[update.site_id] = {"epsilon": claim.epsilon, "delta": claim.delta}
+                metrics |= self.result.privacy[update.site_id]
+            site_metrics[update.site_id] = metrics
+        missing = max(0, len(node_ids) - len(replies))
         for rejection in rejected:
-            logger.warning("round %d: update from %s not used: %s", server_round, rejection.site_id, rejection.reason)
+            logger.warning(
+                "round %d: update from %s not used (%s): %s", server_round, rejection.site_id, rejection.code, rejection.reason
+            )
         if missing:
             logger.warning("round %d: %d site(s) missed the %.0f s deadline", server_round, missing, self.config.federation.round_timeout_s)
         self.result.rejections.extend(rejected)
@@ -171,28 +261,30 @@ class RoundLoop:
             raise RoundFailedError(
                 f"round {server_round}: {len(accepted)} usable update(s), federation.min_sites is "
                 f"{self.config.federation.min_sites}; rejected: "
-                + "; ".join(f"{r.site_id}: {r.reason}" for r in rejected)
+                + "; ".join(f"{r.site_id}: {r.code}: {r.reason}" for r in rejected)
             )
         accepted.sort(key=lambda update: update.site_id)
         update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
         self.result.aggregate = self.aggregator.aggregate(accepted)
         aggregate_digest = self.artifacts.put(record_bytes(self.result.aggregate), kind="aggregate")
         self.result.aggregate_digests.append(aggregate_digest)
-        for site, metrics in site_metrics.items():
-            if "epsilon" in metrics and site in update_digests:
-                self.result.privacy[site] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta", 0.0)}
-        chain = self.close_round_on_chain(server_round, accepted, rejected, update_digests, aggregate_digest, manifests, site_metrics)
+        self.result.certificate = RoundCertificate(
+            server_round=server_round,
+            aggregate_sha256=aggregate_digest,
+            claims=tuple((update.claim, update.signature) for update in accepted),
+        )
+        chain = self.close_round_on_chain(server_round, accepted, rejected, update_digests, aggregate_digest)
         self.on_record(
             {
                 "round": server_round,
                 "phase": "train",
-                "participants": sorted(update.site_id for update in accepted),
-                "rejected": {rejection.site_id: rejection.reason for rejection in rejected},
+                "participants": [update.site_id for update in accepted],
+                "rejected": {rejection.site_id: f"{rejection.code}: {rejection.reason}" for rejection in rejected},
                 "missed_deadline": missing,
                 "update_sha256": update_digests,
                 "aggregate_sha256": aggregate_digest,
                 "chain": chain,
-                "sites": site_metrics,
+                "sites": dict(sorted(site_metrics.items())),
                 "time_s": time.monotonic() - started,
             }
         )
@@ -210,42 +302,66 @@ class RoundLoop:
         rejected: list[Rejection],
         update_digests: dict[str, str],
         aggregate_digest: str,
-        manifests: dict[str, str],
-        site_metrics: dict[str, dict[str, float]],
     ) -> dict:
+        """Every decision of the round goes on the auth chain; the anchor records only signed numbers."""
         if self.provenance is None:
             return {}
         decisions = [
             AccessDecision(update.site_id, True, "ok", update_digests[update.site_id]) for update in accepted
         ] + [AccessDecision(rejection.site_id, False, rejection.code) for rejection in rejected]
-        epsilon = {site: metrics["epsilon"] for site, metrics in site_metrics.items() if "epsilon" in metrics and site in update_digests}
         return self.provenance.close_round(
             run_id=self.run_id,
             server_round=server_round,
             decisions=decisions,
             update_digests=update_digests,
             aggregate_digest=aggregate_digest,
-            dataset_manifests={site: digest for site, digest in manifests.items() if digest},
-            epsilon_by_site=epsilon,
+            dataset_manifests={update.site_id: update.claim.dataset_manifest for update in accepted if update.claim.dataset_manifest},
+            epsilon_by_site={site: values["epsilon"] for site, values in self.result.privacy.items() if site in update_digests},
             he_error_bound=self.aggregator.sum_error_bound(len(accepted)),
         )
+
+    def read_evaluation(self, reply: Message, server_round: int, aggregate_sha256: str) -> tuple[str, dict[str, float]]:
+        """(verified site id, metrics) of an evaluation reply about `aggregate_sha256`; raises on anything else."""
+        site_record = self._site_record(reply)
+        if METRICS not in reply.content:
+            raise ReplyRejected("malformed_reply", "the evaluation reply has no metrics")
+        metrics = dict(reply.content[METRICS].items())
+        verified = self.verifier.verify(
+            site_record,
+            node_id=reply.metadata.src_node_id,
+            kind="evaluate",
+            server_round=server_round,
+            payload_sha256=metrics_sha256(metrics),
+            aggregate_sha256=aggregate_sha256,
+        )
+        self.verifier.accept(verified)
+        if verified.claim.status != "evaluated":
+            raise ReplyRejected("malformed_reply", f"an evaluation with status {verified.claim.status!r:.40}", site_id=verified.site_id)
+        return verified.site_id, evaluation_metrics(metrics, site_id=verified.site_id)
 
     def evaluate_round(self, server_round: int, node_ids: list[int]) -> None:
         started = time.monotonic()
         replies = self._send(node_ids, phase="evaluate", server_round=server_round)
+        aggregate_sha256 = self.result.aggregate_digests[-1] if self.result.aggregate_digests else ""
         site_metrics: dict[str, dict[str, float]] = {}
         error_bounds: list[float] = []
+        rejected: list[Rejection] = []
         for reply in replies:
-            site_id = self._site_of(reply)
-            if reply.has_error():
-                logger.warning("round %d: evaluation failed at %s: %s", server_round, site_id, site_error_reason(reply.error.reason))
+            try:
+                site_id, metrics = self.read_evaluation(reply, server_round, aggregate_sha256)
+            except Exception as error:  # noqa: BLE001 — nothing a site sends may stop the round
+                rejected.append(self._rejection(reply, server_round, error))
                 continue
-            metrics = {key: float(value) for key, value in reply.content[METRICS].items()}
+            self.result.sites[reply.metadata.src_node_id] = site_id
             self.result.num_parameters = int(metrics.pop("num_parameters", self.result.num_parameters))
             bound = metrics.pop("he_error_bound", None)
             if bound is not None:
                 error_bounds.append(bound)
             site_metrics[site_id] = metrics
+        for rejection in rejected:
+            logger.warning(
+                "round %d: evaluation from %s dropped (%s): %s", server_round, rejection.site_id, rejection.code, rejection.reason
+            )
         pooled = pooled_metrics(site_metrics)
         if error_bounds:
             self.result.he_error_bounds.append(max(error_bounds))
@@ -257,6 +373,7 @@ class RoundLoop:
                 "phase": "evaluate",
                 "sites": dict(sorted(site_metrics.items())),
                 "pooled": pooled,
+                "rejected": {rejection.site_id: f"{rejection.code}: {rejection.reason}" for rejection in rejected},
                 "he_error_bound": max(error_bounds, default=None),
                 "time_s": time.monotonic() - started,
             }

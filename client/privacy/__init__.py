@@ -9,15 +9,18 @@ from .errors import (
     IncompatibleModelError,
     LedgerConflictError,
     LedgerCorruptedError,
+    LedgerMissingError,
+    LedgerRolledBackError,
     PolicyRefusedError,
     PrivacyError,
+    ReleaseAlreadyMadeError,
     RoundAlreadyTrainedError,
     RoundRefusedError,
     SitePolicyError,
 )
-from .ledger import BudgetLedger, RoundSpend, RunSpend
+from .ledger import BudgetLedger, LedgerMark, ReleaseSpend, RoundSpend, RunSpend
 from .policy import PolicyDecision, PrivacyRequest, SitePolicy, check_request, load_site_policy, policy_from_mapping
-from .site_privacy import RoundPrivacyPlan, commit_round, ensure_allowed, plan_round
+from .site_privacy import RoundPrivacyPlan, commit_round, ensure_allowed, plan_round, reserve_round
 
 __all__ = [
     "BudgetExceededError",
@@ -26,10 +29,15 @@ __all__ = [
     "IncompatibleModelError",
     "LedgerConflictError",
     "LedgerCorruptedError",
+    "LedgerMark",
+    "LedgerMissingError",
+    "LedgerRolledBackError",
     "PolicyDecision",
     "PolicyRefusedError",
     "PrivacyError",
     "PrivacyRequest",
+    "ReleaseAlreadyMadeError",
+    "ReleaseSpend",
     "RoundAlreadyTrainedError",
     "RoundPrivacyPlan",
     "RoundRefusedError",
@@ -47,5 +55,6 @@ __all__ = [
     "load_site_policy",
     "plan_round",
     "policy_from_mapping",
+    "reserve_round",
     "train_locally_dp",
 ]

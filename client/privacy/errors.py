@@ -11,8 +11,11 @@ __all__ = [
     "IncompatibleModelError",
     "LedgerConflictError",
     "LedgerCorruptedError",
+    "LedgerMissingError",
+    "LedgerRolledBackError",
     "PolicyRefusedError",
     "PrivacyError",
+    "ReleaseAlreadyMadeError",
     "RoundAlreadyTrainedError",
     "RoundRefusedError",
     "SitePolicyError",
@@ -51,12 +54,42 @@ class SitePolicyError(PrivacyError):
 class LedgerCorruptedError(PrivacyError):
     """The budget ledger on disk is unreadable, truncated or fails its checksum."""
 
-    def __init__(self, path: Path, problem: str) -> None:
+    DEFAULT_FIX = (
+        "Refusing to train; restore the ledger from backup (a fresh ledger would forget the "
+        "privacy budget already spent)."
+    )
+
+    def __init__(self, path: Path, problem: str, *, fix: str = DEFAULT_FIX) -> None:
         self.path = Path(path)
-        super().__init__(
-            f"privacy budget ledger {self.path} is corrupted: {problem}. "
-            "Refusing to train; restore the ledger from backup (a fresh ledger would forget the "
-            "privacy budget already spent)."
+        super().__init__(f"privacy budget ledger {self.path} is corrupted: {problem}. {fix}")
+
+
+class LedgerMissingError(LedgerCorruptedError):
+    """The ledger file is gone although the site's mark (in its identity kit) records spends."""
+
+    def __init__(self, path: Path, *, mark_path: Path, spends: int, total_epsilon: float, sequence: int) -> None:
+        self.path = Path(path)
+        self.mark_path = Path(mark_path)
+        PrivacyError.__init__(
+            self,
+            f"privacy budget ledger {self.path} is gone although the site's kit records {spends} spend(s) "
+            f"totalling epsilon={total_epsilon:.4g} (ledger sequence {sequence}, mark {self.mark_path}). "
+            "The site will not train: restore the ledger from backup — starting a fresh one would forget "
+            "the privacy budget already spent.",
+        )
+
+
+class LedgerRolledBackError(LedgerCorruptedError):
+    """The ledger on disk is older than (or differs from) the copy the site's mark vouches for."""
+
+    def __init__(self, path: Path, *, mark_path: Path, problem: str) -> None:
+        self.path = Path(path)
+        self.mark_path = Path(mark_path)
+        PrivacyError.__init__(
+            self,
+            f"privacy budget ledger {self.path} was rolled back or replaced: {problem} (mark {self.mark_path}). "
+            "The site will not train: restore the latest ledger from backup — an older copy would forget "
+            "privacy budget already spent.",
         )
 
 
@@ -82,3 +115,7 @@ class BudgetExceededError(RoundRefusedError):
 
 class RoundAlreadyTrainedError(RoundRefusedError):
     """The round is already in the ledger; training it again would spend budget twice."""
+
+
+class ReleaseAlreadyMadeError(RoundRefusedError):
+    """A DP metric release for this (run, round) is already recorded; releasing again would spend twice."""

@@ -5,14 +5,17 @@ from the coordinator: the site's policy always wins.
 
     flower-supernode --node-config 'site-index=0 max-epsilon=3.0 max-delta=1e-5 min-noise-multiplier=0.5'
     flower-supernode --node-config 'site-index=0 privacy-policy="/etc/medtwin/privacy.toml"'
+
+Keys: max-epsilon, max-delta (required); min-noise-multiplier, max-clipping-norm,
+max-total-epsilon (lifetime cap over all runs, default 10), require-dp (default true).
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -36,19 +39,30 @@ _FIELDS = {  # policy key -> (SitePolicy field, required)
     "min-noise-multiplier": ("min_noise_multiplier", False),
     "max-clipping-norm": ("max_grad_norm", False),
     "max-total-epsilon": ("max_total_epsilon", False),
+    "require-dp": ("require_dp", False),
 }
+DEFAULT_MAX_TOTAL_EPSILON = 10.0
 
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """Limits one hospital accepts. Epsilon/delta limits are per run; `max_total_epsilon` caps the
-    sum over all runs on this site's data (basic composition), None = no lifetime cap."""
+    """Limits one hospital accepts; validated on construction (`SitePolicyError` lists every problem).
+
+    `max_epsilon`/`max_delta` bound each run; `max_total_epsilon` caps the sum over ALL runs and
+    metric releases on this site's data (basic composition) — it is what stops a coordinator from
+    escaping the per-run limit with fresh run ids, so it is always on and finite. `require_dp=False`
+    lets runs without DP train (outside DP accounting: for synthetic or public data only).
+    """
 
     max_epsilon: float
     max_delta: float
     min_noise_multiplier: float = 0.0
     max_grad_norm: float = math.inf  # largest clipping norm C accepted
-    max_total_epsilon: float | None = None
+    max_total_epsilon: float = DEFAULT_MAX_TOTAL_EPSILON
+    require_dp: bool = True
+
+    def __post_init__(self) -> None:
+        _raise_problems(_policy_problems(self.__dict__), source="SitePolicy", name=lambda field: field)
 
 
 @dataclass(frozen=True)
@@ -68,26 +82,35 @@ class PolicyDecision:
 
 
 def check_request(policy: SitePolicy, request: PrivacyRequest) -> PolicyDecision:
-    """Allow the request only if it meets every limit of the site's policy; list every violation."""
+    """Allow the request only if it meets every limit of the site's policy; list every violation, by how much."""
+    if math.isinf(request.target_epsilon):
+        if policy.require_dp:
+            reason = (
+                "the run asks for no differential privacy (epsilon inf); this site requires DP (require_dp) "
+                f"with max_epsilon {float(policy.max_epsilon)}"
+            )
+            return PolicyDecision(allowed=False, reason=reason)
+        return PolicyDecision(allowed=True, reason="the run asks for no DP, which this site allows (require_dp false)")
     violations = []
     if request.target_epsilon > policy.max_epsilon:
         violations.append(
             f"requested epsilon {float(request.target_epsilon)} exceeds this site's max_epsilon "
-            f"{float(policy.max_epsilon)}"
+            f"{float(policy.max_epsilon)} by {request.target_epsilon - policy.max_epsilon:.4g}"
         )
     if request.target_delta > policy.max_delta:
         violations.append(
-            f"requested delta {float(request.target_delta)} exceeds this site's max_delta {float(policy.max_delta)}"
+            f"requested delta {float(request.target_delta)} exceeds this site's max_delta {float(policy.max_delta)} "
+            f"by {request.target_delta - policy.max_delta:.4g}"
         )
     if request.noise_multiplier < policy.min_noise_multiplier:
         violations.append(
             f"noise multiplier {request.noise_multiplier:.4g} is below this site's min_noise_multiplier "
-            f"{policy.min_noise_multiplier:g}"
+            f"{policy.min_noise_multiplier:g} by {policy.min_noise_multiplier - request.noise_multiplier:.4g}"
         )
     if request.max_grad_norm > policy.max_grad_norm:
         violations.append(
             f"requested clipping norm {float(request.max_grad_norm)} exceeds this site's max_clipping_norm "
-            f"{float(policy.max_grad_norm)}"
+            f"{float(policy.max_grad_norm)} by {request.max_grad_norm - policy.max_grad_norm:.4g}"
         )
     if violations:
         return PolicyDecision(allowed=False, reason="; ".join(violations))
@@ -99,6 +122,59 @@ def check_request(policy: SitePolicy, request: PrivacyRequest) -> PolicyDecision
             f"{request.noise_multiplier:.4g} >= {policy.min_noise_multiplier:g}"
         ),
     )
+
+
+def _policy_problems(values: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(field, problem) for every limit out of range; `values` holds every SitePolicy field."""
+    problems = []
+    for field_name in ("max_epsilon", "max_delta", "min_noise_multiplier", "max_total_epsilon", "max_grad_norm"):
+        value = values[field_name]
+        if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value) or value < 0:
+            problems.append((field_name, f"must be a number >= 0, got {value!r}"))
+    if not problems:
+        if values["max_delta"] >= 1:
+            problems.append(("max_delta", f"must be < 1, got {values['max_delta']!r}"))
+        if math.isinf(values["max_epsilon"]):
+            problems.append(("max_epsilon", "must be finite, got inf"))
+        if math.isinf(values["max_total_epsilon"]) or values["max_total_epsilon"] <= 0:
+            problems.append(
+                (
+                    "max_total_epsilon",
+                    f"must be a finite number > 0, got {values['max_total_epsilon']!r} (the lifetime cap cannot be "
+                    f"switched off; the default is {DEFAULT_MAX_TOTAL_EPSILON:g})",
+                )
+            )
+        if math.isinf(values["min_noise_multiplier"]):
+            problems.append(("min_noise_multiplier", "must be finite, got inf"))
+    if not isinstance(values["require_dp"], bool):
+        problems.append(("require_dp", f"must be true or false, got {values['require_dp']!r}"))
+    return problems
+
+
+def _raise_problems(problems: list[tuple[str, str]], *, source: str, name: Callable[[str], str]) -> None:
+    if not problems:
+        return
+    if len(problems) == 1:
+        field_name, problem = problems[0]
+        raise SitePolicyError(name(field_name), problem, source=source)
+    keys = ", ".join(name(field_name) for field_name, _ in problems)
+    listed = "; ".join(f"{name(field_name)} {problem}" for field_name, problem in problems)
+    raise SitePolicyError(keys, listed, source=source)
+
+
+def _dashed(field_name: str) -> str:
+    return next(key for key, (name, _) in _FIELDS.items() if name == field_name)
+
+
+def _boolean(value: object, *, key: str, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "yes", "1"}:
+        return True
+    if text in {"false", "no", "0"}:
+        return False
+    raise SitePolicyError(key, f"expected true or false, got {value!r}", source=source)
 
 
 def _number(value: object, *, key: str, source: str) -> float:
@@ -119,10 +195,11 @@ def policy_from_mapping(mapping: Mapping[str, object], *, source: str) -> SitePo
         dashed = str(key).replace("_", "-")
         if dashed != key and dashed in _FIELDS:
             raise SitePolicyError(str(key), "misspelt policy key", source=source, fix=f"write it `{dashed}`")
-    values: dict[str, float] = {}
+    values: dict[str, float | bool] = {}
     for key, (field_name, required) in _FIELDS.items():
         if key in mapping:
-            values[field_name] = _number(mapping[key], key=key, source=source)
+            parse = _boolean if field_name == "require_dp" else _number
+            values[field_name] = parse(mapping[key], key=key, source=source)
         elif required:
             raise SitePolicyError(
                 key,
@@ -131,8 +208,8 @@ def policy_from_mapping(mapping: Mapping[str, object], *, source: str) -> SitePo
                 fix="set max-epsilon and max-delta in the SuperNode's --node-config (or in the file named by "
                 f"`{POLICY_FILE_KEY}`), e.g. 'max-epsilon=3.0 max-delta=1e-5'",
             )
-    if values["max_delta"] >= 1:
-        raise SitePolicyError("max-delta", f"must be < 1, got {values['max_delta']}", source=source)
+    defaults = {field.name: field.default for field in fields(SitePolicy) if field.default is not MISSING}
+    _raise_problems(_policy_problems({**defaults, **values}), source=source, name=_dashed)
     return SitePolicy(**values)
 
 

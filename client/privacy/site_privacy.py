@@ -1,12 +1,18 @@
-"""Per-round privacy decisions for the ClientApp: plan before training, commit after.
+"""Per-round privacy decisions for the ClientApp: plan (a cheap check), reserve (check + spend), train.
 
     plan = plan_round(policy=policy, ledger=ledger, run_id=run_id, round=server_round,
                       privacy_cfg=config.privacy, num_train=n, batch_size=b, local_steps=k, num_rounds=r)
     if not plan.allowed:            # or ensure_allowed(plan) to raise the typed error
         reply "refused", plan.reason
+    try:
+        epsilon = reserve_round(ledger=ledger, plan=plan)   # under the ledger lock, fsync'd BEFORE training
+    except PrivacyError as refused:                          # replay, budget, damaged/rolled-back ledger
+        reply "refused", str(refused)
     result = train_locally_dp(..., noise_multiplier=plan.noise_multiplier,
                               max_grad_norm=plan.max_grad_norm, ...)
-    commit_round(ledger=ledger, plan=plan, steps_taken=result.steps)   # fsync'd BEFORE replying
+
+`plan_round` reads the ledger without the lock, so two concurrent requests can both pass it;
+`reserve_round` re-checks replay and both budgets under the lock, so only one of them trains.
 
 The noise multiplier is calibrated for the site's WHOLE planned participation (num_rounds *
 local_steps steps at its own sample rate), so every round of a run uses the same value, and a
@@ -16,17 +22,18 @@ site that trains in every round ends at (target_epsilon, target_delta).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from medtwin.core.config.privacy import PrivacyConfig
-from medtwin.core.privacy_math import planned_total_steps, sample_rate_for
+from medtwin.core.privacy_math import HistoryEntry, planned_total_steps, sample_rate_for
 
 from .accounting import calibrate_noise_multiplier, epsilon_after
 from .errors import BudgetExceededError, PolicyRefusedError, RoundAlreadyTrainedError, RoundRefusedError
 from .ledger import BudgetLedger
 from .policy import PrivacyRequest, SitePolicy, check_request
 
-__all__ = ["RoundPrivacyPlan", "commit_round", "ensure_allowed", "plan_round"]
+__all__ = ["RoundPrivacyPlan", "commit_round", "ensure_allowed", "plan_round", "reserve_round"]
 
 _REFUSAL_ERRORS = {
     "policy": PolicyRefusedError,
@@ -50,7 +57,11 @@ class RoundPrivacyPlan:
     target_delta: float
     accountant: str
     epsilon_spent_before: float  # this run, at this site
-    epsilon_after_round: float  # this run, once the planned steps are trained
+    epsilon_after_round: float  # this run, once the planned steps are trained (as the ledger stood at planning)
+    max_epsilon: float  # the per-run limit: the smaller of the site's max_epsilon and the run's target
+    max_epsilon_name: str  # which of the two it is, for refusal messages
+    max_total_epsilon: float  # the site's lifetime limit over all runs and releases
+    uses_dp: bool = True  # False only for a run without DP at a site with require_dp=False
 
 
 def plan_round(
@@ -68,8 +79,14 @@ def plan_round(
     """Decide, before any training, whether this round may run and with which noise."""
     sample_rate = sample_rate_for(batch_size=batch_size, num_train=num_train)
     spent = ledger.spent(run_id)
+    if privacy_cfg.target_epsilon < policy.max_epsilon:
+        max_epsilon, max_epsilon_name = privacy_cfg.target_epsilon, "the run's privacy.target_epsilon"
+    else:
+        max_epsilon, max_epsilon_name = policy.max_epsilon, "max_epsilon"
 
-    def plan(*, allowed: bool, reason: str, refusal: str = "", noise: float, epsilon: float) -> RoundPrivacyPlan:
+    def plan(
+        *, allowed: bool, reason: str, refusal: str = "", noise: float, epsilon: float, uses_dp: bool = True
+    ) -> RoundPrivacyPlan:
         return RoundPrivacyPlan(
             run_id=run_id,
             round=int(round),
@@ -84,12 +101,19 @@ def plan_round(
             accountant=privacy_cfg.accountant,
             epsilon_spent_before=spent,
             epsilon_after_round=epsilon,
+            max_epsilon=max_epsilon,
+            max_epsilon_name=max_epsilon_name,
+            max_total_epsilon=policy.max_total_epsilon,
+            uses_dp=uses_dp,
         )
 
     if privacy_cfg.name != "dp":
+        if not policy.require_dp:
+            reason = f"the run asks for no DP (privacy.name={privacy_cfg.name!r}); this site allows it (require_dp false)"
+            return plan(allowed=True, reason=reason, noise=0.0, epsilon=math.inf, uses_dp=False)
         reason = (
             f"the run asks for no differential privacy (privacy.name={privacy_cfg.name!r}); "
-            f"this site requires DP with max_epsilon {float(policy.max_epsilon)}"
+            f"this site requires DP (require_dp) with max_epsilon {float(policy.max_epsilon)}"
         )
         return plan(allowed=False, reason=reason, refusal="policy", noise=0.0, epsilon=math.inf)
 
@@ -134,8 +158,9 @@ def plan_round(
     refusal = ledger.budget_refusal(
         run_id,
         projected_epsilon=projected,
-        max_epsilon=min(policy.max_epsilon, privacy_cfg.target_epsilon),
+        max_epsilon=max_epsilon,
         max_total_epsilon=policy.max_total_epsilon,
+        max_epsilon_name=max_epsilon_name,
     )
     if refusal is not None:
         return plan(allowed=False, reason=refusal, refusal="budget", noise=noise_multiplier, epsilon=projected)
@@ -149,32 +174,56 @@ def ensure_allowed(plan: RoundPrivacyPlan) -> None:
         raise _REFUSAL_ERRORS.get(plan.refusal, RoundRefusedError)(plan.reason)
 
 
-def commit_round(*, ledger: BudgetLedger, plan: RoundPrivacyPlan, steps_taken: int | None = None) -> float:
-    """Record the round's spend durably; returns the run's epsilon at this site afterwards.
+def reserve_round(*, ledger: BudgetLedger, plan: RoundPrivacyPlan) -> float:
+    """Spend the round's privacy budget BEFORE training; returns the run's epsilon at this site afterwards.
 
-    Call it after training and before the update leaves the site. `steps_taken` (default: the
-    planned steps) lets a round cut short record only what was really spent.
+    Under the ledger's exclusive lock it re-reads the ledger, refuses a round already recorded
+    (`RoundAlreadyTrainedError`), recomputes epsilon from the run's history as it stands now,
+    re-checks the per-run and lifetime limits (`BudgetExceededError`) and records the planned steps
+    fsync'd. The spend counts even if training then crashes or is cut short (conservative).
+    Any `PrivacyError` means: do not train, reply with its message. A run without DP at a site that
+    allows it (plan.uses_dp False) records nothing and returns inf.
     """
     ensure_allowed(plan)
-    steps = plan.steps if steps_taken is None else int(steps_taken)
-    epsilon = plan.epsilon_after_round
-    if steps != plan.steps:
-        epsilon = epsilon_after(
+    if not plan.uses_dp:
+        return math.inf
+    return _reserve(ledger=ledger, plan=plan, steps=plan.steps)
+
+
+def commit_round(*, ledger: BudgetLedger, plan: RoundPrivacyPlan, steps_taken: int | None = None) -> float:
+    """Legacy order — train, then record: prefer `reserve_round`, which records before training.
+
+    Same checks under the same lock as `reserve_round` (replay, per-run and lifetime limits), with
+    `steps_taken` (default: the planned steps). Never call both for one round: the second refuses
+    as a replay.
+    """
+    ensure_allowed(plan)
+    if not plan.uses_dp:
+        return math.inf
+    return _reserve(ledger=ledger, plan=plan, steps=plan.steps if steps_taken is None else int(steps_taken))
+
+
+def _reserve(*, ledger: BudgetLedger, plan: RoundPrivacyPlan, steps: int) -> float:
+    def epsilon_for(history: Sequence[HistoryEntry]) -> float:
+        return epsilon_after(
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
             steps=steps,
             target_delta=plan.target_delta,
             accountant=plan.accountant,
-            history=ledger.history(plan.run_id),
+            history=history,
         )
-    ledger.record_round(
+
+    return ledger.reserve_round(
         plan.run_id,
         round=plan.round,
         steps=steps,
         noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate,
         delta=plan.target_delta,
-        epsilon=epsilon,
+        epsilon=epsilon_for,
         accountant=plan.accountant,
+        max_epsilon=plan.max_epsilon,
+        max_total_epsilon=plan.max_total_epsilon,
+        max_epsilon_name=plan.max_epsilon_name,
     )
-    return epsilon

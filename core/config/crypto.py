@@ -25,3 +25,4 @@ class CryptoConfig:
     max_abs_weight_bound: float = 4.0  # every packed weight must satisfy |w| <= this (sites check)
     max_total_examples: int = 10_000  # bound on sum n_i over all sites of one round: set it close to reality
     security_level: int = 128  # bits, HomomorphicEncryption.org standard (ternary secret)
+    key_id: str = ""  # the CKKS key set of the run (set by the key steward; sites decrypt with that key only)

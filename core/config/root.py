@@ -34,5 +34,8 @@ class MedtwinConfig:
     seed: int = 42
     run_id: str = ""  # empty: generated from time + config hash
     runs_dir: str = "runs"
+    # simulation: a folder of site files (<site_id>.yaml) the harness's simulated hospitals read;
+    # empty = written per task from configs/sites/simulation.yaml
+    sites_dir: str = ""
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     progress: bool = True  # live progress display

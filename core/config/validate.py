@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import ConfigError
+from ..ids import ensure_id
 from .chain import validate_chain_config
 from .privacy import validate_privacy_config
 from .root import MedtwinConfig
@@ -15,6 +16,8 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 
 
 def validate_config(config: MedtwinConfig) -> None:
+    if config.run_id:
+        ensure_id(config.run_id, key="run_id")
     strategy = config.strategy
     if strategy.name not in STRATEGIES:
         raise ConfigError("strategy.name", f"unknown strategy {strategy.name!r}", f"use one of {STRATEGIES}")

@@ -1,10 +1,13 @@
-"""Identities and keys of a federation: provisioning, kits, key envelopes, update signatures.
+"""Identities and keys of a federation: site identities, provisioning, kits, key envelopes, signed replies.
 
-`provision_federation` creates per-site Ed25519 (signing) and X25519 (key agreement) keys, a
-federation CA and the coordinator's TLS certificate. A key-steward site generates the CKKS keys
-(`steward_generate_he_keys`), wraps them for every other site and publishes only a key-less public
-context for the coordinator. Sites sign each encrypted update (`sign_update`); the coordinator
-checks it (`verify_update`).
+Keys are born where they live (ARCHITECTURE.md section 4). A site creates its own Ed25519 (signing)
+and X25519 (key agreement) keys (`init_site_identity`) and hands over `site-public.json`. The admin
+builds the manifest, a federation CA and the coordinator's TLS certificate from those public files
+(`provision_federation`); each site checks and installs the manifest (`join_federation`). A
+key-steward site generates the CKKS keys (`steward_generate_he_keys`), wraps them for every other
+site and publishes only a key-less public context for the coordinator; kits keep one secret context
+per key id. Sites sign every reply as a `ReplyClaim` (`sign_claim`); the coordinator checks it
+(`verify_claim`).
 """
 
 from .envelope import open_envelope, seal_envelope
@@ -13,10 +16,12 @@ from .keys import fingerprint
 from .kits import CoordinatorKit, SiteKit, load_coordinator_kit, load_site_kit
 from .manifest import FederationManifest, SiteEntry, load_manifest
 from .provision import ProvisionedFederation, provision_federation
-from .signing import sign_update, update_signing_message, verify_update
+from .signing import ReplyClaim, check_claim_fields, sign_claim, verify_claim
+from .site_init import init_site_identity, join_federation, read_site_public
 from .steward import (
     HeKeyDistribution,
     install_he_secret,
+    installed_he_key_ids,
     load_site_he_context,
     steward_generate_he_keys,
     unwrap_he_secret,
@@ -31,21 +36,26 @@ __all__ = [
     "KitError",
     "ProvisionError",
     "ProvisionedFederation",
+    "ReplyClaim",
     "SignatureError",
     "SiteEntry",
     "SiteKit",
+    "check_claim_fields",
     "fingerprint",
+    "init_site_identity",
     "install_he_secret",
+    "installed_he_key_ids",
+    "join_federation",
     "load_coordinator_kit",
     "load_manifest",
     "load_site_he_context",
     "load_site_kit",
     "open_envelope",
     "provision_federation",
+    "read_site_public",
     "seal_envelope",
-    "sign_update",
+    "sign_claim",
     "steward_generate_he_keys",
     "unwrap_he_secret",
-    "update_signing_message",
-    "verify_update",
+    "verify_claim",
 ]

@@ -52,7 +52,10 @@ def write_public_file(path: Path, data: bytes) -> None:
 def read_private_file(path: Path) -> bytes:
     """Read a secret, refusing files that other users could read (like ssh does)."""
     if not path.is_file():
-        raise KitError(f"missing private file {path}; re-provision the kit or copy it from the admin")
+        raise KitError(
+            f"missing private file {path}; private keys are made on the machine that uses them "
+            "(`medtwin site init`, `medtwin site keygen`, `medtwin site install-key`, `medtwin provision` for the coordinator)"
+        )
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
         raise KitError(f"private file {path} has mode {mode:o}, readable by others; fix with `chmod 600 {path}`")

@@ -1,4 +1,13 @@
-"""Loading kits: a site's (signing + key-agreement keys) and the coordinator's (TLS), checked against the manifest."""
+"""Kit layouts and loading: a site's (signing + key-agreement keys) and the coordinator's (TLS), checked against the manifest.
+
+    site kit (made by `init_site_identity`, completed by `join_federation`; on the site's machine)
+        signing_key.pem, key_agreement_key.pem   private, 0600, born here
+        site-public.json                         the public half, handed to the admin
+        federation.json, ca_cert.pem, site.json  installed by `join_federation`
+        he/<key_id>/secret_context.bin           CKKS secret contexts, one folder per key set
+    coordinator kit (made by `provision_federation`)
+        tls_cert.pem, tls_key.pem, ca_cert.pem, federation.json
+"""
 
 from __future__ import annotations
 
@@ -12,15 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from .errors import KitError
 from .keys import load_ed25519_private_key, load_x25519_private_key, raw_public_bytes, read_private_file
 from .manifest import FederationManifest, load_manifest
-from .provision import (
-    CA_CERT_FILE,
-    KEY_AGREEMENT_KEY_FILE,
-    SIGNING_KEY_FILE,
-    SITE_FILE,
-    SITE_KIT_FORMAT,
-    TLS_CERT_FILE,
-    TLS_KEY_FILE,
-)
+
+CA_CERT_FILE, CA_KEY_FILE = "ca_cert.pem", "ca_key.pem"
+TLS_CERT_FILE, TLS_KEY_FILE = "tls_cert.pem", "tls_key.pem"
+SIGNING_KEY_FILE, KEY_AGREEMENT_KEY_FILE = "signing_key.pem", "key_agreement_key.pem"
+SITE_FILE, SITE_PUBLIC_FILE = "site.json", "site-public.json"
+SITE_KIT_FORMAT = "medtwin-site-kit/1"
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,12 @@ def load_site_kit(path: Path | str) -> SiteKit:
     path = Path(path)
     site_file = path / SITE_FILE
     if not site_file.is_file():
-        raise KitError(f"{path} is not a site kit (no {SITE_FILE}); point at out_dir/sites/<site> from `medtwin provision`")
+        hint = (
+            "it has an identity but has not joined a federation: run `medtwin site join --kit DIR --manifest FILE`"
+            if (path / SITE_PUBLIC_FILE).is_file()
+            else "create one on the site's machine with `medtwin site init`, then `medtwin site join`"
+        )
+        raise KitError(f"{path} is not a site kit (no {SITE_FILE}); {hint}")
     document = json.loads(site_file.read_text(encoding="utf-8"))
     if document.get("format") != SITE_KIT_FORMAT:
         raise KitError(f"{site_file}: format {document.get('format')!r}, expected {SITE_KIT_FORMAT!r}")

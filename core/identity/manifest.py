@@ -112,11 +112,19 @@ class FederationManifest:
                 sites=sites,
             )
             stored = document["sites"]
-        except (KeyError, TypeError, ValueError) as error:
+            mismatched = [  # stored fingerprints must match the keys they describe
+                f"site {entry.site_id!r} {kind}-key fingerprint"
+                for entry in sites
+                for kind, expected in (
+                    ("signing", entry.signing_key_fingerprint),
+                    ("key-agreement", entry.key_agreement_key_fingerprint),
+                )
+                if stored[entry.site_id].get(f"{kind.replace('-', '_')}_key_fingerprint") != expected
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise KitError(f"{source} is not a valid federation manifest ({error!r})") from error
-        for entry in sites:  # stored fingerprints must match the keys they describe
-            if stored[entry.site_id].get("signing_key_fingerprint") != entry.signing_key_fingerprint:
-                raise KitError(f"{source}: site {entry.site_id!r} signing-key fingerprint does not match its key")
+        if mismatched:
+            raise KitError(f"{source}: {', '.join(mismatched)} does not match its key; the manifest was altered")
         return manifest
 
     def save(self, path: Path) -> None:

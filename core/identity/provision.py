@@ -1,12 +1,16 @@
-"""`medtwin provision`: identities, a federation CA and the coordinator's TLS certificate, as kits.
+"""`medtwin provision`: the admin assembles a federation from the sites' PUBLIC files only.
+
+Each site made its own keys (`medtwin site init`) and handed over `site-public.json`. The admin
+creates the federation CA (and keeps its key), the coordinator's TLS certificate and the public
+manifest. No site private key is ever generated, read or written here (ARCHITECTURE.md section 4).
 
 Layout written under `out_dir` (private files 0600, their folders 0700, every file atomic):
 
     federation.json                  public manifest (site keys + fingerprints, CA, coordinator)
     ca/ca_cert.pem, ca/ca_key.pem    the federation CA (the admin keeps the key offline)
     coordinator/                     tls_cert.pem, tls_key.pem, ca_cert.pem, federation.json
-    sites/<site>/                    signing_key.pem (Ed25519), key_agreement_key.pem (X25519),
-                                     ca_cert.pem, federation.json, site.json
+
+Sites then install federation.json with `medtwin site join`.
 """
 
 from __future__ import annotations
@@ -14,49 +18,56 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ProvisionError
-from .keys import PRIVATE_DIR_MODE, private_key_pem, raw_public_bytes, write_private_file, write_public_file
+from .keys import PRIVATE_DIR_MODE, private_key_pem, write_private_file, write_public_file
+from .kits import CA_CERT_FILE, CA_KEY_FILE, TLS_CERT_FILE, TLS_KEY_FILE
 from .manifest import MANIFEST_FILE, FederationManifest, SiteEntry, check_name
+from .site_init import SITE_PUBLIC_FORMAT, read_site_public
 
-CA_DIR, COORDINATOR_DIR, SITES_DIR = "ca", "coordinator", "sites"
-CA_CERT_FILE, CA_KEY_FILE = "ca_cert.pem", "ca_key.pem"
-TLS_CERT_FILE, TLS_KEY_FILE = "tls_cert.pem", "tls_key.pem"
-SIGNING_KEY_FILE, KEY_AGREEMENT_KEY_FILE, SITE_FILE = "signing_key.pem", "key_agreement_key.pem", "site.json"
-SITE_KIT_FORMAT = "medtwin-site-kit/1"
+CA_DIR, COORDINATOR_DIR = "ca", "coordinator"
+
+SitePublic = Path | str | SiteEntry | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
 class ProvisionedFederation:
+    """What the admin holds: the public manifest, the CA (with its key) and the coordinator's kit."""
+
     root: Path
     manifest: FederationManifest
     coordinator_kit: Path
-    site_kits: dict[str, Path]
     ca_dir: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
 
 
 def provision_federation(
     out_dir: Path | str,
     *,
     federation_name: str,
-    site_ids: list[str] | tuple[str, ...],
+    site_public_files: Sequence[SitePublic],
     coordinator_host: str = "127.0.0.1",
     ca_validity_days: int = 1825,
     tls_validity_days: int = 365,
 ) -> ProvisionedFederation:
-    """Create every identity of a new federation under `out_dir` (which must be empty or absent)."""
+    """Create a federation's CA, coordinator TLS kit and manifest under `out_dir` (empty or absent).
+
+    `site_public_files` are the sites' `site-public.json` files (or parsed `SiteEntry`s / their JSON).
+    """
     root = Path(out_dir)
-    _check_request(root, federation_name, list(site_ids), coordinator_host)
+    entries = _check_request(root, federation_name, site_public_files, coordinator_host)
     root.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
@@ -73,24 +84,6 @@ def provision_federation(
     write_public_file(coordinator / TLS_CERT_FILE, tls_cert.public_bytes(serialization.Encoding.PEM))
     write_public_file(coordinator / CA_CERT_FILE, ca_pem)
 
-    entries, site_kits = [], {}
-    for site_id in site_ids:
-        signing_key, agreement_key = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
-        kit = root / SITES_DIR / site_id
-        write_private_file(kit / SIGNING_KEY_FILE, private_key_pem(signing_key))
-        write_private_file(kit / KEY_AGREEMENT_KEY_FILE, private_key_pem(agreement_key))
-        write_public_file(kit / CA_CERT_FILE, ca_pem)
-        site_document = {"format": SITE_KIT_FORMAT, "federation_name": federation_name, "site_id": site_id}
-        write_public_file(kit / SITE_FILE, (json.dumps(site_document, indent=2, sort_keys=True) + "\n").encode())
-        entries.append(
-            SiteEntry(
-                site_id=site_id,
-                signing_public_key=raw_public_bytes(signing_key.public_key()).hex(),
-                key_agreement_public_key=raw_public_bytes(agreement_key.public_key()).hex(),
-            )
-        )
-        site_kits[site_id] = kit
-
     manifest = FederationManifest(
         federation_name=federation_name,
         created_utc=now.isoformat(),
@@ -99,30 +92,67 @@ def provision_federation(
         coordinator_tls_fingerprint=hashlib.sha256(tls_cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
         sites=tuple(sorted(entries, key=lambda entry: entry.site_id)),
     )
-    for folder in (root, coordinator, *site_kits.values()):
+    for folder in (coordinator, root):  # the root manifest last: its presence marks a finished provisioning
         manifest.save(folder / MANIFEST_FILE)
-    for folder in (root / CA_DIR, coordinator, *site_kits.values()):
-        folder.chmod(PRIVATE_DIR_MODE)  # kits hold secrets: only their owner may list or enter them
-    return ProvisionedFederation(
-        root=root, manifest=manifest, coordinator_kit=coordinator, site_kits=site_kits, ca_dir=root / CA_DIR
-    )
+    for folder in (root / CA_DIR, coordinator):
+        folder.chmod(PRIVATE_DIR_MODE)  # they hold secrets: only their owner may list or enter them
+    return ProvisionedFederation(root=root, manifest=manifest, coordinator_kit=coordinator, ca_dir=root / CA_DIR)
 
 
-def _check_request(root: Path, federation_name: str, site_ids: list[str], coordinator_host: str) -> None:
+def _check_request(
+    root: Path, federation_name: str, site_public_files: Sequence[SitePublic], coordinator_host: str
+) -> list[SiteEntry]:
+    """Every problem of the request at once, before anything is written."""
+    problems: list[str] = []
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ProvisionError(
+        problems.append(
             f"{root} exists and is not an empty directory; provisioning never overwrites keys — choose a new folder"
         )
-    check_name("federation name", federation_name)
-    if not site_ids:
-        raise ProvisionError("site_ids is empty: a federation needs at least one site")
-    for site_id in site_ids:
-        check_name("site id", site_id)
-    duplicates = sorted({site_id for site_id in site_ids if site_ids.count(site_id) > 1})
-    if duplicates:
-        raise ProvisionError(f"duplicate site ids {duplicates}")
+    try:
+        check_name("federation name", federation_name)
+    except ProvisionError as error:
+        problems.append(str(error))
     if not coordinator_host or any(character.isspace() for character in coordinator_host):
-        raise ProvisionError(f"coordinator_host {coordinator_host!r} must be a host name or IP address")
+        problems.append(f"coordinator_host {coordinator_host!r} must be a host name or IP address")
+    if isinstance(site_public_files, str | Path) or not site_public_files:
+        problems.append("site_public_files is empty: a federation needs at least one site's site-public.json")
+        site_public_files = ()
+    entries: list[SiteEntry] = []
+    sources: dict[str, str] = {}
+    for source in site_public_files:
+        try:
+            entry = read_site_public(_as_public_document(source) if isinstance(source, SiteEntry) else source)
+        except ProvisionError as error:
+            problems.append(str(error))
+            continue
+        where = str(source) if isinstance(source, str | Path) else f"entry for {entry.site_id!r}"
+        if entry.site_id in sources:
+            problems.append(f"duplicate site ids: {entry.site_id!r} in both {sources[entry.site_id]} and {where}")
+            continue
+        for other in entries:
+            shared = {entry.signing_public_key, entry.key_agreement_public_key} & {
+                other.signing_public_key,
+                other.key_agreement_public_key,
+            }
+            if shared:
+                problems.append(
+                    f"{where} (site {entry.site_id!r}) shares a public key with site {other.site_id!r}; "
+                    "every site needs its own identity from `medtwin site init`"
+                )
+        sources[entry.site_id] = where
+        entries.append(entry)
+    if problems:
+        raise ProvisionError("cannot provision the federation:\n  - " + "\n  - ".join(problems))
+    return entries
+
+
+def _as_public_document(entry: SiteEntry) -> dict[str, str]:
+    return {
+        "format": SITE_PUBLIC_FORMAT,
+        "site_id": entry.site_id,
+        "signing_public_key": entry.signing_public_key,
+        "key_agreement_public_key": entry.key_agreement_public_key,
+    }
 
 
 def _name(common_name: str, federation_name: str) -> x509.Name:

@@ -1,15 +1,20 @@
 """The key-steward flow: one site makes the federation's CKKS keys, wraps them for every other site,
 and publishes only a key-less public context for the coordinator (ARCHITECTURE.md section 4).
 
-    steward kit   he/secret_context.bin (0600)
-    outbox        he-outbox/public_context.bin        -> coordinator
-                  he-outbox/envelopes/<site>.json      -> each other site
-    other kits    he/secret_context.bin (0600) after `install_he_secret`
+    steward kit   he/<key_id>/secret_context.bin (0600)
+    outbox        public_context.bin                  -> coordinator
+                  envelopes/<site>.json               -> each other site
+                  (default outbox: <steward kit>/he-outbox/<key_id>/)
+    other kits    he/<key_id>/secret_context.bin (0600) after `install_he_secret`
+
+A kit may hold several key sets (one per run or rotation), each under its key id; installing or
+generating a key never replaces a stored one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +29,11 @@ from .kits import SiteKit, load_site_kit
 from .manifest import FederationManifest
 
 HE_SECRET_PURPOSE = "he-secret-context"
-SECRET_CONTEXT_FILE = Path("he") / "secret_context.bin"
+HE_DIR = "he"
+SECRET_CONTEXT_NAME = "secret_context.bin"
 OUTBOX_DIR = "he-outbox"
 PUBLIC_CONTEXT_FILE = "public_context.bin"
+KEY_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")  # 16 bytes, hex (core.he.context.KEY_ID_BYTES)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,24 @@ class HeKeyDistribution:
     envelope_paths: dict[str, Path]
 
 
+def secret_context_path(kit_dir: Path | str, key_id: str) -> Path:
+    """Where a kit keeps the secret context of key set `key_id`: he/<key_id>/secret_context.bin."""
+    if not isinstance(key_id, str) or not KEY_ID_PATTERN.match(key_id):
+        raise KitError(f"HE key id {key_id!r:.80} is not 32 lower-case hex characters (a key id from the key steward)")
+    return Path(kit_dir) / HE_DIR / key_id / SECRET_CONTEXT_NAME
+
+
+def installed_he_key_ids(site_kit: SiteKit | Path | str) -> list[str]:
+    """Key ids of the secret HE contexts stored in a kit, sorted."""
+    kit_path = site_kit.path if isinstance(site_kit, SiteKit) else Path(site_kit)
+    folder = kit_path / HE_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(
+        child.name for child in folder.iterdir() if KEY_ID_PATTERN.match(child.name) and (child / SECRET_CONTEXT_NAME).is_file()
+    )
+
+
 def steward_generate_he_keys(
     steward_kit: SiteKit | Path | str,
     params: CkksParameters,
@@ -44,26 +69,26 @@ def steward_generate_he_keys(
     *,
     outbox_dir: Path | str | None = None,
 ) -> HeKeyDistribution:
-    """Generate the CKKS key set, keep the secret context, write envelopes and the public context."""
+    """Generate a CKKS key set, keep its secret context, write envelopes and the public context."""
     kit = steward_kit if isinstance(steward_kit, SiteKit) else load_site_kit(steward_kit)
     manifest = manifest or kit.manifest
     if manifest.federation_name != kit.federation_name:
         raise KitError(
             f"steward kit is for federation {kit.federation_name!r}, the manifest for {manifest.federation_name!r}"
         )
-    secret_path = kit.path / SECRET_CONTEXT_FILE
+    manifest.site(kit.site_id)  # the steward must be a member of the federation it keys
+    context = create_secret_context(params)
+    key_id = context.key_id.hex()
+    secret_path = secret_context_path(kit.path, key_id)
     if secret_path.exists():
         raise KitError(
-            f"{secret_path} already exists; generating new HE keys would orphan every encrypted model — "
-            "move it away deliberately to rotate keys"
+            f"{secret_path} already exists; HE key set {key_id} is stored in this kit and is never replaced"
         )
-    context = create_secret_context(params)
     secret_bytes = serialize_secret_context(context)
-    outbox = Path(outbox_dir) if outbox_dir is not None else kit.path / OUTBOX_DIR
+    outbox = Path(outbox_dir) if outbox_dir is not None else kit.path / OUTBOX_DIR / key_id
     write_private_file(secret_path, secret_bytes)
     public_path = outbox / PUBLIC_CONTEXT_FILE
     write_public_file(public_path, serialize_public_context(context))
-    manifest.site(kit.site_id)  # the steward must be a member of the federation it keys
     envelopes = {}
     for recipient in manifest.sites:
         if recipient.site_id == kit.site_id:
@@ -72,19 +97,14 @@ def steward_generate_he_keys(
             sender_key=kit.key_agreement_key,
             recipient_public_key=x25519_public_key(recipient.key_agreement_public_key),
             plaintext=secret_bytes,
-            binding=_binding(
-                manifest, sender_site=kit.site_id, recipient_site=recipient.site_id, key_id=context.key_id.hex()
-            ),
+            binding=_binding(manifest, sender_site=kit.site_id, recipient_site=recipient.site_id, key_id=key_id),
         )
         path = outbox / "envelopes" / f"{recipient.site_id}.json"
         # sealed, so not secret — but only its recipient needs it
         write_private_file(path, (json.dumps(envelope, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         envelopes[recipient.site_id] = path
     return HeKeyDistribution(
-        key_id=context.key_id.hex(),
-        secret_context_path=secret_path,
-        public_context_path=public_path,
-        envelope_paths=envelopes,
+        key_id=key_id, secret_context_path=secret_path, public_context_path=public_path, envelope_paths=envelopes
     )
 
 
@@ -107,25 +127,61 @@ def unwrap_he_secret(site_kit: SiteKit | Path | str, envelope: Path | str | byte
 
 
 def install_he_secret(site_kit: SiteKit | Path | str, envelope: Path | str | bytes | Mapping[str, Any]) -> Path:
-    """Unwrap, check (a secret context with the envelope's key id) and store it in the kit (0600)."""
+    """Unwrap, check (a secret context with the envelope's key id) and store it under he/<key_id>/ (0600).
+
+    Installing the same key set again is a no-op; a different secret under a stored key id is refused.
+    """
     kit = site_kit if isinstance(site_kit, SiteKit) else load_site_kit(site_kit)
     document = _read_envelope(envelope)
     secret_bytes = unwrap_he_secret(kit, document)
-    context = load_context(secret_bytes, expected_kind="secret")
-    if context.key_id.hex() != document["key_id"]:
-        raise EnvelopeError(f"envelope key id {document['key_id']} != key id {context.key_id.hex()} of its content")
-    path = kit.path / SECRET_CONTEXT_FILE
+    try:
+        context = load_context(secret_bytes, expected_kind="secret")
+    except HeContextError as error:
+        raise EnvelopeError(f"envelope from {document.get('sender_site')!r} holds no valid secret context: {error}") from error
+    key_id = context.key_id.hex()
+    if key_id != document["key_id"]:
+        raise EnvelopeError(f"envelope key id {document['key_id']} != key id {key_id} of its content")
+    path = secret_context_path(kit.path, key_id)
+    if path.exists():
+        if read_private_file(path) == secret_bytes:
+            return path  # already installed
+        raise KitError(
+            f"{path} already holds a different secret for HE key set {key_id}; installing an HE key never silently "
+            "replaces one — move the stored file away deliberately if you really mean to replace it"
+        )
     write_private_file(path, secret_bytes)
     return path
 
 
-def load_site_he_context(site_kit: SiteKit | Path | str) -> HeContext:
-    """The secret HE context stored in a site kit (by the steward, or by `install_he_secret`)."""
+def load_site_he_context(site_kit: SiteKit | Path | str, key_id: str | None = None) -> HeContext:
+    """The secret HE context of key set `key_id` stored in a site kit (by the steward or `install_he_secret`).
+
+    `key_id` may be left out only when the kit holds exactly one key set.
+    """
     kit_path = site_kit.path if isinstance(site_kit, SiteKit) else Path(site_kit)
+    installed = installed_he_key_ids(kit_path)
+    if key_id is None:
+        if len(installed) != 1:
+            raise KitError(
+                f"{kit_path} holds {len(installed)} HE key sets {installed}; say which one (key_id)"
+                if installed
+                else f"{kit_path} holds no HE key set; run `medtwin site keygen` (steward) or `medtwin site install-key`"
+            )
+        key_id = installed[0]
+    key_id = key_id.lower() if isinstance(key_id, str) else key_id
+    path = secret_context_path(kit_path, key_id)
+    if not path.exists():
+        raise KitError(
+            f"{kit_path} holds no HE key set {key_id} (installed: {installed or 'none'}); "
+            "install its envelope with `medtwin site install-key`"
+        )
     try:
-        return load_context(read_private_file(kit_path / SECRET_CONTEXT_FILE), expected_kind="secret")
+        context = load_context(read_private_file(path), expected_kind="secret")
     except HeContextError as error:
-        raise KitError(f"{kit_path / SECRET_CONTEXT_FILE}: {error}") from error
+        raise KitError(f"{path}: {error}") from error
+    if context.key_id.hex() != key_id:
+        raise KitError(f"{path} holds key set {context.key_id.hex()}, not {key_id}; the kit was altered")
+    return context
 
 
 def _binding(manifest: FederationManifest, *, sender_site: str, recipient_site: str, key_id: str) -> dict[str, str]:

@@ -58,7 +58,8 @@ class CsvTask(TwinTask):
             raise ConfigError("task.csv", "task csv needs a schema", "set task.csv (see configs/task/csv_example.yaml)")
         self.schema: CsvSchemaConfig = config.csv
         check_csv_schema(self.schema)
-        if config.num_sites != len(self.schema.site_files):
+        # a coordinator's config names no files (sites hold their own paths): only a simulation lists them
+        if self.schema.site_files and config.num_sites != len(self.schema.site_files):
             raise ConfigError(
                 "task.num_sites",
                 f"is {config.num_sites} but task.csv.site_files lists {len(self.schema.site_files)} files",

@@ -1,36 +1,57 @@
-"""The budget ledger: durable, idempotent, refuses over-budget rounds, never trusts a damaged file."""
+"""The budget ledger: durable, idempotent, refuses over-budget rounds, never trusts a damaged file,
+and checks itself against the mark it keeps in the site's kit."""
 
 from __future__ import annotations
 
 import json
+import logging
 import stat
 
 import pytest
 
-from medtwin.client.privacy import BudgetExceededError, BudgetLedger, LedgerConflictError, LedgerCorruptedError
+from medtwin.client.privacy import (
+    BudgetExceededError,
+    BudgetLedger,
+    LedgerConflictError,
+    LedgerCorruptedError,
+    LedgerMissingError,
+    ReleaseAlreadyMadeError,
+    RoundAlreadyTrainedError,
+)
+from medtwin.client.privacy.ledger import _checksum
 
 ROUND = {"steps": 100, "noise_multiplier": 1.2, "sample_rate": 0.02, "delta": 1e-5}
+LIMITS = {"max_epsilon": 3.0, "max_total_epsilon": 10.0}
 
 
 @pytest.fixture
 def ledger(tmp_path):
-    return BudgetLedger(tmp_path / "site" / "privacy-ledger.json", "hosp0")
+    return BudgetLedger(tmp_path / "site" / "privacy-ledger.json", "hosp0", mark_path=tmp_path / "kit" / "ledger.mark")
 
 
 def record(ledger, run_id, round_number, epsilon, **change):
     return ledger.record_round(run_id, round=round_number, epsilon=epsilon, **{**ROUND, **change})
 
 
+def reserve(ledger, run_id, round_number, epsilon, **limits):
+    return ledger.reserve_round(run_id, round=round_number, epsilon=epsilon, **ROUND, **{**LIMITS, **limits})
+
+
+def read_mark(ledger):
+    return json.loads(ledger.mark_path.read_text())
+
+
 def test_a_new_ledger_has_spent_nothing(ledger):
     assert ledger.spent("run-a") == 0.0
     assert ledger.history("run-a") == []
-    assert not ledger.path.exists()  # nothing is written before the first round
+    assert ledger.total_epsilon() == 0.0 and ledger.sequence() == 0
+    assert not ledger.path.exists() and not ledger.mark_path.exists()  # nothing is written before the first spend
 
 
 def test_rounds_are_recorded_with_their_history_and_survive_a_new_instance(ledger):
     assert record(ledger, "run-a", 1, 0.31)
     assert record(ledger, "run-a", 2, 0.44)
-    reopened = BudgetLedger(ledger.path, "hosp0")
+    reopened = BudgetLedger(ledger.path, "hosp0", mark_path=ledger.mark_path)
     run = reopened.run("run-a")
     assert reopened.spent("run-a") == 0.44
     assert run.rounds_done == 2 and run.steps == 200 and run.delta == 1e-5 and run.accountant == "rdp"
@@ -68,21 +89,180 @@ def test_totals_add_up_across_runs(ledger):
     assert [run.run_id for run in ledger.runs()] == ["run-a", "run-b"]
 
 
-def test_a_round_that_would_exceed_the_budget_is_refused_before_training(ledger):
+def test_a_round_over_the_per_run_limit_is_refused_before_training_and_says_by_how_much(ledger):
     record(ledger, "run-a", 1, 2.5)
-    assert ledger.can_afford("run-a", 2.9, 3.0)
-    assert not ledger.can_afford("run-a", 3.2, 3.0)
-    expected = r"epsilon 3\.2000 \(spent so far 2\.5000\), above this site's max_epsilon 3"
-    with pytest.raises(BudgetExceededError, match=expected):
-        ledger.ensure_affordable("run-a", projected_epsilon=3.2, max_epsilon=3.0)
+    assert ledger.budget_refusal("run-a", projected_epsilon=2.9, **LIMITS) is None
+    expected = (
+        "budget exceeded: per-run limit max_epsilon 3 would be exceeded by 0.2 "
+        "(run 'run-a' has spent 2.5; this round brings it to 3.2)"
+    )
+    assert ledger.budget_refusal("run-a", projected_epsilon=3.2, **LIMITS) == expected
+    with pytest.raises(BudgetExceededError) as refused:
+        reserve(ledger, "run-a", 2, 3.2)
+    assert str(refused.value) == expected
+    assert ledger.run("run-a").rounds_done == 1 and ledger.sequence() == 1  # nothing recorded
+    assert reserve(ledger, "run-a", 2, 2.9) == 2.9
+    assert ledger.spent("run-a") == 2.9
 
 
-def test_the_lifetime_budget_counts_other_runs(ledger):
+def test_the_lifetime_budget_counts_other_runs_and_says_by_how_much(ledger):
     record(ledger, "run-a", 1, 4.0)
-    assert ledger.can_afford("run-b", 1.5, 3.0)
-    assert not ledger.can_afford("run-b", 1.5, 3.0, max_total_epsilon=5.0)
-    with pytest.raises(BudgetExceededError, match="total over all runs to epsilon 5.5000"):
-        ledger.ensure_affordable("run-b", projected_epsilon=1.5, max_epsilon=3.0, max_total_epsilon=5.0)
+    assert ledger.budget_refusal("run-b", projected_epsilon=1.5, max_epsilon=3.0, max_total_epsilon=6.0) is None
+    with pytest.raises(BudgetExceededError) as refused:
+        reserve(ledger, "run-b", 1, 1.5, max_total_epsilon=5.0)
+    assert str(refused.value).startswith(
+        "budget exceeded: lifetime limit max_total_epsilon 5 would be exceeded by 0.5 "
+        "(spent 4 over 1 other run(s) and 0 metric release(s) + this round brings run 'run-b' to 1.5)"
+    )
+    assert ledger.run("run-b") is None
+
+
+def test_a_reserved_round_cannot_be_reserved_again(ledger):
+    reserve(ledger, "run-a", 1, 0.3)
+    with pytest.raises(RoundAlreadyTrainedError, match="already in this site's ledger"):
+        reserve(ledger, "run-a", 1, 0.3)
+    assert ledger.run("run-a").rounds_done == 1
+
+
+def test_reserve_computes_epsilon_from_the_history_as_it_stands_under_the_lock(ledger):
+    record(ledger, "run-a", 1, 0.3)
+    seen = []
+
+    def epsilon_for(history):
+        seen.append(list(history))
+        return 0.3 + 0.1 * len(history)
+
+    assert reserve(ledger, "run-a", 2, epsilon_for) == pytest.approx(0.4)
+    assert seen == [[(1.2, 0.02, 100)]]
+    assert ledger.spent("run-a") == pytest.approx(0.4)
+
+
+def test_a_run_keeps_its_accountant_and_delta_when_reserving(ledger):
+    reserve(ledger, "run-a", 1, 0.3)
+    with pytest.raises(LedgerConflictError, match="one accountant and delta"):
+        ledger.reserve_round("run-a", round=2, epsilon=0.4, **{**ROUND, "delta": 1e-6}, **LIMITS)
+
+
+def test_metric_releases_count_in_the_total_are_capped_and_made_once(ledger):
+    reserve(ledger, "run-a", 1, 2.0)
+    ledger.reserve_release("run-a", round=1, epsilon=0.5, max_total_epsilon=3.0)
+    assert ledger.total_epsilon() == pytest.approx(2.5)
+    assert ledger.spent("run-a") == 2.0  # the run's training spend alone
+    assert ledger.has_release("run-a", 1) and not ledger.has_release("run-a", 2)
+    assert [(r.run_id, r.round, r.epsilon) for r in ledger.releases()] == [("run-a", 1, 0.5)]
+    with pytest.raises(ReleaseAlreadyMadeError, match="already released"):
+        ledger.reserve_release("run-a", round=1, epsilon=0.5, max_total_epsilon=3.0)
+    with pytest.raises(BudgetExceededError, match="max_total_epsilon 3 would be exceeded by 0.2"):
+        ledger.reserve_release("run-a", round=2, epsilon=0.7, max_total_epsilon=3.0)
+    assert ledger.total_epsilon() == pytest.approx(2.5)
+    # a training round is capped by the releases too
+    with pytest.raises(BudgetExceededError, match="1 metric release"):
+        reserve(ledger, "run-b", 1, 0.6, max_total_epsilon=3.0)
+    reopened = BudgetLedger(ledger.path, "hosp0", mark_path=ledger.mark_path)
+    assert reopened.total_epsilon() == pytest.approx(2.5) and len(reopened.releases()) == 1
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_release_needs_a_finite_positive_epsilon(ledger, epsilon):
+    with pytest.raises(ValueError, match="epsilon"):
+        ledger.reserve_release("run-a", round=1, epsilon=epsilon, max_total_epsilon=3.0)
+
+
+def test_every_write_bumps_the_sequence_and_rewrites_the_mark(ledger):
+    record(ledger, "run-a", 1, 0.3)
+    reserve(ledger, "run-a", 2, 0.4)
+    ledger.reserve_release("run-a", round=2, epsilon=0.1, max_total_epsilon=10.0)
+    assert not record(ledger, "run-a", 1, 0.3)  # an idempotent no-op writes nothing
+    document = json.loads(ledger.path.read_text())
+    mark = read_mark(ledger)
+    assert document["ledger"]["format"] == 2 and document["ledger"]["sequence"] == 3 == ledger.sequence()
+    assert mark == {
+        "format": 1,
+        "site_id": "hosp0",
+        "sequence": 3,
+        "spends": 3,
+        "total_epsilon": pytest.approx(0.5),
+        "checksum": document["checksum"],
+    }
+    assert stat.S_IMODE(ledger.mark_path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in ledger.mark_path.parent.iterdir()) == ["ledger.mark"]
+
+
+def test_initialise_writes_an_empty_ledger_and_its_mark_once(ledger):
+    assert ledger.initialise()
+    assert ledger.path.exists() and ledger.sequence() == 0
+    assert read_mark(ledger)["sequence"] == 0 and read_mark(ledger)["spends"] == 0
+    record(ledger, "run-a", 1, 0.3)
+    assert not ledger.initialise()  # never resets an existing ledger
+    assert ledger.spent("run-a") == 0.3 and ledger.sequence() == 1
+
+
+def test_a_missing_mark_is_re_created_from_the_ledger(ledger, caplog):
+    record(ledger, "run-a", 1, 0.3)
+    ledger.mark_path.unlink()
+    with caplog.at_level(logging.WARNING, logger="medtwin.site.ledger"):
+        reopened = BudgetLedger(ledger.path, "hosp0", mark_path=ledger.mark_path)
+    assert "mark" in caplog.text and "missing" in caplog.text
+    assert read_mark(reopened)["sequence"] == 1 and reopened.spent("run-a") == 0.3
+
+
+def test_a_mark_behind_the_ledger_by_a_crash_between_the_two_writes_is_caught_up(ledger):
+    record(ledger, "run-a", 1, 0.3)
+    stale_mark = ledger.mark_path.read_bytes()
+    record(ledger, "run-a", 2, 0.4)
+    ledger.mark_path.write_bytes(stale_mark)  # as if killed after the ledger's os.replace
+    assert ledger.spent("run-a") == 0.4
+    assert read_mark(ledger)["sequence"] == 2
+
+
+def test_a_damaged_mark_stops_the_site(ledger):
+    record(ledger, "run-a", 1, 0.3)
+    ledger.mark_path.write_text("{not json")
+    with pytest.raises(LedgerCorruptedError, match="mark .* is damaged") as raised:
+        ledger.spent("run-a")
+    assert "delete the damaged mark" in str(raised.value)
+
+
+def test_another_sites_mark_is_refused(ledger, tmp_path):
+    record(ledger, "run-a", 1, 0.3)
+    other = BudgetLedger(tmp_path / "other" / "privacy-ledger.json", "hosp1", mark_path=ledger.mark_path)
+    with pytest.raises(LedgerConflictError, match="mark .* belongs to site 'hosp0', not 'hosp1'"):
+        other.total_epsilon()
+
+
+def test_a_deleted_ledger_without_a_mark_looks_fresh_but_with_a_mark_is_missing(ledger, tmp_path):
+    unmarked = BudgetLedger(tmp_path / "plain" / "privacy-ledger.json", "hosp0")
+    record(unmarked, "run-a", 1, 0.3)
+    unmarked.path.unlink()
+    assert unmarked.spent("run-a") == 0.0  # no mark: nothing can tell (the reason sites get a mark)
+    record(ledger, "run-a", 1, 0.3)
+    ledger.path.unlink()
+    with pytest.raises(LedgerMissingError, match="records 1 spend"):
+        ledger.spent("run-a")
+
+
+def test_a_format_1_ledger_is_read_and_written_back_as_format_2(ledger):
+    content = {
+        "format": 1,
+        "site_id": "hosp0",
+        "runs": {"run-a": {"accountant": "rdp", "delta": 1e-5, "epsilon": 0.3, "rounds": {"1": {**ROUND, "epsilon": 0.3}}}},
+    }
+    ledger.path.parent.mkdir(parents=True)
+    ledger.path.write_text(json.dumps({"checksum": _checksum(content), "ledger": content}))
+    reopened = BudgetLedger(ledger.path, "hosp0", mark_path=ledger.mark_path)
+    assert reopened.spent("run-a") == 0.3 and reopened.sequence() == 0
+    assert read_mark(reopened)["sequence"] == 0  # the mark vouches for the format-1 file as found
+    record(reopened, "run-a", 2, 0.4)
+    written = json.loads(ledger.path.read_text())["ledger"]
+    assert (written["format"], written["sequence"], written["releases"]) == (2, 1, {})
+
+
+def test_an_unknown_ledger_format_is_refused(ledger):
+    content = {"format": 3, "site_id": "hosp0", "sequence": 0, "runs": {}, "releases": {}}
+    ledger.path.parent.mkdir(parents=True)
+    ledger.path.write_text(json.dumps({"checksum": _checksum(content), "ledger": content}))
+    with pytest.raises(LedgerCorruptedError, match="unknown ledger format 3"):
+        BudgetLedger(ledger.path, "hosp0")
 
 
 def damage_and_expect_refusal(ledger, damage):
@@ -90,7 +270,7 @@ def damage_and_expect_refusal(ledger, damage):
     record(ledger, "run-a", 2, 0.44)
     damage(ledger.path)
     with pytest.raises(LedgerCorruptedError) as raised:
-        BudgetLedger(ledger.path, "hosp0")
+        BudgetLedger(ledger.path, "hosp0", mark_path=ledger.mark_path)
     message = str(raised.value)
     assert str(ledger.path) in message
     assert "refusing to train; restore the ledger from backup" in message.lower()
@@ -129,8 +309,6 @@ def test_a_damaged_ledger_is_never_mistaken_for_a_fresh_one(ledger, damage):
 
 
 def test_a_ledger_with_a_valid_checksum_but_bad_structure_is_corrupted(ledger):
-    from medtwin.client.privacy.ledger import _checksum
-
     ledger_content = {"format": 1, "site_id": "hosp0", "runs": {"run-a": {"rounds": {"1": {"steps": "many"}}}}}
     ledger.path.parent.mkdir(parents=True)
     ledger.path.write_text(json.dumps({"checksum": _checksum(ledger_content), "ledger": ledger_content}))
@@ -148,6 +326,8 @@ def test_a_temp_file_left_by_a_killed_writer_is_cleaned_up_and_ignored(ledger):
     record(ledger, "run-a", 1, 0.31)
     stale = ledger.path.parent / f".{ledger.path.name}.abc123.tmp"
     stale.write_text('{"half": ')
+    stale_mark = ledger.mark_path.parent / f".{ledger.mark_path.name}.abc123.tmp"
+    stale_mark.write_text('{"half": ')
     assert ledger.spent("run-a") == 0.31  # never read as the ledger
     record(ledger, "run-a", 2, 0.44)
-    assert not stale.exists()
+    assert not stale.exists() and not stale_mark.exists()

@@ -1,0 +1,234 @@
+"""A coordinator's run request is a proposal: plain data, read field by field, within the site file's bounds.
+
+The text is parsed with `yaml.safe_load` — no OmegaConf, no interpolation, no resolvers — and any
+`${…}` anywhere refuses the whole proposal before a single value is used. Only the fields below
+are read; everything else in the text (the coordinator's own paths, chain settings…) is ignored.
+A path the site would use (`task.csv.site_files`) is refused: the site's data comes from its file.
+
+    run_id, seed
+    task.name, task.csv.{features, target, task_type, hidden_units}
+    strategy.{name, proximal_mu, local_steps, batch_size, optimizer, learning_rate}
+    federation.{num_rounds, min_sites}
+    privacy.{name, target_epsilon, target_delta, max_grad_norm, accountant, grad_sample_mode,
+             secure_mode, epsilon_tolerance}
+    crypto.{name, key_id}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import yaml
+
+from medtwin.core.config import (
+    CryptoConfig,
+    CsvColumnConfig,
+    FederationConfig,
+    MedtwinConfig,
+    PrivacyConfig,
+    StrategyConfig,
+)
+from medtwin.core.config.privacy import validate_privacy_config
+from medtwin.core.config.validate import OPTIMIZERS, STRATEGIES
+from medtwin.core.errors import ConfigError
+from medtwin.core.hashing import config_hash
+from medtwin.core.ids import check_id
+
+from .site_file import SiteFile
+
+__all__ = ["MAX_PROPOSAL_BYTES", "ProposalRefused", "RunProposal", "parse_proposal"]
+
+MAX_PROPOSAL_BYTES = 256 * 1024
+
+
+class ProposalRefused(Exception):
+    """The site will not take part: `code` is a short label for the coordinator and the chain."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RunProposal:
+    run_id: str
+    config_hash: str  # of the exact text the site parsed: what it approves
+    config: MedtwinConfig  # the site's effective config: its own task/data, the proposal's accepted knobs
+
+
+def parse_proposal(text: object, site: SiteFile) -> RunProposal:
+    """Accept `text` as this site's run config, or raise `ProposalRefused` saying what and why."""
+    if not isinstance(text, str) or not text:
+        raise ProposalRefused("bad_proposal", "the run carries no proposal text")
+    if len(text.encode("utf-8", errors="replace")) > MAX_PROPOSAL_BYTES:
+        raise ProposalRefused("bad_proposal", f"the proposal is larger than {MAX_PROPOSAL_BYTES} bytes")
+    if "${" in text:
+        raise ProposalRefused(
+            "interpolation",
+            "the proposal contains `${…}`: sites never resolve interpolations or resolvers from a coordinator",
+        )
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ProposalRefused("bad_proposal", f"the proposal is not valid YAML ({str(error)[:200]})") from None
+    if not isinstance(document, dict):
+        raise ProposalRefused("bad_proposal", "the proposal is not a mapping")
+    fields = _Fields(document)
+    run_id = fields.get("run_id", str, "")
+    problem = check_id(run_id)
+    if problem:
+        raise ProposalRefused("bad_run_id", f"proposal `run_id`: {problem}")
+    task = _task(fields, site)
+    strategy = _strategy(fields, site)
+    federation = FederationConfig(
+        num_rounds=fields.get("federation.num_rounds", int, 1, minimum=1),
+        min_sites=fields.get("federation.min_sites", int, 1, minimum=1),
+    )
+    if federation.num_rounds > site.accept.max_rounds:
+        raise ProposalRefused(
+            "over_limit",
+            f"proposal federation.num_rounds {federation.num_rounds} exceeds this site's accept.max_rounds "
+            f"{site.accept.max_rounds} by {federation.num_rounds - site.accept.max_rounds}",
+        )
+    privacy = _privacy(fields)
+    crypto = CryptoConfig(name=fields.get("crypto.name", str, "plain"), key_id=fields.get("crypto.key_id", str, ""))
+    if crypto.name not in site.accept.crypto:
+        raise ProposalRefused(
+            "not_accepted", f"proposal crypto.name {crypto.name!r} is not in this site's accept.crypto {list(site.accept.crypto)}"
+        )
+    if crypto.name == "ckks" and check_id(crypto.key_id):
+        raise ProposalRefused("bad_proposal", f"proposal crypto.key_id: {check_id(crypto.key_id)}")
+    config = MedtwinConfig(
+        task=task,
+        strategy=strategy,
+        federation=federation,
+        privacy=privacy,
+        crypto=crypto,
+        seed=fields.get("seed", int, 42),
+        run_id=run_id,
+    )
+    return RunProposal(run_id=run_id, config_hash=config_hash(text), config=config)
+
+
+class _Fields:
+    """Dotted, typed reads from an untrusted mapping; a wrong type refuses the proposal."""
+
+    def __init__(self, document: dict) -> None:
+        self.document = document
+
+    def raw(self, dotted: str) -> Any:
+        node: Any = self.document
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def get(self, dotted: str, kind: type, default: Any, *, minimum: float | None = None) -> Any:
+        value = self.raw(dotted)
+        if value is None:
+            return default
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be {kind.__name__}, got {str(value)[:80]!r}")
+        if kind is float and not math.isfinite(value):
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be finite, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be >= {minimum}, got {value!r}")
+        if kind is str and (len(value) > 256 or not value.isascii()):
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be ASCII of at most 256 characters")
+        return value
+
+
+def _task(fields: _Fields, site: SiteFile):
+    name = fields.get("task.name", str, "")
+    if name not in site.accept.tasks:
+        raise ProposalRefused("not_accepted", f"proposal task {name!r} is not in this site's accept.tasks {list(site.accept.tasks)}")
+    if name != site.data_task:
+        raise ProposalRefused("not_accepted", f"proposal task {name!r} does not match this site's data ({site.data_task!r})")
+    if fields.raw("task.csv.site_files"):
+        raise ProposalRefused(
+            "path_in_proposal",
+            "the proposal names data files (task.csv.site_files): a coordinator never names a path at a site — "
+            "each site's data path is in its own site file",
+        )
+    if name != "csv":
+        return site.task
+    schema = site.task.csv
+    assert schema is not None  # a csv site file always has a schema
+    proposed = fields.raw("task.csv.features") or []
+    if not isinstance(proposed, list):
+        raise ProposalRefused("bad_proposal", "proposal `task.csv.features` must be a list")
+    try:
+        proposed_columns = [CsvColumnConfig(**column) for column in proposed]
+    except TypeError as error:
+        raise ProposalRefused("bad_proposal", f"proposal `task.csv.features`: {str(error)[:200]}") from None
+    mine = [(column.name, column.type, list(column.categories)) for column in schema.features]
+    theirs = [(column.name, column.type, list(column.categories)) for column in proposed_columns]
+    target = fields.get("task.csv.target", str, "")
+    task_type = fields.get("task.csv.task_type", str, "binary")
+    if mine != theirs or target != schema.target or task_type != schema.task_type:
+        raise ProposalRefused(
+            "schema_mismatch",
+            "the proposal's CSV schema (features, target, task_type) differs from this site's site file",
+        )
+    hidden_units = fields.get("task.csv.hidden_units", int, 16, minimum=0)
+    return replace(site.task, csv=replace(schema, hidden_units=hidden_units))
+
+
+def _strategy(fields: _Fields, site: SiteFile) -> StrategyConfig:
+    strategy = StrategyConfig(
+        name=fields.get("strategy.name", str, "fedavg"),
+        proximal_mu=fields.get("strategy.proximal_mu", float, 0.0, minimum=0.0),
+        local_steps=fields.get("strategy.local_steps", int, 1, minimum=1),
+        batch_size=fields.get("strategy.batch_size", int, 1, minimum=1),
+        optimizer=fields.get("strategy.optimizer", str, "sgd"),
+        learning_rate=fields.get("strategy.learning_rate", float, 0.001),
+    )
+    if strategy.name not in STRATEGIES or strategy.optimizer not in OPTIMIZERS or not strategy.learning_rate > 0:
+        raise ProposalRefused(
+            "bad_proposal",
+            f"proposal strategy {strategy.name!r} / optimizer {strategy.optimizer!r} / learning_rate "
+            f"{strategy.learning_rate} is not one this site runs ({STRATEGIES}, {OPTIMIZERS}, lr > 0)",
+        )
+    accept = site.accept
+    if strategy.local_steps > accept.max_local_steps:
+        raise ProposalRefused(
+            "over_limit",
+            f"proposal strategy.local_steps {strategy.local_steps} exceeds accept.max_local_steps "
+            f"{accept.max_local_steps} by {strategy.local_steps - accept.max_local_steps}",
+        )
+    if not accept.min_batch_size <= strategy.batch_size <= accept.max_batch_size:
+        raise ProposalRefused(
+            "over_limit",
+            f"proposal strategy.batch_size {strategy.batch_size} is outside this site's "
+            f"[{accept.min_batch_size}, {accept.max_batch_size}]",
+        )
+    return strategy
+
+
+def _privacy(fields: _Fields) -> PrivacyConfig:
+    privacy = PrivacyConfig(
+        name=fields.get("privacy.name", str, "none"),
+        target_epsilon=fields.get("privacy.target_epsilon", float, 1.0),
+        target_delta=fields.get("privacy.target_delta", float, 1e-5),
+        max_grad_norm=fields.get("privacy.max_grad_norm", float, 1.0),
+        accountant=fields.get("privacy.accountant", str, "rdp"),
+        grad_sample_mode=fields.get("privacy.grad_sample_mode", str, "ew"),
+        secure_mode=fields.get("privacy.secure_mode", bool, False),
+        epsilon_tolerance=fields.get("privacy.epsilon_tolerance", float, 0.01),
+    )
+    try:
+        validate_privacy_config(privacy)
+    except ConfigError as error:
+        raise ProposalRefused("bad_proposal", f"proposal {error}") from None
+    return privacy

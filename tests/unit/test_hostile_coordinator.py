@@ -1,0 +1,288 @@
+"""A hostile coordinator against a hospital's deployed ClientApp: the site's own file and state decide.
+
+Each test plays the coordinator through the same ClientApp object a SuperNode loads (node_config
+names only the site file; run_config carries the proposal), with real keys, real Opacus accounting
+and the site's real ledger. Every attack must end in a refusal with a code — and the honest path
+must still train, so the refusals are not vacuous.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import Context, Message, Metadata, RecordDict
+
+from medtwin.client.app import build_client_app
+from medtwin.client.site_state import SiteApprovals
+from medtwin.core.config import compose_config, config_to_yaml
+from medtwin.core.hashing import code_hash, config_hash
+from medtwin.core.identity import (
+    ReplyClaim,
+    init_site_identity,
+    join_federation,
+    load_site_kit,
+    provision_federation,
+    sign_claim,
+    verify_claim,
+)
+from medtwin.core.protocol import (
+    AGGREGATE,
+    CERTIFICATE,
+    INSTRUCTION,
+    METRICS,
+    SITE,
+    UPDATE,
+    RoundCertificate,
+    claim_from_site_record,
+    instruction,
+    pack_plain_update,
+    payload_sha256,
+)
+from medtwin.core.runconfig import CONFIG_YAML_KEY
+
+SITES = ("cleveland", "hungarian", "switzerland")
+
+
+@dataclass
+class Hospital:
+    """One real site under attack (cleveland) and two peers whose keys sign honest claims."""
+
+    root: Path
+    site_file: Path
+    state_dir: Path
+    kits: dict[str, Path]
+
+    def write_site_file(self, **privacy_overrides: object) -> None:
+        document = yaml.safe_load(self.site_file.read_text())
+        document["privacy"].update(privacy_overrides)
+        self.site_file.write_text(yaml.safe_dump(document))
+
+    def proposal(self, *overrides: str, approve: bool = True) -> tuple[str, str]:
+        config = compose_config(
+            ["privacy=dp", "privacy.target_epsilon=3", "privacy.target_delta=1e-5", "federation.num_rounds=1",
+             "strategy.local_steps=4", "strategy.batch_size=8", *overrides]
+        )  # fmt: skip
+        if not config.run_id:
+            config = replace(config, run_id=f"run-{time.monotonic_ns()}")
+        text = config_to_yaml(config)
+        if approve:
+            SiteApprovals(self.state_dir).approve(run_id=config.run_id, config_hash=config_hash(text), code_hash=code_hash())
+        return config.run_id, text
+
+    def ask(self, text: str, *, phase: str = "train", run_id: str, server_round: int = 1, extra: dict | None = None) -> Message:
+        content = RecordDict({INSTRUCTION: instruction(run_id=run_id, server_round=server_round, phase=phase)})
+        for name, record in (extra or {}).items():
+            content[name] = record
+        metadata = Metadata(
+            run_id=1, message_id=f"m-{time.monotonic_ns()}", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+            group_id="", created_at=time.time(), ttl=600.0, message_type=phase,
+        )  # fmt: skip
+        context = Context(
+            run_id=1, node_id=7, node_config={"site-file": str(self.site_file)}, state=RecordDict(), run_config={CONFIG_YAML_KEY: text}
+        )
+        return build_client_app()(Message(content=content, metadata=metadata), context)
+
+    def sign_peer(self, site_id: str, claim: ReplyClaim) -> bytes:
+        return sign_claim(load_site_kit(self.kits[site_id]).signing_key, claim)
+
+
+def status_of(reply: Message) -> tuple[str, str]:
+    record = reply.content.config_records[SITE]
+    return str(record["status"]), str(record.get("reason", ""))
+
+
+@pytest.fixture
+def hospital(tmp_path: Path) -> Hospital:
+    kits = {site: tmp_path / site / "kit" for site in SITES}
+    public = [init_site_identity(kits[site], site_id=site) for site in SITES]
+    admin = provision_federation(tmp_path / "admin", federation_name="hostile-test", site_public_files=public)
+    for site in SITES:
+        join_federation(kits[site], admin.manifest_path)
+    state_dir = tmp_path / "cleveland" / "state"
+    site_file = tmp_path / "cleveland" / "site.yaml"
+    site_file.write_text(
+        yaml.safe_dump(
+            {
+                "site_id": "cleveland",
+                "data": {"builtin": {"task": "fed_heart_disease", "index": 0}},
+                "accept": {"tasks": ["fed_heart_disease"], "max_rounds": 20, "max_local_steps": 100},
+                "privacy": {"max_epsilon": 3.0, "max_delta": 1e-4, "max_total_epsilon": 10.0},
+                "evaluation": {"release": "exact", "min_participants": 2},
+                "approvals": "local",
+                "kit_dir": str(kits["cleveland"]),
+                "state_dir": str(state_dir),
+            }
+        )
+    )
+    return Hospital(root=tmp_path, site_file=site_file, state_dir=state_dir, kits=kits)
+
+
+def test_the_honest_path_trains_and_signs_its_update(hospital: Hospital) -> None:
+    run_id, text = hospital.proposal()
+    reply = hospital.ask(text, run_id=run_id)
+    claim, signature = claim_from_site_record(reply.content.config_records[SITE])
+    assert claim.status == "trained" and UPDATE in reply.content
+    assert claim.payload_sha256 == payload_sha256(reply.content.array_records[UPDATE])
+    assert 0 < claim.epsilon <= 3.0 and claim.delta == 1e-5
+    verify_claim(load_site_kit(hospital.kits["cleveland"]).manifest.site("cleveland").signing_public_key, signature, claim)
+
+
+def test_a_request_without_dp_is_refused_when_the_site_requires_it(hospital: Hospital) -> None:
+    run_id, text = hospital.proposal("privacy=none")
+    reply = hospital.ask(text, run_id=run_id)
+    status, reason = status_of(reply)
+    assert status == "refused:policy" and "requires DP" in reason
+    assert UPDATE not in reply.content and METRICS not in reply.content  # not even a training loss
+
+
+def test_fresh_run_ids_do_not_escape_the_lifetime_cap(hospital: Hospital) -> None:
+    outcomes = []
+    for _ in range(5):
+        run_id, text = hospital.proposal()  # a whole run at ε=3 under a brand-new run id
+        outcomes.append(status_of(hospital.ask(text, run_id=run_id)))
+    assert [status for status, _ in outcomes[:3]] == ["trained"] * 3
+    assert all(status == "refused:budget" for status, _ in outcomes[3:]), outcomes
+    assert "max_total_epsilon" in outcomes[3][1]
+    ledger = json.loads((hospital.state_dir / "privacy-ledger.json").read_text())["ledger"]
+    assert len(ledger["runs"]) == 3
+
+
+def test_an_unapproved_run_is_refused(hospital: Hospital) -> None:
+    run_id, text = hospital.proposal(approve=False)
+    assert status_of(hospital.ask(text, run_id=run_id))[0] == "refused:not_approved"
+
+
+def test_a_changed_proposal_text_is_a_different_unapproved_config(hospital: Hospital) -> None:
+    run_id, text = hospital.proposal()
+    tampered = text.replace("target_epsilon: 3.0", "target_epsilon: 2.0")
+    assert tampered != text
+    assert status_of(hospital.ask(tampered, run_id=run_id))[0] == "refused:not_approved"
+
+
+def test_interpolation_is_refused_without_touching_the_environment(hospital: Hospital, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDTWIN_SITE_SECRET", "0xdeadbeef-chain-key")
+    run_id, text = hospital.proposal()
+    hostile = text.replace("name: fed_heart_disease", "name: ${oc.env:MEDTWIN_SITE_SECRET}", 1)
+    reply = hospital.ask(hostile, run_id=run_id)
+    status, reason = status_of(reply)
+    assert status == "refused:interpolation"
+    assert "deadbeef" not in json.dumps({key: str(value) for key, value in reply.content.config_records[SITE].items()})
+
+
+def test_a_path_in_the_proposal_is_refused_without_opening_it(hospital: Hospital, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_file = hospital.root / "hospital-secrets.csv"
+    secret_file.write_text("patient,diagnosis\n1,x\n")
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def watching_open(file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if str(file) == str(secret_file):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watching_open)
+    run_id, text = hospital.proposal()
+    document = yaml.safe_load(text)
+    document["task"]["csv"] = {"site_files": [str(secret_file)], "target": "diagnosis"}
+    reply = hospital.ask(yaml.safe_dump(document), run_id=run_id)
+    assert status_of(reply)[0] == "refused:path_in_proposal"
+    assert opened == []
+
+
+def test_a_run_id_that_escapes_a_folder_is_refused(hospital: Hospital) -> None:
+    _, text = hospital.proposal()
+    document = yaml.safe_load(text)
+    document["run_id"] = "../../outside"
+    reply = hospital.ask(yaml.safe_dump(document), run_id="../../outside")
+    assert status_of(reply)[0] == "refused:bad_run_id"
+    assert not (hospital.root / "outside").exists() and not list(hospital.root.rglob("*outside*"))
+
+
+def test_hyperparameters_beyond_the_site_file_bounds_are_refused(hospital: Hospital) -> None:
+    run_id, text = hospital.proposal("federation.num_rounds=50")
+    status, reason = status_of(hospital.ask(text, run_id=run_id))
+    assert status == "refused:over_limit" and "max_rounds 20 by 30" in reason
+    run_id, text = hospital.proposal("strategy.local_steps=1000")
+    assert status_of(hospital.ask(text, run_id=run_id))[0] == "refused:over_limit"
+
+
+def _peer_update(hospital: Hospital, site_id: str, *, run_id: str, server_round: int, num_examples: int) -> tuple:
+    weights = np.random.default_rng(len(site_id)).normal(size=14)
+    record = pack_plain_update(weights, num_examples=num_examples)
+    claim = ReplyClaim(
+        kind="update", run_id=run_id, server_round=server_round, site_id=site_id, payload_sha256=payload_sha256(record),
+        num_examples=num_examples, epsilon=0.5, delta=1e-5, dataset_manifest="ab" * 32, status="trained",
+    )  # fmt: skip
+    return record, (claim, hospital.sign_peer(site_id, claim))
+
+
+def _sum_records(records: list) -> object:
+    from medtwin.core.protocol import sum_plain_updates
+
+    return sum_plain_updates(records)
+
+
+def test_a_single_sites_update_posing_as_an_aggregate_is_refused(hospital: Hospital) -> None:
+    run_id, text = hospital.proposal("federation.num_rounds=3")
+    hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
+    swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
+    honest = _sum_records([hungarian, swiss])
+
+    def certificate(aggregate, claims) -> object:
+        return RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(aggregate), claims=tuple(claims)).to_record()
+
+    attacks = {
+        "no certificate": {AGGREGATE: hungarian},
+        "one site's update under two sites' claims": {AGGREGATE: hungarian, CERTIFICATE: certificate(hungarian, [hungarian_claim, swiss_claim])},
+        "certificate of one site only": {AGGREGATE: hungarian, CERTIFICATE: certificate(hungarian, [hungarian_claim])},
+        "honest certificate, other aggregate": {AGGREGATE: hungarian, CERTIFICATE: certificate(honest, [hungarian_claim, swiss_claim])},
+    }
+    for name, extra in attacks.items():
+        status, reason = status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=extra))
+        assert status == "refused:unverified_aggregate", (name, status, reason)
+    honest_reply = hospital.ask(
+        text, run_id=run_id, server_round=2, extra={AGGREGATE: honest, CERTIFICATE: certificate(honest, [hungarian_claim, swiss_claim])}
+    )
+    assert status_of(honest_reply)[0] == "trained"
+
+
+def test_a_second_evaluation_of_the_same_round_is_refused(hospital: Hospital) -> None:
+    run_id, text = hospital.proposal("federation.num_rounds=3")
+    hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
+    swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
+    aggregate = _sum_records([hungarian, swiss])
+    certificate = RoundCertificate(
+        server_round=1, aggregate_sha256=payload_sha256(aggregate), claims=(hungarian_claim, swiss_claim)
+    ).to_record()
+    extra = {AGGREGATE: aggregate, CERTIFICATE: certificate}
+    first = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra)
+    claim, _ = claim_from_site_record(first.content.config_records[SITE])
+    assert claim.status == "evaluated" and "accuracy" in first.content.metric_records[METRICS]
+    assert claim.aggregate_sha256 == payload_sha256(aggregate)
+    again = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra)
+    assert status_of(again)[0] == "refused:already_evaluated" and METRICS not in again.content
+
+
+def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> None:
+    document = yaml.safe_load(hospital.site_file.read_text())
+    document["evaluation"] = {"release": "dp", "epsilon_per_release": 0.5, "min_participants": 2}
+    hospital.site_file.write_text(yaml.safe_dump(document))
+    run_id, text = hospital.proposal("federation.num_rounds=3")
+    hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
+    swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
+    aggregate = _sum_records([hungarian, swiss])
+    certificate = RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(aggregate), claims=(hungarian_claim, swiss_claim))
+    reply = hospital.ask(text, phase="evaluate", run_id=run_id, extra={AGGREGATE: aggregate, CERTIFICATE: certificate.to_record()})
+    claim, _ = claim_from_site_record(reply.content.config_records[SITE])
+    assert claim.status == "evaluated" and claim.epsilon == 0.5
+    ledger = json.loads((hospital.state_dir / "privacy-ledger.json").read_text())["ledger"]
+    assert ledger["releases"][run_id]["1"]["epsilon"] == 0.5  # counted in the site's own ledger
+    released = reply.content.metric_records[METRICS]
+    assert 0.0 <= released["accuracy"] <= 1.0 and "n" in released

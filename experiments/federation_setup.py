@@ -29,9 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
-from medtwin.client.privacy import SitePolicy, policy_from_mapping
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.he import CkksParameters, ckks_parameters_from_config
 from medtwin.core.identity import (
@@ -54,24 +52,13 @@ try:  # POSIX: serialise parallel harnesses (sweeps) creating the same identitie
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-SITE_POLICIES = Path(__file__).resolve().parent.parent / "configs" / "sites" / "simulation.yaml"
 SITE_PUBLIC_FILE = "site-public.json"
 ADMIN_DIR = "admin"
 
 
 @dataclass(frozen=True)
-class SimulatedSiteSettings:
-    """Transitional (lead replaces with site files): what `site_settings` hands the client app per site index."""
-
-    kit_dir: str = ""
-    state_dir: str = ""
-    policy: SitePolicy | None = None
-
-
-@dataclass(frozen=True)
 class SimulatedFederation:
     root: Path  # this run's folder for the harness's per-run files (the steward's outbox)
-    sites: dict[int, SimulatedSiteSettings] = field(default_factory=dict)  # site index -> that hospital's settings
     coordinator: CoordinatorSetup = field(default_factory=CoordinatorSetup)
     he_parameters: CkksParameters | None = None
     manifest: FederationManifest | None = None
@@ -169,47 +156,16 @@ def _harness_lock(path: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
-# --- transitional: site settings (the lead replaces these with site files) -------------------------
-
-
-def simulated_policies(site_ids: list[str], path: Path | None = None) -> dict[str, SitePolicy]:
-    path = SITE_POLICIES if path is None else Path(path)
-    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    default = document.get("default", {})
-    overrides = document.get("sites") or {}
-    return {
-        site_id: policy_from_mapping({**default, **overrides.get(site_id, {})}, source=f"{path} (site {site_id})")
-        for site_id in site_ids
-    }
-
-
-def site_settings(config: MedtwinConfig, site_ids: list[str], kits: dict[str, Path]) -> dict[int, SimulatedSiteSettings]:
-    policies = simulated_policies(site_ids)
-    return {
-        index: SimulatedSiteSettings(
-            kit_dir=str(kits.get(site_id, "")),
-            state_dir=str(site_state_dir(config, site_id)),
-            policy=policies[site_id],
-        )
-        for index, site_id in enumerate(site_ids)
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
 def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederation:
     """Identities for every run (every reply is signed); with crypto=ckks a new key set from the first site."""
     task = get_task(config.task)
     site_ids = task.site_ids()
     manifest, admin, kit_dirs = simulated_identities(config, site_ids)
     root = kits_root(config, run_id)
-    sites = site_settings(config, site_ids, kit_dirs)
     manifest_path = str(admin / "coordinator" / "federation.json")
     if config.crypto.name != "ckks":
         return SimulatedFederation(
             root=root,
-            sites=sites,
             coordinator=CoordinatorSetup(manifest_path=manifest_path),
             manifest=manifest,
             kit_dirs=kit_dirs,
@@ -226,7 +182,6 @@ def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederatio
         install_he_secret(kit_dirs[site_id], envelope)  # each hospital opens its own envelope
     return SimulatedFederation(
         root=root,
-        sites=sites,
         coordinator=CoordinatorSetup(public_context_path=str(distribution.public_context_path), manifest_path=manifest_path),
         he_parameters=parameters,
         manifest=manifest,

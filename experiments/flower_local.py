@@ -4,7 +4,8 @@
 installs app dependencies with `uv sync` (network, GBs of CUDA wheels) and keeps running. Here
 medtwin starts its own simulation SuperLink instead — 127.0.0.1, a free port, runtime dependency
 installation disabled — points a project-local FLWR_HOME at it, submits the app with the
-composed Hydra overrides in `run_config`, waits for the run to finish, and stops every process the
+composed config as the run proposal in `run_config` (after standing in for the admin, key steward
+and hospitals: identities, site files, approvals — as `medtwin run` does), waits for the run to finish, and stops every process the
 SuperLink spawned (SuperExec, flwr-simulation, Ray) by PID.
 
     python -m medtwin.experiments.flower_local federation=quick task=breast_cancer
@@ -17,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -36,8 +36,9 @@ import tomli_w
 from medtwin.core.config import compose_config
 from medtwin.core.errors import MedtwinError
 from medtwin.core.rundir import atomic_write_text
-from medtwin.core.runconfig import OVERRIDES_KEY
-from medtwin.server.app import make_run_id
+from medtwin.client.app import SITES_DIR_ENV
+from medtwin.core.runconfig import CONFIG_YAML_KEY
+from medtwin.server.app import MANIFEST_KEY, PUBLIC_CONTEXT_KEY, make_run_id
 
 __all__ = ["FlowerRunError", "LocalFlowerFederation", "ProcessId", "ProcessTree", "main", "run_with_flwr"]
 
@@ -200,6 +201,7 @@ class LocalFlowerFederation:
         echo: bool = False,
     ) -> None:
         self.flwr_home = Path(flwr_home).resolve()
+        self.sites_dir = self.flwr_home / "sites"
         self.app_dir = Path(app_dir).resolve()
         self.startup_timeout_s = startup_timeout_s
         self.echo = echo
@@ -268,6 +270,7 @@ class LocalFlowerFederation:
         env = dict(os.environ)
         env.update(OFFLINE_ENVIRONMENT)
         env["FLWR_HOME"] = str(self.flwr_home)
+        env[SITES_DIR_ENV] = str(self.sites_dir)  # Flower's simulated nodes know only their partition id
         env["PATH"] = os.pathsep.join([str(self.bin_dir), env.get("PATH", "")])  # superexec/flwr-simulation by name
         return env
 
@@ -290,7 +293,7 @@ class LocalFlowerFederation:
         overrides = _complete_overrides(list(overrides), runs_dir=runs_dir)
         run_dir = runs_dir / _override_value(overrides, "run_id")
         run_config_file = self.flwr_home / f"run-config-{run_dir.name}.toml"
-        atomic_write_text(run_config_file, tomli_w.dumps({OVERRIDES_KEY: shlex.join(overrides)}))
+        atomic_write_text(run_config_file, tomli_w.dumps(self.prepare_run(overrides)))
         federation_config = (
             f"num-supernodes={num_supernodes} client-resources-num-cpus={client_num_cpus} "
             f"client-resources-num-gpus=0.0 init-args-num-cpus={ray_num_cpus} init-args-num-gpus=0"
@@ -323,6 +326,19 @@ class LocalFlowerFederation:
         if not (run_dir / "summary.json").is_file():
             raise FlowerRunError(f"run completed but {run_dir / 'summary.json'} is missing; see {log_path}")
         return run_dir
+
+    def prepare_run(self, overrides: list[str]) -> dict[str, str]:
+        """Stand in for admin, key steward and hospitals (site files under FLWR_HOME/sites, approvals);
+        returns the run_config: the proposal every site parses, and the coordinator's public files."""
+        from .simulate import prepare_parties
+
+        parties = prepare_parties(compose_config(overrides), site_files_folder=self.sites_dir)
+        coordinator = parties.federation.coordinator
+        return {
+            CONFIG_YAML_KEY: parties.proposal_text,
+            MANIFEST_KEY: coordinator.manifest_path,
+            PUBLIC_CONTEXT_KEY: coordinator.public_context_path,
+        }
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ from medtwin.core.config import MedtwinConfig, config_to_yaml
 from medtwin.core.protocol import record_from_bytes
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
+from medtwin.core.tasks import get_task
 from medtwin.server.app import build_server_app, make_run_id
 
 from .baselines import compute_baselines, final_model_evaluator
 from .chain_wiring import ChainApprovalCheck, ChainProvenance, enrol_federation, open_chains
-from .federation_setup import SimulatedFederation, prepare_federation
+from .federation_setup import SimulatedFederation, prepare_federation, site_state_dir
+from .simulated_sites import approve_locally, write_site_files
 
 logger = logging.getLogger("medtwin")
 
@@ -43,8 +46,8 @@ def simulate(config: MedtwinConfig) -> Path:
 
     if not config.run_id:
         config.run_id = make_run_id(config)
-    federation = prepare_federation(config, config.run_id)
-    provenance, approval_check = connect_chains(config, federation, Path(config.runs_dir) / config.run_id / "artifacts")
+    setup = prepare_parties(config)
+    provenance, approval_check = connect_chains(config, setup)
     baselines = None
     if config.baselines.enabled:
         logger.info("training baselines: each site alone, and pooled")
@@ -56,46 +59,91 @@ def simulate(config: MedtwinConfig) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=build_server_app(config, federation.coordinator, provenance),
-            client_app=build_client_app(config, federation.sites, approval_check),
+            server_app=build_server_app(setup.coordinator_config, setup.federation.coordinator, provenance),
+            client_app=build_client_app(
+                proposal_text=setup.proposal_text, site_files=setup.site_files, approval_check=approval_check
+            ),
             num_supernodes=config.task.num_sites,
             backend_config=backend_config,
         )
     run_path = Path(config.runs_dir) / config.run_id
     if not (run_path / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without writing {run_path / 'summary.json'}; see the log above")
-    add_simulation_findings(config, run_path, federation, baselines)
+    add_simulation_findings(config, run_path, setup.federation, baselines)
     return run_path
 
 
+@dataclass(frozen=True)
+class SimulatedParties:
+    """What the harness prepared, standing in for admin, key steward and every hospital."""
+
+    federation: SimulatedFederation
+    coordinator_config: MedtwinConfig  # what the coordinator runs and proposes: no site paths, the run's key id
+    proposal_text: str  # exactly what every site parses, hashes and approves
+    site_files: dict[int, str]  # partition id -> that hospital's site file
+    approvals: str  # "local" | "chain"
+
+
+def coordinator_view(config: MedtwinConfig) -> MedtwinConfig:
+    """The coordinator's config: no site's file paths (each hospital's path is in its own site file)."""
+    if config.task.csv is None:
+        return config
+    return replace(config, task=replace(config.task, csv=replace(config.task.csv, site_files=[])))
+
+
+def prepare_parties(config: MedtwinConfig, *, site_files_folder: Path | None = None) -> SimulatedParties:
+    """Identities and keys (admin, steward, hospitals), one site file per hospital, and their approvals."""
+    federation = prepare_federation(config, config.run_id)
+    config.crypto.key_id = federation.he_key_id  # the run's CKKS key set: part of what every site approves
+    coordinator_config = coordinator_view(config)
+    proposal_text = config_to_yaml(coordinator_config)
+    approvals = "chain" if config.chain.name in CHAINS_SITES_CAN_READ else "local"
+    site_ids = get_task(config.task).site_ids()
+    site_files = write_site_files(
+        config,
+        site_ids=site_ids,
+        kit_dirs=federation.kit_dirs,
+        state_dirs={site_id: site_state_dir(config, site_id) for site_id in site_ids},
+        folder=site_files_folder or federation.root / "site-files",
+        approvals=approvals,
+    )
+    if approvals == "local":
+        approve_locally(site_files, run_id=config.run_id, proposal_text=proposal_text)
+    return SimulatedParties(federation, coordinator_config, proposal_text, site_files, approvals)
+
+
+CHAINS_SITES_CAN_READ = ("anvil", "rpc")  # `embedded` lives in the harness process only
+
+
 def connect_chains(
-    config: MedtwinConfig, federation: SimulatedFederation, artifacts_root: Path
+    config: MedtwinConfig, setup: SimulatedParties
 ) -> tuple[ChainProvenance | None, ChainApprovalCheck | None]:
     """Open both chains, enrol the sites and their approvals of this run (acting for admin and sites)."""
     if config.chain.name == "none":
         return None, None
     session = open_chains(config.chain)
-    config_yaml = config_to_yaml(config)
-    enrol_federation(session, federation.manifest, run_id=config.run_id, config_yaml=config_yaml)
+    enrol_federation(session, setup.federation.manifest, run_id=config.run_id, proposal_text=setup.proposal_text)
     check = None
-    if config.chain.name == "embedded":
-        logger.warning("chain=embedded lives in this process only: sites (Ray actors) cannot read it; use chain=anvil")
+    if setup.approvals == "chain":
+        check = ChainApprovalCheck(state_dir=str(Path(config.chain.state_dir).resolve()))
     else:
-        check = ChainApprovalCheck(state_dir=str(Path(config.chain.state_dir).resolve()), config_yaml=config_yaml)
-    return ChainProvenance(session=session, artifacts_root=artifacts_root, manifest=federation.manifest), check
+        logger.warning("chain=%s cannot be read by the sites (Ray actors): they approve in their own state", config.chain.name)
+    artifacts_root = Path(config.runs_dir) / config.run_id / "artifacts"
+    return ChainProvenance(session=session, artifacts_root=artifacts_root, manifest=setup.federation.manifest), check
 
 
 def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation, digest: str) -> np.ndarray:
     """The last round's average weights, decoded by the first site's own codec."""
     aggregate = record_from_bytes(ArtifactStore(run_dir.artifacts).get(digest))
-    codec = CkksSiteCodec.from_kit(federation.sites[0].kit_dir) if config.crypto.name == "ckks" else PlainSiteCodec()
+    first_kit = federation.kit_dirs[get_task(config.task).site_ids()[0]]
+    codec = CkksSiteCodec.from_kit(first_kit, config.crypto.key_id) if config.crypto.name == "ckks" else PlainSiteCodec()
     return codec.average(aggregate)[0]
 
 
 def measured_decryption_error(run_dir: RunDirectory, federation: SimulatedFederation, average: np.ndarray) -> float:
     """max |decrypted average - plaintext average| / max |weight|, from the sites' kept plaintext updates."""
     last_train = [record for record in run_dir.read_metrics() if record["phase"] == "train"][-1]
-    kits = {Path(site.kit_dir).name: Path(site.kit_dir) for site in federation.sites.values()}
+    kits = federation.kit_dirs
     packed = sum(np.load(kits[site] / "state" / f"last-update-{run_dir.run_id}.npy") for site in last_train["participants"])
     exact = packed[:-1] / packed[-1]
     return float(np.max(np.abs(average - exact)) / max(np.max(np.abs(exact)), 1e-12))

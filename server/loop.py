@@ -37,7 +37,7 @@ from medtwin.core.protocol import (
 from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
-from .verifier import ReplyRejected, ReplyVerifier, safe_text
+from .verifier import ReplyRejected, ReplyVerifier, VerifiedClaim, safe_text
 
 logger = logging.getLogger("medtwin.coordinator")
 
@@ -188,11 +188,10 @@ class RoundLoop:
             raise ReplyRejected("malformed_reply", "the reply has no site record")
         return reply.content[SITE]
 
-    def read_update(self, reply: Message, server_round: int) -> tuple[SiteUpdate, dict[str, float]]:
-        """The verified update of a train reply and its (unsigned) metrics; raises on anything else.
+    def read_update(self, reply: Message, server_round: int) -> tuple[VerifiedClaim, SiteUpdate, dict[str, float]]:
+        """The verified, checked update of a train reply and its (unsigned) metrics; raises on anything else.
 
-        A verified reply is accepted by the verifier (its node, round slot and payload are used up)
-        even when its payload then fails the aggregator's check or it is a refusal.
+        Stores nothing, except for a signed refusal, which the verifier accepts as the site's answer.
         """
         node_id = reply.metadata.src_node_id
         site_record = self._site_record(reply)
@@ -206,9 +205,9 @@ class RoundLoop:
             server_round=server_round,
             payload_sha256=payload_sha256(record) if record is not None else "",
         )
-        self.verifier.accept(verified)
         claim = verified.claim
         if record is None:  # a signed refusal: its status is the code
+            self.verifier.accept(verified)
             if claim.status == "trained":
                 raise ReplyRejected("malformed_reply", "claims to have trained but sent no update", site_id=claim.site_id)
             raise ReplyRejected(claim.status or "no_update", str(site_record.get("reason", "")), site_id=claim.site_id)  # type: ignore[attr-defined]
@@ -219,7 +218,7 @@ class RoundLoop:
         if problem:
             code, reason = problem
             raise ReplyRejected(code, reason, site_id=claim.site_id)
-        return update, shared_metrics(reply.content[METRICS] if METRICS in reply.content else None)
+        return verified, update, shared_metrics(reply.content[METRICS] if METRICS in reply.content else None)
 
     def train_round(self, server_round: int, node_ids: list[int]) -> None:
         started = time.monotonic()
@@ -229,7 +228,7 @@ class RoundLoop:
         rejected: list[Rejection] = []
         for reply in replies:
             try:
-                update, metrics = self.read_update(reply, server_round)
+                verified, update, metrics = self.read_update(reply, server_round)
             except Exception as error:  # noqa: BLE001 — nothing a site sends may stop the round
                 rejected.append(self._rejection(reply, server_round, error))
                 continue
@@ -238,6 +237,7 @@ class RoundLoop:
                 code, reason = problem
                 rejected.append(Rejection(update.site_id, update.node_id, safe_text(reason, limit=300), server_round, code))
                 continue
+            self.verifier.accept(verified)
             self.aggregator.accept(update)
             accepted.append(update)
             self.result.sites[update.node_id] = update.site_id
@@ -261,7 +261,7 @@ class RoundLoop:
             raise RoundFailedError(
                 f"round {server_round}: {len(accepted)} usable update(s), federation.min_sites is "
                 f"{self.config.federation.min_sites}; rejected: "
-                + "; ".join(f"{r.site_id}: {r.code}: {r.reason}" for r in rejected)
+                + "; ".join(f"{r.site_id}: {r.reason} ({r.code})" for r in rejected)
             )
         accepted.sort(key=lambda update: update.site_id)
         update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
@@ -334,10 +334,11 @@ class RoundLoop:
             payload_sha256=metrics_sha256(metrics),
             aggregate_sha256=aggregate_sha256,
         )
-        self.verifier.accept(verified)
         if verified.claim.status != "evaluated":
             raise ReplyRejected("malformed_reply", f"an evaluation with status {verified.claim.status!r:.40}", site_id=verified.site_id)
-        return verified.site_id, evaluation_metrics(metrics, site_id=verified.site_id)
+        values = evaluation_metrics(metrics, site_id=verified.site_id)
+        self.verifier.accept(verified)
+        return verified.site_id, values
 
     def evaluate_round(self, server_round: int, node_ids: list[int]) -> None:
         started = time.monotonic()

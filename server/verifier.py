@@ -4,8 +4,8 @@ Every site reply carries a SITE record with a signed `ReplyClaim`. `ReplyVerifie
 without storing anything, that the claim is well formed, is for this run, round and kind, names a
 site of the federation, carries that site's signature, describes the payload actually received,
 and does not contradict what this run already accepted (a node's site, one reply per site per
-phase and round, no payload twice). `ReplyVerifier.accept` then records the verified reply, so the
-next `verify` knows about it. From here on the site id is the verified claim's, never a string the
+phase and round, no payload twice). Once the coordinator uses a verified reply (an update it sums,
+a refusal, an evaluation), `ReplyVerifier.accept` records it, so the next `verify` knows about it. From here on the site id is the verified claim's, never a string the
 reply merely states.
 
     verifier = ReplyVerifier(manifest, run_id="run-1")
@@ -26,14 +26,14 @@ MAX_CODE_CHARS = 32  # on-chain reason strings are cut to 32 characters
 
 
 def safe_text(text: object, *, limit: int) -> str:
-    """Printable ASCII of at most `limit` characters: what a site sent, made safe to log and record."""
-    cleaned = "".join(char if " " <= char <= "~" else "?" for char in str(text))
-    return cleaned[:limit]
+    """At most `limit` printable characters (no newlines, no control codes): what a site sent, safe to log."""
+    return "".join(char if char.isprintable() else "?" for char in str(text)[:limit])
 
 
 def safe_code(code: object) -> str:
-    """A short ASCII rejection label for the auth chain."""
-    return safe_text(code, limit=MAX_CODE_CHARS).strip() or "rejected"
+    """A short printable-ASCII rejection label for the auth chain."""
+    cleaned = "".join(char if " " < char <= "~" else "?" for char in str(code)[:MAX_CODE_CHARS])
+    return cleaned or "rejected"
 
 
 class ReplyRejected(MedtwinError):

@@ -73,6 +73,12 @@ def load_site_kit(path: Path | str) -> SiteKit:
             f"{site_file} is for federation {document['federation_name']!r}, its manifest for {manifest.federation_name!r}"
         )
     entry = manifest.site(site_id)
+    ca_path = path / CA_CERT_FILE
+    if not ca_path.is_file() or ca_path.read_text(encoding="ascii", errors="replace") != manifest.ca_certificate_pem:
+        raise KitError(
+            f"{ca_path} is missing or is not the CA certificate of {path / 'federation.json'}; "
+            "re-run `medtwin site join --kit DIR --manifest federation.json`"
+        )
     signing_key = load_ed25519_private_key(path / SIGNING_KEY_FILE)
     agreement_key = load_x25519_private_key(path / KEY_AGREEMENT_KEY_FILE)
     if raw_public_bytes(signing_key.public_key()).hex() != entry.signing_public_key:

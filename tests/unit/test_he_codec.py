@@ -27,7 +27,8 @@ from medtwin.core.he import (
 )
 from medtwin.core.he.codec import CHUNK_HEADER
 from medtwin.core.he.context import CONTEXT_MAGIC
-from medtwin.core.identity import SignatureError, sign_update, verify_update
+from medtwin.core.identity import ReplyClaim, SignatureError, sign_claim, verify_claim
+from medtwin.core.protocol import chunks_to_record, payload_sha256
 
 NUM_PARAMETERS = 5000  # > 2048 slots: three ciphertexts at N = 4096
 COUNTS = (120, 300, 45)
@@ -98,17 +99,20 @@ def test_coordinator_context_is_not_private_and_cannot_decrypt(
 
 def test_tampered_ciphertext_is_detected_by_digest_and_signature(updates: list[list[bytes]]) -> None:
     signing_key = Ed25519PrivateKey.generate()
-    binding = {"run_id": "run-1", "server_round": 3, "site_id": "hosp0"}
-    digest = update_digest(updates[0])
-    signature = sign_update(signing_key, ciphertext_digest=digest, **binding)
+    binding = {"kind": "update", "run_id": "run-1", "server_round": 3, "site_id": "hosp0", "status": "trained"}
+    digest = payload_sha256(chunks_to_record(updates[0]))
+    claim = ReplyClaim(payload_sha256=digest, **binding)
+    signature = sign_claim(signing_key, claim)
     tampered = list(updates[0])
     flipped = bytearray(tampered[1])
     flipped[len(flipped) // 2] ^= 0x01
     tampered[1] = bytes(flipped)
-    assert update_digest(tampered) != digest
-    verify_update(signing_key.public_key(), signature, ciphertext_digest=digest, **binding)
+    assert update_digest(tampered) != update_digest(updates[0])
+    tampered_digest = payload_sha256(chunks_to_record(tampered))
+    assert tampered_digest != digest
+    verify_claim(signing_key.public_key(), signature, claim)
     with pytest.raises(SignatureError):
-        verify_update(signing_key.public_key(), signature, ciphertext_digest=update_digest(tampered), **binding)
+        verify_claim(signing_key.public_key(), signature, ReplyClaim(payload_sha256=tampered_digest, **binding))
 
 
 def test_chunks_from_another_key_set_are_rejected(secret: HeContext, public_bytes: bytes, site_weights, updates) -> None:

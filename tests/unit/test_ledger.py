@@ -225,9 +225,8 @@ def test_a_damaged_mark_stops_the_site(ledger):
 
 def test_another_sites_mark_is_refused(ledger, tmp_path):
     record(ledger, "run-a", 1, 0.3)
-    other = BudgetLedger(tmp_path / "other" / "privacy-ledger.json", "hosp1", mark_path=ledger.mark_path)
     with pytest.raises(LedgerConflictError, match="mark .* belongs to site 'hosp0', not 'hosp1'"):
-        other.total_epsilon()
+        BudgetLedger(tmp_path / "other" / "privacy-ledger.json", "hosp1", mark_path=ledger.mark_path)
 
 
 def test_a_deleted_ledger_without_a_mark_looks_fresh_but_with_a_mark_is_missing(ledger, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -31,19 +32,55 @@ def test_compliant_request_is_allowed():
 def test_epsilon_above_the_site_maximum_is_refused_with_a_readable_reason():
     decision = check_request(POLICY, request(target_epsilon=8.0))
     assert not decision.allowed
-    assert decision.reason == "requested epsilon 8.0 exceeds this site's max_epsilon 3.0"
+    assert decision.reason == "requested epsilon 8.0 exceeds this site's max_epsilon 3.0 by 5"
 
 
 def test_every_violation_is_listed():
     decision = check_request(POLICY, request(target_delta=1e-3, noise_multiplier=0.1, max_grad_norm=5.0))
     assert not decision.allowed
-    assert "delta 0.001 exceeds this site's max_delta 1e-05" in decision.reason
-    assert "noise multiplier 0.1 is below this site's min_noise_multiplier 0.5" in decision.reason
-    assert "clipping norm 5.0 exceeds this site's max_clipping_norm 2.0" in decision.reason
+    assert "delta 0.001 exceeds this site's max_delta 1e-05 by 0.00099" in decision.reason
+    assert "noise multiplier 0.1 is below this site's min_noise_multiplier 0.5 by 0.4" in decision.reason
+    assert "clipping norm 5.0 exceeds this site's max_clipping_norm 2.0 by 3" in decision.reason
 
 
-def test_a_run_without_dp_is_refused_by_a_finite_budget():
-    assert not check_request(POLICY, request(target_epsilon=math.inf, noise_multiplier=0.0)).allowed
+def test_a_run_without_dp_is_refused_unless_the_site_waives_require_dp():
+    no_dp = request(target_epsilon=math.inf, noise_multiplier=0.0)
+    refused = check_request(POLICY, no_dp)
+    assert not refused.allowed and "requires DP (require_dp)" in refused.reason
+    assert check_request(dataclasses.replace(POLICY, require_dp=False), no_dp).allowed
+
+
+def test_the_lifetime_cap_is_on_by_default_and_dp_is_required():
+    policy = SitePolicy(max_epsilon=3.0, max_delta=1e-5)
+    assert policy.max_total_epsilon == 10.0 and policy.require_dp is True
+    assert load_site_policy({"max-epsilon": 3.0, "max-delta": 1e-5}) == policy
+
+
+@pytest.mark.parametrize("cap", [math.inf, 0.0, -1.0, math.nan])
+def test_the_lifetime_cap_cannot_be_switched_off(cap):
+    with pytest.raises(SitePolicyError, match="max_total_epsilon"):
+        SitePolicy(max_epsilon=3.0, max_delta=1e-5, max_total_epsilon=cap)
+
+
+def test_every_bad_field_of_a_policy_is_listed_at_once():
+    with pytest.raises(SitePolicyError) as raised:
+        SitePolicy(max_epsilon=3.0, max_delta=1.5, max_total_epsilon=math.inf, require_dp="yes")
+    message = str(raised.value)
+    assert "max_delta must be < 1, got 1.5" in message
+    assert "max_total_epsilon must be a finite number > 0, got inf" in message
+    assert "require_dp must be true or false, got 'yes'" in message
+
+
+def test_require_dp_and_the_lifetime_cap_from_node_config_and_files(tmp_path):
+    policy = load_site_policy({"max-epsilon": "3", "max-delta": 1e-5, "require-dp": "false", "max-total-epsilon": "25"})
+    assert (policy.require_dp, policy.max_total_epsilon) == (False, 25.0)
+    assert load_site_policy({"max-epsilon": 3, "max-delta": 1e-5, "require-dp": True}).require_dp
+    with pytest.raises(SitePolicyError, match="require-dp.*expected true or false, got 'maybe'"):
+        load_site_policy({"max-epsilon": 3, "max-delta": 1e-5, "require-dp": "maybe"})
+    yaml_file = tmp_path / "privacy.yaml"
+    yaml_file.write_text("max-epsilon: 2.0\nmax-delta: 1.0e-6\nmax-total-epsilon: .inf\n")
+    with pytest.raises(SitePolicyError, match=r"max-total-epsilon.*policy file .*privacy.yaml.*finite"):
+        load_site_policy({"privacy-policy": str(yaml_file)})
 
 
 def test_policy_from_node_config_strings_and_numbers():

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from medtwin.core.artifacts import ArtifactStore
+from medtwin.core.identity import ReplyClaim
 from medtwin.core.model_vector import count_parameters, model_to_vector, vector_to_model
 from medtwin.core.protocol import (
+    PLAIN_PAYLOAD,
     average_from_sum,
     chunks_to_record,
+    metrics_sha256,
     pack_plain_update,
+    payload_sha256,
     record_bytes,
     record_from_bytes,
     record_to_chunks,
@@ -33,12 +41,62 @@ def test_sum_of_packed_updates_gives_the_weighted_average() -> None:
     np.testing.assert_allclose(average, expected, rtol=1e-12)
 
 
+def _plain_update(site_id: str, record: ArrayRecord, *, num_examples: int = 1) -> SiteUpdate:
+    claim = ReplyClaim(
+        kind="update", run_id="r", server_round=1, site_id=site_id, payload_sha256=payload_sha256(record),
+        num_examples=num_examples, status="trained",
+    )
+    return SiteUpdate(node_id=1, record=record, claim=claim, signature=b"\x00" * 64)
+
+
 def test_shape_mismatch_is_rejected_by_the_aggregator() -> None:
     aggregator = PlainAggregator()
-    good = SiteUpdate("a", 1, 1, pack_plain_update(np.zeros(4), num_examples=1))
-    bad = SiteUpdate("b", 2, 1, pack_plain_update(np.zeros(5), num_examples=1))
-    assert aggregator.check(good, run_id="r") is None
-    assert aggregator.check(bad, run_id="r")[0] == "shape_mismatch"
+    good = _plain_update("a", pack_plain_update(np.zeros(4), num_examples=1))
+    bad = _plain_update("b", pack_plain_update(np.zeros(5), num_examples=1))
+    assert aggregator.check(good) is None
+    assert aggregator.check(bad) is None  # nothing is pinned by a check...
+    aggregator.accept(good)  # ...only by accepting an update
+    assert aggregator.check(bad)[0] == "shape_mismatch"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        np.array([1.0, 2.0, 3.0], dtype=np.float32),
+        np.array([1, 2, 3], dtype=np.int64),
+        np.array([1.0, np.nan, 3.0]),
+        np.array([1.0, np.inf, 3.0]),
+        np.array([1.0, 2.0, 2.5]),  # the count is not an integer
+        np.array([1.0, 2.0, 0.0]),  # nor positive
+        np.array([1.0, 2.0, 4.0]),  # nor the claimed 3
+        np.zeros((2, 3)),
+        np.array([3.0]),
+    ],
+    ids=["float32", "int64", "nan", "inf", "fractional-count", "zero-count", "count-not-claimed", "matrix", "count-only"],
+)
+def test_plain_aggregator_refuses_malformed_payloads(payload: np.ndarray) -> None:
+    update = _plain_update("a", ArrayRecord({PLAIN_PAYLOAD: Array(payload)}), num_examples=3)
+    problem = PlainAggregator().check(update)
+    assert problem is not None and problem[0] == "malformed_update", problem
+    assert PlainAggregator().check(_plain_update("a", pack_plain_update(np.ones(2), num_examples=3), num_examples=3)) is None
+
+
+def test_plain_aggregator_refuses_foreign_arrays() -> None:
+    record = pack_plain_update(np.ones(2), num_examples=3)
+    record["extra"] = Array(np.ones(2))
+    assert PlainAggregator().check(_plain_update("a", record, num_examples=3))[0] == "malformed_update"
+
+
+def test_metrics_digest_is_canonical_json() -> None:
+    metrics = {"n": 10.0, "accuracy": 0.75}
+    expected = hashlib.sha256(b'{"accuracy":0.75,"n":10.0}').hexdigest()
+    assert metrics_sha256(metrics) == expected == metrics_sha256(dict(reversed(metrics.items())))
+    assert metrics_sha256({**metrics, "n": 11.0}) != expected
+
+
+def test_payload_digest_is_the_artifact_key(tmp_path) -> None:
+    record = pack_plain_update(np.arange(4.0), num_examples=2)
+    assert ArtifactStore(tmp_path).put(record_bytes(record), kind="update") == payload_sha256(record)
 
 
 def test_payload_bytes_round_trip() -> None:

@@ -336,6 +336,11 @@ def test_kits_with_unsafe_permissions_or_foreign_keys_are_refused(tmp_path: Path
     with pytest.raises(KitError, match="does not describe the private keys"):
         join_federation(kit_a, admin.manifest_path)
     (kit_a / "key_agreement_key.pem").write_bytes(saved)
+    (kit_a / "ca_cert.pem").write_bytes((admin.root / "coordinator" / "tls_cert.pem").read_bytes())  # not the CA
+    with pytest.raises(KitError, match="not the CA certificate"):
+        load_site_kit(kit_a)
+    (kit_a / "ca_cert.pem").unlink()
+    assert join_federation(kit_a, admin.manifest_path).ca_cert_path.read_text() == admin.manifest.ca_certificate_pem
     with pytest.raises(KitError, match="not a site kit"):
         load_site_kit(admin.coordinator_kit)
     with pytest.raises(KitError, match="has not joined a federation"):

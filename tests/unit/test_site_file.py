@@ -1,0 +1,77 @@
+"""The site file is the hospital's authority: typed, checked, every problem reported with its key."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtwin.client.site_file import SiteFileError, load_site_file
+
+VALID = {
+    "site_id": "cleveland",
+    "data": {"builtin": {"task": "fed_heart_disease", "index": 0}},
+    "privacy": {"max_epsilon": 3.0, "max_delta": 1e-5},
+    "kit_dir": "kit",
+    "state_dir": "state",
+}
+
+
+def _write(tmp_path: Path, document: dict) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_a_minimal_site_file_gets_safe_defaults(tmp_path: Path) -> None:
+    site = load_site_file(_write(tmp_path, VALID))
+    assert site.privacy.require_dp is True  # a real site requires DP unless it says otherwise
+    assert site.privacy.max_total_epsilon == 10.0  # the lifetime cap is on by default
+    assert site.kit_dir == (tmp_path / "kit").resolve() and site.state_dir == (tmp_path / "state").resolve()
+    assert site.accept.tasks == ("fed_heart_disease",)
+    assert site.evaluation.release == "rounded" and site.evaluation.min_participants == 2
+
+
+def test_every_problem_is_reported_with_its_key(tmp_path: Path) -> None:
+    document = {
+        **VALID,
+        "site_id": "../etc",
+        "privacy": {"max_epsilon": "lots", "require_dp": False},
+        "evaluation": {"release": "everything"},
+        "surprise": 1,
+    }
+    with pytest.raises(SiteFileError) as caught:
+        load_site_file(_write(tmp_path, document))
+    message = str(caught.value)
+    for expected in ("`site_id`", "`privacy.max_epsilon` must be float", "`privacy.max_delta` is missing",
+                     "research_simulation", "`evaluation.release`", "unknown key `surprise`", str(tmp_path / "site.yaml")):  # fmt: skip
+        assert expected in message, expected
+
+
+def test_only_a_research_simulation_may_waive_dp(tmp_path: Path) -> None:
+    site = load_site_file(_write(tmp_path, {**VALID, "research_simulation": True, "privacy": {**VALID["privacy"], "require_dp": False}}))
+    assert site.privacy.require_dp is False
+
+
+def test_no_interpolation_is_resolved_in_a_site_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDTWIN_SECRET", "s3cret")
+    site = load_site_file(_write(tmp_path, {**VALID, "state_dir": "${oc.env:MEDTWIN_SECRET}"}))
+    assert "s3cret" not in str(site.state_dir) and site.state_dir.name == "${oc.env:MEDTWIN_SECRET}"
+
+
+def test_kit_and_state_must_be_different_folders(tmp_path: Path) -> None:
+    with pytest.raises(SiteFileError, match="different folders"):
+        load_site_file(_write(tmp_path, {**VALID, "state_dir": "kit"}))
+
+
+def test_a_fresh_clone_holds_no_run_state() -> None:
+    """Ledgers, kits and chain state never enter git: a fresh clone has no spent budget and no keys."""
+    root = Path(__file__).resolve().parents[2]
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    forbidden = [path for path in tracked if path.startswith((".medtwin-sites/", ".medtwin-kits/", ".medtwin/", "runs/"))]
+    assert forbidden == []
+    assert not [path for path in tracked if path.endswith(("privacy-ledger.json", "ledger-mark.json", "signing_key.pem"))]
+    ignored = (root / ".gitignore").read_text().split()
+    assert {".medtwin-sites/", ".medtwin-kits/", ".medtwin/"} <= set(ignored)

@@ -41,7 +41,7 @@ from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import CONFIG_YAML_KEY
 
 from .aggregate_check import AggregateRefused, VerifiedAggregate, check_example_count, verify_certificate
-from .privacy import PrivacyError, plan_round, reserve_round, train_locally_dp
+from .privacy import PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
 from .release import release_metrics
 from .site import Site, dataset_manifest_hash, load_site
@@ -127,7 +127,10 @@ def train_round(site: Site, model: torch.nn.Module, *, server_round: int) -> tup
             )
         result = train_locally(model, site.data.x_train, site.data.y_train, **common)
         return result, 0.0, 0.0, {"train_loss": result.mean_loss}
-    ledger = site.ledger()
+    try:
+        ledger = site.ledger()
+    except PrivacyError as error:  # missing, rolled back or damaged: the site stops training, and says why
+        raise RoundRefused("refused:ledger", str(error)) from None
     plan = plan_round(
         policy=policy,
         ledger=ledger,
@@ -143,6 +146,8 @@ def train_round(site: Site, model: torch.nn.Module, *, server_round: int) -> tup
         raise RoundRefused(f"refused:{plan.refusal or 'policy'}", plan.reason)
     try:
         epsilon = reserve_round(ledger=ledger, plan=plan)  # check and spend under one lock, before training
+    except RoundAlreadyTrainedError as error:
+        raise RoundRefused("refused:replay", str(error)) from None
     except PrivacyError as error:
         raise RoundRefused("refused:budget", str(error)) from None
     result = train_locally_dp(

@@ -47,7 +47,7 @@ from medtwin.core.errors import MedtwinError
 from medtwin.core.ids import check_id
 from medtwin.core.tasks import registered_tasks
 
-from .privacy import SitePolicy
+from .privacy import SitePolicy, SitePolicyError
 
 __all__ = ["AcceptPolicy", "EvaluationPolicy", "SiteFile", "SiteFileError", "load_site_file", "site_file_from_mapping"]
 
@@ -305,7 +305,11 @@ def _privacy(reader: _Reader, privacy: dict, *, research: bool) -> SitePolicy:
             "`privacy.require_dp: false` is only allowed in a file marked `research_simulation: true` "
             "(a hospital's real data is never trained without DP)"
         )
-    return SitePolicy(**values)
+    try:
+        return SitePolicy(**values)
+    except SitePolicyError as error:
+        reader.problems.append(f"`privacy`: {error}")
+        return SitePolicy(max_epsilon=1.0, max_delta=1e-5)
 
 
 def _evaluation(reader: _Reader, evaluation: dict) -> EvaluationPolicy:

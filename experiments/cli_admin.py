@@ -242,23 +242,28 @@ def model_export_command(
     from medtwin.core.tasks import get_task
 
     run_dir = RunDirectory(runs_dir, run)
-    config = config_from_yaml((run_dir.path / "config.yaml").read_text())
-    model_hash = run_dir.read_summary()["final_aggregate_sha256"]
+    config_text = (run_dir.path / "config.yaml").read_text()
+    config = config_from_yaml(config_text)
     session = open_session(replace_state_dir(config.chain, state_dir))
-    admitted = session.auth.is_admitted(site_id=site, run_id=run)
-    reason = "ok" if admitted else "not_admitted"
+    # the site trusts the chains, not the coordinator's files: the model is the last anchored aggregate
+    # of a run whose config this site approved; summary.json names nothing it decrypts
+    model_hash, problem = anchored_model(session, site=site, run=run, config_text=config_text)
+    admitted = problem is None and session.auth.is_admitted(site_id=site, run_id=run)
+    if problem is None and not admitted:
+        problem = f"{site} is not admitted to run {run} on the authorization chain"
     session.auth.record_decisions(
-        [Decision(action="export_model", granted=admitted, reason=reason, site_id=site, subject=model_hash)],
+        [Decision(action="export_model", granted=admitted, reason="ok" if admitted else "not_verified", site_id=site,
+                  subject=model_hash or "0" * 64)],
         run_id=run,
         round_index=0,
         batch_label=f"export:{site}",
-    )
+    )  # fmt: skip
     if not admitted:
-        console.print(f"[red]refused:[/red] {site} is not admitted to run {run} on the authorization chain (logged)")
+        console.print(f"[red]refused:[/red] {problem} (logged)")
         raise typer.Exit(code=1)
     if config.crypto.name == "ckks" and kit is None:
         raise typer.BadParameter("a CKKS run can only be decrypted with the site's kit: pass --kit")
-    codec = CkksSiteCodec.from_kit(str(kit)) if config.crypto.name == "ckks" else PlainSiteCodec()
+    codec = CkksSiteCodec.from_kit(str(kit), config.crypto.key_id) if config.crypto.name == "ckks" else PlainSiteCodec()
     average, _ = codec.average(record_from_bytes(_artifact_store(runs_dir, run).get(model_hash)))
     task = get_task(config.task)
     torch.manual_seed(config.seed)
@@ -269,6 +274,21 @@ def model_export_command(
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)
     receipt = session.data.release_model(model_hash=model_hash, run_id=run, site_id=site)
     console.print(f"model {model_hash[:16]}… of run {run} written to {out}; release {receipt.status} on the data chain")
+
+
+def anchored_model(session, *, site: str, run: str, config_text: str) -> tuple[str, str | None]:
+    """(model hash, problem): the run's last anchored aggregate, if `site` approved exactly this config."""
+    from medtwin.core.hashing import config_hash
+
+    approval = session.auth.approval(site_id=site, run_id=run)
+    if approval is None:
+        return "", f"{site} never approved run {run} on the authorization chain"
+    if approval.config_hash.removeprefix("0x") != config_hash(config_text):
+        return "", f"the run directory's config.yaml is not the config {site} approved for run {run}"
+    anchors = session.data.anchors(run)
+    if not anchors:
+        return "", f"run {run} has no anchored round on the data chain"
+    return anchors[-1].aggregate_hash.removeprefix("0x").lower(), None
 
 
 def replace_state_dir(chain, state_dir: Path):

@@ -73,12 +73,12 @@ def write_site_files(
     state_dirs: dict[str, Path],
     folder: Path,
     approvals: str,
-    settings_path: Path = SIMULATED_SITES,
+    settings_path: Path | None = None,
 ) -> dict[int, str]:
     """One site file per simulated hospital under `folder` (plus index.json); returns partition id -> path."""
     if config.sites_dir:
         return read_site_files(Path(config.sites_dir), site_ids)
-    settings = yaml.safe_load(settings_path.read_text(encoding="utf-8")) or {}
+    settings = yaml.safe_load((settings_path or SIMULATED_SITES).read_text(encoding="utf-8")) or {}
     overrides = settings.get("sites") or {}
     paths: dict[int, str] = {}
     for index, site_id in enumerate(site_ids):

@@ -37,7 +37,7 @@ from medtwin.core.protocol import (
 from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
-from .verifier import ReplyRejected, ReplyVerifier, VerifiedClaim, safe_text
+from .verifier import ReplyRejected, ReplyVerifier, VerifiedClaim, safe_code, safe_text
 
 logger = logging.getLogger("medtwin.coordinator")
 
@@ -188,10 +188,9 @@ class RoundLoop:
             raise ReplyRejected("malformed_reply", "the reply has no site record")
         return reply.content[SITE]
 
-    def read_update(self, reply: Message, server_round: int) -> tuple[VerifiedClaim, SiteUpdate, dict[str, float]]:
-        """The verified, checked update of a train reply and its (unsigned) metrics; raises on anything else.
-
-        Stores nothing, except for a signed refusal, which the verifier accepts as the site's answer.
+    def read_update(self, reply: Message, server_round: int) -> tuple[VerifiedClaim, SiteUpdate | Rejection, dict[str, float]]:
+        """A train reply, verified and checked: its claim, then its update or its signed refusal, then its
+        (unsigned) metrics. Raises `ReplyRejected` (or anything else) for a reply that must not count; stores nothing.
         """
         node_id = reply.metadata.src_node_id
         site_record = self._site_record(reply)
@@ -206,11 +205,11 @@ class RoundLoop:
             payload_sha256=payload_sha256(record) if record is not None else "",
         )
         claim = verified.claim
-        if record is None:  # a signed refusal: its status is the code
-            self.verifier.accept(verified)
+        if record is None:
             if claim.status == "trained":
                 raise ReplyRejected("malformed_reply", "claims to have trained but sent no update", site_id=claim.site_id)
-            raise ReplyRejected(claim.status or "no_update", str(site_record.get("reason", "")), site_id=claim.site_id)  # type: ignore[attr-defined]
+            reason = safe_text(site_record.get("reason", ""), limit=300)  # type: ignore[attr-defined]
+            return verified, Rejection(claim.site_id, node_id, reason, server_round, safe_code(claim.status or "no_update")), {}
         if claim.status != "trained":
             raise ReplyRejected("malformed_reply", f"an update with status {claim.status!r:.40}", site_id=claim.site_id)
         update = SiteUpdate(node_id=node_id, record=record, claim=claim, signature=verified.signature)
@@ -231,6 +230,11 @@ class RoundLoop:
                 verified, update, metrics = self.read_update(reply, server_round)
             except Exception as error:  # noqa: BLE001 — nothing a site sends may stop the round
                 rejected.append(self._rejection(reply, server_round, error))
+                continue
+            if isinstance(update, Rejection):  # a signed refusal is the site's answer for this round
+                self.verifier.accept(verified)
+                self.result.sites[verified.node_id] = verified.site_id
+                rejected.append(update)
                 continue
             problem = self.admission_problem(update.site_id)
             if problem:
@@ -320,25 +324,32 @@ class RoundLoop:
             he_error_bound=self.aggregator.sum_error_bound(len(accepted)),
         )
 
-    def read_evaluation(self, reply: Message, server_round: int, aggregate_sha256: str) -> tuple[str, dict[str, float]]:
-        """(verified site id, metrics) of an evaluation reply about `aggregate_sha256`; raises on anything else."""
+    def read_evaluation(
+        self, reply: Message, server_round: int, aggregate_sha256: str
+    ) -> tuple[VerifiedClaim, dict[str, float] | Rejection]:
+        """An evaluation reply about `aggregate_sha256`, verified: its claim, then its metrics or its signed
+        refusal. Raises `ReplyRejected` (or anything else) for a reply that must not count; stores nothing.
+        """
+        node_id = reply.metadata.src_node_id
         site_record = self._site_record(reply)
-        if METRICS not in reply.content:
-            raise ReplyRejected("malformed_reply", "the evaluation reply has no metrics")
-        metrics = dict(reply.content[METRICS].items())
+        metrics = dict(reply.content[METRICS].items()) if METRICS in reply.content else None
         verified = self.verifier.verify(
             site_record,
-            node_id=reply.metadata.src_node_id,
+            node_id=node_id,
             kind="evaluate",
             server_round=server_round,
-            payload_sha256=metrics_sha256(metrics),
+            payload_sha256=metrics_sha256(metrics) if metrics is not None else "",
             aggregate_sha256=aggregate_sha256,
         )
-        if verified.claim.status != "evaluated":
-            raise ReplyRejected("malformed_reply", f"an evaluation with status {verified.claim.status!r:.40}", site_id=verified.site_id)
-        values = evaluation_metrics(metrics, site_id=verified.site_id)
-        self.verifier.accept(verified)
-        return verified.site_id, values
+        claim = verified.claim
+        if metrics is None:
+            if claim.status == "evaluated":
+                raise ReplyRejected("malformed_reply", "claims an evaluation but sent no metrics", site_id=claim.site_id)
+            reason = safe_text(site_record.get("reason", ""), limit=300)  # type: ignore[attr-defined]
+            return verified, Rejection(claim.site_id, node_id, reason, server_round, safe_code(claim.status or "no_metrics"))
+        if claim.status != "evaluated":
+            raise ReplyRejected("malformed_reply", f"an evaluation with status {claim.status!r:.40}", site_id=claim.site_id)
+        return verified, evaluation_metrics(metrics, site_id=claim.site_id)
 
     def evaluate_round(self, server_round: int, node_ids: list[int]) -> None:
         started = time.monotonic()
@@ -349,11 +360,15 @@ class RoundLoop:
         rejected: list[Rejection] = []
         for reply in replies:
             try:
-                site_id, metrics = self.read_evaluation(reply, server_round, aggregate_sha256)
+                verified, metrics = self.read_evaluation(reply, server_round, aggregate_sha256)
             except Exception as error:  # noqa: BLE001 — nothing a site sends may stop the round
                 rejected.append(self._rejection(reply, server_round, error))
                 continue
-            self.result.sites[reply.metadata.src_node_id] = site_id
+            self.verifier.accept(verified)  # a site's answer for this round: metrics or a signed refusal
+            site_id = self.result.sites[verified.node_id] = verified.site_id
+            if isinstance(metrics, Rejection):
+                rejected.append(metrics)
+                continue
             self.result.num_parameters = int(metrics.pop("num_parameters", self.result.num_parameters))
             bound = metrics.pop("he_error_bound", None)
             if bound is not None:

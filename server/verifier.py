@@ -126,7 +126,7 @@ class ReplyVerifier:
                 f"{site_id} signed payload {claim.payload_sha256[:16]!r}..., the reply carries {payload_sha256[:16]!r}...",
                 site_id=site_id,
             )
-        if kind == "evaluate" and claim.aggregate_sha256 != aggregate_sha256:
+        if kind == "evaluate" and claim.payload_sha256 and claim.aggregate_sha256 != aggregate_sha256:  # not a refusal
             raise ReplyRejected(
                 "wrong_aggregate",
                 f"{site_id} evaluated aggregate {claim.aggregate_sha256[:16]!r}..., the coordinator sent "

@@ -13,6 +13,8 @@
 
 `plan_round` reads the ledger without the lock, so two concurrent requests can both pass it;
 `reserve_round` re-checks replay and both budgets under the lock, so only one of them trains.
+Both (and `BudgetLedger(...)` itself) raise a `LedgerCorruptedError` subclass when the ledger is
+damaged, missing or rolled back: the site stops until an operator restores it.
 
 The noise multiplier is calibrated for the site's WHOLE planned participation (num_rounds *
 local_steps steps at its own sample rate), so every round of a run uses the same value, and a
@@ -109,7 +111,7 @@ def plan_round(
 
     if privacy_cfg.name != "dp":
         if not policy.require_dp:
-            reason = f"the run asks for no DP (privacy.name={privacy_cfg.name!r}); this site allows it (require_dp false)"
+            reason = f"the run asks for no DP (privacy.name={privacy_cfg.name!r}); this site allows it (require_dp)"
             return plan(allowed=True, reason=reason, noise=0.0, epsilon=math.inf, uses_dp=False)
         reason = (
             f"the run asks for no differential privacy (privacy.name={privacy_cfg.name!r}); "

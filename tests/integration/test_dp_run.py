@@ -8,7 +8,6 @@ crypto=plain and no chain. Every run gets its own tmp folder, so the sites' ledg
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
@@ -76,25 +75,19 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 @pytest.fixture(scope="module")
 def strict_site_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """One hospital's policy allows less epsilon than the run requests.
-
-    simulate() takes no site-policy file, and monkeypatching federation_setup.SITE_POLICIES has no
-    effect (it is bound as simulated_policies' default argument at import), so the harness's
-    policy loader — a boundary we own — is pointed at a tmp YAML instead.
-    """
-    from medtwin.experiments import federation_setup
+    """One hospital's site file allows less epsilon than the run requests (the harness writes each
+    simulated hospital's site file from configs/sites/simulation.yaml; a tmp copy overrides one site)."""
+    from medtwin.experiments import simulated_sites
     from medtwin.experiments.simulate import simulate
 
     root = tmp_path_factory.mktemp("strict-site-run")
-    policy_file = root / "site-policies.yaml"
-    document = yaml.safe_load(federation_setup.SITE_POLICIES.read_text(encoding="utf-8"))
-    document["sites"] = {STRICT_SITE: {"max-epsilon": STRICT_MAX_EPSILON}}
-    policy_file.write_text(yaml.safe_dump(document), encoding="utf-8")
+    settings_file = root / "simulated-sites.yaml"
+    document = yaml.safe_load(simulated_sites.SIMULATED_SITES.read_text(encoding="utf-8"))
+    document["sites"] = {STRICT_SITE: {"privacy": {"max_epsilon": STRICT_MAX_EPSILON}}}
+    settings_file.write_text(yaml.safe_dump(document), encoding="utf-8")
     config = dp_config(root, run_id="strict-site-run")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            federation_setup, "simulated_policies", functools.partial(federation_setup.simulated_policies, path=policy_file)
-        )
+        patch.setattr(simulated_sites, "SIMULATED_SITES", settings_file)
         path = simulate(config)
     return Run(config=config, path=path)
 

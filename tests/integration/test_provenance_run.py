@@ -388,18 +388,26 @@ def test_stopping_and_restarting_the_nodes_keeps_every_record(chain_run: Run, re
 
 def test_model_export_is_a_logged_act_of_an_admitted_site(chain_run: Run, tmp_path: Path) -> None:
     """Runs last: it adds an export decision and a release to the run's chain records."""
-    kit = chain_run.runs_dir.parent / ".medtwin-kits" / "fed_heart_disease" / "runs" / RUN / "sites" / "cleveland"
+    kit = chain_run.runs_dir.parent / ".medtwin-sites" / "fed_heart_disease" / "cleveland" / "kit"
     common = ("--state-dir", str(chain_run.state_dir), "--runs-dir", str(chain_run.runs_dir))
+    # a hostile coordinator points summary.json at one site's update: the site ignores it and exports
+    # the aggregate anchored on the data chain for the run it approved
+    summary_path = chain_run.path / "summary.json"
+    honest_summary = summary_path.read_text()
+    single_update = chain_run.records("train")[-1]["update_sha256"]["hungarian"]
+    summary_path.write_text(honest_summary.replace(chain_run.summary["final_aggregate_sha256"], single_update))
     exported = cli("model", "export", RUN, "--site", "cleveland", "--kit", str(kit), "--out", str(tmp_path / "m.pt"), *common)
     assert exported.returncode == 0, exported.stderr
     import torch
 
     state = torch.load(tmp_path / "m.pt")
+    summary_path.write_text(honest_summary)
     assert sum(tensor.numel() for tensor in state.values()) == chain_run.summary["crypto"]["num_parameters"]
     refused = cli("model", "export", RUN, "--site", "mallory", "--out", str(tmp_path / "x.pt"), *common)
     assert refused.returncode == 1 and not (tmp_path / "x.pt").exists()
     _, access = cli_json("audit", "access", "--state-dir", str(chain_run.state_dir))
     exports = [(d["granted"], d["reason"]) for d in access["decisions"] if d["action"] == "export_model"]
-    assert (True, "ok") in exports and (False, "not_admitted") in exports
+    assert (True, "ok") in exports and (False, "not_verified") in exports
     session = open_readonly(chain_run.state_dir)
     assert session.data.release(chain_run.summary["final_aggregate_sha256"]) is not None
+    assert session.data.release(single_update) is None

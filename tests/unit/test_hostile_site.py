@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -411,6 +411,14 @@ def update_in_a_config_record(message: Message, hostile: Hostile) -> list[Messag
     return [_reply(message, {UPDATE: ConfigRecord({"payload": b"\x00"}), SITE: _signed(claim)})]
 
 
+def site_error(message: Message, hostile: Hostile) -> list[Message]:
+    return [Message(Error(code=0, reason="Message: \x1b[31mboom\nTraceback ..."), reply_to=message)]
+
+
+def empty_reply(message: Message, hostile: Hostile) -> list[Message]:
+    return [_reply(message, {})]
+
+
 # name -> (behaviour of node 2, round of the denial, label on the chain, code)
 TRAIN_ATTACKS: dict[str, tuple[Behaviour, int, str, str]] = {
     "impersonation": (_in_round(1, impersonation), 1, "node-2", "bad_signature"),
@@ -439,6 +447,9 @@ TRAIN_ATTACKS: dict[str, tuple[Behaviour, int, str, str]] = {
     "identity-changed": (_in_round(2, identity_change), 2, "beta", "identity_changed"),
     "update-not-an-array-record": (_in_round(1, update_in_a_config_record), 1, "node-2", "malformed_reply"),
     "refusal-with-huge-reason": (_in_round(1, huge_reason_refusal), 1, "beta", "refused:policy"),
+    "site-error": (_in_round(1, site_error), 1, "node-2", "site_error"),
+    "site-error-known-node": (_in_round(2, site_error), 2, "beta", "site_error"),
+    "empty-reply": (_in_round(1, empty_reply), 1, "node-2", "malformed_reply"),
 }
 
 
@@ -494,6 +505,19 @@ def evaluation_without_metrics(message: Message, hostile: Hostile) -> list[Messa
     return [_reply(message, {SITE: _signed(claim)})]
 
 
+def evaluation_without_metrics_or_claim(message: Message, hostile: Hostile) -> list[Message]:
+    return [_reply(message, {SITE: ConfigRecord({"site_id": "beta", "status": "evaluated"})})]
+
+
+def evaluation_refused(message: Message, hostile: Hostile) -> list[Message]:
+    run_id, server_round = _order(message)
+    claim = ReplyClaim(
+        kind="evaluate", run_id=run_id, server_round=server_round, site_id="beta", payload_sha256="",
+        status="refused:already_evaluated",
+    )
+    return [_reply(message, {SITE: site_reply_record(claim, sign_claim(KEYS["beta"], claim), reason="seen it")})]
+
+
 def evaluation_with_nan(message: Message, hostile: Hostile) -> list[Message]:
     metrics, claim = _evaluation(message, "beta", {"accuracy": float("nan"), "n": 11.0})
     return [_reply(message, {SITE: _signed(claim), METRICS: MetricRecord(metrics)})]
@@ -520,7 +544,9 @@ def evaluation_unsigned(message: Message, hostile: Hostile) -> list[Message]:
 
 
 EVALUATION_ATTACKS: dict[str, tuple[Behaviour, str]] = {
-    "no-metrics": (evaluation_without_metrics, "malformed_reply"),
+    "no-metrics": (evaluation_without_metrics, "digest_mismatch"),  # it signed metrics it did not send
+    "no-metrics-unsigned": (evaluation_without_metrics_or_claim, "unsigned"),
+    "signed-refusal": (evaluation_refused, "refused:already_evaluated"),
     "nan-metric": (evaluation_with_nan, "malformed_metrics"),
     "negative-count": (evaluation_with_negative_count, "malformed_metrics"),
     "another-aggregate": (evaluation_of_another_aggregate, "wrong_aggregate"),

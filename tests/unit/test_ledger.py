@@ -244,7 +244,9 @@ def test_a_format_1_ledger_is_read_and_written_back_as_format_2(ledger):
     content = {
         "format": 1,
         "site_id": "hosp0",
-        "runs": {"run-a": {"accountant": "rdp", "delta": 1e-5, "epsilon": 0.3, "rounds": {"1": {**ROUND, "epsilon": 0.3}}}},
+        "runs": {
+            "run-a": {"accountant": "rdp", "delta": 1e-5, "epsilon": 0.3, "rounds": {"1": {**ROUND, "epsilon": 0.3}}}
+        },
     }
     ledger.path.parent.mkdir(parents=True)
     ledger.path.write_text(json.dumps({"checksum": _checksum(content), "ledger": content}))

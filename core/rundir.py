@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .ids import ensure_id
+
 SUMMARY_KEYS = ("run_id", "task", "rounds_completed", "sites", "final_metrics", "privacy", "crypto", "chain")
 
 
@@ -52,7 +54,7 @@ class RunDirectory:
     """`runs/<run-id>/`: config.yaml, metrics.jsonl, summary.json, report.md, checkpoints/, artifacts/."""
 
     def __init__(self, root: Path | str, run_id: str) -> None:
-        self.run_id = run_id
+        self.run_id = ensure_id(run_id, key="run_id")  # a run id becomes a folder name: never `../x`
         self.path = Path(root) / run_id
         self.checkpoints = self.path / "checkpoints"
         self.artifacts = self.path / "artifacts"

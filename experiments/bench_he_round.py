@@ -7,7 +7,7 @@ A round is built from the pieces the real round loop runs, in the same order:
 
     site         decode the previous aggregate (decrypt with CKKS) -> local training (`train_locally`,
                  SGD, `--local-steps` steps of `--batch-size`) -> pack (encrypt + sign + keep own update)
-    coordinator  for each update: check (signature, replay, ciphertext shape) + store it as an
+    coordinator  for each update: verify the signed claim, check (payload / ciphertext shape) + store it as an
                  artifact; sum (CKKS: public context only); store the aggregate
     site         decode the new aggregate for the evaluation phase
 
@@ -16,7 +16,7 @@ site's decode + train + pack, the coordinator's serial work, the slowest site's 
 timed one after another here (2 shared cores), each on its own synthetic data (64 features,
 `--local-steps` x `--batch-size` rows, a random linear rule). Network transfer is not timed; the
 bytes column says how much one site uploads (the aggregate sent back has the same size).
-"plain" is crypto=plain (float64 sums, no signatures); "ckks" uses the project's crypto=ckks
+"plain" is crypto=plain (float64 sums; signed and verified like every update); "ckks" uses the project's crypto=ckks
 defaults (configs/crypto/ckks.yaml, max_total_examples = 2 x the sites' rows as in simulation).
 Times are medians over `--rounds` timed rounds after one warm-up round.
 """
@@ -41,11 +41,20 @@ from medtwin.client.training import train_locally
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import compose_config
 from medtwin.core.he import CkksParameters, ckks_parameters_from_config
-from medtwin.core.identity import install_he_secret, load_site_he_context, load_site_kit, provision_federation
-from medtwin.core.identity import steward_generate_he_keys
+from medtwin.core.identity import (
+    ReplyClaim,
+    SiteKit,
+    init_site_identity,
+    install_he_secret,
+    join_federation,
+    provision_federation,
+    sign_claim,
+    steward_generate_he_keys,
+)
 from medtwin.core.model_vector import model_to_vector, vector_to_model
-from medtwin.core.protocol import record_bytes
+from medtwin.core.protocol import payload_sha256, record_bytes, site_reply_record
 from medtwin.server.aggregation import Aggregator, CkksAggregator, PlainAggregator, SiteUpdate
+from medtwin.server.verifier import ReplyVerifier
 
 RUN_ID = "bench-he-round"
 T = TypeVar("T")
@@ -108,26 +117,37 @@ def _site_data(index: int, *, rows: int, features: int) -> tuple[np.ndarray, np.
     return x, y
 
 
-def _ckks_federation(root: Path, *, sites: int, num_parameters: int, rows_per_site: int):
+def _federation(root: Path, *, scheme: str, sites: int, num_parameters: int, rows_per_site: int):
+    """Every site makes its own identity, the admin provisions from public files; CKKS keys from site 0."""
     site_ids = [f"site{index}" for index in range(sites)]
-    provisioned = provision_federation(root / "fed", federation_name="bench", site_ids=site_ids)
+    kit_dirs = {site_id: root / site_id / "kit" for site_id in site_ids}
+    public_files = [init_site_identity(kit_dirs[site_id], site_id=site_id) for site_id in site_ids]
+    admin = provision_federation(root / "admin", federation_name="bench", site_public_files=public_files)
+    kits = [join_federation(kit_dirs[site_id], admin.manifest_path) for site_id in site_ids]
+    if scheme != "ckks":
+        return site_ids, kits, [PlainSiteCodec() for _ in site_ids], PlainAggregator, admin.manifest, None
     crypto = compose_config(["crypto=ckks"]).crypto
     crypto = replace(crypto, max_total_examples=2 * rows_per_site * sites)
     parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=sites)
-    distribution = steward_generate_he_keys(provisioned.site_kits[site_ids[0]], parameters, outbox_dir=root / "outbox")
+    distribution = steward_generate_he_keys(kit_dirs[site_ids[0]], parameters, outbox_dir=root / "outbox")
     for site_id, envelope in distribution.envelope_paths.items():
-        install_he_secret(provisioned.site_kits[site_id], envelope)
-    codecs = []
-    for site_id in site_ids:
-        kit = load_site_kit(provisioned.site_kits[site_id])
-        codecs.append(CkksSiteCodec(kit, load_site_he_context(kit)))
+        install_he_secret(kit_dirs[site_id], envelope)
+    codecs = [CkksSiteCodec.from_kit(kit_dirs[site_id], distribution.key_id) for site_id in site_ids]
 
     def make_aggregator() -> Aggregator:
-        return CkksAggregator.from_files(
-            public_context_path=str(distribution.public_context_path), manifest_path=str(provisioned.coordinator_kit)
-        )
+        return CkksAggregator.from_files(public_context_path=str(distribution.public_context_path))
 
-    return site_ids, codecs, make_aggregator, parameters
+    return site_ids, kits, codecs, make_aggregator, admin.manifest, parameters
+
+
+def _signed_update(codec, kit: SiteKit, weights: np.ndarray, *, num_examples: int, server_round: int):
+    """What a site sends: the packed payload and its signed claim (both schemes are signed)."""
+    record = codec.pack(weights, num_examples=num_examples, run_id=RUN_ID)
+    claim = ReplyClaim(
+        kind="update", run_id=RUN_ID, server_round=server_round, site_id=kit.site_id,
+        payload_sha256=payload_sha256(record), num_examples=int(num_examples), status="trained",
+    )  # fmt: skip
+    return record, site_reply_record(claim, sign_claim(kit.signing_key, claim))
 
 
 def run_rounds(
@@ -147,16 +167,11 @@ def run_rounds(
     num_parameters = int(initial.size)
     rows = local_steps * batch_size
     data = [_site_data(index, rows=rows, features=features) for index in range(sites)]
-    parameters = None
-    if scheme == "ckks":
-        site_ids, codecs, make_aggregator, parameters = _ckks_federation(
-            workdir, sites=sites, num_parameters=num_parameters, rows_per_site=rows
-        )
-    else:
-        site_ids = [f"site{index}" for index in range(sites)]
-        codecs = [PlainSiteCodec() for _ in range(sites)]
-        make_aggregator = PlainAggregator
+    site_ids, kits, codecs, make_aggregator, manifest, parameters = _federation(
+        workdir, scheme=scheme, sites=sites, num_parameters=num_parameters, rows_per_site=rows
+    )
     aggregator = make_aggregator()
+    verifier = ReplyVerifier(manifest, run_id=RUN_ID)
     artifacts = ArtifactStore(workdir / "artifacts")
     aggregate = None
     timings = []
@@ -179,24 +194,30 @@ def run_rounds(
                 )
             )
             train.append(seconds)
-            seconds, (record, proof) = _timed(
-                lambda: codec.pack(
-                    model_to_vector(model), num_examples=result.num_examples, run_id=RUN_ID, server_round=server_round
+            seconds, (record, site_record) = _timed(
+                lambda: _signed_update(
+                    codec, kits[index], model_to_vector(model), num_examples=result.num_examples, server_round=server_round
                 )
             )
             pack.append(seconds)
             weighted.append((model_to_vector(model) * result.num_examples, result.num_examples))
-            updates.append(
-                SiteUpdate(site_ids[index], index + 1, server_round, record, proof.get("signature", b""))
-            )
+            updates.append((index + 1, record, site_record))
 
         def coordinate():
-            for update in updates:
-                problem = aggregator.check(update, run_id=RUN_ID)
+            accepted = []
+            for node_id, record, site_record in updates:
+                verified = verifier.verify(
+                    site_record, node_id=node_id, kind="update", server_round=server_round, payload_sha256=payload_sha256(record)
+                )
+                update = SiteUpdate(node_id=node_id, record=record, claim=verified.claim, signature=verified.signature)
+                problem = aggregator.check(update)
                 if problem:
                     raise RuntimeError(f"benchmark update rejected: {problem}")
-                artifacts.put(record_bytes(update.record), kind="update")
-            summed = aggregator.aggregate(updates)
+                aggregator.accept(update)
+                verifier.accept(verified)
+                artifacts.put(record_bytes(record), kind="update")
+                accepted.append(update)
+            summed = aggregator.aggregate(accepted)
             artifacts.put(record_bytes(summed), kind="aggregate")
             return summed
 
@@ -214,7 +235,7 @@ def run_rounds(
             coordinator_s=coordinator_s,
             evaluate_decode_s=max(evaluate),
             one_machine_s=sum(decode) + sum(train) + sum(pack) + coordinator_s + sum(evaluate),
-            upload_bytes=sum(len(array.data) for array in updates[0].record.values()),
+            upload_bytes=sum(len(array.data) for array in updates[0][1].values()),
             relative_error=max(errors),
         )
         if server_round > 1:  # round 1 has no aggregate to decode and warms caches up

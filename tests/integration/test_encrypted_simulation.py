@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from medtwin.client.codec import CkksSiteCodec
 from medtwin.core.artifacts import ArtifactStore
@@ -60,10 +61,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
 
 
 def _site_kits(run: Run) -> dict[str, Path]:
-    from medtwin.experiments.federation_setup import kits_root
+    from medtwin.experiments.federation_setup import site_kit_dir
 
-    root = kits_root(run.config, run.config.run_id) / "sites"
-    return {site: root / site for site in SITES}
+    return {site: site_kit_dir(run.config, site) for site in SITES}
+
+
+def _codec(run: Run, site: str) -> CkksSiteCodec:
+    """The site's codec for the run's key set (a hospital's kit keeps one key set per CKKS run)."""
+    key_id = yaml.safe_load((run.path / "config.yaml").read_text())["crypto"]["key_id"]
+    return CkksSiteCodec.from_kit(_site_kits(run)[site], key_id)
 
 
 def test_runs_complete_with_every_site_and_no_rejection(runs: dict[str, Run]) -> None:
@@ -98,7 +104,7 @@ def test_decrypted_final_aggregate_matches_the_sites_plaintext_updates(runs: dic
     """Absolute error of the last round's average, recomputed from the sites' kept plaintext updates."""
     run = runs["ckks"]
     kits = _site_kits(run)
-    codec = CkksSiteCodec.from_kit(str(kits["va"]))
+    codec = _codec(run, "va")
     average, total = codec.average(run.final_aggregate())
     last_train = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     participants = [record for record in last_train if record["phase"] == "train"][-1]["participants"]
@@ -111,7 +117,7 @@ def test_decrypted_final_aggregate_matches_the_sites_plaintext_updates(runs: dic
 
 def test_encrypted_run_trains_the_plaintext_model(runs: dict[str, Run]) -> None:
     kits = _site_kits(runs["ckks"])
-    ckks_average, ckks_total = CkksSiteCodec.from_kit(str(kits["cleveland"])).average(runs["ckks"].final_aggregate())
+    ckks_average, ckks_total = _codec(runs["ckks"], "cleveland").average(runs["ckks"].final_aggregate())
     plain_average, plain_total = average_from_sum(unpack_plain(runs["plain"].final_aggregate()))
     assert ckks_total == plain_total
     np.testing.assert_allclose(ckks_average, plain_average, rtol=0, atol=1e-3)
@@ -133,10 +139,13 @@ def test_coordinator_run_directory_holds_no_secret(runs: dict[str, Run]) -> None
     assert files and not any(path.name == "secret_context.bin" for path in files)
     for kit in kits.values():
         assert run.path not in kit.parents  # kits live beside the run directory, never inside it
-    secret = (kits["cleveland"] / "he" / "secret_context.bin").read_bytes()
-    assert all((kit / "he" / "secret_context.bin").read_bytes() == secret for kit in kits.values())
+    key_id = yaml.safe_load((run.path / "config.yaml").read_text())["crypto"]["key_id"]
+    secret = (kits["cleveland"] / "he" / key_id / "secret_context.bin").read_bytes()
+    assert all((kit / "he" / key_id / "secret_context.bin").read_bytes() == secret for kit in kits.values())
     # windows of the secret context that the public one does not share: the key material
-    public_context = next(kits["cleveland"].parents[1].rglob("public_context.bin")).read_bytes()
+    from medtwin.experiments.federation_setup import kits_root
+
+    public_context = next(kits_root(run.config, run.config.run_id).rglob("public_context.bin")).read_bytes()
     windows = [secret[start : start + 48] for start in range(len(secret) - 48, len(secret) // 2, -997)]
     windows = [window for window in windows if window not in public_context]
     assert len(windows) >= 5

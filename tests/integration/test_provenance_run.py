@@ -107,19 +107,26 @@ def chain_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 def revoked_run(chain_run: Run) -> Run:
     """A second run on the same chains; the admin revokes one site after enrolment, before round 1.
 
-    The sites skip their own chain check (approval_check=None — a site whose check is absent or
-    stale), so the revoked site really trains and replies: the coordinator's admission check against
-    the auth chain is what has to keep its update out.
+    The sites' own chain check is stale (it approves whatever it is asked — a site that has not
+    heard of its revocation), so the revoked site really trains and replies: the coordinator's
+    admission check against the auth chain is what has to keep its update out.
     """
     from medtwin.experiments import simulate as simulate_module
 
     connect_chains = simulate_module.connect_chains
 
-    def connect_then_revoke(config, federation, artifacts_root):
-        provenance, _site_check = connect_chains(config, federation, artifacts_root)
+    class StaleSiteCheck:  # a RunApprovalCheck (core/provenance.py) that never looks at the chain
+        def problem(self, **_binding: str) -> None:
+            return None
+
+        def aggregate_problem(self, **_binding: object) -> None:
+            return None
+
+    def connect_then_revoke(config, setup):
+        provenance, _site_check = connect_chains(config, setup)
         receipt = provenance.session.auth.revoke_site(site_id=REVOKED_SITE, reason="key compromised")
         assert receipt.mined, receipt
-        return provenance, None
+        return provenance, StaleSiteCheck()
 
     config = run_config(chain_run.state_dir.parent, run_id=REVOKED_RUN, rounds=1)
     with pytest.MonkeyPatch.context() as patch:

@@ -286,3 +286,39 @@ def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> Non
     assert ledger["releases"][run_id]["1"]["epsilon"] == 0.5  # counted in the site's own ledger
     released = reply.content.metric_records[METRICS]
     assert 0.0 <= released["accuracy"] <= 1.0 and "n" in released
+
+
+def test_under_ckks_one_sites_ciphertext_posing_as_an_aggregate_is_refused(hospital: Hospital) -> None:
+    """The coordinator cannot read ciphertexts, but it could forward one site's as the "aggregate" so
+    that every key-holding site decrypts that site's update: the certificate and the count stop it."""
+    from medtwin.core.he import CkksParameters, ckks_parameters_from_config, encrypt_update, sum_encrypted
+    from medtwin.core.identity import install_he_secret, load_site_he_context, steward_generate_he_keys
+    from medtwin.core.protocol import chunks_to_record
+
+    crypto = replace(compose_config(["crypto=ckks"]).crypto, max_total_examples=2000)
+    parameters: CkksParameters = ckks_parameters_from_config(crypto, num_parameters=14, num_sites=3)
+    keys = steward_generate_he_keys(hospital.kits["cleveland"], parameters, outbox_dir=hospital.root / "outbox")
+    for site, envelope in keys.envelope_paths.items():
+        install_he_secret(hospital.kits[site], envelope)
+    run_id, text = hospital.proposal("crypto=ckks", f"crypto.key_id={keys.key_id}", "federation.num_rounds=3")
+
+    def encrypted_update(site: str, count: int) -> tuple:
+        context = load_site_he_context(hospital.kits[site], keys.key_id)
+        chunks = encrypt_update(context, np.random.default_rng(count).normal(0, 0.1, 14), count)
+        record = chunks_to_record(chunks)
+        claim = ReplyClaim(
+            kind="update", run_id=run_id, server_round=1, site_id=site, payload_sha256=payload_sha256(record),
+            num_examples=count, epsilon=0.5, delta=1e-5, status="trained",
+        )  # fmt: skip
+        return chunks, record, (claim, hospital.sign_peer(site, claim))
+
+    hungarian_chunks, hungarian, hungarian_claim = encrypted_update("hungarian", 180)
+    swiss_chunks, _, swiss_claim = encrypted_update("switzerland", 80)
+    public_context = keys.public_context_path.read_bytes()
+    honest = chunks_to_record(sum_encrypted(public_context, [hungarian_chunks, swiss_chunks]))
+    claims = (hungarian_claim, swiss_claim)
+    forged = RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(hungarian), claims=claims).to_record()
+    status, reason = status_of(hospital.ask(text, run_id=run_id, server_round=2, extra={AGGREGATE: hungarian, CERTIFICATE: forged}))
+    assert status == "refused:unverified_aggregate" and "260" in reason  # decoded count 180, certified 180 + 80
+    genuine = RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(honest), claims=claims).to_record()
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra={AGGREGATE: honest, CERTIFICATE: genuine}))[0] == "trained"

@@ -75,3 +75,17 @@ def test_a_fresh_clone_holds_no_run_state() -> None:
     assert not [path for path in tracked if path.endswith(("privacy-ledger.json", "ledger-mark.json", "signing_key.pem"))]
     ignored = (root / ".gitignore").read_text().split()
     assert {".medtwin-sites/", ".medtwin-kits/", ".medtwin/"} <= set(ignored)
+
+
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", "", "x" * 200, "run\x00id", "ré"])
+def test_run_ids_that_could_escape_a_folder_are_refused_everywhere(tmp_path: Path, run_id: str) -> None:
+    from medtwin.client.site_state import SiteApprovals, SiteStateError
+    from medtwin.core.errors import ConfigError
+    from medtwin.core.rundir import RunDirectory
+
+    with pytest.raises(ConfigError, match="run_id"):
+        RunDirectory(tmp_path / "runs", run_id)
+    with pytest.raises(SiteStateError):
+        SiteApprovals(tmp_path / "state").approve(run_id=run_id, config_hash="c", code_hash="d")
+    assert not list(tmp_path.rglob("escape*"))
+    assert not (tmp_path / "runs").exists()

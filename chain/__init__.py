@@ -49,7 +49,7 @@ from .records import (
     WriteReceipt,
 )
 from .render import access_table, lineage_table, status_table, verify_table
-from .session import ChainSession, open_readonly, open_session
+from .session import ChainSession, open_readonly, open_session, open_signed_readonly
 
 __all__ = [
     "MAX_DECISIONS_PER_TX",
@@ -103,6 +103,7 @@ __all__ = [
     "load_contract",
     "open_readonly",
     "open_session",
+    "open_signed_readonly",
     "participants_hash",
     "read_deployment",
     "run_key",

@@ -22,12 +22,12 @@ from .backends import embedded_client, rpc_client
 from .client import ChainClient
 from .compiler import load_contract
 from .data_chain import DataChain
-from .deployment import CONTRACT_OF, Deployment, deploy_chain, is_live, read_deployment, write_deployment
+from .deployment import CONTRACT_OF, ChainDeployment, Deployment, deploy_chain, is_live, read_deployment, write_deployment
 from .errors import ChainSetupError, ChainUnavailableError, DeploymentError
 from .outbox import Outbox
 from .records import FlushResult
 
-__all__ = ["ChainSession", "ensure_deployed", "open_readonly", "open_session", "signing_accounts"]
+__all__ = ["ChainSession", "ensure_deployed", "open_readonly", "open_session", "open_signed_readonly", "signing_accounts"]
 
 SITE_FUNDING_WEI = 10 * 10**18
 DEV_BACKENDS = ("embedded", "anvil")
@@ -176,3 +176,27 @@ def open_readonly(state_dir: str | os.PathLike[str], *, rpc_timeout_s: float = 1
     clients = {role: ChainClient.http(deployment.chain(role).rpc_url, name=role, rpc_timeout_s=rpc_timeout_s) for role in ("auth", "data")}
     auth, data = _gateways(clients, deployment, admin=None, coordinator=None, outbox_dir=None)
     return ChainSession(deployment.backend, auth, data, deployment, Path(state_dir))
+
+
+def open_signed_readonly(chains: dict[str, dict[str, Any]], *, rpc_timeout_s: float = 10.0) -> ChainSession:
+    """Read-only session from the chain record the federation admin signed (chain ids, addresses,
+    URLs) — what an auditor uses instead of the coordinator's deployment.json. Each node must report
+    the signed chain id."""
+    records = {}
+    for role in ("auth", "data"):
+        entry = chains[role]
+        records[role] = ChainDeployment(
+            role=role, rpc_url=str(entry["rpc_url"]), chain_id=int(entry["chain_id"]), contract=str(entry["contract"]),
+            address=str(entry["address"]), deploy_block=int(entry["deploy_block"]), source_sha256=str(entry["source_sha256"]),
+            deployed_at=0.0,
+        )  # fmt: skip
+    deployment = Deployment(backend="rpc", auth=records["auth"], data=records["data"], admin="", coordinator="")
+    clients = {role: ChainClient.http(records[role].rpc_url, name=role, rpc_timeout_s=rpc_timeout_s) for role in ("auth", "data")}
+    for role, client in clients.items():
+        if client.chain_id != records[role].chain_id:
+            raise DeploymentError(
+                f"the {role} node at {records[role].rpc_url} reports chain id {client.chain_id}, the admin signed "
+                f"{records[role].chain_id}: not the federation's chain"
+            )
+    auth, data = _gateways(clients, deployment, admin=None, coordinator=None, outbox_dir=None)
+    return ChainSession("rpc", auth, data, deployment, None)

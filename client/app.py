@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from .privacy import PrivacyError, RoundAlreadyTrainedError, plan_round, reserve
 from .proposal import ProposalRefused
 from .release import release_metrics
 from .site import Site, dataset_manifest_hash, load_site
+from .site_file import SiteFile
 from .site_state import EvaluationRegister, SiteApprovals
 from .training import LocalTrainingResult, train_locally
 
@@ -168,11 +169,12 @@ def build_client_app(
     *,
     proposal_text: str | None = None,
     site_files: Mapping[int, str] | None = None,
-    approval_check: RunApprovalCheck | None = None,
+    approval_check_for: Callable[[SiteFile], RunApprovalCheck | None] | None = None,
 ) -> ClientApp:
     """The ClientApp. Deployed, it reads the proposal from the run_config and the site file from node_config;
-    a simulation harness passes the same proposal text and one site file per virtual node. `approval_check`
-    reads approvals on the authorization chain (site files with `approvals: chain`)."""
+    a simulation harness passes the same proposal text and one site file per virtual node.
+    `approval_check_for(site_file)` gives a site with `approvals: chain` its reader of the chains
+    (built by the wiring layer from the site's own file)."""
     bound_files = dict(site_files or {})
     app = ClientApp()
 
@@ -193,6 +195,7 @@ def build_client_app(
             )
         try:
             server_round = _instructed_round(message, site)
+            approval_check = approval_check_for(site.file) if approval_check_for is not None else None
             approval_problem = _approval_problem(site, approval_check)
             if approval_problem:
                 raise RoundRefused("refused:not_approved", approval_problem)

@@ -26,6 +26,7 @@
       epsilon_per_release: 0.1        # release: dp
       min_participants: 2             # an aggregate of fewer sites is never decrypted
     approvals: local                  # local (state_dir/approvals.json) | chain (auth chain)
+    chain: {state_dir: /srv/chain}    # approvals: chain — where this site reads both chains from
     kit_dir: kit                      # identity keys + HE secrets (relative: to this file's folder)
     state_dir: state                  # privacy ledger, approvals, evaluations
 
@@ -99,6 +100,7 @@ class SiteFile:
     kit_dir: Path
     state_dir: Path
     research_simulation: bool = False
+    chain_state_dir: Path | None = None  # approvals: chain — the chains' deployment record this site trusts
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -172,7 +174,7 @@ def site_file_from_mapping(document: dict, *, path: Path) -> SiteFile:
     reader = _Reader(str(path))
     reader.unknown(
         document,
-        {"site_id", "research_simulation", "data", "accept", "privacy", "evaluation", "approvals", "kit_dir", "state_dir"},
+        {"site_id", "research_simulation", "data", "accept", "privacy", "evaluation", "approvals", "chain", "kit_dir", "state_dir"},
         "",
     )
     site_id = document.get("site_id")
@@ -187,6 +189,11 @@ def site_file_from_mapping(document: dict, *, path: Path) -> SiteFile:
     approvals = reader.value(document, "approvals", str, "local")
     if approvals not in APPROVAL_SOURCES:
         reader.problems.append(f"`approvals` must be one of {APPROVAL_SOURCES}, got {approvals!r}")
+    chain = reader.section(document, "chain")
+    reader.unknown(chain, {"state_dir"}, "chain.")
+    chain_state = reader.value(chain, "state_dir", str, "", prefix="chain.")
+    if approvals == "chain" and not chain_state:
+        reader.problems.append("`approvals: chain` needs `chain.state_dir`: the chains' deployment record this site reads")
     folders = {}
     for key in ("kit_dir", "state_dir"):
         value = reader.value(document, key, str, "")
@@ -210,6 +217,7 @@ def site_file_from_mapping(document: dict, *, path: Path) -> SiteFile:
         kit_dir=folders["kit_dir"],
         state_dir=folders["state_dir"],
         research_simulation=research,
+        chain_state_dir=(path.parent / Path(chain_state).expanduser()).resolve() if chain_state else None,
     )
 
 

@@ -116,9 +116,12 @@ def demo(
 
 def register_admin_commands() -> None:
     from .cli_admin import audit_app, chain_app, model_app, provision_command, site_app
+    from .cli_federation import federation_app
     from .cli_site import site_approve_command
 
     site_app.command("approve")(site_approve_command)
+    federation_app.command("init", help="Create a federation from the sites' public files (same as `medtwin provision`).")(provision_command)
+    app.add_typer(federation_app, name="federation")
 
     app.add_typer(chain_app, name="chain")
     app.add_typer(audit_app, name="audit")

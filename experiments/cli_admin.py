@@ -19,6 +19,10 @@ site_app = typer.Typer(no_args_is_help=True, help="What a hospital site runs: it
 StateDir = Annotated[Path, typer.Option("--state-dir", help="chain state folder (pidfiles, deployment.json, --state files)")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="the coordinator's runs/ folder (artifact stores)")]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+Federation = Annotated[
+    Path | None,
+    typer.Option("--federation", help="folder with federation.json + the admin-signed chains.json (instead of --state-dir)"),
+]
 
 
 def _chain_config(overrides: list[str]):
@@ -70,11 +74,14 @@ def audit_lineage_command(
     state_dir: StateDir = Path(".medtwin/chain"),
     runs_dir: RunsDir = Path("runs"),
     as_json: AsJson = False,
+    federation: Federation = None,
 ) -> None:
     """Rounds, participating sites, their approvals at the time, epsilon, HE parameters, dataset commitments."""
-    from medtwin.chain import audit_lineage, lineage_table, open_readonly
+    from medtwin.chain import audit_lineage, lineage_table
 
-    report = audit_lineage(open_readonly(state_dir), _artifact_store(runs_dir, target), target)
+    from .cli_federation import auditor_session
+
+    report = audit_lineage(auditor_session(state_dir, federation), _artifact_store(runs_dir, target), target)
     console.print_json(report.to_json()) if as_json else console.print(lineage_table(report))
 
 
@@ -84,11 +91,14 @@ def audit_access_command(
     run: Annotated[str, typer.Option("--run", help="only this run")] = "",
     state_dir: StateDir = Path(".medtwin/chain"),
     as_json: AsJson = False,
+    federation: Federation = None,
 ) -> None:
     """The access log: every admission, rejection and export decision, and governance events."""
-    from medtwin.chain import access_table, audit_access, open_readonly
+    from medtwin.chain import access_table, audit_access
 
-    report = audit_access(open_readonly(state_dir), site_id=site, run_id=run)
+    from .cli_federation import auditor_session
+
+    report = audit_access(auditor_session(state_dir, federation), site_id=site, run_id=run)
     console.print_json(report.to_json()) if as_json else console.print(access_table(report))
 
 
@@ -98,11 +108,14 @@ def audit_verify_command(
     state_dir: StateDir = Path(".medtwin/chain"),
     runs_dir: RunsDir = Path("runs"),
     as_json: AsJson = False,
+    federation: Federation = None,
 ) -> None:
     """Recompute every Merkle root and artifact hash of a run against the data chain; exit 1 on any mismatch."""
-    from medtwin.chain import audit_verify, open_readonly, verify_table
+    from medtwin.chain import audit_verify, verify_table
 
-    report = audit_verify(open_readonly(state_dir), _artifact_store(runs_dir, run), run)
+    from .cli_federation import auditor_session
+
+    report = audit_verify(auditor_session(state_dir, federation), _artifact_store(runs_dir, run), run)
     console.print_json(report.to_json()) if as_json else console.print(verify_table(report))
     if not report.ok:
         raise typer.Exit(code=1)

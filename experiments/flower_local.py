@@ -330,9 +330,11 @@ class LocalFlowerFederation:
     def prepare_run(self, overrides: list[str]) -> dict[str, str]:
         """Stand in for admin, key steward and hospitals (site files under FLWR_HOME/sites, approvals);
         returns the run_config: the proposal every site parses, and the coordinator's public files."""
-        from .simulate import prepare_parties
+        from .simulate import connect_chains, prepare_parties
 
-        parties = prepare_parties(compose_config(overrides), site_files_folder=self.sites_dir)
+        config = compose_config(overrides)
+        parties = prepare_parties(config, site_files_folder=self.sites_dir)
+        connect_chains(config, parties)  # chain=anvil|rpc: admin registers the sites, each approves the run
         coordinator = parties.federation.coordinator
         return {
             CONFIG_YAML_KEY: parties.proposal_text,

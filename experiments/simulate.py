@@ -22,7 +22,8 @@ from medtwin.core.tasks import get_task
 from medtwin.server.app import build_server_app, make_run_id
 
 from .baselines import compute_baselines, final_model_evaluator
-from .chain_wiring import ChainApprovalCheck, ChainProvenance, enrol_federation, open_chains
+from .chain_wiring import ChainProvenance, enrol_federation, open_chains
+from .flower_apps import coordinator_provenance, site_approval_check
 from .federation_setup import SimulatedFederation, prepare_federation, site_state_dir
 from .simulated_sites import approve_locally, write_site_files
 
@@ -47,7 +48,7 @@ def simulate(config: MedtwinConfig) -> Path:
     if not config.run_id:
         config.run_id = make_run_id(config)
     setup = prepare_parties(config)
-    provenance, approval_check = connect_chains(config, setup)
+    provenance = connect_chains(config, setup)
     baselines = None
     if config.baselines.enabled:
         logger.info("training baselines: each site alone, and pooled")
@@ -61,7 +62,7 @@ def simulate(config: MedtwinConfig) -> Path:
         run_simulation(
             server_app=build_server_app(setup.coordinator_config, setup.federation.coordinator, provenance),
             client_app=build_client_app(
-                proposal_text=setup.proposal_text, site_files=setup.site_files, approval_check=approval_check
+                proposal_text=setup.proposal_text, site_files=setup.site_files, approval_check_for=site_approval_check
             ),
             num_supernodes=config.task.num_sites,
             backend_config=backend_config,
@@ -106,6 +107,7 @@ def prepare_parties(config: MedtwinConfig, *, site_files_folder: Path | None = N
         state_dirs={site_id: site_state_dir(config, site_id) for site_id in site_ids},
         folder=site_files_folder or federation.root / "site-files",
         approvals=approvals,
+        chain_state_dir=Path(config.chain.state_dir).resolve(),
     )
     if approvals == "local":
         approve_locally(site_files, run_id=config.run_id, proposal_text=proposal_text)
@@ -115,21 +117,16 @@ def prepare_parties(config: MedtwinConfig, *, site_files_folder: Path | None = N
 CHAINS_SITES_CAN_READ = ("anvil", "rpc")  # `embedded` lives in the harness process only
 
 
-def connect_chains(
-    config: MedtwinConfig, setup: SimulatedParties
-) -> tuple[ChainProvenance | None, ChainApprovalCheck | None]:
-    """Open both chains, enrol the sites and their approvals of this run (acting for admin and sites)."""
+def connect_chains(config: MedtwinConfig, setup: SimulatedParties) -> ChainProvenance | None:
+    """Start/open both chains and enrol the sites and their approvals of this run (acting for admin and
+    sites); returns the coordinator's recorder, built as the deployed ServerApp builds it."""
     if config.chain.name == "none":
-        return None, None
+        return None
     session = open_chains(config.chain)
     enrol_federation(session, setup.federation.manifest, run_id=config.run_id, proposal_text=setup.proposal_text)
-    check = None
-    if setup.approvals == "chain":
-        check = ChainApprovalCheck(state_dir=str(Path(config.chain.state_dir).resolve()))
-    else:
+    if setup.approvals != "chain":
         logger.warning("chain=%s cannot be read by the sites (Ray actors): they approve in their own state", config.chain.name)
-    artifacts_root = Path(config.runs_dir) / config.run_id / "artifacts"
-    return ChainProvenance(session=session, artifacts_root=artifacts_root, manifest=setup.federation.manifest), check
+    return coordinator_provenance(setup.coordinator_config, setup.federation.coordinator, session=session)
 
 
 def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation, digest: str) -> np.ndarray:

@@ -73,6 +73,7 @@ def write_site_files(
     state_dirs: dict[str, Path],
     folder: Path,
     approvals: str,
+    chain_state_dir: Path | None = None,
     settings_path: Path | None = None,
 ) -> dict[int, str]:
     """One site file per simulated hospital under `folder` (plus index.json); returns partition id -> path."""
@@ -91,6 +92,7 @@ def write_site_files(
             research_simulation=True,
             data=site_data_section(config, index),
             approvals=approvals,
+            **({"chain": {"state_dir": str(chain_state_dir)}} if approvals == "chain" and chain_state_dir else {}),
             kit_dir=str(kit_dirs[site_id]),
             state_dir=str(state_dirs[site_id]),
         )

@@ -10,6 +10,7 @@ per key id. Sites sign every reply as a `ReplyClaim` (`sign_claim`); the coordin
 (`verify_claim`).
 """
 
+from .chain_record import CHAINS_FILE, load_chain_record, sign_chain_record
 from .envelope import open_envelope, seal_envelope
 from .errors import EnvelopeError, IdentityError, KitError, ProvisionError, SignatureError
 from .keys import fingerprint
@@ -28,6 +29,9 @@ from .steward import (
 )
 
 __all__ = [
+    "CHAINS_FILE",
+    "load_chain_record",
+    "sign_chain_record",
     "CoordinatorKit",
     "EnvelopeError",
     "FederationManifest",

@@ -123,14 +123,15 @@ def revoked_run(chain_run: Run) -> Run:
             return None
 
     def connect_then_revoke(config, setup):
-        provenance, _site_check = connect_chains(config, setup)
+        provenance = connect_chains(config, setup)
         receipt = provenance.session.auth.revoke_site(site_id=REVOKED_SITE, reason="key compromised")
         assert receipt.mined, receipt
-        return provenance, StaleSiteCheck()
+        return provenance
 
     config = run_config(chain_run.state_dir.parent, run_id=REVOKED_RUN, rounds=1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(simulate_module, "connect_chains", connect_then_revoke)
+        patch.setattr(simulate_module, "site_approval_check", lambda site_file: StaleSiteCheck())
         path = simulate_module.simulate(config)
     return Run(config=config, path=path)
 
@@ -418,3 +419,26 @@ def test_model_export_is_a_logged_act_of_an_admitted_site(chain_run: Run, tmp_pa
     session = open_readonly(chain_run.state_dir)
     assert session.data.release(chain_run.summary["final_aggregate_sha256"]) is not None
     assert session.data.release(single_update) is None
+
+
+def test_an_auditor_needs_only_the_admin_signed_chain_record_not_the_coordinators_files(chain_run: Run, tmp_path: Path) -> None:
+    """The admin signs chain ids + contract addresses with the federation CA; the auditor, on another
+    machine, holds federation.json, chains.json and the artifacts — no chain state folder at all."""
+    admin = chain_run.runs_dir.parent / ".medtwin-kits" / "fed_heart_disease" / "admin"
+    published = cli("federation", "publish-chains", "--admin-dir", str(admin), "--state-dir", str(chain_run.state_dir))
+    assert published.returncode == 0, published.stderr
+    auditor = tmp_path / "auditor"
+    auditor.mkdir()
+    for name in ("federation.json", "chains.json"):
+        shutil.copy(admin / name, auditor / name)
+    assert not (auditor / "ca_key.pem").exists() and "PRIVATE" not in (auditor / "chains.json").read_text()
+    nowhere = tmp_path / "no-chain-state"  # the coordinator's deployment.json is not available to the auditor
+    code, report = cli_json("audit", "verify", RUN, "--federation", str(auditor), "--state-dir", str(nowhere),
+                            "--runs-dir", str(chain_run.runs_dir))  # fmt: skip
+    assert code == 0 and report["rounds_checked"] >= 2, report
+    # a chain record pointing at another contract (as a coordinator's file could) is not the admin's
+    record = json.loads((auditor / "chains.json").read_text())
+    record["chains"]["data"]["address"] = "0x" + "00" * 19 + "01"
+    (auditor / "chains.json").write_text(json.dumps(record))
+    forged = cli("audit", "verify", RUN, "--federation", str(auditor), "--runs-dir", str(chain_run.runs_dir))
+    assert forged.returncode != 0 and "not signed by federation" in forged.stdout + forged.stderr

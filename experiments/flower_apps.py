@@ -1,0 +1,64 @@
+"""The Flower apps a SuperLink and SuperNodes load (`[tool.flwr.app.components]`), with the chains wired in.
+
+The roles' apps (`server/app.py`, `client/app.py`) may not import `medtwin.chain`; this wiring module
+gives them their chain objects, the same way in every engine:
+
+- the coordinator opens its chain session from the run's config (`chain.*`) and records admissions,
+  decisions, round anchors and lineage through `ChainProvenance`;
+- a site whose file says `approvals: chain` reads its approval and each round's anchor from the
+  chain folder its own site file names (`chain.state_dir`) — never from the coordinator.
+
+`medtwin run` (Ray) and `flwr run` / deployed SuperNodes use these same factories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from medtwin.chain import ChainSession
+from medtwin.client.app import build_client_app
+from medtwin.client.site_file import SiteFile
+from medtwin.core.config import MedtwinConfig
+from medtwin.core.identity import load_manifest
+from medtwin.core.runconfig import config_from_run_config
+from medtwin.server.app import CoordinatorSetup, run_federation
+
+from .chain_wiring import ChainApprovalCheck, ChainProvenance, open_chains
+
+__all__ = ["client_app", "coordinator_provenance", "server_app", "site_approval_check"]
+
+
+def coordinator_provenance(
+    config: MedtwinConfig, setup: CoordinatorSetup, *, session: ChainSession | None = None
+) -> ChainProvenance | None:
+    """The coordinator's chain recorder for this run (None when the run uses no chain); `session`
+    reuses an open one (an embedded chain exists only in the process that opened it)."""
+    if config.chain.name == "none":
+        return None
+    manifest = load_manifest(setup.manifest_path) if setup.manifest_path else None
+    artifacts_root = Path(config.runs_dir) / config.run_id / "artifacts"
+    return ChainProvenance(session=session or open_chains(config.chain), artifacts_root=artifacts_root, manifest=manifest)
+
+
+def site_approval_check(site_file: SiteFile) -> ChainApprovalCheck | None:
+    """A site's reader of the chains, from its own site file (`chain.state_dir`)."""
+    if site_file.approvals != "chain" or site_file.chain_state_dir is None:
+        return None
+    return ChainApprovalCheck(state_dir=str(site_file.chain_state_dir))
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _coordinate(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    config = config_from_run_config(run_config)
+    setup = CoordinatorSetup.from_run_config(run_config)
+    run_federation(grid, config, setup, coordinator_provenance(config, setup))
+
+
+client_app = build_client_app(approval_check_for=site_approval_check)

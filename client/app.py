@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from medtwin.core.hashing import code_hash
-from medtwin.core.identity import ReplyClaim, sign_claim
+from medtwin.core.identity import ReplyClaim, SiteKit, load_site_kit, sign_claim
+from medtwin.core.ids import check_id
 from medtwin.core.model_vector import model_to_vector, vector_to_model
 from medtwin.core.protocol import (
     AGGREGATE,
@@ -45,7 +46,7 @@ from .privacy import PrivacyError, RoundAlreadyTrainedError, plan_round, reserve
 from .proposal import ProposalRefused
 from .release import release_metrics
 from .site import Site, dataset_manifest_hash, load_site
-from .site_file import SiteFile
+from .site_file import SiteFile, load_site_file
 from .site_state import EvaluationRegister, SiteApprovals
 from .training import LocalTrainingResult, train_locally
 
@@ -187,12 +188,13 @@ def build_client_app(
         try:
             site = open_site(context)
         except ProposalRefused as refused:
-            # nothing of the proposal was used; the reply carries no site claim (no site was opened)
-            logger.warning("proposal refused: %s", refused.reason)
-            return Message(
-                content=RecordDict({SITE: ConfigRecord({"status": f"refused:{refused.code}", "reason": refused.reason[:500]})}),
-                reply_to=message,
-            )
+            # nothing of the proposal was used: the site signs its refusal with its own file's kit
+            site_file = load_site_file(site_file_for(context.node_config, bound_files))
+            run_id = _instructed_run_id(message)
+            return signed_refusal(
+                message, site_id=site_file.site_id, kit=load_site_kit(site_file.kit_dir), run_id=run_id,
+                server_round=_safe_round(message), status=f"refused:{refused.code}", reason=refused.reason,
+            )  # fmt: skip
         try:
             server_round = _instructed_round(message, site)
             approval_check = approval_check_for(site.file) if approval_check_for is not None else None
@@ -294,17 +296,35 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
 
 def refusal(message: Message, site: Site, *, server_round: int, status: str, reason: str) -> Message:
     """A signed reply without an update: the coordinator logs the reason, the round goes on without this site."""
-    logger.warning("site %s refused round %d: %s", site.site_id, server_round, reason)
+    return signed_refusal(
+        message, site_id=site.site_id, kit=site.kit, run_id=site.proposal.run_id, server_round=server_round,
+        status=status, reason=reason,
+    )  # fmt: skip
+
+
+def signed_refusal(
+    message: Message, *, site_id: str, kit: SiteKit, run_id: str, server_round: int, status: str, reason: str
+) -> Message:
+    logger.warning("site %s refused round %d: %s", site_id, server_round, reason)
     claim = ReplyClaim(
         kind="update" if message.metadata.message_type == "train" else "evaluate",
-        run_id=site.proposal.run_id,
+        run_id=run_id,
         server_round=server_round,
-        site_id=site.site_id,
+        site_id=site_id,
         payload_sha256="",
         status=status[:64],
     )
-    content = RecordDict({SITE: site_reply_record(claim, sign_claim(site.kit.signing_key, claim), reason=reason)})
+    content = RecordDict({SITE: site_reply_record(claim, sign_claim(kit.signing_key, claim), reason=reason)})
     return Message(content=content, reply_to=message)
+
+
+def _instructed_run_id(message: Message) -> str:
+    """The instruction's run id if it is a safe id, else "" (a refusal must not echo a hostile string)."""
+    try:
+        value = message.content.config_records[INSTRUCTION]["run_id"]
+    except (KeyError, TypeError):
+        return ""
+    return value if isinstance(value, str) and not check_id(value) else ""
 
 
 def _approval_problem(site: Site, approval_check: RunApprovalCheck | None) -> str | None:

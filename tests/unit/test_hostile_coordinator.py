@@ -174,6 +174,10 @@ def test_interpolation_is_refused_without_touching_the_environment(hospital: Hos
     status, reason = status_of(reply)
     assert status == "refused:interpolation"
     assert "deadbeef" not in json.dumps({key: str(value) for key, value in reply.content.config_records[SITE].items()})
+    claim, signature = claim_from_site_record(reply.content.config_records[SITE])  # even this refusal is signed
+    manifest = load_site_kit(hospital.kits["cleveland"]).manifest
+    verify_claim(manifest.site("cleveland").signing_public_key, signature, claim)
+    assert (claim.run_id, claim.status) == (run_id, "refused:interpolation")
 
 
 def test_a_path_in_the_proposal_is_refused_without_opening_it(hospital: Hospital, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,10 @@ class ProvenanceRecorder(Protocol):
     """The coordinator's view of both chains."""
 
     def start_run(self, run: RunDescription) -> None:
-        """Register the run on the data chain (config, code, DP and HE parameter hashes)."""
+        """Register the run on the data chain (config, code, DP and HE parameter hashes).
+
+        A resumed run calls it again: a run registered already must be left as it is.
+        """
 
     def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
         """None if the auth chain admits `site_id` to `run_id` (registered, not revoked, approved)."""
@@ -52,6 +55,13 @@ class ProvenanceRecorder(Protocol):
 
     def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int) -> dict[str, Any]:
         """Flush anything queued, record the model's lineage; returns the summary's `chain` block."""
+
+    def last_anchor(self, run_id: str) -> tuple[int, str] | None:
+        """(round, aggregate sha256 hex) of the run's highest anchored round — mined or queued — or None.
+
+        Optional: the coordinator looks it up with `getattr` and skips the check for recorders without it.
+        Resuming compares it with the checkpoint, so that no round is anchored twice or forked.
+        """
 
 
 class RunApprovalCheck(Protocol):

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtwin.chain import ChainSession, Decision, RunRegistration, build_round_anchor, open_readonly, open_session
+from medtwin.chain import (
+    ChainSession,
+    Decision,
+    RunRegistration,
+    build_round_anchor,
+    open_readonly,
+    open_session,
+    run_key,
+)
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import ChainConfig
 from medtwin.core.hashing import code_hash, config_hash
@@ -137,6 +145,18 @@ class ChainProvenance:
             "finalized": anchor_receipt.mined,
             "gas": sum(r.gas_used for r in (auth_receipt, dataset_receipt, anchor_receipt) if r is not None),
         }
+
+    def last_anchor(self, run_id: str) -> tuple[int, str] | None:
+        """(round, aggregate digest) of the run's highest round anchored on the data chain or queued in the outbox."""
+        anchors = {anchor.round_index: anchor.aggregate_hash for anchor in self.session.data.anchors(run_id)}
+        key = run_key(run_id)
+        for args in self.session.data.queued("anchor_round"):  # ABI order: run key, round, update root, aggregate, ...
+            if bytes(args[0]) == key:
+                anchors[int(args[1])] = bytes(args[3]).hex()
+        if not anchors:
+            return None
+        last_round = max(anchors)
+        return last_round, anchors[last_round].lower().removeprefix("0x")
 
     def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int) -> dict[str, Any]:
         self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)

@@ -1,8 +1,9 @@
-"""The coordinator's Flower ServerApp: run the round loop, write the run directory."""
+"""The coordinator's Flower ServerApp: run the round loop, write the run directory, resume a stopped run."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -16,8 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, config_to_yaml
-from medtwin.core.provenance import ProvenanceRecorder, RunDescription
 from medtwin.core.errors import ConfigError
+from medtwin.core.hashing import config_hash
+from medtwin.core.ids import ensure_id
+from medtwin.core.provenance import ProvenanceRecorder, RunDescription
 from medtwin.core.identity import load_manifest
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
@@ -25,6 +28,7 @@ from medtwin.core.runconfig import config_from_run_config
 from medtwin.core.tasks import get_task
 
 from .aggregation import Aggregator, CkksAggregator, PlainAggregator
+from .checkpoint import CheckpointError, RoundCheckpoint, load_latest_checkpoint
 from .loop import LoopResult, RoundLoop
 from .progress import RoundProgress
 
@@ -83,19 +87,34 @@ def run_federation(
     config: MedtwinConfig,
     setup: CoordinatorSetup | None = None,
     provenance: ProvenanceRecorder | None = None,
+    *,
+    resume: bool = False,
 ) -> Path:
-    """Run a whole federated training and return its run directory."""
+    """Run a whole federated training and return its run directory.
+
+    With `resume=True`, continue the run `config.run_id` after its latest checkpoint instead: its run
+    directory must exist with the same config, the checkpoint must agree with the chain's last anchor,
+    and metrics.jsonl is continued (rounds already recorded are not written again).
+    """
     started = time.monotonic()
     setup = setup or CoordinatorSetup()
     manifest = load_manifest(manifest_path_of(setup))  # before anything is written: no manifest, no run
     aggregator = make_aggregator(config, setup)
-    run_id = make_run_id(config)
-    run_dir = RunDirectory(config.runs_dir, run_id)
     config_yaml = config_to_yaml(config)
-    run_dir.write_config(config_yaml)
+    checkpoint: RoundCheckpoint | None = None
+    if resume:
+        run_id = resume_run_id(config)
+        checkpoint = checkpoint_to_resume(Path(config.runs_dir) / run_id, config_yaml, provenance)
+        run_dir = RunDirectory(config.runs_dir, run_id)
+        recorded = keep_metrics_up_to(run_dir, checkpoint)
+    else:
+        run_id = make_run_id(config)
+        run_dir = RunDirectory(config.runs_dir, run_id)
+        run_dir.write_config(config_yaml)
+        recorded = set()
     task = get_task(config.task)
     if provenance is not None:
-        provenance.start_run(
+        provenance.start_run(  # a resumed run is registered already: recorders skip a known run
             RunDescription(
                 run_id=run_id,
                 task=config.task.name,
@@ -105,14 +124,20 @@ def run_federation(
             )
         )
     logger.info(
-        "run %s: task %s, strategy %s, aggregation %s, writing to %s",
+        "run %s: task %s, strategy %s, aggregation %s, writing to %s%s",
         run_id, config.task.name, config.strategy.name, aggregator.scheme, run_dir.path,
+        f", resuming after round {checkpoint.server_round}" if checkpoint is not None else "",
     )
     with RoundProgress(
         total_rounds=config.federation.num_rounds, enabled=config.progress, primary_metric=task.primary_metric
     ) as progress:
 
         def on_record(record: dict) -> None:
+            key = (record.get("round"), record.get("phase"))
+            if key in recorded:  # never twice in metrics.jsonl
+                logger.warning("round %s %s is already in %s; not recorded again", *key, run_dir.metrics_path)
+                return
+            recorded.add(key)
             run_dir.append_metrics(record)
             progress.record(record)
 
@@ -125,9 +150,13 @@ def run_federation(
             artifacts=ArtifactStore(run_dir.artifacts),
             on_record=on_record,
             provenance=provenance,
+            checkpoints=run_dir.checkpoints,
+            config_sha256=config_hash(config_yaml),
+            resume_from=checkpoint,
         )
         result = loop.run()
     summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)
+    summary["resumed_after_round"] = checkpoint.server_round if checkpoint is not None else None
     if provenance is not None and result.aggregate_digests:
         summary["chain"] = provenance.finish_run(
             run_id=run_id, final_aggregate_digest=result.aggregate_digests[-1], rounds_completed=result.rounds_completed
@@ -136,6 +165,115 @@ def run_federation(
     atomic_write_text(run_dir.path / "report.md", render_report(summary, run_dir.read_metrics(), run_dir.path))
     logger.info("run %s finished: %s", run_id, run_dir.path / "report.md")
     return run_dir.path
+
+
+def resume_run_id(config: MedtwinConfig) -> str:
+    if not config.run_id:
+        raise ConfigError(
+            "run_id",
+            "resuming needs the id of the run to continue, got none",
+            f"pass run_id=<the run's folder name under {config.runs_dir}>",
+        )
+    return ensure_id(config.run_id, key="run_id")
+
+
+def checkpoint_to_resume(run_path: Path, config_yaml: str, provenance: ProvenanceRecorder | None) -> RoundCheckpoint:
+    """The latest checkpoint of the run at `run_path`, once it is safe to continue from; else `CheckpointError`."""
+    stored_config = run_path / "config.yaml"
+    if not stored_config.is_file():
+        raise CheckpointError(
+            f"cannot resume run {run_path.name}: {stored_config} does not exist — check runs_dir and run_id, "
+            "or start the run anew without resume"
+        )
+    if (run_path / "summary.json").is_file():
+        raise CheckpointError(f"run {run_path.name} already finished ({run_path / 'summary.json'} exists); nothing to resume")
+    expected = config_hash(stored_config.read_text(encoding="utf-8"))
+    if config_hash(config_yaml) != expected:
+        raise CheckpointError(
+            f"cannot resume run {run_path.name} with another config: {stored_config} hashes to {expected[:16]}..., "
+            f"the config given to resume to {config_hash(config_yaml)[:16]}... — resume with exactly the run's "
+            "config.yaml (sites approved that config, not this one)"
+        )
+    checkpoint = load_latest_checkpoint(run_path / "checkpoints")
+    if checkpoint is None:
+        raise CheckpointError(
+            f"cannot resume run {run_path.name}: {run_path / 'checkpoints'} holds no checkpoint (the run stopped before "
+            "its first round closed) — start a new run with another run_id"
+        )
+    if checkpoint.config_sha256 != expected or checkpoint.run_id != run_path.name:
+        raise CheckpointError(
+            f"checkpoint of round {checkpoint.server_round} in {run_path / 'checkpoints'} was written for run "
+            f"{checkpoint.run_id!r} under config {checkpoint.config_sha256[:16]}..., not run {run_path.name!r} under "
+            f"{expected[:16]}... — it was copied from another run; remove it"
+        )
+    anchor_problem = checkpoint_anchor_problem(checkpoint, provenance)
+    if anchor_problem:
+        raise CheckpointError(anchor_problem)
+    return checkpoint
+
+
+def checkpoint_anchor_problem(checkpoint: RoundCheckpoint, provenance: ProvenanceRecorder | None) -> str | None:
+    """None if the chain's last anchor of the run agrees with `checkpoint`, else why resuming would be wrong."""
+    last_anchor = getattr(provenance, "last_anchor", None)
+    if last_anchor is None:
+        return None
+    anchored = last_anchor(checkpoint.run_id)
+    if anchored is None:
+        if checkpoint.server_round:
+            logger.warning(
+                "run %s: no anchor found on the data chain, the checkpoint is at round %d (writes may wait in the outbox)",
+                checkpoint.run_id, checkpoint.server_round,
+            )
+        return None
+    anchored_round, anchored_digest = anchored
+    anchored_digest = anchored_digest.lower().removeprefix("0x")
+    if anchored_round < 1:
+        return f"run {checkpoint.run_id}: the provenance recorder reports anchored round {anchored_round}, not a round number"
+    where = f"run {checkpoint.run_id}: the data chain's last anchor is round {anchored_round}"
+    if anchored_round > checkpoint.server_round:
+        return (
+            f"{where}, the latest checkpoint is round {checkpoint.server_round}: the coordinator stopped after anchoring "
+            "a round it did not checkpoint, and sites will not train an anchored round again — the run cannot be resumed "
+            "safely; start a new run"
+        )
+    if checkpoint.aggregate_digests[anchored_round - 1] != anchored_digest:
+        return (
+            f"{where} with aggregate {anchored_digest[:16]}..., the checkpoint has "
+            f"{checkpoint.aggregate_digests[anchored_round - 1][:16]}... for that round — the checkpoint does not describe "
+            "the anchored run (restored from another copy?); restore the checkpoints folder of this run"
+        )
+    if anchored_round < checkpoint.server_round:
+        logger.warning(
+            "%s, the checkpoint round %d: later anchors may still wait in the outbox", where, checkpoint.server_round
+        )
+    return None
+
+
+def keep_metrics_up_to(run_dir: RunDirectory, checkpoint: RoundCheckpoint) -> set[tuple[int, str]]:
+    """Cut metrics.jsonl back to what `checkpoint` covers (a crash may leave a half-done round); returns its (round, phase)s."""
+    kept_lines, kept, dropped = [], set(), 0
+    lines = run_dir.metrics_path.read_text(encoding="utf-8").splitlines() if run_dir.metrics_path.exists() else []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            key = (int(record["round"]), str(record["phase"]))
+        except (ValueError, KeyError, TypeError):
+            dropped += 1  # a line torn by the crash
+            continue
+        covered = key[0] < checkpoint.server_round or (
+            key[0] == checkpoint.server_round and (key[1] == "train" or not checkpoint.evaluation_pending)
+        )
+        if covered and key not in kept:
+            kept_lines.append(line)
+            kept.add(key)
+        else:
+            dropped += 1
+    if dropped:
+        logger.warning("%s: %d line(s) after the checkpoint of round %d dropped", run_dir.metrics_path, dropped, checkpoint.server_round)
+        atomic_write_text(run_dir.metrics_path, "".join(f"{line}\n" for line in kept_lines))
+    return kept
 
 
 def build_summary(
@@ -207,8 +345,13 @@ def build_server_app(
     config: MedtwinConfig | None = None,
     setup: CoordinatorSetup | None = None,
     provenance: ProvenanceRecorder | None = None,
+    *,
+    resume: bool = False,
 ) -> ServerApp:
-    """A ServerApp bound to `config`, or (None) to the config carried in the run's run_config."""
+    """A ServerApp bound to `config`, or (None) to the config carried in the run's run_config.
+
+    `resume=True` continues the run `config.run_id` after its latest checkpoint (see `run_federation`).
+    """
     app = ServerApp()
 
     @app.main()
@@ -219,6 +362,7 @@ def build_server_app(
             config or config_from_run_config(run_config),
             setup or CoordinatorSetup.from_run_config(run_config),
             provenance,
+            resume=resume,
         )
 
     return app

@@ -1,5 +1,15 @@
 """The coordinator's round loop over Flower's Grid: train, sum, evaluate — with a deadline per phase.
 
+Each phase goes to the nodes `grid.get_node_ids()` lists when it starts and closes when every one of
+them replied or `federation.round_timeout_s` passed; it goes on with whoever replied if that is at
+least `federation.min_sites`, else the run stops with a `RoundFailedError` naming who replied,
+refused and missed. A node that missed a deadline or answered with a Flower error (a dead SuperNode
+comes back as a NODE_UNAVAILABLE error reply) is skipped for the rest of that round; it is sent to
+again from the next round on in which the SuperLink lists it (Flower drops dead nodes from the list).
+
+After every round (and after its training, when an evaluation follows) the loop writes a
+`RoundCheckpoint`; `RoundLoop(resume_from=checkpoint)` continues with the round after it.
+
 Nothing a site sends stops the loop: each reply is read inside a guard, and whatever is wrong with
 it — a bad signature, a malformed record, an exception while reading it — becomes a `Rejection`
 with a short code that goes on the auth chain. What the loop records about a site (its id, ε, δ,
@@ -13,6 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -33,15 +44,18 @@ from medtwin.core.protocol import (
     metrics_sha256,
     payload_sha256,
     record_bytes,
+    record_from_bytes,
 )
 from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
+from .checkpoint import CheckpointError, RoundCheckpoint, save_checkpoint
 from .verifier import ReplyRejected, ReplyVerifier, VerifiedClaim, safe_code, safe_text
 
 logger = logging.getLogger("medtwin.coordinator")
 
 RoundCallback = Callable[[dict], None]
+NODE_POLL_S = 0.5  # how often the node list is re-read while waiting for nodes
 NON_NEGATIVE_METRICS = ("n", "num_parameters", "he_error_bound")
 
 
@@ -63,13 +77,14 @@ class LoopResult:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest signed (epsilon, delta)
 
 
-def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float) -> list[int]:
+def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """The nodes the SuperLink lists (but `exclude`), as soon as there are `expected`, else after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= expected or time.monotonic() > deadline:
+        node_ids = sorted(set(grid.get_node_ids()) - exclude)
+        if len(node_ids) >= expected or time.monotonic() >= deadline:
             return node_ids
-        time.sleep(0.5)
+        time.sleep(min(NODE_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
 def site_error_reason(reason: str) -> str:
@@ -120,7 +135,10 @@ def evaluation_metrics(metrics: dict[str, object], *, site_id: str) -> dict[str,
 
 
 class RoundLoop:
-    """Runs `num_rounds` rounds; each phase waits at most `round_timeout_s` and closes with whoever replied."""
+    """Runs rounds up to `federation.num_rounds`; each phase waits at most `round_timeout_s` and closes with
+    whoever replied. With `checkpoints` (a folder) it writes a `RoundCheckpoint` after every round; with
+    `resume_from` it continues with the round after that checkpoint, its aggregate and its certificate.
+    """
 
     def __init__(
         self,
@@ -133,6 +151,9 @@ class RoundLoop:
         artifacts: ArtifactStore,
         on_record: RoundCallback,
         provenance: ProvenanceRecorder | None = None,
+        checkpoints: Path | None = None,
+        config_sha256: str = "",
+        resume_from: RoundCheckpoint | None = None,
     ) -> None:
         self.grid = grid
         self.config = config
@@ -142,21 +163,152 @@ class RoundLoop:
         self.artifacts = artifacts
         self.provenance = provenance
         self.on_record = on_record
+        self.checkpoints = checkpoints
+        self.config_sha256 = config_sha256
         self.result = LoopResult()
+        self.unresponsive: dict[int, int] = {}  # node id -> last round in which it missed a deadline or errored
+        self._sent_to: dict[str, int] = {}  # message id of an instruction -> its destination node
+        self.resumed_from = resume_from
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def _restore(self, checkpoint: RoundCheckpoint) -> None:
+        if checkpoint.run_id != self.run_id:
+            raise CheckpointError(
+                f"the checkpoint of round {checkpoint.server_round} belongs to run {checkpoint.run_id!r}, not {self.run_id!r} — "
+                "resume with the checkpoint folder of this run"
+            )
+        if self.config_sha256 and checkpoint.config_sha256 != self.config_sha256:
+            raise CheckpointError(
+                f"the checkpoint of run {self.run_id} round {checkpoint.server_round} was written under config "
+                f"{checkpoint.config_sha256[:16]}..., this coordinator runs config {self.config_sha256[:16]}... — "
+                "resume with the run's own config.yaml, unchanged"
+            )
+        result = self.result
+        result.aggregate = record_from_bytes(self.artifacts.get(checkpoint.aggregate_sha256))
+        result.certificate = checkpoint.certificate
+        result.rounds_completed = checkpoint.rounds_completed
+        result.sites = dict(checkpoint.sites)
+        result.final_site_metrics = {site: dict(metrics) for site, metrics in checkpoint.final_site_metrics.items()}
+        result.final_pooled_metrics = dict(checkpoint.final_pooled_metrics)
+        result.rejections = [Rejection(**rejection) for rejection in checkpoint.rejections]
+        result.update_bytes = checkpoint.update_bytes
+        result.accepted_updates = checkpoint.accepted_updates
+        result.round_times_s = list(checkpoint.round_times_s)
+        result.aggregate_digests = list(checkpoint.aggregate_digests)
+        result.num_parameters = checkpoint.num_parameters
+        result.he_error_bounds = list(checkpoint.he_error_bounds)
+        result.privacy = {site: dict(spent) for site, spent in checkpoint.privacy.items()}
+        self.verifier.site_of_node.update(checkpoint.sites)
+        self.verifier.payloads.update(checkpoint.accepted_payloads)  # a replayed earlier update stays refused
+
+    def checkpoint(self, server_round: int, *, phase: str, evaluation_pending: bool = False, open_round_time_s: float = 0.0) -> RoundCheckpoint:
+        """The loop's state after `phase` of `server_round` (nothing is written)."""
+        result = self.result
+        assert result.certificate is not None, "a checkpoint follows a closed training phase"
+        return RoundCheckpoint(
+            run_id=self.run_id,
+            config_sha256=self.config_sha256,
+            server_round=server_round,
+            phase=phase,
+            aggregate_sha256=result.aggregate_digests[-1],
+            certificate=result.certificate,
+            evaluation_pending=evaluation_pending,
+            rounds_completed=result.rounds_completed,
+            rejections=tuple(
+                {"site_id": r.site_id, "node_id": r.node_id, "reason": r.reason, "server_round": r.server_round, "code": r.code}
+                for r in result.rejections
+            ),
+            update_bytes=result.update_bytes,
+            accepted_updates=result.accepted_updates,
+            round_times_s=tuple(result.round_times_s),
+            open_round_time_s=open_round_time_s,
+            aggregate_digests=tuple(result.aggregate_digests),
+            he_error_bounds=tuple(result.he_error_bounds),
+            num_parameters=result.num_parameters,
+            privacy={site: dict(spent) for site, spent in result.privacy.items()},
+            final_site_metrics={site: dict(metrics) for site, metrics in result.final_site_metrics.items()},
+            final_pooled_metrics=dict(result.final_pooled_metrics),
+            sites=dict(result.sites),
+            accepted_payloads=dict(self.verifier.payloads),
+        )
+
+    def save_checkpoint(self, server_round: int, *, phase: str, evaluation_pending: bool = False, open_round_time_s: float = 0.0) -> None:
+        """Write the state after `phase` of `server_round` into the checkpoint folder (if the loop has one)."""
+        if self.checkpoints is not None:
+            state = self.checkpoint(server_round, phase=phase, evaluation_pending=evaluation_pending, open_round_time_s=open_round_time_s)
+            save_checkpoint(self.checkpoints, state)
+
+    # --- rounds ---------------------------------------------------------------------------------------
 
     def run(self) -> LoopResult:
         federation = self.config.federation
-        node_ids = wait_for_nodes(self.grid, expected=self.config.task.num_sites, timeout_s=federation.round_timeout_s)
-        logger.info("federation of %d site(s) connected; %d round(s) ahead", len(node_ids), federation.num_rounds)
-        for server_round in range(1, federation.num_rounds + 1):
+        first_round = 1
+        resumed = self.resumed_from
+        if resumed is not None:
+            first_round = resumed.next_round
+            logger.info("run %s resumes after round %d (%s phase)", self.run_id, resumed.server_round, resumed.phase)
+        node_ids = self.wait_for_federation()
+        logger.info("%d node(s) connected; rounds %d..%d ahead", len(node_ids), first_round, federation.num_rounds)
+        if resumed is not None and resumed.evaluation_pending:
+            started = time.monotonic() - resumed.open_round_time_s
+            self.evaluate_round(resumed.server_round, self.phase_nodes(resumed.server_round, phase="evaluate"))
+            self._close_round(resumed.server_round, started=started, evaluated=True)
+        for server_round in range(first_round, federation.num_rounds + 1):
             started = time.monotonic()
-            self.train_round(server_round, node_ids)
-            last = server_round == federation.num_rounds
-            if last or server_round % federation.evaluate_every == 0:
-                self.evaluate_round(server_round, node_ids)
-            self.result.rounds_completed = server_round
-            self.result.round_times_s.append(time.monotonic() - started)
+            self.train_round(server_round, self.phase_nodes(server_round, phase="train"))
+            evaluate = server_round == federation.num_rounds or server_round % federation.evaluate_every == 0
+            if evaluate:
+                self.save_checkpoint(
+                    server_round, phase="train", evaluation_pending=True, open_round_time_s=time.monotonic() - started
+                )
+                self.evaluate_round(server_round, self.phase_nodes(server_round, phase="evaluate"))
+            self._close_round(server_round, started=started, evaluated=evaluate)
         return self.result
+
+    def _close_round(self, server_round: int, *, started: float, evaluated: bool) -> None:
+        self.result.rounds_completed = server_round
+        self.result.round_times_s.append(time.monotonic() - started)
+        self.save_checkpoint(server_round, phase="evaluate" if evaluated else "train")
+
+    def wait_for_federation(self) -> list[int]:
+        """Wait for `task.num_sites` nodes, or `round_timeout_s` and at least `min_sites`; else `RoundFailedError`."""
+        federation, expected = self.config.federation, self.config.task.num_sites
+        node_ids = wait_for_nodes(self.grid, expected=expected, timeout_s=federation.round_timeout_s)
+        if len(node_ids) >= expected:
+            return node_ids
+        known_absent = sorted({site for node, site in self.result.sites.items() if node not in node_ids})
+        absent = f"; sites not connected: {', '.join(known_absent)}" if known_absent else ""
+        if len(node_ids) < federation.min_sites:
+            raise RoundFailedError(
+                f"run {self.run_id}: after {federation.round_timeout_s:g} s only {len(node_ids)} node(s) are connected "
+                f"({self._labels(node_ids) or 'none'}), federation.min_sites is {federation.min_sites}{absent} — start the "
+                "missing sites' SuperNodes (or lower federation.min_sites) and resume the run"
+            )
+        logger.warning(
+            "starting with %d of %d site(s) after %.0f s: %d missing%s",
+            len(node_ids), expected, federation.round_timeout_s, expected - len(node_ids), absent,
+        )
+        return node_ids
+
+    def phase_nodes(self, server_round: int, *, phase: str) -> list[int]:
+        """The nodes a phase goes to: those listed now, but not those that missed or failed earlier in this round.
+
+        A node that missed an earlier round and is listed again rejoins. A training phase with fewer than
+        `min_sites` nodes waits up to `round_timeout_s` for more (and then goes on, to fail with who is missing).
+        """
+        this_round = frozenset(node for node, missed_in in self.unresponsive.items() if missed_in == server_round)
+        needed = self.config.federation.min_sites if phase == "train" else 0
+        node_ids = sorted(set(self.grid.get_node_ids()) - this_round)
+        if len(node_ids) < needed:
+            node_ids = wait_for_nodes(self.grid, expected=needed, timeout_s=self.config.federation.round_timeout_s, exclude=this_round)
+        for node_id in node_ids:
+            if node_id in self.unresponsive:
+                logger.info("round %d: %s is listed again and rejoins", server_round, self._label(node_id))
+                del self.unresponsive[node_id]
+        return node_ids
 
     def _send(self, node_ids: list[int], *, phase: str, server_round: int) -> list[Message]:
         messages = []
@@ -168,14 +320,45 @@ class RoundLoop:
                 content[AGGREGATE] = self.result.aggregate
                 content[CERTIFICATE] = self.result.certificate.to_record()
             messages.append(Message(content=content, message_type=phase, dst_node_id=node_id))
-        return list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
+        if not messages:
+            return []
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
+        # the Grid names each instruction while pushing it; error replies the SuperLink writes for a dead node
+        # come from the SuperLink itself, and only the instruction they answer tells which node they are about
+        self._sent_to = {message.metadata.message_id: message.metadata.dst_node_id for message in messages if message.metadata.message_id}
+        return replies
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about: its sender, or for an error reply, the node its instruction went to."""
+        if reply.has_error():
+            node_id = self._sent_to.get(reply.metadata.reply_to_message_id)
+            if node_id is not None:
+                return node_id
+        return reply.metadata.src_node_id
+
+    def close_phase(self, server_round: int, phase: str, node_ids: list[int], replies: list[Message]) -> list[int]:
+        """Nodes that missed the deadline (sorted); they and nodes that answered with an error sit out the round."""
+        answered = {self.node_of(reply) for reply in replies}
+        failed = {self.node_of(reply) for reply in replies if reply.has_error()}
+        missed = sorted(set(node_ids) - answered)
+        for node_id in (*missed, *failed):
+            self.unresponsive[node_id] = server_round
+        if missed:
+            logger.warning(
+                "round %d: %s missed the %g s %s deadline",
+                server_round, self._labels(missed), self.config.federation.round_timeout_s, phase,
+            )
+        return missed
 
     def _label(self, node_id: int, site_id: str = "") -> str:
         """Who a rejection is about: the verified site, else the site the node proved earlier, else the node."""
-        return site_id or self.verifier.site_of(node_id) or f"node-{node_id}"
+        return site_id or self.verifier.site_of(node_id) or self.result.sites.get(node_id) or f"node-{node_id}"
+
+    def _labels(self, node_ids: list[int]) -> str:
+        return ", ".join(self._label(node_id) for node_id in node_ids)
 
     def _rejection(self, reply: Message, server_round: int, error: Exception) -> Rejection:
-        node_id = reply.metadata.src_node_id
+        node_id = self.node_of(reply)
         if isinstance(error, ReplyRejected):
             return Rejection(self._label(node_id, error.site_id), node_id, error.reason, server_round, error.code)
         reason = safe_text(f"{type(error).__name__}: {error}", limit=300)
@@ -192,7 +375,7 @@ class RoundLoop:
         """A train reply, verified and checked: its claim, then its update or its signed refusal, then its
         (unsigned) metrics. Raises `ReplyRejected` (or anything else) for a reply that must not count; stores nothing.
         """
-        node_id = reply.metadata.src_node_id
+        node_id = self.node_of(reply)
         site_record = self._site_record(reply)
         record = reply.content[UPDATE] if UPDATE in reply.content else None
         if record is not None and not isinstance(record, ArrayRecord):
@@ -253,20 +436,14 @@ class RoundLoop:
                 self.result.privacy[update.site_id] = {"epsilon": claim.epsilon, "delta": claim.delta}
                 metrics |= self.result.privacy[update.site_id]
             site_metrics[update.site_id] = metrics
-        missing = max(0, len(node_ids) - len(replies))
+        missed = self.close_phase(server_round, "train", node_ids, replies)
         for rejection in rejected:
             logger.warning(
                 "round %d: update from %s not used (%s): %s", server_round, rejection.site_id, rejection.code, rejection.reason
             )
-        if missing:
-            logger.warning("round %d: %d site(s) missed the %.0f s deadline", server_round, missing, self.config.federation.round_timeout_s)
         self.result.rejections.extend(rejected)
         if len(accepted) < self.config.federation.min_sites:
-            raise RoundFailedError(
-                f"round {server_round}: {len(accepted)} usable update(s), federation.min_sites is "
-                f"{self.config.federation.min_sites}; rejected: "
-                + "; ".join(f"{r.site_id}: {r.reason} ({r.code})" for r in rejected)
-            )
+            raise RoundFailedError(self._failure(server_round, accepted, rejected, missed, sent=node_ids))
         accepted.sort(key=lambda update: update.site_id)
         update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
         self.result.aggregate = self.aggregator.aggregate(accepted)
@@ -284,13 +461,27 @@ class RoundLoop:
                 "phase": "train",
                 "participants": [update.site_id for update in accepted],
                 "rejected": {rejection.site_id: f"{rejection.code}: {rejection.reason}" for rejection in rejected},
-                "missed_deadline": missing,
+                "missed": [self._label(node_id) for node_id in missed],
                 "update_sha256": update_digests,
                 "aggregate_sha256": aggregate_digest,
                 "chain": chain,
                 "sites": dict(sorted(site_metrics.items())),
                 "time_s": time.monotonic() - started,
             }
+        )
+
+    def _failure(
+        self, server_round: int, accepted: list[SiteUpdate], rejected: list[Rejection], missed: list[int], *, sent: list[int]
+    ) -> str:
+        federation = self.config.federation
+        return (
+            f"run {self.run_id} round {server_round}: {len(accepted)} usable update(s) from {len(sent)} node(s) asked, "
+            f"federation.min_sites is {federation.min_sites} — "
+            f"replied: {', '.join(update.site_id for update in accepted) or 'none'}; "
+            f"refused: {'; '.join(f'{r.site_id} ({r.code}: {r.reason})' for r in rejected) or 'none'}; "
+            f"missed the {federation.round_timeout_s:g} s deadline: {self._labels(missed) or 'none'}. "
+            "Bring the missing sites back (their SuperNodes must be listed by the SuperLink) and resume the run "
+            "from its last checkpoint, or lower federation.min_sites"
         )
 
     def admission_problem(self, site_id: str) -> tuple[str, str] | None:
@@ -330,7 +521,7 @@ class RoundLoop:
         """An evaluation reply about `aggregate_sha256`, verified: its claim, then its metrics or its signed
         refusal. Raises `ReplyRejected` (or anything else) for a reply that must not count; stores nothing.
         """
-        node_id = reply.metadata.src_node_id
+        node_id = self.node_of(reply)
         site_record = self._site_record(reply)
         metrics = dict(reply.content[METRICS].items()) if METRICS in reply.content else None
         verified = self.verifier.verify(
@@ -354,6 +545,7 @@ class RoundLoop:
     def evaluate_round(self, server_round: int, node_ids: list[int]) -> None:
         started = time.monotonic()
         replies = self._send(node_ids, phase="evaluate", server_round=server_round)
+        missed = self.close_phase(server_round, "evaluate", node_ids, replies)
         aggregate_sha256 = self.result.aggregate_digests[-1] if self.result.aggregate_digests else ""
         site_metrics: dict[str, dict[str, float]] = {}
         error_bounds: list[float] = []
@@ -391,6 +583,7 @@ class RoundLoop:
                 "pooled": pooled,
                 "rejected": {rejection.site_id: f"{rejection.code}: {rejection.reason}" for rejection in rejected},
                 "he_error_bound": max(error_bounds, default=None),
+                "missed": [self._label(node_id) for node_id in missed],
                 "time_s": time.monotonic() - started,
             }
         )

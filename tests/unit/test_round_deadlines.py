@@ -1,0 +1,194 @@
+"""Round deadlines over a Grid whose nodes go silent, die and come back.
+
+`FlakyGrid` behaves like Flower's Grid where it matters here: it names every instruction it pushes
+(the message id a reply points back to), `send_and_receive` returns when every node answered or
+`timeout` passed, a dead SuperNode comes back as a NODE_UNAVAILABLE error reply written by the
+SuperLink (source node = the SuperLink's), and `get_node_ids` lists only nodes currently connected.
+Sites are honest and sign with real Ed25519 keys (helpers of test_hostile_site).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from flwr.app import Error, Message
+from flwr.supercore.task_identity import TaskIdentity
+from test_hostile_site import MANIFEST, RUN_ID, _order, honest
+
+from medtwin.core.artifacts import ArtifactStore
+from medtwin.core.errors import RoundFailedError
+from medtwin.server.aggregation import PlainAggregator
+from medtwin.server.loop import RoundLoop
+
+SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the source of errors the SuperLink writes
+NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
+NODES = {11: "alpha", 12: "beta", 13: "gamma"}
+TIMEOUT_S = 0.3
+
+Answer = Callable[[int, str, int], str]  # (node, phase, round) -> "reply" | "silent" | "dead"
+Listed = Callable[[int, int], bool]  # (node, last train round sent) -> is the node listed?
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"_task_id": 1, "_run_id": 1, "_node_id": 0}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class FlakyGrid:
+    def __init__(self, *, nodes: dict[int, str], answer: Answer, listed: Listed) -> None:
+        self.nodes, self.answer, self.listed = nodes, answer, listed
+        self.sent: list[Message] = []
+        self.last_train_round = 0
+        self.waits: list[tuple[str, int, float]] = []  # (phase, round, seconds send_and_receive took)
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in self.nodes if self.listed(node, self.last_train_round)]
+
+    def sent_to(self, phase: str, server_round: int) -> list[int]:
+        return sorted(
+            m.metadata.dst_node_id for m in self.sent if m.metadata.message_type == phase and _order(m)[1] == server_round
+        )
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float) -> list[Message]:
+        started = time.monotonic()
+        replies, silent = [], False
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what the real Grids do when pushing
+            self.sent.append(message)
+            node, phase = message.metadata.dst_node_id, message.metadata.message_type
+            server_round = _order(message)[1]
+            if phase == "train":
+                self.last_train_round = server_round
+            behaviour = self.answer(node, phase, server_round)
+            if behaviour == "reply":
+                replies += honest(message, self.nodes[node])
+            elif behaviour == "dead":
+                error = Message(Error(code=NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=message)
+                error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                replies.append(error)
+            else:
+                silent = True
+        if silent:
+            time.sleep(timeout)  # a node that never answers: the phase lasts until the deadline
+        self.waits.append((messages[0].metadata.message_type, _order(messages[0])[1], time.monotonic() - started))
+        return replies
+
+
+def _loop(default_config, tmp_path: Path, grid: FlakyGrid, *, rounds: int, min_sites: int, num_sites: int = 3):
+    config = replace(
+        default_config,
+        task=replace(default_config.task, num_sites=num_sites),
+        federation=replace(
+            default_config.federation, num_rounds=rounds, min_sites=min_sites, evaluate_every=1, round_timeout_s=TIMEOUT_S
+        ),
+    )
+    records: list[dict] = []
+    loop = RoundLoop(
+        grid=grid,  # type: ignore[arg-type]
+        config=config,
+        run_id=RUN_ID,
+        aggregator=PlainAggregator(),
+        manifest=MANIFEST,
+        artifacts=ArtifactStore(tmp_path / "artifacts"),
+        on_record=records.append,
+    )
+    return loop, records
+
+
+def _record(records: list[dict], phase: str, server_round: int) -> dict:
+    return next(r for r in records if r["phase"] == phase and r["round"] == server_round)
+
+
+def test_a_silent_node_is_dropped_at_the_deadline_named_by_its_site_and_rejoins_when_listed_again(default_config, tmp_path: Path) -> None:
+    nodes = NODES | {14: "alpha"}  # node 14 never answers and never proves who it is
+
+    def answer(node: int, phase: str, server_round: int) -> str:
+        if node == 14 or (node == 13 and server_round == 2):
+            return "silent"
+        return "reply"
+
+    def listed(node: int, last_train_round: int) -> bool:
+        if node == 14:
+            return last_train_round < 1  # gone after it missed round 1
+        if node == 13:
+            return not 2 <= last_train_round < 3  # gone after missing round 2, back for round 4
+        return True
+
+    grid = FlakyGrid(nodes=nodes, answer=answer, listed=listed)
+    loop, records = _loop(default_config, tmp_path, grid, rounds=4, min_sites=2, num_sites=4)
+    result = loop.run()
+
+    assert result.rounds_completed == 4
+    assert _record(records, "train", 1)["missed"] == ["node-14"]  # no site proof yet: named by its node
+    assert _record(records, "train", 1)["participants"] == ["alpha", "beta", "gamma"]
+    assert 14 not in grid.sent_to("evaluate", 1) + grid.sent_to("train", 2)  # never waited for again
+    train_2 = _record(records, "train", 2)
+    assert train_2["missed"] == ["gamma"]  # it proved to be gamma in round 1
+    assert train_2["participants"] == ["alpha", "beta"]
+    phase_times = {(phase, server_round): seconds for phase, server_round, seconds in grid.waits}
+    assert TIMEOUT_S <= phase_times[("train", 2)] < TIMEOUT_S + 2  # closed at the deadline, not before, not never
+    assert phase_times[("train", 3)] < TIMEOUT_S  # nobody silent was asked: no wait
+    assert 13 not in grid.sent_to("evaluate", 2) and 13 not in grid.sent_to("train", 3)
+    assert _record(records, "train", 3)["missed"] == []
+    assert grid.sent_to("train", 4) == [11, 12, 13]  # listed again: it rejoins
+    assert _record(records, "train", 4)["participants"] == ["alpha", "beta", "gamma"]
+    assert set(_record(records, "evaluate", 4)["sites"]) == {"alpha", "beta", "gamma"}
+    assert result.rejections == []
+
+
+def test_a_dead_node_reported_by_the_superlink_is_named_by_its_site_and_sits_out_the_round(default_config, tmp_path: Path) -> None:
+    def answer(node: int, phase: str, server_round: int) -> str:
+        return "dead" if (node == 13 and server_round == 2) else "reply"
+
+    grid = FlakyGrid(nodes=dict(NODES), answer=answer, listed=lambda node, last: True)  # still listed (heartbeat lag)
+    loop, records = _loop(default_config, tmp_path, grid, rounds=3, min_sites=2)
+    loop.run()
+
+    train_2 = _record(records, "train", 2)
+    assert train_2["participants"] == ["alpha", "beta"]
+    assert train_2["rejected"]["gamma"].startswith("site_error: ")  # the error came from the SuperLink, about node 13
+    assert [(r.site_id, r.node_id, r.code) for r in loop.result.rejections] == [("gamma", 13, "site_error")]
+    assert max(seconds for _, _, seconds in grid.waits) < TIMEOUT_S  # an error reply closes its wait
+    assert grid.sent_to("evaluate", 2) == [11, 12]  # not asked again in the round it failed
+    assert grid.sent_to("train", 3) == [11, 12, 13]  # listed at the next round: asked again
+    assert _record(records, "train", 3)["participants"] == ["alpha", "beta", "gamma"]
+
+
+def test_below_min_sites_the_run_stops_naming_who_replied_refused_and_missed(default_config, tmp_path: Path) -> None:
+    def answer(node: int, phase: str, server_round: int) -> str:
+        if server_round == 2 and node == 13:
+            return "silent"
+        if server_round == 2 and node == 12:
+            return "dead"
+        return "reply"
+
+    grid = FlakyGrid(nodes=dict(NODES), answer=answer, listed=lambda node, last: True)
+    loop, records = _loop(default_config, tmp_path, grid, rounds=3, min_sites=2)
+    with pytest.raises(RoundFailedError) as failure:
+        loop.run()
+    message = str(failure.value)
+    assert "round 2" in message and "min_sites is 2" in message
+    assert "replied: alpha;" in message
+    assert "refused: beta (site_error" in message
+    assert "deadline: gamma" in message
+    assert [r["round"] for r in records if r["phase"] == "train"] == [1]
+
+
+def test_the_run_starts_without_a_missing_node_after_the_deadline_if_min_sites_are_there(default_config, tmp_path: Path) -> None:
+    grid = FlakyGrid(nodes=dict(NODES), answer=lambda node, phase, r: "reply", listed=lambda node, last: node != 13)
+    loop, records = _loop(default_config, tmp_path, grid, rounds=1, min_sites=2)
+    started = time.monotonic()
+    result = loop.run()
+    assert time.monotonic() - started >= TIMEOUT_S  # waited for the third node, then went on
+    assert result.rounds_completed == 1 and _record(records, "train", 1)["participants"] == ["alpha", "beta"]
+
+    grid = FlakyGrid(nodes=dict(NODES), answer=lambda node, phase, r: "reply", listed=lambda node, last: node == 11)
+    loop, _ = _loop(default_config, tmp_path, grid, rounds=1, min_sites=2)
+    with pytest.raises(RoundFailedError, match=r"only 1 node\(s\) are connected \(node-11\), federation.min_sites is 2"):
+        loop.run()
+    assert grid.sent == []

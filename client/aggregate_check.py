@@ -1,23 +1,26 @@
-"""Before a site decrypts or evaluates an aggregate, it checks where the aggregate came from.
+"""A site never decrypts what the coordinator calls an aggregate: it sums the certified updates itself.
 
-The coordinator sends a `RoundCertificate` beside every aggregate: the round it closes, its hash,
-and the signed claims of the updates it sums. The site accepts it only if every claim verifies
-against the federation manifest (the site's own copy), enough distinct sites took part, the hash
-matches the aggregate received, and — once decoded — the aggregate's example count equals the sum
-of the claimed counts. A single site's ciphertext presented as an "aggregate" fails the last check
-(its count is that one site's), so no site ever evaluates or trains on another site's update alone.
+Beside every aggregate the coordinator sends a `RoundCertificate` (the round it closes, its hash,
+the signed claims of the updates it sums) and those updates themselves. The site accepts them only
+if every claim verifies against the federation manifest (the site's own copy), enough distinct
+sites took part, each update's digest is exactly the one its site signed, and the aggregate the
+coordinator sent hashes to the certified hash. It then adds the certified updates up itself (plain
+floats, or CKKS ciphertexts with its own context) and decodes only that sum, whose example count
+must equal the claimed total. So no coordinator can make a site decrypt, evaluate or train on one
+site's update, a scaled copy, any other combination, or a model of its own making.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import ArrayRecord
 
 from medtwin.core.identity import FederationManifest, IdentityError, verify_claim
 from medtwin.core.protocol import RoundCertificate, payload_sha256
 
-__all__ = ["VerifiedAggregate", "check_example_count", "verify_certificate"]
+__all__ = ["AggregateRefused", "VerifiedAggregate", "check_decoded_sum", "verify_certificate"]
 
 
 class AggregateRefused(Exception):
@@ -32,11 +35,13 @@ class VerifiedAggregate:
     aggregate_sha256: str
     participants: tuple[str, ...]
     claimed_examples: int
+    updates: tuple[ArrayRecord, ...] = ()  # the certified updates, each matching its signed digest
 
 
 def verify_certificate(
     certificate_record: object,
     aggregate: ArrayRecord,
+    certified: list[ArrayRecord],
     *,
     manifest: FederationManifest,
     run_id: str,
@@ -57,6 +62,14 @@ def verify_certificate(
         raise AggregateRefused("the aggregate's hash differs from the one its certificate names")
     participants: dict[str, int] = {}
     known = set(manifest.site_ids)
+    by_digest: dict[str, ArrayRecord] = {}
+    for record in certified:
+        by_digest.setdefault(payload_sha256(record), record)
+    if len(certified) != len(certificate.claims) or len(by_digest) != len(certified):
+        raise AggregateRefused(
+            f"the message carries {len(certified)} certified update(s) for {len(certificate.claims)} claim(s): "
+            "each signed update must come exactly once"
+        )
     for claim, signature in certificate.claims:
         if claim.kind != "update" or claim.status != "trained" or claim.run_id != run_id or claim.server_round != server_round:
             raise AggregateRefused(f"the certificate holds a claim of {claim.site_id!r} that is not a trained update of this round")
@@ -68,6 +81,8 @@ def verify_certificate(
             verify_claim(manifest.site(claim.site_id).signing_public_key, signature, claim)
         except IdentityError as error:
             raise AggregateRefused(f"a claim in the certificate does not verify: {error}") from None
+        if claim.payload_sha256 not in by_digest:
+            raise AggregateRefused(f"the update {claim.site_id!r} signed is not among the certified updates sent")
         participants[claim.site_id] = claim.num_examples
     if len(participants) < min_participants:
         raise AggregateRefused(
@@ -79,13 +94,17 @@ def verify_certificate(
         aggregate_sha256=digest,
         participants=tuple(sorted(participants)),
         claimed_examples=sum(participants.values()),
+        updates=tuple(by_digest[claim.payload_sha256] for claim, _ in certificate.claims),
     )
 
 
-def check_example_count(verified: VerifiedAggregate, total_examples: float, *, error_bound: float) -> None:
-    """The decoded example count must be the claimed sum (CKKS error allowed); else refuse the aggregate."""
+def check_decoded_sum(verified: VerifiedAggregate, average: np.ndarray, total_examples: float, *, error_bound: float) -> None:
+    """The site's own sum must count the claimed examples (a site that encrypted another count than it
+    signed makes every honest site refuse the round) and hold finite weights; else refuse it."""
     if abs(total_examples - verified.claimed_examples) > 0.5 + error_bound:
         raise AggregateRefused(
-            f"the decoded aggregate counts {total_examples:.1f} examples but its certified participants claim "
-            f"{verified.claimed_examples}: it is not the sum it claims to be"
+            f"the certified updates sum to {total_examples:.1f} examples but their sites claim "
+            f"{verified.claimed_examples}: a participant encrypted another count than it signed"
         )
+    if not np.all(np.isfinite(average)):
+        raise AggregateRefused("the sum of the certified updates holds non-finite weights")

@@ -23,6 +23,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from medtwin.core.errors import MedtwinError
 from medtwin.core.hashing import code_hash
 from medtwin.core.identity import ReplyClaim, SiteKit, load_site_kit, sign_claim
 from medtwin.core.ids import check_id
@@ -34,6 +35,7 @@ from medtwin.core.protocol import (
     METRICS,
     SITE,
     UPDATE,
+    certified_records,
     metrics_sha256,
     payload_sha256,
     site_reply_record,
@@ -41,7 +43,7 @@ from medtwin.core.protocol import (
 from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import CONFIG_YAML_KEY
 
-from .aggregate_check import AggregateRefused, VerifiedAggregate, check_example_count, verify_certificate
+from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
 from .privacy import PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
 from .release import release_metrics
@@ -84,21 +86,29 @@ def site_file_for(node_config: Mapping[str, object], site_files: Mapping[int, st
 
 
 def current_model(site: Site, message: Message, *, certificate_round: int) -> tuple[torch.nn.Module, VerifiedAggregate | None]:
-    """The shared model: initial in round 1, else the verified, decoded aggregate."""
+    """The shared model: initial in round 1, else the site's own sum of the verified, certified updates."""
     model = initial_model(site.task, seed=site.config.seed)
     aggregate = message.content.array_records.get(AGGREGATE) if AGGREGATE in message.content else None
     if aggregate is None:
+        if certificate_round >= 1:
+            raise AggregateRefused(f"this phase needs round {certificate_round}'s aggregate and its certified updates")
         return model, None
     verified = verify_certificate(
         message.content.config_records.get(CERTIFICATE),
         aggregate,
+        certified_records(message.content),
         manifest=site.kit.manifest,
         run_id=site.proposal.run_id,
         server_round=certificate_round,
         min_participants=max(site.file.evaluation.min_participants, site.config.federation.min_sites),
     )
-    average, total_examples = site.codec.average(aggregate)
-    check_example_count(verified, total_examples, error_bound=site.codec.count_error_bound())
+    try:
+        average, total_examples = site.codec.average(site.codec.sum(verified.updates))
+    except (MedtwinError, ValueError) as error:  # e.g. ciphertexts of another key set, a count <= 0
+        raise AggregateRefused(f"the certified updates do not sum to a usable model ({str(error)[:200]})") from None
+    check_decoded_sum(verified, average, total_examples, error_bound=site.codec.count_error_bound())
+    if average.size != model_to_vector(model).size:
+        raise AggregateRefused(f"the certified sum holds {average.size} weights, this task's model {model_to_vector(model).size}")
     vector_to_model(model, average)
     return model, verified
 

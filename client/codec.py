@@ -6,12 +6,13 @@ Codecs only encode and decode; the site signs what leaves it (client/app.py) for
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord
 
-from medtwin.core.he import HeContext, decrypt_average, encrypt_update
+from medtwin.core.he import HeContext, decrypt_average, encrypt_update, sum_encrypted
 from medtwin.core.he.params import average_error_bound, decryption_error_bound
 from medtwin.core.identity import load_site_he_context
 from medtwin.core.protocol import (
@@ -19,6 +20,7 @@ from medtwin.core.protocol import (
     chunks_to_record,
     pack_plain_update,
     record_to_chunks,
+    sum_plain_updates,
     unpack_plain,
 )
 from medtwin.core.rundir import atomic_write_bytes
@@ -35,6 +37,10 @@ class PlainSiteCodec:
 
     def count_error_bound(self) -> float:
         return 0.0
+
+    def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
+        """The site's own sum of certified updates (same payload format as the coordinator's)."""
+        return sum_plain_updates(list(updates))
 
     def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str) -> ArrayRecord:
         return pack_plain_update(weights, num_examples=num_examples)
@@ -66,6 +72,10 @@ class CkksSiteCodec:
         """Bound on the absolute error of any decrypted sum slot, the example count included."""
         parameters = self.context.parameters
         return decryption_error_bound(parameters, parameters.num_sites)
+
+    def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
+        """The site's own homomorphic sum of certified updates (chunks from another key set are refused)."""
+        return chunks_to_record(sum_encrypted(self.context, [record_to_chunks(update) for update in updates]))
 
     def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str) -> ArrayRecord:
         chunks = encrypt_update(self.context, weights, num_examples)

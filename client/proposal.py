@@ -1,7 +1,10 @@
 """A coordinator's run request is a proposal: plain data, read field by field, within the site file's bounds.
 
-The text is parsed with `yaml.safe_load` — no OmegaConf, no interpolation, no resolvers — and any
-`${…}` anywhere refuses the whole proposal before a single value is used. Only the fields below
+The text is parsed with a `yaml.SafeLoader` that also refuses anchors and aliases (`&a`/`*a`: a
+1.7 KB text could otherwise expand to gigabytes) and duplicate keys — no OmegaConf, no
+interpolation, no resolvers — and any `${…}` anywhere refuses the whole proposal before a single
+value is used. Every value is type- and range-checked; a refusal message describes an untrusted
+value by its type, or a bounded prefix, never by `str()` of something of unknown size. Only the fields below
 are read; everything else in the text (the coordinator's own paths, chain settings…) is ignored.
 A path the site would use (`task.csv.site_files`) is refused: the site's data comes from its file.
 
@@ -38,9 +41,12 @@ from medtwin.core.ids import check_id
 
 from .site_file import SiteFile
 
-__all__ = ["MAX_PROPOSAL_BYTES", "ProposalRefused", "RunProposal", "parse_proposal"]
+__all__ = ["MAX_HIDDEN_UNITS", "MAX_PROPOSAL_BYTES", "MAX_SEED", "ProposalRefused", "RunProposal", "parse_proposal"]
 
 MAX_PROPOSAL_BYTES = 256 * 1024
+MAX_SEED = 2**63 - 1  # seeds are 0 <= seed <= MAX_SEED (numpy/torch take 64-bit seeds)
+MAX_HIDDEN_UNITS = 4096
+_ECHO_CHARACTERS = 40
 
 
 class ProposalRefused(Exception):
@@ -71,9 +77,15 @@ def parse_proposal(text: object, site: SiteFile) -> RunProposal:
             "the proposal contains `${…}`: sites never resolve interpolations or resolvers from a coordinator",
         )
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_ProposalLoader)  # noqa: S506 - a SafeLoader subclass
+    except ProposalRefused:
+        raise
     except yaml.YAMLError as error:
         raise ProposalRefused("bad_proposal", f"the proposal is not valid YAML ({str(error)[:200]})") from None
+    except (ValueError, TypeError, RecursionError) as error:  # e.g. an int of more than 4300 digits, deep nesting
+        raise ProposalRefused(
+            "bad_proposal", f"the proposal cannot be read as plain YAML ({type(error).__name__}: {str(error)[:120]})"
+        ) from None
     if not isinstance(document, dict):
         raise ProposalRefused("bad_proposal", "the proposal is not a mapping")
     fields = _Fields(document)
@@ -99,18 +111,61 @@ def parse_proposal(text: object, site: SiteFile) -> RunProposal:
         raise ProposalRefused(
             "not_accepted", f"proposal crypto.name {crypto.name!r} is not in this site's accept.crypto {list(site.accept.crypto)}"
         )
-    if crypto.name == "ckks" and check_id(crypto.key_id):
-        raise ProposalRefused("bad_proposal", f"proposal crypto.key_id: {check_id(crypto.key_id)}")
+    key_id_problem = check_id(crypto.key_id) if crypto.key_id else ""
+    if key_id_problem:  # whatever the scheme: the key id is shown to the approver and becomes a folder name
+        raise ProposalRefused("bad_proposal", f"proposal crypto.key_id must be empty or an id: {key_id_problem}")
     config = MedtwinConfig(
         task=task,
         strategy=strategy,
         federation=federation,
         privacy=privacy,
         crypto=crypto,
-        seed=fields.get("seed", int, 42),
+        seed=fields.get("seed", int, 42, minimum=0, maximum=MAX_SEED),
         run_id=run_id,
     )
     return RunProposal(run_id=run_id, config_hash=config_hash(text), config=config)
+
+
+class _ProposalLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` without anchors, aliases or duplicate keys: what a site reads is what the text shows."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+            raise ProposalRefused(
+                "bad_proposal",
+                f"the proposal uses a YAML anchor or alias (`&name` / `*name`, line {line}): sites refuse them — "
+                "write every value out",
+            )
+        return super().compose_node(parent, index)
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        seen: set[tuple[str, str]] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in seen:
+                    raise ProposalRefused(
+                        "bad_proposal",
+                        f"the proposal repeats the key {_describe(key.value)} (line {key.start_mark.line + 1}): "
+                        "each key may appear once",
+                    )
+                seen.add((key.tag, key.value))
+        return node
+
+
+def _describe(value: object) -> str:
+    """A bounded description of an untrusted value for a message: never `str()` of something of unknown size."""
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if abs(value) < 10**18 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        if len(value) <= _ECHO_CHARACTERS:
+            return repr(value)
+        return f"{value[:_ECHO_CHARACTERS]!r}… (a str of {len(value)} characters)"
+    return f"a {type(value).__name__}"
 
 
 class _Fields:
@@ -127,7 +182,9 @@ class _Fields:
             node = node[part]
         return node
 
-    def get(self, dotted: str, kind: type, default: Any, *, minimum: float | None = None) -> Any:
+    def get(
+        self, dotted: str, kind: type, default: Any, *, minimum: float | None = None, maximum: float | None = None
+    ) -> Any:
         value = self.raw(dotted)
         if value is None:
             return default
@@ -139,11 +196,13 @@ class _Fields:
             except ValueError:
                 pass
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be {kind.__name__}, got {str(value)[:80]!r}")
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be {kind.__name__}, got {_describe(value)}")
         if kind is float and not math.isfinite(value):
-            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be finite, got {value!r}")
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be finite, got {_describe(value)}")
         if minimum is not None and value < minimum:
-            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be >= {minimum}, got {value!r}")
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be >= {minimum}, got {_describe(value)}")
+        if maximum is not None and value > maximum:
+            raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be <= {maximum}, got {_describe(value)}")
         if kind is str and (len(value) > 256 or not value.isascii()):
             raise ProposalRefused("bad_proposal", f"proposal `{dotted}` must be ASCII of at most 256 characters")
         return value
@@ -181,7 +240,7 @@ def _task(fields: _Fields, site: SiteFile):
             "schema_mismatch",
             "the proposal's CSV schema (features, target, task_type) differs from this site's site file",
         )
-    hidden_units = fields.get("task.csv.hidden_units", int, 16, minimum=0)
+    hidden_units = fields.get("task.csv.hidden_units", int, 16, minimum=0, maximum=MAX_HIDDEN_UNITS)
     return replace(site.task, csv=replace(schema, hidden_units=hidden_units))
 
 

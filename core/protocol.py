@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .identity.errors import SignatureError
 from .identity.signing import ReplyClaim
@@ -25,6 +25,7 @@ UPDATE = "medtwin.update"  # ArrayRecord: a site's payload
 SITE = "medtwin.site"  # ConfigRecord: site_id, status, reason
 METRICS = "medtwin.metrics"  # MetricRecord: training or evaluation metrics
 CERTIFICATE = "medtwin.certificate"  # ConfigRecord: the signed claims behind the AGGREGATE (see RoundCertificate)
+CERTIFIED_PREFIX = "medtwin.certified."  # ArrayRecords: the certified updates themselves, so each site sums them
 
 PLAIN_PAYLOAD = "payload"
 
@@ -179,3 +180,13 @@ class RoundCertificate:
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise SignatureError(f"malformed round certificate ({error!r:.200})") from None
         return cls(server_round=server_round, aggregate_sha256=aggregate, claims=claims)
+
+
+def certified_record_name(index: int) -> str:
+    return f"{CERTIFIED_PREFIX}{index:04d}"
+
+
+def certified_records(content: RecordDict) -> list[ArrayRecord]:
+    """The certified updates a message carries, in their order (what the certificate's claims sign)."""
+    names = sorted(name for name in content.array_records if name.startswith(CERTIFIED_PREFIX))
+    return [content.array_records[name] for name in names]

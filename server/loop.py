@@ -40,6 +40,7 @@ from medtwin.core.protocol import (
     SITE,
     UPDATE,
     RoundCertificate,
+    certified_record_name,
     instruction,
     metrics_sha256,
     payload_sha256,
@@ -168,6 +169,8 @@ class RoundLoop:
         self.result = LoopResult()
         self.unresponsive: dict[int, int] = {}  # node id -> last round in which it missed a deadline or errored
         self._sent_to: dict[str, int] = {}  # message id of an instruction -> its destination node
+        self._certified: list[ArrayRecord] = []  # the current certificate's updates (sent with the aggregate)
+        self._certified_round = -1
         self.resumed_from = resume_from
         if resume_from is not None:
             self._restore(resume_from)
@@ -319,6 +322,8 @@ class RoundLoop:
             if self.result.aggregate is not None and self.result.certificate is not None:
                 content[AGGREGATE] = self.result.aggregate
                 content[CERTIFICATE] = self.result.certificate.to_record()
+                for index, record in enumerate(self.certified_updates()):
+                    content[certified_record_name(index)] = record
             messages.append(Message(content=content, message_type=phase, dst_node_id=node_id))
         if not messages:
             return []
@@ -327,6 +332,18 @@ class RoundLoop:
         # come from the SuperLink itself, and only the instruction they answer tells which node they are about
         self._sent_to = {message.metadata.message_id: message.metadata.dst_node_id for message in messages if message.metadata.message_id}
         return replies
+
+    def certified_updates(self) -> list[ArrayRecord]:
+        """The updates behind the current aggregate, in certificate order: every site sums them itself, so a
+        coordinator cannot pass off one site's update (or any other combination) as the aggregate."""
+        certificate = self.result.certificate
+        assert certificate is not None
+        if self._certified_round != certificate.server_round:
+            self._certified = [
+                record_from_bytes(self.artifacts.get(claim.payload_sha256)) for claim, _ in certificate.claims
+            ]
+            self._certified_round = certificate.server_round
+        return self._certified
 
     def node_of(self, reply: Message) -> int:
         """The node a reply is about: its sender, or for an error reply, the node its instruction went to."""

@@ -3,7 +3,8 @@
 Per run it keeps every trained round — steps, noise multiplier, sample rate, delta, and the run's
 epsilon after that round — so the accountant history (and so epsilon) can be recomputed; beside
 the runs it keeps every DP-noised metric release. The site's total is basic composition: the
-runs' epsilons plus the releases' epsilons.
+runs' epsilons plus the releases' epsilons. A run's own total — what its per-run limit caps — is
+likewise its training epsilon plus the epsilons of its metric releases.
 
 Spending is check-and-record under ONE exclusive `flock`: `reserve_round` / `reserve_release`
 re-read the file, refuse a replayed round or an over-budget spend, and fsync the spend before the
@@ -156,6 +157,12 @@ def _release_epsilons(ledger: dict) -> list[float]:
     return [spend["epsilon"] for table in ledger["releases"].values() for spend in table.values()]
 
 
+def _run_release_epsilon(ledger: dict, run_id: str) -> tuple[float, int]:
+    """(epsilon, count) of the metric releases already made for run `run_id`."""
+    table = ledger["releases"].get(run_id, {})
+    return sum(spend["epsilon"] for spend in table.values()), len(table)
+
+
 def _total_epsilon(ledger: dict) -> float:
     return sum(run["epsilon"] for run in ledger["runs"].values()) + sum(_release_epsilons(ledger))
 
@@ -164,9 +171,9 @@ def _spend_count(ledger: dict) -> int:
     return sum(len(run["rounds"]) for run in ledger["runs"].values()) + len(_release_epsilons(ledger))
 
 
-def _check_cap(max_total_epsilon: float) -> None:
+def _check_cap(max_total_epsilon: float, *, name: str = "max_total_epsilon") -> None:
     if not (_is_number(max_total_epsilon) and math.isfinite(max_total_epsilon) and max_total_epsilon >= 0):
-        raise ValueError(f"max_total_epsilon must be a finite number >= 0, got {max_total_epsilon!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {max_total_epsilon!r}")
 
 
 class BudgetLedger:
@@ -195,6 +202,10 @@ class BudgetLedger:
         """Epsilon this run's training has spent so far at this site (0 before its first round)."""
         run = self.run(run_id)
         return 0.0 if run is None else run.epsilon
+
+    def released(self, run_id: str) -> float:
+        """Epsilon this run's DP metric releases have spent so far at this site (0 if none)."""
+        return _run_release_epsilon(self._load(), run_id)[0]
 
     def history(self, run_id: str) -> list[HistoryEntry]:
         run = self.run(run_id)
@@ -239,7 +250,11 @@ class BudgetLedger:
         max_total_epsilon: float,
         max_epsilon_name: str = "max_epsilon",
     ) -> str | None:
-        """Why a round bringing run `run_id` to `projected_epsilon` must not train, or None if it may."""
+        """Why a round bringing run `run_id` to `projected_epsilon` must not train, or None if it may.
+
+        `projected_epsilon` is the run's training epsilon; the per-run limit also counts the run's
+        metric releases so far (training + releases <= `max_epsilon`).
+        """
         return self._refusal(
             self._load(),
             run_id,
@@ -261,11 +276,14 @@ class BudgetLedger:
     ) -> str | None:
         run = ledger["runs"].get(run_id)
         spent = 0.0 if run is None else run["epsilon"]
-        if projected_epsilon > max_epsilon:
+        released, release_count = _run_release_epsilon(ledger, run_id)
+        run_total = projected_epsilon + released
+        if run_total > max_epsilon:
             return (
                 f"budget exceeded: per-run limit {max_epsilon_name} {max_epsilon:g} would be exceeded by "
-                f"{projected_epsilon - max_epsilon:.4g} (run {run_id!r} has spent {spent:.4g}; this round "
-                f"brings it to {projected_epsilon:.4g})"
+                f"{run_total - max_epsilon:.4g} (run {run_id!r} has spent {spent:.4g} training + {released:.4g} "
+                f"over {release_count} metric release(s); this round brings its training to {projected_epsilon:.4g}, "
+                f"the run to {run_total:.4g})"
             )
         others = _total_epsilon(ledger) - spent
         lifetime = others + projected_epsilon
@@ -357,15 +375,21 @@ class BudgetLedger:
         round: int,  # noqa: A002 - Flower's word
         epsilon: float,
         max_total_epsilon: float,
+        max_epsilon: float | None = None,
+        max_epsilon_name: str = "max_epsilon",
     ) -> None:
-        """Check the lifetime budget and record one DP-noised metric release, under one lock, before it leaves.
+        """Check both budgets and record one DP-noised metric release, under one lock, before it leaves.
 
         Raises `ReleaseAlreadyMadeError` if (run, round) already released, `BudgetExceededError` if
-        the site's total (runs + releases) would pass `max_total_epsilon`; nothing is recorded then.
+        the run's total (its training epsilon + its releases so far + `epsilon`) would pass
+        `max_epsilon` (the per-run limit; None checks only the lifetime limit), or if the site's
+        total (runs + releases) would pass `max_total_epsilon`; nothing is recorded then.
         """
         if not (_is_number(epsilon) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"release of round {round} of run {run_id!r}: epsilon must be finite, > 0: {epsilon!r}")
         _check_cap(max_total_epsilon)
+        if max_epsilon is not None:
+            _check_cap(max_epsilon, name="max_epsilon")
         key = str(int(round))
         with self._exclusive():
             self._remove_stale_temporaries()
@@ -375,6 +399,18 @@ class BudgetLedger:
                     f"the metrics of round {round} of run {run_id!r} were already released from this site; "
                     "releasing them again would spend privacy budget a second time (resend the first release)"
                 )
+            if max_epsilon is not None:
+                run = ledger["runs"].get(run_id)
+                trained = 0.0 if run is None else run["epsilon"]
+                released, release_count = _run_release_epsilon(ledger, run_id)
+                run_total = trained + released + epsilon
+                if run_total > max_epsilon:
+                    raise BudgetExceededError(
+                        f"budget exceeded: per-run limit {max_epsilon_name} {max_epsilon:g} would be exceeded by "
+                        f"{run_total - max_epsilon:.4g} (run {run_id!r} has spent {trained:.4g} training + "
+                        f"{released:.4g} over {release_count} metric release(s); this metric release of epsilon "
+                        f"{epsilon:.4g} for round {round} brings it to {run_total:.4g}); the metrics stay at the site"
+                    )
             total = _total_epsilon(ledger)
             if total + epsilon > max_total_epsilon:
                 raise BudgetExceededError(

@@ -13,6 +13,9 @@
 
 `plan_round` reads the ledger without the lock, so two concurrent requests can both pass it;
 `reserve_round` re-checks replay and both budgets under the lock, so only one of them trains.
+The per-run limit caps the run's whole spend at this site: its training epsilon plus the epsilons
+of its DP metric releases (`BudgetLedger.reserve_release`) — a run that releases metrics has that
+much less left for training.
 Both (and `BudgetLedger(...)` itself) raise a `LedgerCorruptedError` subclass when the ledger is
 damaged, missing or rolled back: the site stops until an operator restores it.
 
@@ -166,7 +169,10 @@ def plan_round(
     )
     if refusal is not None:
         return plan(allowed=False, reason=refusal, refusal="budget", noise=noise_multiplier, epsilon=projected)
+    released = ledger.released(run_id)
     reason = f"{decision.reason}; run epsilon {spent:.4f} -> {projected:.4f} after this round"
+    if released:
+        reason += f" (+ {released:.4f} already spent on metric releases: {projected + released:.4f} of {max_epsilon:g})"
     return plan(allowed=True, reason=reason, noise=noise_multiplier, epsilon=projected)
 
 

@@ -233,28 +233,62 @@ def _sum_records(records: list) -> object:
     return sum_plain_updates(records)
 
 
-def test_a_single_sites_update_posing_as_an_aggregate_is_refused(hospital: Hospital) -> None:
+def _round_records(aggregate, claims, updates, *, certified_hash=None) -> dict:
+    """What a coordinator sends with an aggregate: the aggregate, its certificate, the certified updates."""
+    from medtwin.core.protocol import certified_record_name
+
+    certificate = RoundCertificate(
+        server_round=claims[0][0].server_round if claims else 1,
+        aggregate_sha256=certified_hash or payload_sha256(aggregate),
+        claims=tuple(claims),
+    )
+    extra = {AGGREGATE: aggregate, CERTIFICATE: certificate.to_record()}
+    extra.update({certified_record_name(index): update for index, update in enumerate(updates)})
+    return extra
+
+
+def _expected_metrics(hospital: Hospital, summed) -> dict[str, float]:
+    """What cleveland's test set says about the model a sum of updates encodes (computed here, independently)."""
+    from medtwin.core.config import TaskConfig
+    from medtwin.core.model_vector import vector_to_model
+    from medtwin.core.protocol import average_from_sum, unpack_plain
+    from medtwin.core.tasks import get_task
+
+    task = get_task(TaskConfig(name="fed_heart_disease"))
+    model = task.build_model()
+    vector_to_model(model, average_from_sum(unpack_plain(summed))[0])
+    data = task.load_site(0)
+    return task.evaluate(model, data.x_test, data.y_test)
+
+
+def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: Hospital) -> None:
+    """The site sums the certified updates itself: one site's update (scaled to the claimed count), a
+    made-up probe model or a partial sum never reaches its model, whatever the coordinator calls the aggregate."""
     run_id, text = hospital.proposal("federation.num_rounds=3")
     hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
     swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
     honest = _sum_records([hungarian, swiss])
+    from medtwin.core.protocol import pack_plain_update, unpack_plain
 
-    def certificate(aggregate, claims) -> object:
-        return RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(aggregate), claims=tuple(claims)).to_record()
-
-    attacks = {
+    scaled_single = pack_plain_update(unpack_plain(hungarian)[:-1] / 180, num_examples=260)  # hungarian alone, count fixed
+    claims = [hungarian_claim, swiss_claim]
+    refused = {
         "no certificate": {AGGREGATE: hungarian},
-        "one site's update under two sites' claims": {AGGREGATE: hungarian, CERTIFICATE: certificate(hungarian, [hungarian_claim, swiss_claim])},
-        "certificate of one site only": {AGGREGATE: hungarian, CERTIFICATE: certificate(hungarian, [hungarian_claim])},
-        "honest certificate, other aggregate": {AGGREGATE: hungarian, CERTIFICATE: certificate(honest, [hungarian_claim, swiss_claim])},
+        "certified updates missing": _round_records(scaled_single, claims, [hungarian]),
+        "one update sent twice": _round_records(scaled_single, claims, [hungarian, hungarian]),
+        "certificate of one site only": _round_records(hungarian, [hungarian_claim], [hungarian]),
+        "an update that is not the signed one": _round_records(honest, claims, [hungarian, scaled_single]),
+        "aggregate other than certified": _round_records(scaled_single, claims, [hungarian, swiss], certified_hash=payload_sha256(honest)),
     }
-    for name, extra in attacks.items():
+    for name, extra in refused.items():
         status, reason = status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=extra))
         assert status == "refused:unverified_aggregate", (name, status, reason)
-    honest_reply = hospital.ask(
-        text, run_id=run_id, server_round=2, extra={AGGREGATE: honest, CERTIFICATE: certificate(honest, [hungarian_claim, swiss_claim])}
-    )
-    assert status_of(honest_reply)[0] == "trained"
+    # the coordinator names its forged model as the aggregate, consistently: the site evaluates the honest sum
+    forged = _round_records(scaled_single, claims, [hungarian, swiss])
+    reply = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=forged)
+    released = dict(reply.content.metric_records[METRICS])
+    assert released["accuracy"] == pytest.approx(_expected_metrics(hospital, honest)["accuracy"])
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=_round_records(honest, claims, [hungarian, swiss])))[0] == "trained"
 
 
 def test_a_second_evaluation_of_the_same_round_is_refused(hospital: Hospital) -> None:
@@ -262,10 +296,7 @@ def test_a_second_evaluation_of_the_same_round_is_refused(hospital: Hospital) ->
     hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
     swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
     aggregate = _sum_records([hungarian, swiss])
-    certificate = RoundCertificate(
-        server_round=1, aggregate_sha256=payload_sha256(aggregate), claims=(hungarian_claim, swiss_claim)
-    ).to_record()
-    extra = {AGGREGATE: aggregate, CERTIFICATE: certificate}
+    extra = _round_records(aggregate, [hungarian_claim, swiss_claim], [hungarian, swiss])
     first = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra)
     claim, _ = claim_from_site_record(first.content.config_records[SITE])
     assert claim.status == "evaluated" and "accuracy" in first.content.metric_records[METRICS]
@@ -282,8 +313,8 @@ def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> Non
     hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
     swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
     aggregate = _sum_records([hungarian, swiss])
-    certificate = RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(aggregate), claims=(hungarian_claim, swiss_claim))
-    reply = hospital.ask(text, phase="evaluate", run_id=run_id, extra={AGGREGATE: aggregate, CERTIFICATE: certificate.to_record()})
+    extra = _round_records(aggregate, [hungarian_claim, swiss_claim], [hungarian, swiss])
+    reply = hospital.ask(text, phase="evaluate", run_id=run_id, extra=extra)
     claim, _ = claim_from_site_record(reply.content.config_records[SITE])
     assert claim.status == "evaluated" and claim.epsilon == 0.5
     ledger = json.loads((hospital.state_dir / "privacy-ledger.json").read_text())["ledger"]
@@ -292,9 +323,10 @@ def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> Non
     assert 0.0 <= released["accuracy"] <= 1.0 and "n" in released
 
 
-def test_under_ckks_one_sites_ciphertext_posing_as_an_aggregate_is_refused(hospital: Hospital) -> None:
-    """The coordinator cannot read ciphertexts, but it could forward one site's as the "aggregate" so
-    that every key-holding site decrypts that site's update: the certificate and the count stop it."""
+def test_under_ckks_one_sites_ciphertext_never_reaches_a_sites_decryptor(hospital: Hospital) -> None:
+    """The coordinator cannot read ciphertexts, but it could forward one site's (with its count slot
+    fixed up) as the "aggregate" so that every key-holding site decrypts that site's update. Sites
+    decrypt only their own sum of the certified ciphertexts."""
     from medtwin.core.he import CkksParameters, ckks_parameters_from_config, encrypt_update, sum_encrypted
     from medtwin.core.identity import install_he_secret, load_site_he_context, steward_generate_he_keys
     from medtwin.core.protocol import chunks_to_record
@@ -317,12 +349,21 @@ def test_under_ckks_one_sites_ciphertext_posing_as_an_aggregate_is_refused(hospi
         return chunks, record, (claim, hospital.sign_peer(site, claim))
 
     hungarian_chunks, hungarian, hungarian_claim = encrypted_update("hungarian", 180)
-    swiss_chunks, _, swiss_claim = encrypted_update("switzerland", 80)
+    swiss_chunks, swiss, swiss_claim = encrypted_update("switzerland", 80)
     public_context = keys.public_context_path.read_bytes()
     honest = chunks_to_record(sum_encrypted(public_context, [hungarian_chunks, swiss_chunks]))
-    claims = (hungarian_claim, swiss_claim)
-    forged = RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(hungarian), claims=claims).to_record()
-    status, reason = status_of(hospital.ask(text, run_id=run_id, server_round=2, extra={AGGREGATE: hungarian, CERTIFICATE: forged}))
-    assert status == "refused:unverified_aggregate" and "260" in reason  # decoded count 180, certified 180 + 80
-    genuine = RoundCertificate(server_round=1, aggregate_sha256=payload_sha256(honest), claims=claims).to_record()
-    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra={AGGREGATE: honest, CERTIFICATE: genuine}))[0] == "trained"
+    claims = [hungarian_claim, swiss_claim]
+    # hungarian's ciphertext passed off as the aggregate: the site never decrypts it, only its own sum
+    lying_count = _round_records(hungarian, claims, [hungarian, hungarian])
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=lying_count))[0] == "refused:unverified_aggregate"
+    evaluated = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=_round_records(hungarian, claims, [hungarian, swiss]))
+    claim, _ = claim_from_site_record(evaluated.content.config_records[SITE])
+    assert claim.status == "evaluated"
+    weights = {count: np.random.default_rng(count).normal(0, 0.1, 14) for count in (180, 80)}
+    plain_honest = _sum_records([pack_plain_update(weights[count], num_examples=count) for count in (180, 80)])
+    plain_single = _sum_records([pack_plain_update(weights[180], num_examples=180)])
+    released = evaluated.content.metric_records[METRICS]["accuracy"]
+    assert released == pytest.approx(_expected_metrics(hospital, plain_honest)["accuracy"])
+    assert _expected_metrics(hospital, plain_single)["accuracy"] != _expected_metrics(hospital, plain_honest)["accuracy"]
+    trained = hospital.ask(text, run_id=run_id, server_round=2, extra=_round_records(honest, claims, [hungarian, swiss]))
+    assert status_of(trained)[0] == "trained"

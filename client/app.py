@@ -275,11 +275,15 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
     policy = site.file.evaluation
     if policy.release == "dp":
         try:
+            run_limit = site.policy().max_epsilon
+            if site.config.privacy.name == "dp":
+                run_limit = min(run_limit, site.config.privacy.target_epsilon)
             site.ledger().reserve_release(
                 site.proposal.run_id,
                 round=server_round,
                 epsilon=policy.epsilon_per_release,
                 max_total_epsilon=site.policy().max_total_epsilon,
+                max_epsilon=run_limit,  # a run's metric releases count in its per-run budget too
             )
         except PrivacyError as error:
             raise RoundRefused("refused:budget", str(error)) from None

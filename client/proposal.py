@@ -41,11 +41,20 @@ from medtwin.core.ids import check_id
 
 from .site_file import SiteFile
 
-__all__ = ["MAX_HIDDEN_UNITS", "MAX_PROPOSAL_BYTES", "MAX_SEED", "ProposalRefused", "RunProposal", "parse_proposal"]
+__all__ = [
+    "MAX_HIDDEN_UNITS",
+    "MAX_NESTING",
+    "MAX_PROPOSAL_BYTES",
+    "MAX_SEED",
+    "ProposalRefused",
+    "RunProposal",
+    "parse_proposal",
+]
 
 MAX_PROPOSAL_BYTES = 256 * 1024
 MAX_SEED = 2**63 - 1  # seeds are 0 <= seed <= MAX_SEED (numpy/torch take 64-bit seeds)
 MAX_HIDDEN_UNITS = 4096
+MAX_NESTING = 32  # a real proposal nests 4 deep; the cap keeps parsing independent of the recursion limit
 _ECHO_CHARACTERS = 40
 
 
@@ -127,18 +136,26 @@ def parse_proposal(text: object, site: SiteFile) -> RunProposal:
 
 
 class _ProposalLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` without anchors, aliases or duplicate keys: what a site reads is what the text shows."""
+    """`yaml.SafeLoader` refusing anchors, aliases, duplicate keys and deep nesting: the site reads what the text shows."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
+        line = event.start_mark.line + 1 if event.start_mark is not None else "?"
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            line = event.start_mark.line + 1 if event.start_mark is not None else "?"
             raise ProposalRefused(
                 "bad_proposal",
                 f"the proposal uses a YAML anchor or alias (`&name` / `*name`, line {line}): sites refuse them — "
                 "write every value out",
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_NESTING:
+            raise ProposalRefused("bad_proposal", f"the proposal nests more than {MAX_NESTING} levels deep (line {line})")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def compose_mapping_node(self, anchor: Any) -> Any:
         node = super().compose_mapping_node(anchor)

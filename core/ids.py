@@ -6,7 +6,7 @@ import re
 
 from .errors import ConfigError
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: `$` would accept a final "\n"
 ID_RULE = "1-128 ASCII letters, digits, '_', '.', '-', starting with a letter or digit, no '..'"
 
 
@@ -14,7 +14,7 @@ def check_id(value: object) -> str:
     """'' if `value` is a safe id, else what is wrong with it (never echoes more than 80 characters)."""
     if not isinstance(value, str):
         return f"must be a string, got {type(value).__name__}"
-    if not ID_PATTERN.match(value) or ".." in value:
+    if not ID_PATTERN.fullmatch(value) or ".." in value:
         return f"{value[:80]!r} is not a valid id: use {ID_RULE}"
     return ""
 

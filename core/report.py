@@ -1,7 +1,14 @@
-"""Render report.md (and its PNG plots) from summary.json and metrics.jsonl — never the other way round."""
+"""Render report.md (and its PNG plots) from summary.json and metrics.jsonl — never the other way round.
+
+Site ids, refusal reasons and metric names come from sites (a refusal reason is whatever text a
+site signed): each is rendered as inert text with `markdown_text` — Markdown and HTML escaped, line
+breaks flattened, length bounded — so it can neither break a table (`|`), nor fetch a beacon
+(`![x](https://…)`, `<img src=…>`), nor restyle the report.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +16,51 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+_MARKDOWN_SPECIAL = frozenset("\\`*[]|~$")  # always escaped; `_` only where it could start or end emphasis
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+MAX_REASON_CHARACTERS = 300
+
+
+def markdown_text(value: object, *, max_characters: int | None = None) -> str:
+    """`value` as inert Markdown text for a table cell or a sentence: nothing in it renders as markup."""
+    text = str(value)
+    if max_characters is not None and len(text) > max_characters:
+        text = text[:max_characters] + "…"
+    out = []
+    for position, character in enumerate(text):
+        if not character.isprintable():
+            out.append(" ")  # newlines, tabs, other controls: a cell stays one line
+        elif character in _HTML_ENTITIES:
+            out.append(_HTML_ENTITIES[character])
+        elif character in _MARKDOWN_SPECIAL:
+            out.append("\\" + character)
+        elif character == "_" and not _intraword(text, position):
+            out.append("\\_")
+        else:
+            out.append(character)
+    return "".join(out)
+
+
+def _code(value: object) -> str:
+    """`value` as a code span when it is a plain id (nothing to escape inside backticks), else as inert text."""
+    text = str(value)
+    return f"`{text}`" if _is_plain_id(text) else markdown_text(text, max_characters=128)
+
+
+def _is_plain_id(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", text) is not None
+
+
+def _intraword(text: str, position: int) -> bool:
+    """True if text[position] sits between two letters/digits (where `_` never opens or closes emphasis)."""
+    return 0 < position < len(text) - 1 and text[position - 1].isalnum() and text[position + 1].isalnum()
+
+
+def _plot_file_name(metric: str) -> str:
+    """A file name for the metric's plot: only letters, digits, '_', '-', whatever the metric is called."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(metric))[:64] + "_per_round.png"
 
 
 def plot_metric_per_round(metrics: list[dict[str, Any]], *, metric: str, path: Path) -> bool:
@@ -20,12 +72,12 @@ def plot_metric_per_round(metrics: list[dict[str, Any]], *, metric: str, path: P
     sites = sorted({site for record in evaluations for site in record["sites"]})
     for site in sites:
         values = [record["sites"].get(site, {}).get(metric) for record in evaluations]
-        axes.plot(rounds, [v if v is not None else float("nan") for v in values], marker="o", alpha=0.6, label=site)
+        axes.plot(rounds, [v if v is not None else float("nan") for v in values], marker="o", alpha=0.6, label=_plain(site))
     pooled = [record["pooled"].get(metric, float("nan")) for record in evaluations]
     axes.plot(rounds, pooled, marker="s", linewidth=2.5, color="black", label="all sites (pooled)")
     axes.set_xlabel("round")
-    axes.set_ylabel(metric)
-    axes.set_title(f"Federated {metric} per round")
+    axes.set_ylabel(_plain(metric))
+    axes.set_title(f"Federated {_plain(metric)} per round")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -34,35 +86,43 @@ def plot_metric_per_round(metrics: list[dict[str, Any]], *, metric: str, path: P
     return True
 
 
+def _plain(value: object) -> str:
+    """A label for matplotlib: bounded, and `$` escaped so it is not read as mathtext."""
+    return str(value)[:64].replace("$", r"\$")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
-    return "—" if value is None else str(value)
+    return "—" if value is None else markdown_text(value, max_characters=64)
 
 
 def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_path: Path) -> str:
     metric = summary.get("primary_metric", "accuracy")
-    plot_name = f"{metric}_per_round.png"
+    shown_metric = markdown_text(metric, max_characters=64)
+    plot_name = _plot_file_name(metric)
     has_plot = plot_metric_per_round(metrics, metric=metric, path=run_path / plot_name)
+    sites = ", ".join(markdown_text(site, max_characters=128) for site in summary["sites"])
     lines = [
-        f"# medtwin run `{summary['run_id']}`",
+        f"# medtwin run {_code(summary['run_id'])}",
         "",
-        f"Task **{summary['task']}**, strategy **{summary.get('strategy', '?')}**, "
-        f"{summary['rounds_completed']} round(s) over {len(summary['sites'])} site(s): {', '.join(summary['sites'])}.",
+        f"Task **{markdown_text(summary['task'])}**, strategy **{markdown_text(summary.get('strategy', '?'))}**, "
+        f"{summary['rounds_completed']} round(s) over {len(summary['sites'])} site(s): {sites}.",
         f"Wall time {summary.get('wall_time_s', 0.0):.1f} s.",
         "",
         "## Federated model, evaluated at each site on its own test split",
         "",
-        f"| site | {metric} | test rows |",
+        f"| site | {shown_metric} | test rows |",
         "|---|---|---|",
     ]
     final = summary["final_metrics"]
     for site, values in final.get("sites", {}).items():
-        lines.append(f"| {site} | {_fmt(values.get(metric))} | {_fmt(int(values.get('n', 0)))} |")
+        shown_site = markdown_text(site, max_characters=128)
+        lines.append(f"| {shown_site} | {_fmt(values.get(metric))} | {_fmt(int(values.get('n', 0)))} |")
     pooled = final.get("pooled", {})
     lines.append(f"| **all sites (pooled)** | **{_fmt(pooled.get(metric))}** | {_fmt(int(pooled.get('n', 0)))} |")
     if has_plot:
-        lines += ["", f"![{metric} per round]({plot_name})"]
+        lines += ["", f"![{shown_metric} per round]({plot_name})"]
     baselines = summary.get("baselines")
     if baselines:
         lines += ["", "## Baselines (same protocol, same test splits)", ""]
@@ -70,30 +130,39 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
     lines += ["", "## Privacy", "", summary.get("privacy_text", "No differential privacy in this run.")]
     if summary.get("privacy"):
         lines += ["", "| site | ε spent (this run) | δ |", "|---|---|---|"]
-        lines += [f"| {site} | {v['epsilon']:.3f} | {v['delta']:.0e} |" for site, v in sorted(summary["privacy"].items())]
+        lines += [
+            f"| {markdown_text(site, max_characters=128)} | {v['epsilon']:.3f} | {v['delta']:.0e} |"
+            for site, v in sorted(summary["privacy"].items())
+        ]
     crypto = summary["crypto"]
     lines += [
         "",
         "## Aggregation",
         "",
-        f"Scheme **{crypto['scheme']}**; {_fmt(crypto.get('bytes_per_parameter'))} bytes per parameter on the wire "
+        f"Scheme **{markdown_text(crypto['scheme'])}**; {_fmt(crypto.get('bytes_per_parameter'))} bytes per parameter "
+        "on the wire "
         f"({_fmt(crypto.get('wire_expansion_vs_float32'))}x float32); max decryption error (relative to the largest "
         f"weight) {_fmt(crypto.get('max_decryption_error'))}, bound {_fmt(crypto.get('max_decryption_error_bound'))}.",
     ]
     rejections = summary.get("rejections", [])
     if rejections:
         lines += ["", "## Rejected updates", "", "| round | site | reason |", "|---|---|---|"]
-        lines += [f"| {r['round']} | {r['site']} | {r['reason']} |" for r in rejections]
+        lines += [
+            f"| {_fmt(r['round'])} | {markdown_text(r['site'], max_characters=128)} | "
+            f"{markdown_text(r['reason'], max_characters=MAX_REASON_CHARACTERS)} |"
+            for r in rejections
+        ]
     chain = summary["chain"]
-    lines += ["", "## Provenance", "", f"Chain backend: **{chain.get('backend', 'none')}**."]
+    run_id = str(summary["run_id"])
+    lines += ["", "## Provenance", "", f"Chain backend: **{markdown_text(chain.get('backend', 'none'))}**."]
     if chain.get("backend", "none") != "none":
         ids = chain.get("chain_ids", {})
         lines += [
-            f"Authorization chain id {ids.get('auth')} (contract `{chain.get('contracts', {}).get('auth')}`), "
-            f"data chain id {ids.get('data')} (contract `{chain.get('contracts', {}).get('data')}`); "
+            f"Authorization chain id {_fmt(ids.get('auth'))} (contract {_code(chain.get('contracts', {}).get('auth'))}), "
+            f"data chain id {_fmt(ids.get('data'))} (contract {_code(chain.get('contracts', {}).get('data'))}); "
             f"{chain.get('anchors_written', 0)} round anchor(s) on the data chain, "
             f"{chain.get('writes_pending_in_outbox', 0)} write(s) still queued. "
-            f"Check it yourself: `medtwin audit verify {summary['run_id']}`."
+            f"Check it yourself: `medtwin audit verify {run_id if _is_plain_id(run_id) else '<run id>'}`."
         ]
     return "\n".join(lines) + "\n"
 
@@ -106,12 +175,14 @@ def ordered_rows(rows: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _baseline_table(baselines: dict[str, Any], metric: str) -> list[str]:
     columns = baselines["columns"]
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    header = " | ".join(markdown_text(column, max_characters=128) for column in columns)
+    lines = [f"| model | {header} |", "|---|" + "---|" * len(columns)]
     for name, row in ordered_rows(baselines["rows"]):
-        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(column)) for column in columns) + " |")
+        cells = " | ".join(_fmt(row.get(column)) for column in columns)
+        lines.append(f"| {markdown_text(name, max_characters=128)} | {cells} |")
     lines += [
         "",
-        f"Each cell is {metric}. Site columns use each site's own normalisation; "
+        f"Each cell is {markdown_text(metric, max_characters=64)}. Site columns use each site's own normalisation; "
         "`pooled_test` is the union of test splits under pooled-train normalisation (FLamby's pooled test set); "
         "`mean_of_sites` is the plain mean of the site columns.",
     ]

@@ -63,7 +63,8 @@ def enrol_federation(session: ChainSession, manifest: FederationManifest, *, run
         elif not record.active:
             logger.warning("site %s is revoked on the authorization chain; it will not be admitted", entry.site_id)
             continue
-        session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(proposal_text), code_hash=code_hash())
+        if session.auth.approval(site_id=entry.site_id, run_id=run_id) is None:  # a resumed run is approved already
+            session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(proposal_text), code_hash=code_hash())
 
 
 @dataclass

@@ -66,13 +66,13 @@ def print_summary(run_path: Path) -> None:
     console.print(f"run directory: [bold]{run_path}[/bold] (report.md, summary.json, metrics.jsonl)")
 
 
-def _run(overrides: list[str], verbose: bool) -> Path:
+def _run(overrides: list[str], verbose: bool, *, resume: str = "") -> Path:
     from .simulate import simulate
 
     setup_logging(verbose)
     try:
-        config = compose_config(overrides)
-        run_path = simulate(config)
+        config = compose_config(overrides + ([f"run_id={resume}"] if resume else []))
+        run_path = simulate(config, resume=bool(resume))
     except MedtwinError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from error
@@ -84,9 +84,10 @@ def _run(overrides: list[str], verbose: bool) -> Path:
 def run(
     context: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
+    resume: Annotated[str, typer.Option("--resume", help="continue this run id after its last checkpoint (same overrides)")] = "",
 ) -> None:
     """Run a simulated federation composed from configs/ with Hydra overrides, e.g. `task=breast_cancer strategy=fedprox`."""
-    _run(list(context.args), verbose)
+    _run(list(context.args), verbose, resume=resume)
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -116,10 +117,14 @@ def demo(
 
 def register_admin_commands() -> None:
     from .cli_admin import audit_app, chain_app, model_app, provision_command, site_app
+    from .cli_deploy import coordinator_app, site_start_command, site_stop_command
     from .cli_federation import federation_app
     from .cli_site import site_approve_command
 
     site_app.command("approve")(site_approve_command)
+    site_app.command("start")(site_start_command)
+    site_app.command("stop")(site_stop_command)
+    app.add_typer(coordinator_app, name="coordinator")
     federation_app.command("init", help="Create a federation from the sites' public files (same as `medtwin provision`).")(provision_command)
     app.add_typer(federation_app, name="federation")
 

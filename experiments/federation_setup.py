@@ -37,6 +37,7 @@ from medtwin.core.identity import (
     IdentityError,
     init_site_identity,
     install_he_secret,
+    installed_he_key_ids,
     join_federation,
     load_manifest,
     provision_federation,
@@ -156,8 +157,9 @@ def _harness_lock(path: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
-def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederation:
-    """Identities for every run (every reply is signed); with crypto=ckks a new key set from the first site."""
+def prepare_federation(config: MedtwinConfig, run_id: str, *, he_key_id: str = "") -> SimulatedFederation:
+    """Identities for every run (every reply is signed); with crypto=ckks a new key set from the first site,
+    or — resuming a run — the key set `he_key_id` it already has (every site must still hold it)."""
     task = get_task(config.task)
     site_ids = task.site_ids()
     manifest, admin, kit_dirs = simulated_identities(config, site_ids)
@@ -177,6 +179,22 @@ def prepare_federation(config: MedtwinConfig, run_id: str) -> SimulatedFederatio
     num_parameters = int(model_to_vector(task.build_model()).size)
     parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=len(site_ids))
     steward = site_ids[0]
+    if he_key_id:
+        public_context = root / "steward-outbox" / "public_context.bin"
+        missing = [site for site in site_ids if he_key_id not in installed_he_key_ids(kit_dirs[site])]
+        if missing or not public_context.is_file():
+            raise IdentityError(
+                f"cannot resume with CKKS key set {he_key_id}: {missing or 'the public context'} no longer hold(s) it "
+                f"({public_context}) — the run's encrypted aggregate cannot be decrypted; start a new run"
+            )
+        return SimulatedFederation(
+            root=root,
+            coordinator=CoordinatorSetup(public_context_path=str(public_context), manifest_path=manifest_path),
+            he_parameters=parameters,
+            manifest=manifest,
+            kit_dirs=kit_dirs,
+            he_key_id=he_key_id,
+        )
     distribution = steward_generate_he_keys(kit_dirs[steward], parameters, outbox_dir=root / "steward-outbox")
     for site_id, envelope in distribution.envelope_paths.items():
         install_he_secret(kit_dirs[site_id], envelope)  # each hospital opens its own envelope

@@ -14,7 +14,9 @@ import numpy as np
 from medtwin.client.app import build_client_app
 from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
 from medtwin.core.artifacts import ArtifactStore
-from medtwin.core.config import MedtwinConfig, config_to_yaml
+from medtwin.core.config import MedtwinConfig, config_from_yaml, config_to_yaml
+from medtwin.core.errors import ConfigError
+from medtwin.core.ids import ensure_id
 from medtwin.core.protocol import record_from_bytes
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
@@ -25,7 +27,7 @@ from .baselines import compute_baselines, final_model_evaluator
 from .chain_wiring import ChainProvenance, enrol_federation, open_chains
 from .flower_apps import coordinator_provenance, site_approval_check
 from .federation_setup import SimulatedFederation, prepare_federation, site_state_dir
-from .simulated_sites import approve_locally, write_site_files
+from .simulated_sites import INDEX_FILE, approve_locally, read_site_index, write_site_files
 
 logger = logging.getLogger("medtwin")
 
@@ -39,15 +41,18 @@ OFFLINE_ENVIRONMENT = {
 }
 
 
-def simulate(config: MedtwinConfig) -> Path:
-    """Baselines (if enabled), then the federated run on virtual sites; returns the run directory."""
+def simulate(config: MedtwinConfig, *, resume: bool = False) -> Path:
+    """Baselines (if enabled), then the federated run on virtual sites; returns the run directory.
+
+    `resume=True` continues run `config.run_id` after its last checkpoint; `config` must be composed from
+    the same overrides as the run's start (the coordinator refuses a resume whose config differs)."""
     for key, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     from flwr.simulation import run_simulation
 
     if not config.run_id:
         config.run_id = make_run_id(config)
-    setup = prepare_parties(config)
+    setup = prepare_parties(config, resume=resume)
     provenance = connect_chains(config, setup)
     baselines = None
     if config.baselines.enabled:
@@ -60,7 +65,7 @@ def simulate(config: MedtwinConfig) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=build_server_app(setup.coordinator_config, setup.federation.coordinator, provenance),
+            server_app=build_server_app(setup.coordinator_config, setup.federation.coordinator, provenance, resume=resume),
             client_app=build_client_app(
                 proposal_text=setup.proposal_text, site_files=setup.site_files, approval_check_for=site_approval_check
             ),
@@ -92,20 +97,35 @@ def coordinator_view(config: MedtwinConfig) -> MedtwinConfig:
     return replace(config, task=replace(config.task, csv=replace(config.task.csv, site_files=[])))
 
 
-def prepare_parties(config: MedtwinConfig, *, site_files_folder: Path | None = None) -> SimulatedParties:
-    """Identities and keys (admin, steward, hospitals), one site file per hospital, and their approvals."""
-    federation = prepare_federation(config, config.run_id)
+def stored_key_id(config: MedtwinConfig) -> str:
+    """The CKKS key set a run was started with (its config.yaml: the proposal its sites approved)."""
+    path = Path(config.runs_dir) / ensure_id(config.run_id, key="run_id") / "config.yaml"
+    if not path.is_file():
+        raise ConfigError("run_id", f"no run {config.run_id!r} to resume: {path} does not exist", "check runs_dir and the run id")
+    return config_from_yaml(path.read_text(encoding="utf-8")).crypto.key_id
+
+
+def prepare_parties(
+    config: MedtwinConfig, *, site_files_folder: Path | None = None, resume: bool = False
+) -> SimulatedParties:
+    """Identities and keys (admin, steward, hospitals), one site file per hospital, and their approvals.
+    Resuming, the run keeps its CKKS key set and its hospitals' site files."""
+    federation = prepare_federation(config, config.run_id, he_key_id=stored_key_id(config) if resume else "")
     config.crypto.key_id = federation.he_key_id  # the run's CKKS key set: part of what every site approves
     coordinator_config = coordinator_view(config)
     proposal_text = config_to_yaml(coordinator_config)
     approvals = "chain" if config.chain.name in CHAINS_SITES_CAN_READ else "local"
     site_ids = get_task(config.task).site_ids()
+    folder = site_files_folder or federation.root / "site-files"
+    if resume and (folder / INDEX_FILE).is_file():
+        site_files = read_site_index(folder)
+        return SimulatedParties(federation, coordinator_config, proposal_text, site_files, approvals)
     site_files = write_site_files(
         config,
         site_ids=site_ids,
         kit_dirs=federation.kit_dirs,
         state_dirs={site_id: site_state_dir(config, site_id) for site_id in site_ids},
-        folder=site_files_folder or federation.root / "site-files",
+        folder=folder,
         approvals=approvals,
         chain_state_dir=Path(config.chain.state_dir).resolve(),
     )

@@ -122,3 +122,9 @@ def approve_locally(site_files: dict[int, str], *, run_id: str, proposal_text: s
     for path in site_files.values():
         site_file = load_site_file(path)
         SiteApprovals(site_file.state_dir).approve(run_id=run_id, config_hash=config_hash(proposal_text), code_hash=code_hash())
+
+
+def read_site_index(folder: Path) -> dict[int, str]:
+    """The site files a run's harness wrote (index.json: partition id -> file), e.g. to resume the run."""
+    index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+    return {int(partition): str(folder / name) for partition, name in index.items()}

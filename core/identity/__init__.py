@@ -1,7 +1,8 @@
 """Identities and keys of a federation: site identities, provisioning, kits, key envelopes, signed replies.
 
 Keys are born where they live (ARCHITECTURE.md section 4). A site creates its own Ed25519 (signing)
-and X25519 (key agreement) keys (`init_site_identity`) and hands over `site-public.json`. The admin
+and X25519 (key agreement) keys (`init_site_identity`) plus its Flower SuperNode authentication key (EC P-384, OpenSSH format;
+`supernode_auth_key_path`) and hands over `site-public.json`. The admin
 builds the manifest, a federation CA and the coordinator's TLS certificate from those public files
 (`provision_federation`); each site checks and installs the manifest (`join_federation`). A
 key-steward site generates the CKKS keys (`steward_generate_he_keys`), wraps them for every other
@@ -18,7 +19,13 @@ from .kits import CoordinatorKit, SiteKit, load_coordinator_kit, load_site_kit
 from .manifest import FederationManifest, SiteEntry, load_manifest
 from .provision import ProvisionedFederation, provision_federation
 from .signing import ReplyClaim, check_claim_fields, sign_claim, verify_claim
-from .site_init import init_site_identity, join_federation, read_site_public
+from .site_init import (
+    init_site_identity,
+    join_federation,
+    load_supernode_auth_public_key,
+    read_site_public,
+    supernode_auth_key_path,
+)
 from .steward import (
     HeKeyDistribution,
     install_he_secret,
@@ -54,12 +61,14 @@ __all__ = [
     "load_manifest",
     "load_site_he_context",
     "load_site_kit",
+    "load_supernode_auth_public_key",
     "open_envelope",
     "provision_federation",
     "read_site_public",
     "seal_envelope",
     "sign_claim",
     "steward_generate_he_keys",
+    "supernode_auth_key_path",
     "unwrap_he_secret",
     "verify_claim",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -26,13 +28,28 @@ def check_name(kind: str, name: str) -> None:
         )
 
 
+def openssh_key_fingerprint(openssh_public_key: str) -> str:
+    """SHA-256 (hex) of an OpenSSH public key's wire blob — what `ssh-keygen -l` hashes, in hex."""
+    parts = openssh_public_key.split()
+    try:
+        blob = base64.b64decode(parts[1], validate=True) if len(parts) >= 2 else b""
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"not an OpenSSH public key ({error})") from error
+    if not blob:
+        raise ValueError("not an OpenSSH public key (expected '<type> <base64>')")
+    return hashlib.sha256(blob).hexdigest()
+
+
 @dataclass(frozen=True)
 class SiteEntry:
-    """One site's public identity: Ed25519 signing key and X25519 key-agreement key (raw, hex)."""
+    """One site's public identity: Ed25519 signing key and X25519 key-agreement key (raw, hex), and
+    optionally its Flower SuperNode authentication key (EC P-384, OpenSSH text, as `flwr supernode
+    register` reads it). Manifests written before SuperNode keys existed simply lack the last one."""
 
     site_id: str
     signing_public_key: str
     key_agreement_public_key: str
+    supernode_auth_public_key: str | None = None
 
     @property
     def signing_key_fingerprint(self) -> str:
@@ -42,13 +59,23 @@ class SiteEntry:
     def key_agreement_key_fingerprint(self) -> str:
         return fingerprint(bytes.fromhex(self.key_agreement_public_key))
 
+    @property
+    def supernode_auth_key_fingerprint(self) -> str | None:
+        if self.supernode_auth_public_key is None:
+            return None
+        return openssh_key_fingerprint(self.supernode_auth_public_key)
+
     def to_dict(self) -> dict[str, str]:
-        return {
+        document = {
             "signing_public_key": self.signing_public_key,
             "signing_key_fingerprint": self.signing_key_fingerprint,
             "key_agreement_public_key": self.key_agreement_public_key,
             "key_agreement_key_fingerprint": self.key_agreement_key_fingerprint,
         }
+        if self.supernode_auth_public_key is not None:
+            document["supernode_auth_public_key"] = self.supernode_auth_public_key
+            document["supernode_auth_key_fingerprint"] = openssh_key_fingerprint(self.supernode_auth_public_key)
+        return document
 
 
 @dataclass(frozen=True)
@@ -100,6 +127,7 @@ class FederationManifest:
                     site_id=site_id,
                     signing_public_key=entry["signing_public_key"],
                     key_agreement_public_key=entry["key_agreement_public_key"],
+                    supernode_auth_public_key=entry.get("supernode_auth_public_key"),
                 )
                 for site_id, entry in sorted(document["sites"].items())
             )
@@ -120,6 +148,12 @@ class FederationManifest:
                     ("key-agreement", entry.key_agreement_key_fingerprint),
                 )
                 if stored[entry.site_id].get(f"{kind.replace('-', '_')}_key_fingerprint") != expected
+            ]
+            mismatched += [
+                f"site {entry.site_id!r} supernode-auth-key fingerprint"
+                for entry in sites
+                if entry.supernode_auth_public_key is not None
+                and stored[entry.site_id].get("supernode_auth_key_fingerprint") != entry.supernode_auth_key_fingerprint
             ]
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise KitError(f"{source} is not a valid federation manifest ({error!r})") from error

@@ -147,12 +147,15 @@ def _check_request(
 
 
 def _as_public_document(entry: SiteEntry) -> dict[str, str]:
-    return {
+    document = {
         "format": SITE_PUBLIC_FORMAT,
         "site_id": entry.site_id,
         "signing_public_key": entry.signing_public_key,
         "key_agreement_public_key": entry.key_agreement_public_key,
     }
+    if entry.supernode_auth_public_key:  # a site's SuperNode key travels with its other public keys
+        document["supernode_auth_public_key"] = entry.supernode_auth_public_key
+    return document
 
 
 def _name(common_name: str, federation_name: str) -> x509.Name:

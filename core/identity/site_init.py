@@ -1,7 +1,8 @@
 """A site's own identity, born on its machine (`medtwin site init`), and joining a federation (`medtwin site join`).
 
-    init_site_identity(kit, site_id=...)   signing_key.pem + key_agreement_key.pem (0600, folder 0700)
-                                            and site-public.json: the public half, handed to the admin
+    init_site_identity(kit, site_id=...)   signing_key.pem + key_agreement_key.pem + supernode_auth_key
+                                            (0600, folder 0700) and site-public.json: the public half,
+                                            handed to the admin
     provision_federation(...)               (the admin) builds federation.json from public files only
     join_federation(kit, federation.json)   checks the site's entry carries exactly its own keys, then
                                             installs federation.json, ca_cert.pem and site.json
@@ -16,6 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -27,6 +31,7 @@ from .keys import (
     load_x25519_private_key,
     private_key_pem,
     raw_public_bytes,
+    read_private_file,
     write_private_file,
     write_public_file,
 )
@@ -40,20 +45,73 @@ from .kits import (
     SiteKit,
     load_site_kit,
 )
-from .manifest import MANIFEST_FILE, FederationManifest, SiteEntry, check_name, load_manifest
+from .manifest import MANIFEST_FILE, FederationManifest, SiteEntry, check_name, load_manifest, openssh_key_fingerprint
 
 SITE_PUBLIC_FORMAT = "medtwin-site-public/1"
 PUBLIC_KEY_BYTES = 32
+# Flower SuperNode authentication: `flower-supernode --auth-supernode-private-key` reads an OpenSSH
+# private key (cryptography's load_ssh_private_key) holding an EC key; `flwr supernode register`
+# reads an OpenSSH public key on a NIST curve. P-384, as in Flower's docs (`ssh-keygen -t ecdsa -b 384`).
+SUPERNODE_AUTH_KEY_FILE = "supernode_auth_key"
+SUPERNODE_AUTH_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def supernode_auth_private_key_openssh(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.OpenSSH,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+
+
+def supernode_auth_public_key_openssh(key: ec.EllipticCurvePublicKey) -> str:
+    """`ecdsa-sha2-nistp384 AAAA…` (no comment): the text `flwr supernode register` reads."""
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode("ascii")
+
+
+def parse_supernode_auth_public_key(text: object) -> str:
+    """Check an OpenSSH EC public key on a NIST curve; returns it normalised (type and base64, no comment)."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected OpenSSH public key text, got {type(text).__name__}")
+    try:
+        key = serialization.load_ssh_public_key(text.strip().encode("ascii"))
+    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError) as error:
+        raise ValueError(f"not an OpenSSH public key ({error})") from error
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SUPERNODE_AUTH_CURVES:
+        raise ValueError(f"Flower SuperNode keys are EC keys on {', '.join(SUPERNODE_AUTH_CURVES)}, got {type(key).__name__}")
+    return supernode_auth_public_key_openssh(key)
+
+
+def supernode_auth_key_path(kit_dir: Path | str) -> Path:
+    """The kit's SuperNode authentication private key (for `flower-supernode --auth-supernode-private-key`)."""
+    return Path(kit_dir) / SUPERNODE_AUTH_KEY_FILE
+
+
+def load_supernode_auth_public_key(kit_dir: Path | str) -> str:
+    """The OpenSSH public key of the kit's SuperNode key, derived from the private key (checks mode 0600)."""
+    path = supernode_auth_key_path(kit_dir)
+    try:
+        key = serialization.load_ssh_private_key(read_private_file(path), password=None)
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise KitError(f"{path} is not an OpenSSH EC private key ({error}); it was altered — make a new kit with `medtwin site init`") from error
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KitError(f"{path} holds a {type(key).__name__}, expected an EC SuperNode authentication key")
+    return supernode_auth_public_key_openssh(key.public_key())
 
 
 def init_site_identity(kit_dir: Path | str, *, site_id: str) -> Path:
-    """Create this site's Ed25519 + X25519 keys in `kit_dir`; returns the path of its public file.
+    """Create this site's Ed25519 + X25519 keys and its Flower SuperNode authentication key (EC P-384,
+    OpenSSH) in `kit_dir`; returns the path of its public file.
 
     Refuses (`KitError`) when `kit_dir` already holds an identity: a site keeps its keys.
     """
     check_name("site id", site_id)
     kit = Path(kit_dir)
-    existing = [name for name in (SIGNING_KEY_FILE, KEY_AGREEMENT_KEY_FILE, SITE_PUBLIC_FILE) if (kit / name).exists()]
+    existing = [
+        name
+        for name in (SIGNING_KEY_FILE, KEY_AGREEMENT_KEY_FILE, SUPERNODE_AUTH_KEY_FILE, SITE_PUBLIC_FILE)
+        if (kit / name).exists()
+    ]
     if existing:
         raise KitError(
             f"{kit} already holds a site identity ({', '.join(existing)}); `site init` never replaces one — "
@@ -66,10 +124,13 @@ def init_site_identity(kit_dir: Path | str, *, site_id: str) -> Path:
     signing_key, agreement_key = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
     write_private_file(kit / SIGNING_KEY_FILE, private_key_pem(signing_key))
     write_private_file(kit / KEY_AGREEMENT_KEY_FILE, private_key_pem(agreement_key))
+    supernode_key = ec.generate_private_key(ec.SECP384R1())
+    write_private_file(supernode_auth_key_path(kit), supernode_auth_private_key_openssh(supernode_key))
     entry = SiteEntry(
         site_id=site_id,
         signing_public_key=raw_public_bytes(signing_key.public_key()).hex(),
         key_agreement_public_key=raw_public_bytes(agreement_key.public_key()).hex(),
+        supernode_auth_public_key=supernode_auth_public_key_openssh(supernode_key.public_key()),
     )
     public_path = kit / SITE_PUBLIC_FILE
     write_public_file(public_path, site_public_json(entry).encode("utf-8"))
@@ -117,11 +178,20 @@ def read_site_public(source: Path | str | Mapping[str, Any]) -> SiteEntry:
         stated = document.get(field.replace("_public_key", "_key_fingerprint"))
         if stated is not None and stated != fingerprint(raw):
             problems.append(f"{field.replace('_public_key', '_key_fingerprint')}: does not match {field}")
+    supernode_key = document.get("supernode_auth_public_key")
+    if supernode_key is not None:  # optional: site-public files from before SuperNode keys lack it
+        try:
+            supernode_key = parse_supernode_auth_public_key(supernode_key)
+            stated = document.get("supernode_auth_key_fingerprint")
+            if stated is not None and stated != openssh_key_fingerprint(supernode_key):
+                problems.append("supernode_auth_key_fingerprint: does not match supernode_auth_public_key")
+        except ValueError as error:
+            problems.append(f"supernode_auth_public_key: {supernode_key!r:.80} is not valid ({error})")
     if problems:
         raise ProvisionError(f"{where} is not a valid site public file: " + "; ".join(problems))
     if keys["signing_public_key"] == keys["key_agreement_public_key"]:
         raise ProvisionError(f"{where}: signing and key-agreement keys are identical; re-run `medtwin site init`")
-    return SiteEntry(site_id=site_id, **keys)  # type: ignore[arg-type]
+    return SiteEntry(site_id=site_id, supernode_auth_public_key=supernode_key, **keys)  # type: ignore[arg-type]
 
 
 def own_site_entry(kit_dir: Path | str) -> SiteEntry:
@@ -134,10 +204,12 @@ def own_site_entry(kit_dir: Path | str) -> SiteEntry:
         stated = read_site_public(public_path)
     except ProvisionError as error:
         raise KitError(str(error)) from error
+    has_supernode_key = supernode_auth_key_path(kit).exists() or stated.supernode_auth_public_key is not None
     entry = SiteEntry(
         site_id=stated.site_id,
         signing_public_key=raw_public_bytes(load_ed25519_private_key(kit / SIGNING_KEY_FILE).public_key()).hex(),
         key_agreement_public_key=raw_public_bytes(load_x25519_private_key(kit / KEY_AGREEMENT_KEY_FILE).public_key()).hex(),
+        supernode_auth_public_key=load_supernode_auth_public_key(kit) if has_supernode_key else None,
     )
     if entry != stated:
         raise KitError(f"{public_path} does not describe the private keys in {kit}; the kit was altered")
@@ -190,6 +262,13 @@ def _check_entry(manifest: FederationManifest, own: SiteEntry, *, source: str) -
         )
         if theirs.lower() != ours
     ]
+    if not mismatched and listed.supernode_auth_public_key not in (None, own.supernode_auth_public_key):
+        raise KitError(
+            f"{source} lists site {own.site_id!r} with a different SuperNode authentication key than this kit holds "
+            f"(fingerprint in the manifest {listed.supernode_auth_key_fingerprint[:16]}… vs this kit "
+            f"{own.supernode_auth_key_fingerprint[:16] if own.supernode_auth_key_fingerprint else 'none'}…); "
+            "refusing to join — the manifest was built from another identity"
+        )
     if mismatched:
         raise KitError(
             f"{source} lists site {own.site_id!r} with a different {' and '.join(mismatched)} than this kit holds "

@@ -46,7 +46,7 @@ class HeKeyDistribution:
 
 def secret_context_path(kit_dir: Path | str, key_id: str) -> Path:
     """Where a kit keeps the secret context of key set `key_id`: he/<key_id>/secret_context.bin."""
-    if not isinstance(key_id, str) or not KEY_ID_PATTERN.match(key_id):
+    if not isinstance(key_id, str) or not KEY_ID_PATTERN.fullmatch(key_id):
         raise KitError(f"HE key id {key_id!r:.80} is not 32 lower-case hex characters (a key id from the key steward)")
     return Path(kit_dir) / HE_DIR / key_id / SECRET_CONTEXT_NAME
 
@@ -58,7 +58,7 @@ def installed_he_key_ids(site_kit: SiteKit | Path | str) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(
-        child.name for child in folder.iterdir() if KEY_ID_PATTERN.match(child.name) and (child / SECRET_CONTEXT_NAME).is_file()
+        child.name for child in folder.iterdir() if KEY_ID_PATTERN.fullmatch(child.name) and (child / SECRET_CONTEXT_NAME).is_file()
     )
 
 

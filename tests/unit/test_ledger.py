@@ -94,7 +94,8 @@ def test_a_round_over_the_per_run_limit_is_refused_before_training_and_says_by_h
     assert ledger.budget_refusal("run-a", projected_epsilon=2.9, **LIMITS) is None
     expected = (
         "budget exceeded: per-run limit max_epsilon 3 would be exceeded by 0.2 "
-        "(run 'run-a' has spent 2.5; this round brings it to 3.2)"
+        "(run 'run-a' has spent 2.5 training + 0 over 0 metric release(s); this round brings its training to 3.2, "
+        "the run to 3.2)"
     )
     assert ledger.budget_refusal("run-a", projected_epsilon=3.2, **LIMITS) == expected
     with pytest.raises(BudgetExceededError) as refused:
@@ -160,6 +161,60 @@ def test_metric_releases_count_in_the_total_are_capped_and_made_once(ledger):
         reserve(ledger, "run-b", 1, 0.6, max_total_epsilon=3.0)
     reopened = BudgetLedger(ledger.path, "hosp0", mark_path=ledger.mark_path)
     assert reopened.total_epsilon() == pytest.approx(2.5) and len(reopened.releases()) == 1
+
+
+def test_a_runs_releases_count_against_its_per_run_limit_and_say_by_how_much(ledger):
+    reserve(ledger, "run-a", 1, 0.6)
+    ledger.reserve_release("run-a", round=1, epsilon=0.3, max_total_epsilon=10.0, max_epsilon=1.0)
+    assert ledger.released("run-a") == pytest.approx(0.3) and ledger.released("run-b") == 0.0
+    with pytest.raises(BudgetExceededError) as refused:
+        ledger.reserve_release("run-a", round=2, epsilon=0.3, max_total_epsilon=10.0, max_epsilon=1.0)
+    assert str(refused.value) == (
+        "budget exceeded: per-run limit max_epsilon 1 would be exceeded by 0.2 (run 'run-a' has spent 0.6 training "
+        "+ 0.3 over 1 metric release(s); this metric release of epsilon 0.3 for round 2 brings it to 1.2); "
+        "the metrics stay at the site"
+    )
+    assert not ledger.has_release("run-a", 2) and ledger.total_epsilon() == pytest.approx(0.9)
+    # another run's releases do not count against run-a, and the lifetime limit still holds
+    ledger.reserve_release("run-b", round=1, epsilon=0.9, max_total_epsilon=10.0, max_epsilon=1.0)
+    ledger.reserve_release("run-a", round=2, epsilon=0.1, max_total_epsilon=10.0, max_epsilon=1.0)
+    assert ledger.total_epsilon() == pytest.approx(1.9)
+
+
+def test_a_release_names_the_limit_it_was_given(ledger):
+    with pytest.raises(BudgetExceededError, match="per-run limit the run's privacy.target_epsilon 0.5 would be exceeded by 0.25"):
+        ledger.reserve_release(
+            "run-a", round=1, epsilon=0.75, max_total_epsilon=10.0, max_epsilon=0.5,
+            max_epsilon_name="the run's privacy.target_epsilon",
+        )  # fmt: skip
+
+
+def test_without_a_per_run_limit_a_release_is_capped_by_the_lifetime_limit_only(ledger):
+    reserve(ledger, "run-a", 1, 2.9)
+    ledger.reserve_release("run-a", round=1, epsilon=0.5, max_total_epsilon=10.0)  # the caller before max_epsilon
+    assert ledger.total_epsilon() == pytest.approx(3.4)
+
+
+def test_a_training_round_counts_the_runs_releases_against_the_per_run_limit(ledger):
+    reserve(ledger, "run-a", 1, 1.0)
+    ledger.reserve_release("run-a", round=1, epsilon=1.5, max_total_epsilon=10.0, max_epsilon=3.0)
+    assert ledger.budget_refusal("run-a", projected_epsilon=1.5, **LIMITS) is None
+    expected = (
+        "budget exceeded: per-run limit max_epsilon 3 would be exceeded by 0.3 (run 'run-a' has spent 1 training "
+        "+ 1.5 over 1 metric release(s); this round brings its training to 1.8, the run to 3.3)"
+    )
+    assert ledger.budget_refusal("run-a", projected_epsilon=1.8, **LIMITS) == expected
+    with pytest.raises(BudgetExceededError) as refused:
+        reserve(ledger, "run-a", 2, 1.8)
+    assert str(refused.value) == expected
+    assert ledger.run("run-a").rounds_done == 1
+    assert ledger.budget_refusal("run-b", projected_epsilon=2.9, **LIMITS) is None  # only run-a's releases count
+
+
+@pytest.mark.parametrize("max_epsilon", [-1.0, float("inf"), float("nan")])
+def test_a_release_needs_a_finite_per_run_limit(ledger, max_epsilon):
+    with pytest.raises(ValueError, match="max_epsilon"):
+        ledger.reserve_release("run-a", round=1, epsilon=0.1, max_total_epsilon=3.0, max_epsilon=max_epsilon)
 
 
 @pytest.mark.parametrize("epsilon", [0.0, -1.0, float("inf"), float("nan")])

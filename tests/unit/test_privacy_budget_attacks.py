@@ -93,6 +93,31 @@ def test_metric_releases_under_fresh_run_ids_are_capped_too(ledger):
     assert not refused.allowed and "7 metric release(s)" in refused.reason
 
 
+def test_a_run_that_releases_metrics_every_round_stays_within_its_per_run_limit(ledger):
+    """12 rounds, each trained then released at epsilon 0.5, for a run whose target is 1.0 (a3_release_overspend)."""
+    refusals = []
+    for round_number in range(1, 13):
+        round_plan = plan(ledger, "run-a", round_number, privacy_cfg=first_cfg(1.0), num_rounds=12)
+        if round_plan.allowed:
+            reserve_round(ledger=ledger, plan=round_plan)
+        else:
+            refusals.append(round_plan.reason)
+        try:
+            ledger.reserve_release(
+                "run-a", round=round_number, epsilon=0.5, max_total_epsilon=10.0, max_epsilon=round_plan.max_epsilon
+            )
+        except BudgetExceededError as refused:
+            refusals.append(str(refused))
+        assert ledger.spent("run-a") + ledger.released("run-a") <= 1.0
+    assert ledger.released("run-a") == 0.5 and ledger.total_epsilon() <= 1.0
+    per_run = [reason for reason in refusals if "per-run limit the run's privacy.target_epsilon 1" in reason]
+    assert any("1 metric release(s)" in reason for reason in per_run)
+
+
+def first_cfg(target_epsilon):
+    return PrivacyConfig(**{**WHOLE_RUN.__dict__, "target_epsilon": target_epsilon})
+
+
 # ---------------------------------------------------------------- concurrent requests for one round
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -29,8 +30,10 @@ from medtwin.core.identity import (
     load_coordinator_kit,
     load_manifest,
     load_site_kit,
+    load_supernode_auth_public_key,
     provision_federation,
     read_site_public,
+    supernode_auth_key_path,
 )
 from medtwin.core.identity.keys import raw_public_bytes
 
@@ -72,7 +75,7 @@ def test_private_files_are_0600_and_their_folders_0700(federation: Federation) -
     root = federation.admin.root
     private = [root / "ca" / "ca_key.pem", root / "coordinator" / "tls_key.pem"]
     for kit in federation.kits.values():
-        private += [kit / "signing_key.pem", kit / "key_agreement_key.pem"]
+        private += [kit / "signing_key.pem", kit / "key_agreement_key.pem", kit / "supernode_auth_key"]
     assert {path: mode(path) for path in private} == {path: 0o600 for path in private}
     for folder in (federation.admin.coordinator_kit, federation.admin.ca_dir, *federation.kits.values()):
         assert mode(folder) == 0o700
@@ -138,8 +141,53 @@ def test_the_site_public_file_is_public_and_complete(federation: Federation) -> 
         "signing_key_fingerprint",
         "key_agreement_public_key",
         "key_agreement_key_fingerprint",
+        "supernode_auth_public_key",
+        "supernode_auth_key_fingerprint",
     }
     assert document["site_id"] == "hosp0" and mode(federation.public_files["hosp0"]) == 0o644
+    assert document["supernode_auth_public_key"].startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_the_manifest_carries_each_sites_supernode_key_in_the_formats_flower_reads(federation: Federation) -> None:
+    """The SuperNode auth key is born in the kit (OpenSSH EC private key, 0600, what `flower-supernode
+    --auth-supernode-private-key` loads); the manifest's public key (what `flwr supernode register` loads) is its half."""
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    manifest = load_manifest(federation.admin.root)
+    for site in SITES:
+        key_path = supernode_auth_key_path(federation.kits[site])
+        assert mode(key_path) == 0o600 and key_path.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        private = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        listed = manifest.site(site).supernode_auth_public_key
+        assert listed == load_supernode_auth_public_key(federation.kits[site])
+        assert serialization.load_ssh_public_key(listed.encode()).public_numbers() == private.public_key().public_numbers()
+        public_file = key_path.parent.parent / "registered.pub"
+        public_file.write_text(listed + "\n")
+        assert try_load_public_key(public_file) == public_key_to_bytes(private.public_key())  # Flower's own loader
+    assert len({entry.supernode_auth_public_key for entry in manifest.sites}) == len(SITES)
+
+
+def test_manifests_without_supernode_keys_still_load_and_a_foreign_supernode_key_is_refused(tmp_path: Path) -> None:
+    kits, public_files = make_sites(tmp_path, ["a", "b"])
+    admin = provision_federation(tmp_path / "admin", federation_name="f", site_public_files=list(public_files.values()))
+    document = json.loads(admin.manifest_path.read_text())
+    for entry in document["sites"].values():  # a manifest from before SuperNode keys
+        del entry["supernode_auth_public_key"], entry["supernode_auth_key_fingerprint"]
+    (tmp_path / "old.json").write_text(json.dumps(document))
+    old = load_manifest(tmp_path / "old.json")
+    assert old.site("a").supernode_auth_public_key is None and "supernode_auth_public_key" not in old.to_json()
+    assert join_federation(kits["a"], tmp_path / "old.json").site_id == "a"
+    document = json.loads(admin.manifest_path.read_text())
+    document["sites"]["a"]["supernode_auth_public_key"] = document["sites"]["b"]["supernode_auth_public_key"]
+    (tmp_path / "tampered.json").write_text(json.dumps(document))
+    with pytest.raises(KitError, match="supernode-auth-key fingerprint"):
+        load_manifest(tmp_path / "tampered.json")
+    document["sites"]["a"]["supernode_auth_key_fingerprint"] = document["sites"]["b"]["supernode_auth_key_fingerprint"]
+    (tmp_path / "swapped.json").write_text(json.dumps(document))
+    with pytest.raises(KitError, match="different SuperNode authentication key"):
+        join_federation(kits["a"], tmp_path / "swapped.json")
 
 
 def test_tls_certificate_is_signed_by_the_ca_for_the_coordinator_names(federation: Federation) -> None:
@@ -247,6 +295,8 @@ def write_public(path: Path, document: dict) -> Path:
         ({"key_agreement_public_key": None}, "key_agreement_public_key"),
         ({"signing_key_fingerprint": "00" * 32}, "signing_key_fingerprint"),
         ({"key_agreement_key_fingerprint": "00" * 32}, "key_agreement_key_fingerprint"),
+        ({"supernode_auth_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOx"}, "supernode_auth_public_key"),
+        ({"supernode_auth_key_fingerprint": "00" * 32}, "supernode_auth_key_fingerprint"),
     ],
 )
 def test_bad_public_files_are_refused_naming_the_file_and_field(tmp_path: Path, change: dict, field: str) -> None:

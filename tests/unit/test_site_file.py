@@ -77,7 +77,7 @@ def test_a_fresh_clone_holds_no_run_state() -> None:
     assert {".medtwin-sites/", ".medtwin-kits/", ".medtwin/"} <= set(ignored)
 
 
-@pytest.mark.parametrize("run_id", ["../escape", "a/b", "", "x" * 200, "run\x00id", "ré"])
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", "", "x" * 200, "run\x00id", "ré", "run-1\n", "run-1\nx"])
 def test_run_ids_that_could_escape_a_folder_are_refused_everywhere(tmp_path: Path, run_id: str) -> None:
     from medtwin.client.site_state import SiteApprovals, SiteStateError
     from medtwin.core.errors import ConfigError
@@ -89,3 +89,11 @@ def test_run_ids_that_could_escape_a_folder_are_refused_everywhere(tmp_path: Pat
         SiteApprovals(tmp_path / "state").approve(run_id=run_id, config_hash="c", code_hash="d")
     assert not list(tmp_path.rglob("escape*"))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["run-1\n", "run-1\r", "\nrun-1", "run-1 ", "run-1\n\n"])
+def test_an_id_with_a_trailing_newline_is_not_an_id(value: str) -> None:
+    from medtwin.core.ids import check_id
+
+    assert "not a valid id" in check_id(value)
+    assert check_id("run-1") == ""

@@ -1,0 +1,102 @@
+"""`medtwin coordinator start|stop` and `medtwin site start|stop`: real parties on Flower's deployment engine.
+
+    medtwin coordinator start --admin-dir fed --state-dir /srv/medtwin/coordinator [--port 9092]
+    medtwin coordinator stop  --state-dir /srv/medtwin/coordinator
+    medtwin site start --site-file /srv/medtwin/site.yaml --superlink coordinator.example.org:9092 [--port 9094]
+    medtwin site stop  --site-file /srv/medtwin/site.yaml
+
+Both start commands return once the process is up (the SuperLink answers over TLS and every site's
+SuperNode key from the manifest is registered; the SuperNode was accepted) and leave it running
+with a pidfile in the state folder; the stop commands stop it and every process it started, by PID.
+The process logic lives in `medtwin.experiments.deployment`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+__all__ = ["coordinator_app", "coordinator_start_command", "coordinator_stop_command", "site_start_command", "site_stop_command"]
+
+console = Console()
+coordinator_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The coordinator's Flower SuperLink (TLS, SuperNode auth).")
+
+
+def _fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {error}")
+    return typer.Exit(code=2)
+
+
+@coordinator_app.command("start")
+def coordinator_start_command(
+    admin_dir: Annotated[Path, typer.Option("--admin-dir", help="the folder `medtwin provision --out` wrote (its coordinator/ kit)")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="the coordinator's state: SuperLink database, pidfile, log, FLWR_HOME")],
+    port: Annotated[int, typer.Option("--port", help="the SuperLink's one HTTPS port (Fleet, Control and Runtime APIs in Flower 1.41)")] = 9092,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    startup_timeout_s: Annotated[float, typer.Option("--startup-timeout-s")] = 30.0,
+) -> None:
+    """Start flower-superlink with the admin's TLS kit and SuperNode auth; register every site's SuperNode key."""
+    from .deployment import CoordinatorProcess, DeploymentError
+
+    coordinator = CoordinatorProcess(admin_dir, state_dir, host=host, port=port, startup_timeout_s=startup_timeout_s)
+    try:
+        coordinator.start()
+    except DeploymentError as error:
+        raise _fail(error) from None
+    console.print(f"SuperLink pid {coordinator.pid} on https://{coordinator.address}  (log {coordinator.log_path})")
+    for site_id, node_id in sorted(coordinator.registered.items()):
+        console.print(f"  site {site_id}: SuperNode {node_id} registered")
+    console.print(
+        f"submit runs with FLWR_HOME={coordinator.flwr_home} flwr run . {coordinator.connection}; "
+        f"stop with `medtwin coordinator stop --state-dir {coordinator.state_dir}`"
+    )
+
+
+@coordinator_app.command("stop")
+def coordinator_stop_command(
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="the state folder given to `medtwin coordinator start`")],
+) -> None:
+    """Stop the SuperLink recorded in --state-dir and every process it started, by PID."""
+    from .deployment import DeploymentError, stop_coordinator
+
+    try:
+        stopped = stop_coordinator(state_dir)
+    except DeploymentError as error:
+        raise _fail(error) from None
+    console.print(f"stopped {len(stopped)} process(es)" if stopped else f"no SuperLink running for {state_dir}")
+
+
+def site_start_command(
+    site_file: Annotated[Path, typer.Option("--site-file", help="this hospital's site file")],
+    superlink: Annotated[str, typer.Option("--superlink", help="the coordinator's SuperLink as host:port")],
+    port: Annotated[int, typer.Option("--port", help="this SuperNode's Runtime API port on 127.0.0.1 (one per node on a host)")] = 9094,
+    max_wait_time_s: Annotated[float, typer.Option("--max-wait-time-s", help="give up connecting to the SuperLink after this long")] = 30.0,
+) -> None:
+    """Start this site's flower-supernode (TLS with the kit's CA, the kit's SuperNode key, node_config = the site file)."""
+    from .deployment import DeploymentError, SiteProcess
+
+    site = SiteProcess(site_file, superlink, port=port, max_wait_time_s=max_wait_time_s)
+    try:
+        site.start()
+    except DeploymentError as error:
+        raise _fail(error) from None
+    console.print(
+        f"site {site.site_id}: SuperNode {site.node_id} (pid {site.pid}) connected to {superlink}  (log {site.log_path}); "
+        f"stop with `medtwin site stop --site-file {site.site_file}`"
+    )
+
+
+def site_stop_command(
+    site_file: Annotated[Path, typer.Option("--site-file", help="this hospital's site file")],
+) -> None:
+    """Stop this site's SuperNode and every process it started, by PID."""
+    from .deployment import DeploymentError, stop_site
+
+    try:
+        stopped = stop_site(site_file)
+    except DeploymentError as error:
+        raise _fail(error) from None
+    console.print(f"stopped {len(stopped)} process(es)" if stopped else f"no SuperNode running for {site_file}")

@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export FLWR_HOME := $(CURDIR)/.flwr
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo deploy-demo test test-fast bench clean
 
 $(STAMP): pyproject.toml $(wildcard package-lock.json)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/medtwin demo
+
+# every party as its own process on loopback: TLS SuperLink, 4 SuperNodes, 2 anvil chains, an auditor
+deploy-demo: install
+	$(BIN)/python -m medtwin.experiments.deploy_demo
 
 test: install
 	$(BIN)/pytest -q

@@ -85,9 +85,28 @@ def run(
     context: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower and Ray logs")] = False,
     resume: Annotated[str, typer.Option("--resume", help="continue this run id after its last checkpoint (same overrides)")] = "",
+    federation: Annotated[
+        Path | None, typer.Option("--federation", help="deployment: the coordinator's state dir (`medtwin coordinator start`)")
+    ] = None,
+    proposal: Annotated[Path | None, typer.Option("--proposal", help="deployment: the approved proposal (`medtwin propose`)")] = None,
+    public_context: Annotated[Path | None, typer.Option("--public-context", help="deployment, crypto=ckks: the steward's public context")] = None,
 ) -> None:
-    """Run a simulated federation composed from configs/ with Hydra overrides, e.g. `task=breast_cancer strategy=fedprox`."""
-    _run(list(context.args), verbose, resume=resume)
+    """Run a federation: simulated from configs/ with Hydra overrides (e.g. `task=breast_cancer strategy=fedprox`),
+    or, with --federation and --proposal, on the coordinator's SuperLink with the hospitals' SuperNodes."""
+    if federation is None:
+        _run(list(context.args), verbose, resume=resume)
+        return
+    from .cli_deploy import submit_proposal
+
+    setup_logging(verbose)
+    if proposal is None:
+        raise typer.BadParameter("--federation needs --proposal: the run the sites approved (`medtwin propose`)")
+    try:
+        run_path = submit_proposal(proposal, coordinator_state=federation, public_context=public_context, timeout_s=24 * 3600)
+    except MedtwinError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from error
+    print_summary(run_path)
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -117,7 +136,7 @@ def demo(
 
 def register_admin_commands() -> None:
     from .cli_admin import audit_app, chain_app, model_app, provision_command, site_app
-    from .cli_deploy import coordinator_app, site_start_command, site_stop_command
+    from .cli_deploy import coordinator_app, propose_command, site_start_command, site_stop_command
     from .cli_federation import federation_app
     from .cli_site import site_approve_command
 
@@ -125,6 +144,7 @@ def register_admin_commands() -> None:
     site_app.command("start")(site_start_command)
     site_app.command("stop")(site_stop_command)
     app.add_typer(coordinator_app, name="coordinator")
+    app.command("propose", context_settings=EXTRA_ARGS)(propose_command)
     federation_app.command("init", help="Create a federation from the sites' public files (same as `medtwin provision`).")(provision_command)
     app.add_typer(federation_app, name="federation")
 

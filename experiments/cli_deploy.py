@@ -13,6 +13,7 @@ The process logic lives in `medtwin.experiments.deployment`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -100,3 +101,53 @@ def site_stop_command(
     except DeploymentError as error:
         raise _fail(error) from None
     console.print(f"stopped {len(stopped)} process(es)" if stopped else f"no SuperNode running for {site_file}")
+
+
+def propose_command(
+    context: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="where to write the run proposal (YAML) the sites approve")],
+) -> None:
+    """Compose a run from configs/ and Hydra overrides and write it as the proposal every site approves."""
+    from medtwin.core.config import compose_config, config_to_yaml
+    from medtwin.core.rundir import atomic_write_text
+    from medtwin.server.app import make_run_id
+
+    config = compose_config(list(context.args))
+    if not config.run_id:
+        config.run_id = make_run_id(config)
+    if config.task.csv is not None and config.task.csv.site_files:
+        raise typer.BadParameter("a proposal names no site's files: drop task.csv.site_files (each site's path is in its site file)")
+    if config.crypto.name == "ckks" and not config.crypto.key_id:
+        raise typer.BadParameter("crypto=ckks needs the key steward's key set: add crypto.key_id=<id from `medtwin site keygen`>")
+    atomic_write_text(out, config_to_yaml(config))
+    console.print(f"run {config.run_id}: proposal written to {out} — each site runs `medtwin site approve {out} --site-file …`")
+
+
+def submit_proposal(
+    proposal: Path, *, coordinator_state: Path, public_context: Path | None, timeout_s: float
+) -> Path:
+    """`medtwin run --federation`: submit an approved proposal to the coordinator's SuperLink and wait."""
+    from medtwin.core.config import config_from_yaml
+    from medtwin.core.runconfig import CONFIG_YAML_KEY
+    from medtwin.server.app import MANIFEST_KEY, PUBLIC_CONTEXT_KEY
+
+    from .deployment import COORDINATOR_CONNECTION, COORDINATOR_RECORD, DeploymentError, submit_run, wait_for_run
+
+    text = proposal.read_text(encoding="utf-8")
+    config = config_from_yaml(text)
+    flwr_home = coordinator_state / "flwr-home"
+    record_path = coordinator_state / COORDINATOR_RECORD
+    if not record_path.is_file() or not (flwr_home / "config.toml").is_file():
+        raise DeploymentError(f"no coordinator at --federation {coordinator_state}: start it with `medtwin coordinator start`")
+    manifest = json.loads(record_path.read_text(encoding="utf-8"))["manifest"]
+    run_config = {
+        CONFIG_YAML_KEY: text,
+        MANIFEST_KEY: manifest,
+        PUBLIC_CONTEXT_KEY: str(public_context.resolve()) if public_context else "",
+    }
+    flower_run = submit_run(flwr_home, COORDINATOR_CONNECTION, run_config)
+    console.print(f"run {config.run_id} submitted as Flower run {flower_run}; waiting (`flwr log {flower_run} {COORDINATOR_CONNECTION}` streams it)")
+    outcome = wait_for_run(flwr_home, COORDINATOR_CONNECTION, flower_run, timeout_s=timeout_s)
+    if not outcome.completed:
+        raise DeploymentError(f"Flower run {flower_run} ended {outcome.status!r} ({outcome.details})")
+    return Path(config.runs_dir) / config.run_id

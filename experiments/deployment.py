@@ -69,6 +69,7 @@ COORDINATOR_CONNECTION = "medtwin-coordinator"  # the named connection in the co
 SUPERLINK_PIDFILE, SUPERNODE_PIDFILE = "superlink.pid", "supernode.pid"
 SUPERLINK_LOG, SUPERNODE_LOG = "superlink.log", "supernode.log"
 REGISTRY_FILE = "registered-supernodes.json"
+COORDINATOR_RECORD = "coordinator.json"  # manifest path + address of a started coordinator
 _STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 _NODE_CONNECTED = re.compile(r"SuperNode ID: (\d+)")
 _KEY_IN_USE = "Public key already in use"
@@ -352,6 +353,11 @@ class CoordinatorProcess:
             self._record.save(self.pidfile)
             self._wait_until_healthy(process, kit.ca_cert_path)
             self._write_flower_config(kit.ca_cert_path.resolve())
+            # what `medtwin run --federation <state dir>` needs: the coordinator's public manifest and address
+            atomic_write_text(
+                self.state_dir / COORDINATOR_RECORD,
+                json.dumps({"manifest": str(self.manifest_path.resolve()), "address": self.address}, indent=1) + "\n",
+            )
             logger.info("SuperLink pid %d on https://%s (%.1f s), log %s", process.pid, self.address, time.monotonic() - started, self.log_path)
             if self.register_sites:
                 self.registered = self.register_manifest_sites()

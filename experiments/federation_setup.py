@@ -45,7 +45,7 @@ from medtwin.core.identity import (
     steward_generate_he_keys,
 )
 from medtwin.core.model_vector import model_to_vector
-from medtwin.core.tasks import get_task
+from medtwin.core.tasks import TwinTask, get_task
 from medtwin.server.app import CoordinatorSetup
 
 try:  # POSIX: serialise parallel harnesses (sweeps) creating the same identities
@@ -157,6 +157,16 @@ def _harness_lock(path: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
+def he_parameters_for(config: MedtwinConfig, task: TwinTask) -> CkksParameters:
+    """The run's CKKS parameters: from the model size, the number of sites and the precision target."""
+    crypto = config.crypto
+    if crypto.max_total_examples <= 0:  # 0 = bound from the sites' declared training-set sizes
+        crypto = replace(crypto, max_total_examples=2 * sum(site.num_train for site in task.load_all_sites()))
+    torch.manual_seed(config.seed)
+    num_parameters = int(model_to_vector(task.build_model()).size)
+    return ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=len(task.site_ids()))
+
+
 def prepare_federation(config: MedtwinConfig, run_id: str, *, he_key_id: str = "") -> SimulatedFederation:
     """Identities for every run (every reply is signed); with crypto=ckks a new key set from the first site,
     or — resuming a run — the key set `he_key_id` it already has (every site must still hold it)."""
@@ -172,12 +182,7 @@ def prepare_federation(config: MedtwinConfig, run_id: str, *, he_key_id: str = "
             manifest=manifest,
             kit_dirs=kit_dirs,
         )
-    crypto = config.crypto
-    if crypto.max_total_examples <= 0:  # 0 = bound from the sites' declared training-set sizes
-        crypto = replace(crypto, max_total_examples=2 * sum(site.num_train for site in task.load_all_sites()))
-    torch.manual_seed(config.seed)
-    num_parameters = int(model_to_vector(task.build_model()).size)
-    parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=len(site_ids))
+    parameters = he_parameters_for(config, task)
     steward = site_ids[0]
     if he_key_id:
         public_context = root / "steward-outbox" / "public_context.bin"

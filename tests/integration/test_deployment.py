@@ -22,17 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from medtwin.core.config import compose_config, config_to_yaml
 from medtwin.core.identity import init_site_identity, join_federation, provision_federation
-from medtwin.core.runconfig import CONFIG_YAML_KEY
+from medtwin.experiments.cli_deploy import submit_proposal
 from medtwin.experiments.deployment import (
     CoordinatorProcess,
     DeploymentError,
     SiteProcess,
     list_supernodes,
-    submit_run,
-    wait_for_run,
 )
 from medtwin.experiments.flower_local import ProcessTree
-from medtwin.server.app import MANIFEST_KEY, PUBLIC_CONTEXT_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -229,16 +226,15 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
     assert sorted(online_nodes(coordinator)) == sorted(site.node_id for site in sites)
 
     run_id, proposal = propose_and_approve(deployment, "crypto=ckks", f"crypto.key_id={distribution.key_id}")
-    run_config = {
-        CONFIG_YAML_KEY: proposal,
-        MANIFEST_KEY: str(coordinator.manifest_path),
-        PUBLIC_CONTEXT_KEY: str(distribution.public_context_path),
-    }
-    flower_run_id = submit_run(coordinator.flwr_home, coordinator.connection, run_config)
-    outcome = wait_for_run(coordinator.flwr_home, coordinator.connection, flower_run_id, timeout_s=900)
-    timings[f"CKKS + DP run ({NUM_ROUNDS} rounds, 3 sites, both chains)"] = outcome.elapsed_s
-    assert outcome.completed, f"{outcome}; SuperLink log {coordinator.log_path}; site logs {[str(site.log_path) for site in sites]}"
-    summary = check_run_results(deployment, deployment.root / "runs" / run_id, run_id)
+    proposal_file = deployment.root / "proposal.yaml"
+    proposal_file.write_text(proposal)
+    started = time.monotonic()
+    run_dir = submit_proposal(  # what `medtwin run --federation <state> --proposal <file>` does
+        proposal_file, coordinator_state=deployment.root / "coordinator", public_context=distribution.public_context_path, timeout_s=900
+    )
+    timings[f"CKKS + DP run ({NUM_ROUNDS} rounds, 3 sites, both chains)"] = time.monotonic() - started
+    assert run_dir == deployment.root / "runs" / run_id
+    summary = check_run_results(deployment, run_dir, run_id)
     assert summary["crypto"]["scheme"] == "ckks"
     # summary, chains and ledgers agree: one anchor per round, with each site's signed epsilon
     from medtwin.chain import open_readonly

@@ -170,7 +170,7 @@ def test_running_the_same_run_id_again_is_refused_and_spends_nothing(dp_run: Run
     try:
         path = simulate(again)
     except RoundFailedError as error:  # no site trained, so round 1 cannot close
-        refused = {site for site in SITES if f"{site}: {replay}" in str(error)}
+        refused = {site for site in SITES if f"{site} (refused:replay: {replay}" in str(error)}
     else:
         rejections = json.loads((path / "summary.json").read_text())["rejections"]
         refused = {r["site"] for r in rejections if r["round"] == 1 and replay in r["reason"]}

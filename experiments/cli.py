@@ -113,9 +113,17 @@ def run(
 def demo(
     context: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    deployment: Annotated[
+        bool, typer.Option("--deployment", help="every party as its own process: TLS SuperLink, 4 SuperNodes, chains, auditor")
+    ] = False,
 ) -> None:
     """The demo: Fed-Heart-Disease across 4 hospitals with DP, CKKS aggregation and both chains, then an audit."""
     from medtwin.chain import chain_down
+
+    if deployment:
+        from .deploy_demo import main as deploy_demo
+
+        raise typer.Exit(code=deploy_demo([]))
 
     overrides = DEMO_OVERRIDES + list(context.args)
     state_dir = compose_config(overrides).chain.state_dir

@@ -46,6 +46,7 @@ from medtwin.core.identity import (
 from medtwin.core.tasks import get_task
 
 from .chain_wiring import enrol_federation, open_chains
+from .cli import print_summary
 from .cli_deploy import submit_proposal
 from .deployment import CoordinatorProcess, SiteProcess
 from .federation_setup import he_parameters_for
@@ -140,7 +141,7 @@ def run_demo(root: Path, *, rounds: int) -> int:
             proposal_file, coordinator_state=root / "coordinator", public_context=keys.public_context_path, timeout_s=1800
         )
         print(f"      {rounds} rounds in {time.monotonic() - clock:.0f} s", flush=True)
-        print(f"      run directory: {run_path}", flush=True)
+        print_summary(run_path)
 
         print("[8/8] an auditor with only federation.json + chains.json verifies the run (separate process)", flush=True)
         auditor = root / "auditor"

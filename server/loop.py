@@ -135,6 +135,16 @@ def evaluation_metrics(metrics: dict[str, object], *, site_id: str) -> dict[str,
     return values
 
 
+SITE_REFUSAL_PREFIX = "refused:"
+
+
+def site_refusal_code(status: str, default: str) -> str:
+    """The on-chain label of a site's own refusal: always `refused:<its code>`, so a site can never
+    make its refusal read like one of the coordinator's verdicts (`ok`, `bad_signature`, …)."""
+    code = status.removeprefix(SITE_REFUSAL_PREFIX) if status else default
+    return safe_code(SITE_REFUSAL_PREFIX + code)
+
+
 class RoundLoop:
     """Runs rounds up to `federation.num_rounds`; each phase waits at most `round_timeout_s` and closes with
     whoever replied. With `checkpoints` (a folder) it writes a `RoundCheckpoint` after every round; with
@@ -409,7 +419,7 @@ class RoundLoop:
             if claim.status == "trained":
                 raise ReplyRejected("malformed_reply", "claims to have trained but sent no update", site_id=claim.site_id)
             reason = safe_text(site_record.get("reason", ""), limit=300)  # type: ignore[attr-defined]
-            return verified, Rejection(claim.site_id, node_id, reason, server_round, safe_code(claim.status or "no_update")), {}
+            return verified, Rejection(claim.site_id, node_id, reason, server_round, site_refusal_code(claim.status, "no_update")), {}
         if claim.status != "trained":
             raise ReplyRejected("malformed_reply", f"an update with status {claim.status!r:.40}", site_id=claim.site_id)
         update = SiteUpdate(node_id=node_id, record=record, claim=claim, signature=verified.signature)
@@ -448,7 +458,8 @@ class RoundLoop:
             self.result.accepted_updates += 1
             self.result.update_bytes += sum(len(array.data) for array in update.record.values())
             claim = update.claim
-            metrics = {name: value for name, value in metrics.items() if name not in ("epsilon", "delta")}
+            # unsigned training metrics are the site's own commentary: kept apart from anything recorded as fact
+            metrics = {f"unsigned.{name}": value for name, value in metrics.items() if name not in ("epsilon", "delta")}
             if claim.epsilon > 0 or claim.delta > 0:  # what the site signed, never its unsigned metrics
                 self.result.privacy[update.site_id] = {"epsilon": claim.epsilon, "delta": claim.delta}
                 metrics |= self.result.privacy[update.site_id]
@@ -554,7 +565,7 @@ class RoundLoop:
             if claim.status == "evaluated":
                 raise ReplyRejected("malformed_reply", "claims an evaluation but sent no metrics", site_id=claim.site_id)
             reason = safe_text(site_record.get("reason", ""), limit=300)  # type: ignore[attr-defined]
-            return verified, Rejection(claim.site_id, node_id, reason, server_round, safe_code(claim.status or "no_metrics"))
+            return verified, Rejection(claim.site_id, node_id, reason, server_round, site_refusal_code(claim.status, "no_metrics"))
         if claim.status != "evaluated":
             raise ReplyRejected("malformed_reply", f"an evaluation with status {claim.status!r:.40}", site_id=claim.site_id)
         return verified, evaluation_metrics(metrics, site_id=claim.site_id)

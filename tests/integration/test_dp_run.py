@@ -127,8 +127,9 @@ def test_metrics_carry_per_site_epsilon_that_grows_with_rounds(dp_run: Run) -> N
         assert 0 < first["sites"][site]["epsilon"] < second["sites"][site]["epsilon"], site
         assert second["sites"][site]["epsilon"] == dp_run.summary["privacy"][site]["epsilon"]
         # one noise multiplier per site for the whole run, calibrated to its own sample rate
-        assert first["sites"][site]["noise_multiplier"] == second["sites"][site]["noise_multiplier"] > 0
-        assert "train_loss" not in first["sites"][site]  # the non-DP training loss stays at the site
+        # (recorded apart as the site's unsigned commentary: nothing unsigned is recorded as fact)
+        assert first["sites"][site]["unsigned.noise_multiplier"] == second["sites"][site]["unsigned.noise_multiplier"] > 0
+        assert not [key for key in first["sites"][site] if "train_loss" in key]  # the non-DP training loss stays at the site
         assert [spend.round for spend in ledger(dp_run.config, site).run("dp-run").rounds] == [1, 2]
 
 

@@ -47,6 +47,7 @@ def verify_certificate(
     run_id: str,
     server_round: int,
     min_participants: int,
+    max_site_examples: int | None = None,
 ) -> VerifiedAggregate:
     """Raise `AggregateRefused` unless the certificate vouches for exactly this aggregate of `server_round`."""
     if certificate_record is None:
@@ -77,6 +78,10 @@ def verify_certificate(
             raise AggregateRefused(f"the certificate names {claim.site_id!r}, who is not in this federation")
         if claim.site_id in participants:
             raise AggregateRefused(f"the certificate names {claim.site_id!r} twice")
+        if max_site_examples is not None and claim.num_examples > max_site_examples:
+            raise AggregateRefused(
+                f"{claim.site_id!r} claims {claim.num_examples} examples, above the run's max_site_examples {max_site_examples}"
+            )
         try:
             verify_claim(manifest.site(claim.site_id).signing_public_key, signature, claim)
         except IdentityError as error:

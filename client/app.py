@@ -101,6 +101,7 @@ def current_model(site: Site, message: Message, *, certificate_round: int) -> tu
         run_id=site.proposal.run_id,
         server_round=certificate_round,
         min_participants=max(site.file.evaluation.min_participants, site.config.federation.min_sites),
+        max_site_examples=site.config.federation.max_site_examples,
     )
     try:
         average, total_examples = site.codec.average(site.codec.sum(verified.updates))

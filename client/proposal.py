@@ -107,6 +107,7 @@ def parse_proposal(text: object, site: SiteFile) -> RunProposal:
     federation = FederationConfig(
         num_rounds=fields.get("federation.num_rounds", int, 1, minimum=1),
         min_sites=fields.get("federation.min_sites", int, 1, minimum=1),
+        max_site_examples=fields.get("federation.max_site_examples", int, 1_000_000, minimum=1),
     )
     if federation.num_rounds > site.accept.max_rounds:
         raise ProposalRefused(

@@ -422,6 +422,13 @@ class RoundLoop:
             return verified, Rejection(claim.site_id, node_id, reason, server_round, site_refusal_code(claim.status, "no_update")), {}
         if claim.status != "trained":
             raise ReplyRejected("malformed_reply", f"an update with status {claim.status!r:.40}", site_id=claim.site_id)
+        limit = self.config.federation.max_site_examples
+        if claim.num_examples > limit:  # a site claiming a huge count would own the weighted average
+            raise ReplyRejected(
+                "implausible_count",
+                f"{claim.site_id} claims {claim.num_examples} training examples, above federation.max_site_examples {limit}",
+                site_id=claim.site_id,
+            )
         update = SiteUpdate(node_id=node_id, record=record, claim=claim, signature=verified.signature)
         problem = self.aggregator.check(update)
         if problem:

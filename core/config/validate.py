@@ -44,6 +44,8 @@ def validate_config(config: MedtwinConfig) -> None:
         raise ConfigError("federation.num_rounds", f"must be >= 1, got {federation.num_rounds}")
     if federation.round_timeout_s <= 0:
         raise ConfigError("federation.round_timeout_s", f"must be > 0, got {federation.round_timeout_s}")
+    if federation.max_site_examples < 1:
+        raise ConfigError("federation.max_site_examples", f"must be >= 1, got {federation.max_site_examples}")
     if federation.min_sites < 1:
         raise ConfigError("federation.min_sites", f"must be >= 1, got {federation.min_sites}")
     validate_privacy_config(config.privacy)

@@ -272,6 +272,7 @@ def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: 
 
     scaled_single = pack_plain_update(unpack_plain(hungarian)[:-1] / 180, num_examples=260)  # hungarian alone, count fixed
     claims = [hungarian_claim, swiss_claim]
+    dominant, dominant_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=5_000_000)
     refused = {
         "no certificate": {AGGREGATE: hungarian},
         "certified updates missing": _round_records(scaled_single, claims, [hungarian]),
@@ -279,6 +280,9 @@ def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: 
         "certificate of one site only": _round_records(hungarian, [hungarian_claim], [hungarian]),
         "an update that is not the signed one": _round_records(honest, claims, [hungarian, scaled_single]),
         "aggregate other than certified": _round_records(scaled_single, claims, [hungarian, swiss], certified_hash=payload_sha256(honest)),
+        "a site claiming 5M examples": _round_records(
+            _sum_records([dominant, swiss]), [dominant_claim, swiss_claim], [dominant, swiss]
+        ),
     }
     for name, extra in refused.items():
         status, reason = status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=extra))

@@ -342,6 +342,18 @@ def wrong_count(message: Message, hostile: Hostile) -> list[Message]:
     return _payload(message, np.append(_weights("beta", 1) * COUNTS["beta"], 10_000.0))  # claim says 25
 
 
+def huge_count(message: Message, hostile: Hostile) -> list[Message]:
+    """A consistent, signed update claiming 2**60 examples: it would own the weighted average."""
+    run_id, server_round = _order(message)
+    count = 2**60
+    record = pack_plain_update(_weights("beta", server_round), num_examples=count)
+    claim = ReplyClaim(
+        kind="update", run_id=run_id, server_round=server_round, site_id="beta", payload_sha256=payload_sha256(record),
+        num_examples=count, epsilon=EPSILON["beta"], delta=DELTA, dataset_manifest=_dataset_manifest("beta"), status="trained",
+    )  # fmt: skip
+    return [_reply(message, {UPDATE: record, SITE: _signed(claim)})]
+
+
 def wrong_shape(message: Message, hostile: Hostile) -> list[Message]:
     return _payload(message, np.append(np.ones(NUM_WEIGHTS + 3), float(COUNTS["beta"])))
 
@@ -434,6 +446,7 @@ TRAIN_ATTACKS: dict[str, tuple[Behaviour, int, str, str]] = {
     "int-payload": (_in_round(1, int_payload), 1, "beta", "malformed_update"),
     "nan-in-payload": (_in_round(1, nan_payload), 1, "beta", "malformed_update"),
     "count-not-the-claimed": (_in_round(1, wrong_count), 1, "beta", "malformed_update"),
+    "huge-claimed-count": (_in_round(1, huge_count), 1, "beta", "implausible_count"),
     "shape-mismatch": (_in_round(1, wrong_shape), 1, "beta", "shape_mismatch"),
     "missing-site-record": (_in_round(1, missing_site_record), 1, "node-2", "malformed_reply"),
     "non-ascii-status": (_in_round(1, non_ascii_status), 1, "node-2", "malformed_claim"),

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from medtwin.chain import (
+    ChainAccount,
     ChainSession,
+    ChainUnavailableError,
     Decision,
     RunRegistration,
     build_round_anchor,
@@ -25,10 +27,11 @@ from medtwin.chain import (
     open_session,
     run_key,
 )
+from medtwin.chain.session import SITE_FUNDING_WEI
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import ChainConfig
 from medtwin.core.hashing import code_hash, config_hash
-from medtwin.core.identity import FederationManifest
+from medtwin.core.identity import FederationManifest, load_chain_account_key
 from medtwin.core.provenance import AccessDecision, RunDescription
 
 logger = logging.getLogger("medtwin.chain")
@@ -47,24 +50,56 @@ def _fingerprint(value: str | bytes) -> str:
     return (value.hex() if isinstance(value, bytes) else value).removeprefix("0x").lower()
 
 
-def enrol_federation(session: ChainSession, manifest: FederationManifest, *, run_id: str, proposal_text: str) -> None:
-    """Admin registers every new site; every active site approves this run's config + code.
+def site_chain_account(session: ChainSession, site_id: str, kit_dir: Path | str | None) -> ChainAccount:
+    """The account a site approves runs with: its own key from its kit (`medtwin site init` makes it);
+    kits made before sites had one fall back to the session's development account for the site."""
+    key = load_chain_account_key(kit_dir) if kit_dir is not None else None
+    if key is None:
+        return session.site_account(site_id)
+    account = ChainAccount.from_key(key, label=f"site {site_id}")
+    if session.dev_accounts:  # local anvil: gas from the node; a real chain's site funds its own account
+        try:
+            session.auth.client.fund_from_node(account.address, wei=SITE_FUNDING_WEI)
+        except ChainUnavailableError:
+            pass  # its approval waits in the outbox until the node is back
+    session.auth.add_signer(account)
+    return account
+
+
+def approve_run_on_chain(session: ChainSession, *, site_id: str, kit_dir: Path | str | None, run_id: str, proposal_text: str) -> bool:
+    """A site approves (run id, config hash, code hash) with its own chain account; False if it already had."""
+    if session.auth.approval(site_id=site_id, run_id=run_id) is not None:  # a resumed run is approved already
+        return False
+    account = site_chain_account(session, site_id, kit_dir)
+    session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(proposal_text), code_hash=code_hash())
+    return True
+
+
+def enrol_federation(
+    session: ChainSession,
+    manifest: FederationManifest,
+    *,
+    run_id: str,
+    proposal_text: str,
+    site_kits: Mapping[str, Path] | None = None,
+) -> None:
+    """Admin registers every new site (with the chain address in the manifest); every active site
+    approves this run's config + code with its own account (`site_kits`: where the harness finds each
+    hospital's kit — in a deployment each hospital runs `medtwin site approve` itself).
 
     A site registered earlier under another identity key is not silently re-used: the coordinator's
     admission check compares fingerprints and refuses it (`key_mismatch`). Revoked sites stay out.
     """
+    kits = dict(site_kits or {})
     for entry in manifest.sites:
-        account = session.site_account(entry.site_id)
         record = session.auth.site(entry.site_id)
         if record is None:
-            session.auth.register_site(
-                site_id=entry.site_id, address=account.address, key_fingerprint=entry.signing_key_fingerprint
-            )
+            address = entry.chain_address or site_chain_account(session, entry.site_id, kits.get(entry.site_id)).address
+            session.auth.register_site(site_id=entry.site_id, address=address, key_fingerprint=entry.signing_key_fingerprint)
         elif not record.active:
             logger.warning("site %s is revoked on the authorization chain; it will not be admitted", entry.site_id)
             continue
-        if session.auth.approval(site_id=entry.site_id, run_id=run_id) is None:  # a resumed run is approved already
-            session.auth.approve_run(site=account, run_id=run_id, config_hash=config_hash(proposal_text), code_hash=code_hash())
+        approve_run_on_chain(session, site_id=entry.site_id, kit_dir=kits.get(entry.site_id), run_id=run_id, proposal_text=proposal_text)
 
 
 @dataclass

@@ -130,11 +130,20 @@ def site_approve_command(
     if config.privacy.name != "dp" and site.privacy.require_dp:
         console.print("[red]this site requires DP and the proposal asks for none: it would refuse every round[/red]")
         raise typer.Exit(code=1)
-    if site.approvals != "local":
-        console.print("[red]this site approves runs on the authorization chain (site file `approvals: chain`)[/red]")
-        raise typer.Exit(code=1)
     if not yes and not typer.confirm(f"approve run {accepted.run_id} for {site.site_id}?"):
         raise typer.Exit(code=1)
+    if site.approvals == "chain":  # signed with the site's own chain account, from its kit
+        from medtwin.chain import open_session
+        from medtwin.core.config import ChainConfig
+
+        from .chain_wiring import approve_run_on_chain
+
+        session = open_session(ChainConfig(name="anvil", state_dir=str(site.chain_state_dir)))
+        added = approve_run_on_chain(
+            session, site_id=site.site_id, kit_dir=site.kit_dir, run_id=accepted.run_id, proposal_text=text
+        )
+        console.print(f"{'approved' if added else 'already approved'}: run {_shown(accepted.run_id)} on the authorization chain")
+        return
     added = SiteApprovals(site.state_dir).approve(run_id=accepted.run_id, config_hash=accepted.config_hash, code_hash=code)
     state = _shown(site.state_dir)
     console.print(f"{'approved' if added else 'already approved'}: run {_shown(accepted.run_id)} (recorded in {state})")

@@ -132,8 +132,8 @@ def run_demo(root: Path, *, rounds: int) -> int:
             print(f"      {site}: pid {process.pid}, node {process.node_id}", flush=True)
 
         proposal = config_to_yaml(config)
-        print(f"[7/8] run {config.run_id}: the sites approve it on the auth chain; the researcher submits it", flush=True)
-        enrol_federation(session, admin.manifest, run_id=config.run_id, proposal_text=proposal)
+        print(f"[7/8] run {config.run_id}: each site approves it on the auth chain with its own account; the researcher submits it", flush=True)
+        enrol_federation(session, admin.manifest, run_id=config.run_id, proposal_text=proposal, site_kits=kits)
         proposal_file = root / "proposal.yaml"
         proposal_file.write_text(proposal, encoding="utf-8")
         clock = time.monotonic()

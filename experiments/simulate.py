@@ -143,7 +143,10 @@ def connect_chains(config: MedtwinConfig, setup: SimulatedParties) -> ChainProve
     if config.chain.name == "none":
         return None
     session = open_chains(config.chain)
-    enrol_federation(session, setup.federation.manifest, run_id=config.run_id, proposal_text=setup.proposal_text)
+    enrol_federation(
+        session, setup.federation.manifest, run_id=config.run_id, proposal_text=setup.proposal_text,
+        site_kits=setup.federation.kit_dirs,
+    )  # fmt: skip
     if setup.approvals != "chain":
         logger.warning("chain=%s cannot be read by the sites (Ray actors): they approve in their own state", config.chain.name)
     return coordinator_provenance(setup.coordinator_config, setup.federation.coordinator, session=session)

@@ -20,7 +20,9 @@ from .manifest import FederationManifest, SiteEntry, load_manifest
 from .provision import ProvisionedFederation, provision_federation
 from .signing import ReplyClaim, check_claim_fields, sign_claim, verify_claim
 from .site_init import (
+    chain_address_of,
     init_site_identity,
+    load_chain_account_key,
     join_federation,
     load_supernode_auth_public_key,
     read_site_public,
@@ -36,6 +38,8 @@ from .steward import (
 )
 
 __all__ = [
+    "chain_address_of",
+    "load_chain_account_key",
     "CHAINS_FILE",
     "load_chain_record",
     "sign_chain_record",

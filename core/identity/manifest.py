@@ -50,6 +50,7 @@ class SiteEntry:
     signing_public_key: str
     key_agreement_public_key: str
     supernode_auth_public_key: str | None = None
+    chain_address: str | None = None  # the site's own chain account (it signs its run approvals), 0x…
 
     @property
     def signing_key_fingerprint(self) -> str:
@@ -75,6 +76,8 @@ class SiteEntry:
         if self.supernode_auth_public_key is not None:
             document["supernode_auth_public_key"] = self.supernode_auth_public_key
             document["supernode_auth_key_fingerprint"] = openssh_key_fingerprint(self.supernode_auth_public_key)
+        if self.chain_address is not None:
+            document["chain_address"] = self.chain_address
         return document
 
 
@@ -128,6 +131,7 @@ class FederationManifest:
                     signing_public_key=entry["signing_public_key"],
                     key_agreement_public_key=entry["key_agreement_public_key"],
                     supernode_auth_public_key=entry.get("supernode_auth_public_key"),
+                    chain_address=entry.get("chain_address"),
                 )
                 for site_id, entry in sorted(document["sites"].items())
             )

@@ -155,6 +155,8 @@ def _as_public_document(entry: SiteEntry) -> dict[str, str]:
     }
     if entry.supernode_auth_public_key:  # a site's SuperNode key travels with its other public keys
         document["supernode_auth_public_key"] = entry.supernode_auth_public_key
+    if entry.chain_address:
+        document["chain_address"] = entry.chain_address
     return document
 
 

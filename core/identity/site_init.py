@@ -13,6 +13,8 @@ No private key ever leaves the kit; an existing identity is never replaced.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,31 @@ PUBLIC_KEY_BYTES = 32
 # private key (cryptography's load_ssh_private_key) holding an EC key; `flwr supernode register`
 # reads an OpenSSH public key on a NIST curve. P-384, as in Flower's docs (`ssh-keygen -t ecdsa -b 384`).
 SUPERNODE_AUTH_KEY_FILE = "supernode_auth_key"
+# the site's own chain account (secp256k1, hex): it signs the site's run approvals on the auth chain
+CHAIN_ACCOUNT_KEY_FILE = "chain_account_key"
+CHAIN_ADDRESS_PATTERN = re.compile(r"0x[0-9a-fA-F]{40}")
+_SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def chain_address_of(private_key: bytes) -> str:
+    """The checksummed EVM address of a secp256k1 private key."""
+    from eth_account import Account  # web3's signer; imported here to keep core light
+
+    return str(Account.from_key(private_key).address)
+
+
+def load_chain_account_key(kit_dir: Path | str) -> bytes | None:
+    """The site's chain-account private key (32 bytes), or None for a kit made before sites had one."""
+    path = Path(kit_dir) / CHAIN_ACCOUNT_KEY_FILE
+    if not path.exists():
+        return None
+    try:
+        key = bytes.fromhex(read_private_file(path).decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise KitError(f"{path} is not a hex chain-account key ({error}); it was altered") from error
+    if len(key) != 32:
+        raise KitError(f"{path} holds {len(key)} bytes, expected a 32-byte secp256k1 key; it was altered")
+    return key
 SUPERNODE_AUTH_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
@@ -109,7 +136,7 @@ def init_site_identity(kit_dir: Path | str, *, site_id: str) -> Path:
     kit = Path(kit_dir)
     existing = [
         name
-        for name in (SIGNING_KEY_FILE, KEY_AGREEMENT_KEY_FILE, SUPERNODE_AUTH_KEY_FILE, SITE_PUBLIC_FILE)
+        for name in (SIGNING_KEY_FILE, KEY_AGREEMENT_KEY_FILE, SUPERNODE_AUTH_KEY_FILE, CHAIN_ACCOUNT_KEY_FILE, SITE_PUBLIC_FILE)
         if (kit / name).exists()
     ]
     if existing:
@@ -126,11 +153,16 @@ def init_site_identity(kit_dir: Path | str, *, site_id: str) -> Path:
     write_private_file(kit / KEY_AGREEMENT_KEY_FILE, private_key_pem(agreement_key))
     supernode_key = ec.generate_private_key(ec.SECP384R1())
     write_private_file(supernode_auth_key_path(kit), supernode_auth_private_key_openssh(supernode_key))
+    chain_key = secrets.token_bytes(32)
+    while not 0 < int.from_bytes(chain_key, "big") < _SECP256K1_ORDER:
+        chain_key = secrets.token_bytes(32)
+    write_private_file(kit / CHAIN_ACCOUNT_KEY_FILE, chain_key.hex().encode("ascii"))
     entry = SiteEntry(
         site_id=site_id,
         signing_public_key=raw_public_bytes(signing_key.public_key()).hex(),
         key_agreement_public_key=raw_public_bytes(agreement_key.public_key()).hex(),
         supernode_auth_public_key=supernode_auth_public_key_openssh(supernode_key.public_key()),
+        chain_address=chain_address_of(chain_key),
     )
     public_path = kit / SITE_PUBLIC_FILE
     write_public_file(public_path, site_public_json(entry).encode("utf-8"))
@@ -187,11 +219,14 @@ def read_site_public(source: Path | str | Mapping[str, Any]) -> SiteEntry:
                 problems.append("supernode_auth_key_fingerprint: does not match supernode_auth_public_key")
         except ValueError as error:
             problems.append(f"supernode_auth_public_key: {supernode_key!r:.80} is not valid ({error})")
+    chain_address = document.get("chain_address")
+    if chain_address is not None and (not isinstance(chain_address, str) or not CHAIN_ADDRESS_PATTERN.fullmatch(chain_address)):
+        problems.append(f"chain_address: {chain_address!r:.60} is not a 0x-prefixed 20-byte address")
     if problems:
         raise ProvisionError(f"{where} is not a valid site public file: " + "; ".join(problems))
     if keys["signing_public_key"] == keys["key_agreement_public_key"]:
         raise ProvisionError(f"{where}: signing and key-agreement keys are identical; re-run `medtwin site init`")
-    return SiteEntry(site_id=site_id, supernode_auth_public_key=supernode_key, **keys)  # type: ignore[arg-type]
+    return SiteEntry(site_id=site_id, supernode_auth_public_key=supernode_key, chain_address=chain_address, **keys)  # type: ignore[arg-type]
 
 
 def own_site_entry(kit_dir: Path | str) -> SiteEntry:
@@ -210,6 +245,7 @@ def own_site_entry(kit_dir: Path | str) -> SiteEntry:
         signing_public_key=raw_public_bytes(load_ed25519_private_key(kit / SIGNING_KEY_FILE).public_key()).hex(),
         key_agreement_public_key=raw_public_bytes(load_x25519_private_key(kit / KEY_AGREEMENT_KEY_FILE).public_key()).hex(),
         supernode_auth_public_key=load_supernode_auth_public_key(kit) if has_supernode_key else None,
+        chain_address=chain_address_of(chain_key) if (chain_key := load_chain_account_key(kit)) is not None else None,
     )
     if entry != stated:
         raise KitError(f"{public_path} does not describe the private keys in {kit}; the kit was altered")
@@ -262,6 +298,11 @@ def _check_entry(manifest: FederationManifest, own: SiteEntry, *, source: str) -
         )
         if theirs.lower() != ours
     ]
+    if not mismatched and listed.chain_address is not None and listed.chain_address.lower() != (own.chain_address or "").lower():
+        raise KitError(
+            f"{source} lists site {own.site_id!r} with chain account {listed.chain_address}, this kit's is "
+            f"{own.chain_address}; refusing to join — the manifest was built from another identity"
+        )
     if not mismatched and listed.supernode_auth_public_key not in (None, own.supernode_auth_public_key):
         raise KitError(
             f"{source} lists site {own.site_id!r} with a different SuperNode authentication key than this kit holds "

@@ -99,7 +99,8 @@ def propose_and_approve(deployment: Deployment, *overrides: str) -> tuple[str, s
     )  # fmt: skip
     text = config_to_yaml(config)
     session = open_chains(config.chain)  # starts both anvil nodes (stopped by the `chains` fixture)
-    enrol_federation(session, load_manifest(deployment.admin_dir), run_id=run_id, proposal_text=text)
+    kits = {site: deployment.root / site / "kit" for site in SITES}
+    enrol_federation(session, load_manifest(deployment.admin_dir), run_id=run_id, proposal_text=text, site_kits=kits)
     return run_id, text
 
 
@@ -245,6 +246,13 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
     assert anchors[-1].aggregate_hash.removeprefix("0x") == summary["final_aggregate_sha256"]
     assert summary["chain"]["anchors_written"] == NUM_ROUNDS and summary["chain"]["backend"] == "anvil"
     admitted = {(d.site_id, d.round_index) for d in chain.auth.decisions() if d.granted and d.action == "admit_update"}
+    # each site is registered with, and approved the run from, the chain account born in its own kit
+    from medtwin.core.identity import chain_address_of, load_chain_account_key
+
+    for site in SITES:
+        own_address = chain_address_of(load_chain_account_key(deployment.root / site / "kit"))
+        assert chain.auth.site(site).address.lower() == own_address.lower()
+        assert chain.auth.approval(site_id=site, run_id=run_id) is not None
     assert admitted == {(site, round_) for site in SITES for round_ in range(1, NUM_ROUNDS + 1)}
     started = time.monotonic()
     for party in reversed(parties):

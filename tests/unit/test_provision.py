@@ -143,6 +143,7 @@ def test_the_site_public_file_is_public_and_complete(federation: Federation) -> 
         "key_agreement_key_fingerprint",
         "supernode_auth_public_key",
         "supernode_auth_key_fingerprint",
+        "chain_address",
     }
     assert document["site_id"] == "hosp0" and mode(federation.public_files["hosp0"]) == 0o644
     assert document["supernode_auth_public_key"].startswith("ecdsa-sha2-nistp384 ")
@@ -395,3 +396,35 @@ def test_kits_with_unsafe_permissions_or_foreign_keys_are_refused(tmp_path: Path
         load_site_kit(admin.coordinator_kit)
     with pytest.raises(KitError, match="has not joined a federation"):
         load_site_kit(make_sites(tmp_path / "new", ["c"])[0]["c"])
+
+
+def test_a_site_is_born_with_its_own_chain_account_and_the_manifest_carries_only_its_address(tmp_path: Path) -> None:
+    """A site signs its run approvals with its own chain key; the admin registers the public address only."""
+    import dataclasses
+    import json as json_module
+
+    from medtwin.core.identity import (
+        KitError,
+        chain_address_of,
+        init_site_identity,
+        join_federation,
+        load_chain_account_key,
+        provision_federation,
+        read_site_public,
+    )
+
+    public = init_site_identity(tmp_path / "a" / "kit", site_id="hosp-a")
+    key = load_chain_account_key(tmp_path / "a" / "kit")
+    assert key is not None and len(key) == 32
+    entry = read_site_public(public)
+    assert entry.chain_address == chain_address_of(key)
+    admin = provision_federation(tmp_path / "admin", federation_name="f", site_public_files=[entry])
+    assert admin.manifest.site("hosp-a").chain_address == entry.chain_address
+    assert key.hex() not in "".join(path.read_text(errors="ignore") for path in (tmp_path / "admin").rglob("*") if path.is_file())
+    join_federation(tmp_path / "a" / "kit", admin.manifest_path)
+    other = init_site_identity(tmp_path / "b" / "kit", site_id="hosp-b")
+    forged = dataclasses.replace(entry, chain_address=read_site_public(other).chain_address)
+    forged_admin = provision_federation(tmp_path / "admin2", federation_name="f", site_public_files=[forged])
+    with pytest.raises(KitError, match="chain account"):
+        join_federation(tmp_path / "a" / "kit", forged_admin.manifest_path)
+    assert json_module.loads(public.read_text())["chain_address"].startswith("0x")

@@ -8,17 +8,15 @@ dropped silently. The replay logic (idempotency checks, sending) lives in the ga
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from medtwin.core.rundir import atomic_write_bytes
+from medtwin.core.rundir import atomic_write_bytes, exclusive_lock
 
 from .errors import OutboxError
 
@@ -86,17 +84,9 @@ class Outbox:
         self.chain = chain
         self.failed_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".failed.jsonl")
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Hold the cross-process lock (flock on a sibling .lock file)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-            os.close(descriptor)
+        return exclusive_lock(self.path.with_name(self.path.name + ".lock"))
 
     def _read(self, path: Path) -> list[PendingWrite]:
         if not path.is_file():

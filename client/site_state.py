@@ -9,9 +9,7 @@ written atomically, so a restart, a crash or two concurrent ClientApp processes 
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,7 +17,7 @@ from pathlib import Path
 
 from medtwin.core.errors import MedtwinError
 from medtwin.core.ids import check_id
-from medtwin.core.rundir import atomic_write_bytes
+from medtwin.core.rundir import atomic_write_bytes, exclusive_lock
 
 __all__ = ["APPROVALS_FILE", "EVALUATIONS_FILE", "EvaluationRegister", "SiteApprovals", "SiteStateError"]
 
@@ -52,18 +50,12 @@ class _JsonState:
     @contextmanager
     def locked(self) -> Iterator[dict]:
         """Read-modify-write under an exclusive lock; write back what the block leaves in the dict."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        with exclusive_lock(self.path.with_name(self.path.name + ".lock")):
             document = self.read()
             before = json.dumps(document, sort_keys=True)
             yield document
             if json.dumps(document, sort_keys=True) != before:
                 self.write(document)
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-            os.close(descriptor)
 
 
 class SiteApprovals:

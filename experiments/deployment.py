@@ -135,6 +135,17 @@ def _family(root: ProcessId) -> list[ProcessId]:
     return [process for process in found.values() if process.is_alive()]
 
 
+def _stop_tree(tree: ProcessTree | None) -> list[ProcessId]:
+    """Stop a process tree this process started; returns every process seen in it."""
+    if tree is None:
+        return []
+    stopped = list(tree.seen)
+    survivors = tree.stop()
+    if survivors:
+        raise DeploymentError(f"processes still alive after SIGKILL: {survivors}; stop them by PID")
+    return stopped
+
+
 def stop_recorded_process(pidfile: Path, *, grace_s: float = 10.0) -> list[ProcessId]:
     """SIGTERM the pidfile's process and all its descendants (SIGKILL after grace_s); remove the pidfile.
 
@@ -368,15 +379,9 @@ class CoordinatorProcess:
 
     def stop(self) -> list[ProcessId]:
         """Stop the SuperLink and everything it started (SuperExec, ServerApp processes), by PID."""
-        stopped: list[ProcessId] = []
-        if self._tree is not None:
-            stopped = list(self._tree.seen)
-            survivors = self._tree.stop()
-            self._tree = None
-            if survivors:
-                raise DeploymentError(f"processes still alive after SIGKILL: {survivors}; stop them by PID")
-        stopped += stop_recorded_process(self.pidfile)
-        return stopped
+        stopped = _stop_tree(self._tree)
+        self._tree = None
+        return stopped + stop_recorded_process(self.pidfile)
 
     def _wait_until_healthy(self, process: subprocess.Popen, ca_cert: Path) -> None:
         context = ssl.create_default_context(cafile=str(ca_cert))
@@ -636,13 +641,8 @@ class SiteProcess:
 
     def stop(self) -> list[ProcessId]:
         """Stop the SuperNode and everything it started (SuperExec, ClientApp processes), by PID."""
-        stopped: list[ProcessId] = []
-        if self._tree is not None:
-            stopped = list(self._tree.seen)
-            survivors = self._tree.stop()
-            self._tree = None
-            if survivors:
-                raise DeploymentError(f"processes still alive after SIGKILL: {survivors}; stop them by PID")
+        stopped = _stop_tree(self._tree)
+        self._tree = None
         if self.state_dir is not None or self.site_file.is_file():
             stopped += stop_recorded_process(self.pidfile)
         return stopped

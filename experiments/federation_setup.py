@@ -20,10 +20,7 @@ The coordinator's setup only ever names public files.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,13 +42,10 @@ from medtwin.core.identity import (
     steward_generate_he_keys,
 )
 from medtwin.core.model_vector import model_to_vector
+from medtwin.core.rundir import exclusive_lock
 from medtwin.core.tasks import TwinTask, get_task
 from medtwin.server.app import CoordinatorSetup
 
-try:  # POSIX: serialise parallel harnesses (sweeps) creating the same identities
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 SITE_PUBLIC_FILE = "site-public.json"
 ADMIN_DIR = "admin"
@@ -107,7 +101,7 @@ def simulated_identities(
     Returns (manifest, admin folder, site id -> kit). Idempotent: existing identities are kept; the
     admin re-provisions (into a fresh folder, the old one kept aside) only when the sites changed.
     """
-    with _harness_lock(base_dir(config) / ".medtwin-kits" / config.task.name / ".identities.lock"):
+    with exclusive_lock(base_dir(config) / ".medtwin-kits" / config.task.name / ".identities.lock"):
         kit_dirs = {site_id: site_kit_dir(config, site_id) for site_id in site_ids}
         public_files = []
         for site_id, kit in kit_dirs.items():
@@ -140,21 +134,6 @@ def _current_admin(config: MedtwinConfig, public_files: list[Path]) -> Path:
         admin.rename(admin.with_name(f"{ADMIN_DIR}.replaced-{stamp}"))
     fresh.rename(admin)
     return admin
-
-
-@contextlib.contextmanager
-def _harness_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(descriptor, fcntl.LOCK_UN)
-        os.close(descriptor)
 
 
 def he_parameters_for(config: MedtwinConfig, task: TwinTask) -> CkksParameters:

@@ -20,7 +20,7 @@ from .errors import (
 )
 from .ledger import BudgetLedger, LedgerMark, ReleaseSpend, RoundSpend, RunSpend
 from .policy import PolicyDecision, PrivacyRequest, SitePolicy, check_request, load_site_policy, policy_from_mapping
-from .site_privacy import RoundPrivacyPlan, commit_round, ensure_allowed, plan_round, reserve_round
+from .site_privacy import RoundPrivacyPlan, ensure_allowed, plan_round, reserve_round
 
 __all__ = [
     "BudgetExceededError",
@@ -48,7 +48,6 @@ __all__ = [
     "calibrate_noise_multiplier",
     "check_model_compatible",
     "check_request",
-    "commit_round",
     "ensure_allowed",
     "epsilon_after",
     "history_epsilon",

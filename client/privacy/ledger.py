@@ -31,20 +31,19 @@ Format 1 (no sequence, no releases) is read as sequence 0 and written back as fo
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from medtwin.core.privacy_math import HistoryEntry
-from medtwin.core.rundir import atomic_write_bytes
+from medtwin.core.rundir import atomic_write_bytes, exclusive_lock
 
 from .errors import (
     BudgetExceededError,
@@ -494,16 +493,8 @@ class BudgetLedger:
 
     # ------------------------------------------------------------------ storage
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-            os.close(descriptor)
+    def _exclusive(self) -> AbstractContextManager[None]:
+        return exclusive_lock(self._lock_path)
 
     def _remove_stale_temporaries(self) -> None:
         """Temp files of writers killed before `os.replace` (we hold the lock: nobody else is writing)."""

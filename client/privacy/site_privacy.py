@@ -38,7 +38,7 @@ from .errors import BudgetExceededError, PolicyRefusedError, RoundAlreadyTrained
 from .ledger import BudgetLedger
 from .policy import PrivacyRequest, SitePolicy, check_request
 
-__all__ = ["RoundPrivacyPlan", "commit_round", "ensure_allowed", "plan_round", "reserve_round"]
+__all__ = ["RoundPrivacyPlan", "ensure_allowed", "plan_round", "reserve_round"]
 
 _REFUSAL_ERRORS = {
     "policy": PolicyRefusedError,
@@ -195,23 +195,8 @@ def reserve_round(*, ledger: BudgetLedger, plan: RoundPrivacyPlan) -> float:
     ensure_allowed(plan)
     if not plan.uses_dp:
         return math.inf
-    return _reserve(ledger=ledger, plan=plan, steps=plan.steps)
+    steps = plan.steps
 
-
-def commit_round(*, ledger: BudgetLedger, plan: RoundPrivacyPlan, steps_taken: int | None = None) -> float:
-    """Legacy order — train, then record: prefer `reserve_round`, which records before training.
-
-    Same checks under the same lock as `reserve_round` (replay, per-run and lifetime limits), with
-    `steps_taken` (default: the planned steps). Never call both for one round: the second refuses
-    as a replay.
-    """
-    ensure_allowed(plan)
-    if not plan.uses_dp:
-        return math.inf
-    return _reserve(ledger=ledger, plan=plan, steps=plan.steps if steps_taken is None else int(steps_taken))
-
-
-def _reserve(*, ledger: BudgetLedger, plan: RoundPrivacyPlan, steps: int) -> float:
     def epsilon_for(history: Sequence[HistoryEntry]) -> float:
         return epsilon_after(
             noise_multiplier=plan.noise_multiplier,

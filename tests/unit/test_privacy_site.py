@@ -13,7 +13,6 @@ from medtwin.client.privacy import (
     PolicyRefusedError,
     RoundAlreadyTrainedError,
     SitePolicy,
-    commit_round,
     ensure_allowed,
     epsilon_after,
     plan_round,
@@ -143,15 +142,6 @@ def test_reserve_counts_a_round_another_process_recorded_since_planning(ledger):
     epsilon = reserve_round(ledger=ledger, plan=stale)
     assert epsilon > stale.epsilon_after_round  # epsilon recomputed over both rounds, not the stale one
     assert ledger.spent("run-a") == pytest.approx(epsilon)
-
-
-def test_commit_round_still_records_after_training_with_the_same_checks(ledger):
-    round_plan = plan(ledger, 1)
-    epsilon = commit_round(ledger=ledger, plan=round_plan, steps_taken=10)
-    assert epsilon < round_plan.epsilon_after_round
-    assert ledger.history("run-a") == [(round_plan.noise_multiplier, round_plan.sample_rate, 10)]
-    with pytest.raises(RoundAlreadyTrainedError):
-        commit_round(ledger=ledger, plan=round_plan)
 
 
 def test_prv_accounting_plans_a_round(ledger):

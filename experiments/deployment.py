@@ -582,13 +582,14 @@ class SiteProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         flwr_home = self.state_dir / "flwr-home"
         flwr_home.mkdir(exist_ok=True)
-        command = [
+        command = [  # warm_clientapp runs flower-supernode as its child, plus Flower's SuperExec with a warm executor
+            sys.executable, "-m", "medtwin.experiments.warm_clientapp", "--runtime-api-address", f"127.0.0.1:{self.port}", "--",
             str(_bin_dir() / "flower-supernode"),
             "--root-certificates", str(ca_cert),
             "--superlink", self.superlink_address,
             "--auth-supernode-private-key", str(key_path),
             "--node-config", f'site-file="{self.site_file}"',
-            "--isolation", "subprocess",
+            "--isolation", "process",
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--max-wait-time", f"{self.max_wait_time_s:g}",

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
 from medtwin.core.errors import MedtwinError
 from medtwin.core.hashing import code_hash
 from medtwin.core.identity import ReplyClaim, SiteKit, load_site_kit, sign_claim
@@ -43,10 +42,22 @@ from medtwin.core.protocol import (
 from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import CONFIG_YAML_KEY
 
-from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
-from .privacy import PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
+from .aggregate_check import (
+    AggregateRefused,
+    VerifiedAggregate,
+    check_decoded_sum,
+    verify_certificate,
+)
+from .privacy import (
+    PrivacyError,
+    RoundAlreadyTrainedError,
+    plan_round,
+    reserve_round,
+    train_locally_dp,
+)
 from .proposal import ProposalRefused
 from .release import release_metrics
+from .reply_store import ReplyStore
 from .site import Site, dataset_manifest_hash, load_site
 from .site_file import SiteFile, load_site_file
 from .site_state import EvaluationRegister, SiteApprovals
@@ -231,7 +242,12 @@ def build_client_app(
 
 
 def train_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
-    model, _ = current_model(site, message, certificate_round=server_round - 1)
+    model, verified = current_model(site, message, certificate_round=server_round - 1)
+    started_from = verified.aggregate_sha256 if verified is not None else "initial"
+    replies = ReplyStore(site.file.state_dir)
+    if (sent := replies.load(site.proposal.run_id, "train", server_round, started_from=started_from)) is not None:
+        logger.info("site %s: round %d from this aggregate was trained already; resending that reply", site.site_id, server_round)
+        return Message(content=sent, reply_to=message)
     result, epsilon, delta, shared_metrics = train_round(site, model, server_round=server_round)
     logger.info("site %s trained round %d: %d steps", site.site_id, server_round, result.steps)
     update = site.codec.pack(model_to_vector(model), num_examples=result.num_examples, run_id=site.proposal.run_id)
@@ -254,6 +270,7 @@ def train_phase(site: Site, message: Message, server_round: int, approval_check:
             METRICS: MetricRecord({key: float(value) for key, value in shared_metrics.items()}),
         }
     )
+    replies.save(site.proposal.run_id, "train", server_round, started_from=started_from, content=content)
     return Message(content=content, reply_to=message)
 
 
@@ -268,6 +285,10 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
         )
         if problem:
             raise RoundRefused("refused:unanchored", problem)
+    replies = ReplyStore(site.file.state_dir)
+    started_from = verified.aggregate_sha256
+    if (sent := replies.load(site.proposal.run_id, "evaluate", server_round, started_from=started_from)) is not None:
+        return Message(content=sent, reply_to=message)  # released already: the same metrics again, nothing new
     problem = EvaluationRegister(site.file.state_dir).record_once(
         run_id=site.proposal.run_id, server_round=server_round, aggregate_sha256=verified.aggregate_sha256
     )
@@ -306,6 +327,7 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
     content = RecordDict(
         {SITE: site_reply_record(claim, sign_claim(site.kit.signing_key, claim)), METRICS: MetricRecord(released)}
     )
+    replies.save(site.proposal.run_id, "evaluate", server_round, started_from=started_from, content=content)
     return Message(content=content, reply_to=message)
 
 

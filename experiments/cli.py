@@ -102,7 +102,9 @@ def run(
     if proposal is None:
         raise typer.BadParameter("--federation needs --proposal: the run the sites approved (`medtwin propose`)")
     try:
-        run_path = submit_proposal(proposal, coordinator_state=federation, public_context=public_context, timeout_s=24 * 3600)
+        run_path = submit_proposal(
+            proposal, coordinator_state=federation, public_context=public_context, timeout_s=24 * 3600, resume=resume
+        )
     except MedtwinError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from error

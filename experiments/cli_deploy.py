@@ -124,17 +124,23 @@ def propose_command(
 
 
 def submit_proposal(
-    proposal: Path, *, coordinator_state: Path, public_context: Path | None, timeout_s: float
+    proposal: Path, *, coordinator_state: Path, public_context: Path | None, timeout_s: float, resume: str = ""
 ) -> Path:
-    """`medtwin run --federation`: submit an approved proposal to the coordinator's SuperLink and wait."""
+    """`medtwin run --federation`: submit an approved proposal to the coordinator's SuperLink and wait; with
+    `resume` (the proposal's run id) the coordinator continues that run after its latest checkpoint."""
     from medtwin.core.config import config_from_yaml
     from medtwin.core.runconfig import CONFIG_YAML_KEY
-    from medtwin.server.app import MANIFEST_KEY, PUBLIC_CONTEXT_KEY
+    from medtwin.server.app import MANIFEST_KEY, PUBLIC_CONTEXT_KEY, REGISTRY_KEY, RESUME_KEY
 
-    from .deployment import COORDINATOR_CONNECTION, COORDINATOR_RECORD, DeploymentError, submit_run, wait_for_run
+    from .deployment import COORDINATOR_CONNECTION, COORDINATOR_RECORD, REGISTRY_FILE, DeploymentError, submit_run, wait_for_run
 
     text = proposal.read_text(encoding="utf-8")
     config = config_from_yaml(text)
+    if resume and resume != config.run_id:
+        raise DeploymentError(
+            f"--resume {resume} is not the run {proposal} proposes ({config.run_id!r}): resume a run with the very proposal "
+            "its sites approved"
+        )
     flwr_home = coordinator_state / "flwr-home"
     record_path = coordinator_state / COORDINATOR_RECORD
     if not record_path.is_file() or not (flwr_home / "config.toml").is_file():
@@ -144,6 +150,8 @@ def submit_proposal(
         CONFIG_YAML_KEY: text,
         MANIFEST_KEY: manifest,
         PUBLIC_CONTEXT_KEY: str(public_context.resolve()) if public_context else "",
+        REGISTRY_KEY: str((coordinator_state / REGISTRY_FILE).resolve()) if (coordinator_state / REGISTRY_FILE).is_file() else "",
+        RESUME_KEY: "true" if resume else "",
     }
     flower_run = submit_run(flwr_home, COORDINATOR_CONNECTION, run_config)
     console.print(f"run {config.run_id} submitted as Flower run {flower_run}; waiting (`flwr log {flower_run} {COORDINATOR_CONNECTION}` streams it)")

@@ -24,7 +24,7 @@ from medtwin.client.site_file import SiteFile
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.identity import load_manifest
 from medtwin.core.runconfig import config_from_run_config
-from medtwin.server.app import CoordinatorSetup, run_federation
+from medtwin.server.app import RESUME_KEY, CoordinatorSetup, run_federation
 
 from .chain_wiring import ChainApprovalCheck, ChainProvenance, open_chains
 
@@ -58,7 +58,8 @@ def _coordinate(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     config = config_from_run_config(run_config)
     setup = CoordinatorSetup.from_run_config(run_config)
-    run_federation(grid, config, setup, coordinator_provenance(config, setup))
+    resume = str(run_config.get(RESUME_KEY, "")).lower() == "true"
+    run_federation(grid, config, setup, coordinator_provenance(config, setup), resume=resume)
 
 
 client_app = build_client_app(approval_check_for=site_approval_check)

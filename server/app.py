@@ -36,6 +36,8 @@ logger = logging.getLogger("medtwin.coordinator")
 
 PUBLIC_CONTEXT_KEY = "medtwin-he-public-context"
 MANIFEST_KEY = "medtwin-federation-manifest"
+REGISTRY_KEY = "medtwin-supernode-registry"
+RESUME_KEY = "medtwin-resume"  # "true": continue the proposal's run after its latest checkpoint
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,27 @@ class CoordinatorSetup:
 
     public_context_path: str = ""  # CKKS context without any key (crypto=ckks)
     manifest_path: str = ""  # federation.json: the sites' public signing keys (required for every scheme)
+    registry_path: str = ""  # deployment: which SuperNode id the coordinator registered for each site's key
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> CoordinatorSetup:
-        return cls(str(run_config.get(PUBLIC_CONTEXT_KEY, "")), str(run_config.get(MANIFEST_KEY, "")))
+        return cls(
+            str(run_config.get(PUBLIC_CONTEXT_KEY, "")), str(run_config.get(MANIFEST_KEY, "")), str(run_config.get(REGISTRY_KEY, ""))
+        )
+
+    def node_sites(self) -> dict[int, str]:
+        """SuperNode id -> site id, from the registry `medtwin coordinator start` wrote when it registered each
+        site's key: names a node that never replied (e.g. died before its first reply) by its site."""
+        if not self.registry_path:
+            return {}
+        try:
+            registry = json.loads(Path(self.registry_path).read_text(encoding="utf-8"))
+            return {int(entry["node_id"]): str(site_id) for site_id, entry in registry.items() if str(entry["node_id"]).isdigit()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            raise ConfigError(
+                REGISTRY_KEY, f"cannot read the SuperNode registry {self.registry_path}: {error}",
+                "pass the registered-supernodes.json that `medtwin coordinator start` wrote, or leave the key empty",
+            ) from error
 
 
 def make_run_id(config: MedtwinConfig) -> str:
@@ -153,6 +172,7 @@ def run_federation(
             checkpoints=run_dir.checkpoints,
             config_sha256=config_hash(config_yaml),
             resume_from=checkpoint,
+            node_sites=setup.node_sites(),
         )
         result = loop.run()
     summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,8 +165,10 @@ class RoundLoop:
         checkpoints: Path | None = None,
         config_sha256: str = "",
         resume_from: RoundCheckpoint | None = None,
+        node_sites: Mapping[int, str] | None = None,
     ) -> None:
         self.grid = grid
+        self.node_sites = dict(node_sites or {})  # the coordinator's own registry of SuperNode keys (deployment)
         self.config = config
         self.run_id = run_id
         self.aggregator = aggregator
@@ -378,8 +380,11 @@ class RoundLoop:
         return missed
 
     def _label(self, node_id: int, site_id: str = "") -> str:
-        """Who a rejection is about: the verified site, else the site the node proved earlier, else the node."""
-        return site_id or self.verifier.site_of(node_id) or self.result.sites.get(node_id) or f"node-{node_id}"
+        """Who a rejection is about: the verified site, else the site the node proved earlier, else the site whose
+        key the coordinator registered for that node, else the node."""
+        return (
+            site_id or self.verifier.site_of(node_id) or self.result.sites.get(node_id) or self.node_sites.get(node_id) or f"node-{node_id}"
+        )
 
     def _labels(self, node_ids: list[int]) -> str:
         return ", ".join(self._label(node_id) for node_id in node_ids)

@@ -295,7 +295,9 @@ def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: 
     assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=_round_records(honest, claims, [hungarian, swiss])))[0] == "trained"
 
 
-def test_a_second_evaluation_of_the_same_round_is_refused(hospital: Hospital) -> None:
+def test_a_second_evaluation_of_the_same_round_releases_nothing_new(hospital: Hospital) -> None:
+    """Asked again for the same aggregate (a resumed coordinator does that), the site resends the reply it
+    already signed, byte for byte; asked for the same round with another aggregate, it refuses."""
     run_id, text = hospital.proposal("federation.num_rounds=3")
     hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
     swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
@@ -306,7 +308,11 @@ def test_a_second_evaluation_of_the_same_round_is_refused(hospital: Hospital) ->
     assert claim.status == "evaluated" and "accuracy" in first.content.metric_records[METRICS]
     assert claim.aggregate_sha256 == payload_sha256(aggregate)
     again = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra)
-    assert status_of(again)[0] == "refused:already_evaluated" and METRICS not in again.content
+    assert dict(again.content.config_records[SITE]) == dict(first.content.config_records[SITE])  # same signature
+    assert dict(again.content.metric_records[METRICS]) == dict(first.content.metric_records[METRICS])
+    hungarian_2, hungarian_2_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=170)
+    other = _round_records(_sum_records([hungarian_2, swiss]), [hungarian_2_claim, swiss_claim], [hungarian_2, swiss])
+    assert status_of(hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=other))[0] == "refused:already_evaluated"
 
 
 def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> None:
@@ -371,3 +377,25 @@ def test_under_ckks_one_sites_ciphertext_never_reaches_a_sites_decryptor(hospita
     assert _expected_metrics(hospital, plain_single)["accuracy"] != _expected_metrics(hospital, plain_honest)["accuracy"]
     trained = hospital.ask(text, run_id=run_id, server_round=2, extra=_round_records(honest, claims, [hungarian, swiss]))
     assert status_of(trained)[0] == "trained"
+
+
+def test_a_repeated_training_instruction_gets_the_same_signed_update_and_spends_nothing_more(hospital: Hospital) -> None:
+    """A resumed coordinator sends again the round it crashed in: the site answers with the update it already
+    signed (its budget was spent once); the same round from another starting aggregate is a replay and refused."""
+    run_id, text = hospital.proposal("federation.num_rounds=3")
+    first = hospital.ask(text, run_id=run_id, server_round=1)
+    assert status_of(first)[0] == "trained"
+    ledger_path = hospital.state_dir / "privacy-ledger.json"
+    spent = ledger_path.read_bytes()
+    again = hospital.ask(text, run_id=run_id, server_round=1)
+    assert dict(again.content.config_records[SITE]) == dict(first.content.config_records[SITE])
+    assert payload_sha256(again.content.array_records[UPDATE]) == payload_sha256(first.content.array_records[UPDATE])
+    assert ledger_path.read_bytes() == spent  # nothing trained, nothing spent
+    hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
+    swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
+    one = _round_records(_sum_records([hungarian, swiss]), [hungarian_claim, swiss_claim], [hungarian, swiss])
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=one))[0] == "trained"
+    hungarian_2, hungarian_2_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=170)
+    other = _round_records(_sum_records([hungarian_2, swiss]), [hungarian_2_claim, swiss_claim], [hungarian_2, swiss])
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=other))[0] == "refused:replay"
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=one))[0] == "trained"  # the stored reply

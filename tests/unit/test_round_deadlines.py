@@ -79,7 +79,7 @@ class FlakyGrid:
         return replies
 
 
-def _loop(default_config, tmp_path: Path, grid: FlakyGrid, *, rounds: int, min_sites: int, num_sites: int = 3):
+def _loop(default_config, tmp_path: Path, grid: FlakyGrid, *, rounds: int, min_sites: int, num_sites: int = 3, node_sites=None):
     config = replace(
         default_config,
         task=replace(default_config.task, num_sites=num_sites),
@@ -96,6 +96,7 @@ def _loop(default_config, tmp_path: Path, grid: FlakyGrid, *, rounds: int, min_s
         manifest=MANIFEST,
         artifacts=ArtifactStore(tmp_path / "artifacts"),
         on_record=records.append,
+        node_sites=node_sites,
     )
     return loop, records
 
@@ -139,6 +140,32 @@ def test_a_silent_node_is_dropped_at_the_deadline_named_by_its_site_and_rejoins_
     assert _record(records, "train", 4)["participants"] == ["alpha", "beta", "gamma"]
     assert set(_record(records, "evaluate", 4)["sites"]) == {"alpha", "beta", "gamma"}
     assert result.rejections == []
+
+
+def test_a_node_that_never_replied_is_named_by_the_site_whose_key_the_coordinator_registered(default_config, tmp_path: Path) -> None:
+    """Deployment: `medtwin coordinator start` registered each site's SuperNode key and wrote which node id
+    Flower gave it; a node that dies before its first reply is still named by its site, not `node-<id>`."""
+    import json
+
+    from medtwin.server.app import CoordinatorSetup
+
+    registry = tmp_path / "registered-supernodes.json"
+    registry.write_text(json.dumps({"delta": {"node_id": "14", "fingerprint": "x"}, "old": {"node_id": "registered-earlier"}}))
+    node_sites = CoordinatorSetup(registry_path=str(registry)).node_sites()
+    assert node_sites == {14: "delta"}
+    grid = FlakyGrid(nodes=NODES | {14: "alpha"}, answer=lambda node, *_: "silent" if node == 14 else "reply", listed=lambda *_: True)
+    loop, records = _loop(default_config, tmp_path, grid, rounds=1, min_sites=2, num_sites=4, node_sites=node_sites)
+    loop.run()
+    assert _record(records, "train", 1)["missed"] == ["delta"]
+
+
+def test_an_unreadable_supernode_registry_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    from medtwin.core.errors import ConfigError
+    from medtwin.server.app import REGISTRY_KEY, CoordinatorSetup
+
+    (tmp_path / "registry.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=REGISTRY_KEY):
+        CoordinatorSetup(registry_path=str(tmp_path / "registry.json")).node_sites()
 
 
 def test_a_dead_node_reported_by_the_superlink_is_named_by_its_site_and_sits_out_the_round(default_config, tmp_path: Path) -> None:

@@ -75,8 +75,18 @@ _NODE_CONNECTED = re.compile(r"SuperNode ID: (\d+)")
 _KEY_IN_USE = "Public key already in use"
 
 
+# Flower 1.41: a SuperNode heartbeats every 30 s, the SuperLink lists it online for 2 intervals after the last
+# one, and refuses to activate a node it lists online — so a SuperNode restarted after a crash waits that out.
+SUPERLINK_HEARTBEAT_PATIENCE_S = 60
+ACTIVATION_RETRY_S = 5
+
+
 class DeploymentError(MedtwinError):
     """A party could not be started, reached, registered or stopped; names the file, flag or log and the fix."""
+
+
+class _ActivationRefused(DeploymentError):
+    """The SuperLink refused to activate the SuperNode: an unregistered key, or a node it still lists online."""
 
 
 # -- processes by PID ------------------------------------------------------------------------------
@@ -208,8 +218,11 @@ def _environment(flwr_home: Path) -> dict[str, str]:
 
 def _check_port_free(host: str, port: int, *, flag: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # as the servers bind: connections of a stopped server lingering in TIME_WAIT do not hold the port, a listener does
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+            probe.listen(1)
         except OSError as error:
             raise DeploymentError(f"port {port} on {host} ({flag}) is not free ({error.strerror}); choose another {flag}") from error
 
@@ -483,8 +496,10 @@ class SiteProcess:
         max_wait_time_s: float = 30.0,
         max_retries: int = 10,
         startup_timeout_s: float | None = None,
+        activation_patience_s: float = SUPERLINK_HEARTBEAT_PATIENCE_S + 10,
     ) -> None:
         self.site_file = Path(site_file).resolve()
+        self.activation_patience_s = activation_patience_s  # keep retrying a refused activation this long
         self.superlink_address = superlink_address
         self.port = port
         self.max_wait_time_s = max_wait_time_s
@@ -595,21 +610,33 @@ class SiteProcess:
             "--max-wait-time", f"{self.max_wait_time_s:g}",
             "--max-retries", str(self.max_retries),
         ]  # fmt: skip
-        log_offset = self.log_path.stat().st_size if self.log_path.is_file() else 0
         started = time.monotonic()
-        with self.log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                command, cwd=self.state_dir, env=_environment(flwr_home), stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        self._tree = ProcessTree(process)
-        try:
-            self._record = _record_of(process, log_path=self.log_path, role="flower-supernode")
-            self._record.save(self.pidfile)
-            self.node_id = self._wait_until_connected(process, log_offset)
-        except BaseException:
-            self.stop()
-            raise
+        while True:
+            log_offset = self.log_path.stat().st_size if self.log_path.is_file() else 0
+            with self.log_path.open("ab") as log_file:
+                process = subprocess.Popen(
+                    command, cwd=self.state_dir, env=_environment(flwr_home), stdout=log_file, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+            self._tree = ProcessTree(process)
+            try:
+                self._record = _record_of(process, log_path=self.log_path, role="flower-supernode")
+                self._record.save(self.pidfile)
+                self.node_id = self._wait_until_connected(process, log_offset)
+                break
+            except _ActivationRefused:
+                self.stop()
+                if time.monotonic() - started + ACTIVATION_RETRY_S > self.activation_patience_s:
+                    raise
+                # after an unclean stop the SuperLink lists this node online until its heartbeat expires
+                logger.warning(
+                    "site %s: the SuperLink refused to activate this SuperNode; if it stopped uncleanly, the SuperLink "
+                    "still lists it online for up to %d s — retrying in %d s", self.site_id, SUPERLINK_HEARTBEAT_PATIENCE_S, ACTIVATION_RETRY_S,
+                )  # fmt: skip
+                time.sleep(ACTIVATION_RETRY_S)
+            except BaseException:
+                self.stop()
+                raise
         logger.info("site %s: SuperNode %s (pid %d) connected in %.1f s", self.site_id, self.node_id, process.pid, time.monotonic() - started)
         return self
 
@@ -626,12 +653,13 @@ class SiteProcess:
                 hint = (
                     f"the SuperLink refused this SuperNode's key ({supernode_auth_key_path(self.kit_dir or '.')}): the "
                     "coordinator must register it (`medtwin coordinator start` registers every key in the manifest; "
-                    "by hand: `flwr supernode register <public key file> <connection>`)"
+                    "by hand: `flwr supernode register <public key file> <connection>`), or, if this SuperNode stopped "
+                    f"uncleanly less than {SUPERLINK_HEARTBEAT_PATIENCE_S} s ago, the SuperLink still lists it online: start it again then"
                     if refused
                     else f"it could not connect to --superlink {self.superlink_address} with --root-certificates "
                     f"{self.kit_dir}/ca_cert.pem (wrong CA, plaintext/TLS mismatch, or the SuperLink is down)"
                 )
-                raise DeploymentError(
+                raise (_ActivationRefused if refused else DeploymentError)(
                     f"flower-supernode of site {self.site_id!r} exited with code {process.returncode}: {hint}; "
                     f"see {self.log_path}:\n{_tail(self.log_path, 12)}"
                 )

@@ -4,8 +4,12 @@ Each phase goes to the nodes `grid.get_node_ids()` lists when it starts and clos
 them replied or `federation.round_timeout_s` passed; it goes on with whoever replied if that is at
 least `federation.min_sites`, else the run stops with a `RoundFailedError` naming who replied,
 refused and missed. A node that missed a deadline or answered with a Flower error (a dead SuperNode
-comes back as a NODE_UNAVAILABLE error reply) is skipped for the rest of that round; it is sent to
-again from the next round on in which the SuperLink lists it (Flower drops dead nodes from the list).
+comes back as a NODE_UNAVAILABLE error reply) is skipped for the rest of that round and, while the
+SuperLink keeps listing it, for the next `SIT_OUT_ROUNDS` rounds too: Flower notices a SIGKILLed
+SuperNode only after its heartbeat patience (~45-60 s), and a dead node must not cost every later
+round a deadline. It rejoins at once when it is listed again after the SuperLink dropped it (a
+restarted SuperNode), is asked again after its sit-out (a slow one), and is asked early whenever
+the round would otherwise have fewer than `min_sites` nodes.
 
 After every round (and after its training, when an evaluation follows) the loop writes a
 `RoundCheckpoint`; `RoundLoop(resume_from=checkpoint)` continues with the round after it.
@@ -76,6 +80,9 @@ class LoopResult:
     num_parameters: int = 0  # model size the sites report (not their sample counts)
     he_error_bounds: list[float] = field(default_factory=list)  # per evaluation: max bound sites reported
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest signed (epsilon, delta)
+
+
+SIT_OUT_ROUNDS = 2  # rounds a node that missed a deadline skips while the SuperLink still lists it
 
 
 def wait_for_nodes(grid: Grid, *, expected: int, timeout_s: float, exclude: frozenset[int] = frozenset()) -> list[int]:
@@ -180,6 +187,7 @@ class RoundLoop:
         self.config_sha256 = config_sha256
         self.result = LoopResult()
         self.unresponsive: dict[int, int] = {}  # node id -> last round in which it missed a deadline or errored
+        self._dropped: set[int] = set()  # unresponsive nodes the SuperLink stopped listing since: listed again = back
         self._sent_to: dict[str, int] = {}  # message id of an instruction -> its destination node
         self._certified: list[ArrayRecord] = []  # the current certificate's updates (sent with the aggregate)
         self._certified_round = -1
@@ -309,20 +317,32 @@ class RoundLoop:
         return node_ids
 
     def phase_nodes(self, server_round: int, *, phase: str) -> list[int]:
-        """The nodes a phase goes to: those listed now, but not those that missed or failed earlier in this round.
+        """The nodes a phase goes to: those listed now, but not those that missed or failed earlier in this round,
+        nor those sitting out after a miss in the last `SIT_OUT_ROUNDS` rounds (see the module docstring).
 
-        A node that missed an earlier round and is listed again rejoins. A training phase with fewer than
-        `min_sites` nodes waits up to `round_timeout_s` for more (and then goes on, to fail with who is missing).
+        A training phase with fewer than `min_sites` nodes first asks the ones sitting out, then waits up to
+        `round_timeout_s` for more (and then goes on, to fail with who is missing).
         """
+        listed = set(self.grid.get_node_ids())
+        self._dropped.update(node for node in self.unresponsive if node not in listed)
         this_round = frozenset(node for node, missed_in in self.unresponsive.items() if missed_in == server_round)
+        sitting_out = frozenset(
+            node for node, missed_in in self.unresponsive.items()
+            if node not in self._dropped and server_round - missed_in <= SIT_OUT_ROUNDS
+        )  # fmt: skip
         needed = self.config.federation.min_sites if phase == "train" else 0
-        node_ids = sorted(set(self.grid.get_node_ids()) - this_round)
+        node_ids = sorted(listed - this_round - sitting_out)
+        if len(node_ids) < needed:
+            node_ids = sorted(listed - this_round)
         if len(node_ids) < needed:
             node_ids = wait_for_nodes(self.grid, expected=needed, timeout_s=self.config.federation.round_timeout_s, exclude=this_round)
+        elif sitting_out - this_round:
+            logger.info("round %d: %s sit(s) out after missing a deadline", server_round, self._labels(sorted(sitting_out - this_round)))
         for node_id in node_ids:
             if node_id in self.unresponsive:
                 logger.info("round %d: %s is listed again and rejoins", server_round, self._label(node_id))
                 del self.unresponsive[node_id]
+                self._dropped.discard(node_id)
         return node_ids
 
     def _send(self, node_ids: list[int], *, phase: str, server_round: int) -> list[Message]:

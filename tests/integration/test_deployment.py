@@ -9,7 +9,10 @@ Every process is stopped by PID in the fixtures' finalizers, also when the test 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -80,7 +83,7 @@ def deployment(tmp_path: Path) -> Deployment:
     return result
 
 
-def propose_and_approve(deployment: Deployment, *overrides: str) -> tuple[str, str]:
+def propose_and_approve(deployment: Deployment, *overrides: str, rounds: int = NUM_ROUNDS, timeout_s: float = 120) -> tuple[str, str]:
     """The coordinator's proposal (what it runs); the admin registers the sites on the auth chain and each
     hospital approves exactly that text there."""
     from medtwin.core.identity import load_manifest
@@ -90,7 +93,7 @@ def propose_and_approve(deployment: Deployment, *overrides: str) -> tuple[str, s
     config = compose_config(
         [
             *TASK, "privacy=dp", "privacy.target_epsilon=3", "privacy.target_delta=1e-5",
-            f"federation.num_rounds={NUM_ROUNDS}", "federation.min_sites=2", "federation.round_timeout_s=120",
+            f"federation.num_rounds={rounds}", "federation.min_sites=2", f"federation.round_timeout_s={timeout_s:g}",
             "strategy.local_steps=20", "strategy.batch_size=8",
             f"runs_dir={deployment.root / 'runs'}", f"run_id={run_id}", "progress=false", "baselines.enabled=false",
             "chain=anvil", f"chain.state_dir={deployment.root / 'chain'}", "chain.auth_port=0", "chain.data_port=0",
@@ -153,7 +156,7 @@ def online_nodes(coordinator: CoordinatorProcess) -> list[str]:
 def refuse_unregistered_and_plaintext_supernodes(deployment: Deployment, coordinator: CoordinatorProcess, parties: list) -> None:
     timings = deployment.timings
     started = time.monotonic()
-    rogue = SiteProcess(rogue_site_file(deployment), coordinator.address, max_wait_time_s=10, max_retries=2)
+    rogue = SiteProcess(rogue_site_file(deployment), coordinator.address, max_wait_time_s=10, max_retries=2, activation_patience_s=0)
     parties.append(rogue)
     with pytest.raises(DeploymentError, match="refused this SuperNode's key"):
         rogue.start()
@@ -258,6 +261,127 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
     for party in reversed(parties):
         party.stop()
     timings["stop everything"] = time.monotonic() - started
+    print("\nper-phase wall time (s):\n" + "\n".join(f"  {name:<70} {seconds:7.1f}" for name, seconds in timings.items()))
+
+
+def sigkill(tree: ProcessTree) -> list[int]:
+    """SIGKILL every process of a party at once (a machine losing power), by the PIDs its tree recorded."""
+    tree.scan()
+    pids = [process.pid for process in tree.seen if process.is_alive()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def wait_for(predicate, *, timeout_s: float, what: str) -> float:  # noqa: ANN001
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(0.2)
+    return time.monotonic()
+
+
+def replies_cover_ledger(deployment: Deployment, site_id: str, run_id: str) -> bool:
+    """Every round the site's ledger spent on has its signed reply stored (nothing is still training)."""
+    state = deployment.state_dirs[site_id]
+    rounds = json.loads((state / "privacy-ledger.json").read_text())["ledger"]["runs"].get(run_id, {}).get("rounds", {})
+    return all((state / "replies" / run_id / f"train-{int(round_):06d}.json").is_file() for round_ in rounds)
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def record_of(run_dir: Path, phase: str, server_round: int) -> dict | None:
+    return next((r for r in metrics_of(run_dir) if r.get("phase") == phase and r.get("round") == server_round), None)
+
+
+def test_a_killed_hospital_costs_one_deadline_and_a_killed_coordinator_resumes_without_a_second_spend(
+    deployment: Deployment, parties: list, chains: Path
+) -> None:
+    """DP rounds of 3 hospitals (plain aggregation, both chains). SIGKILL one hospital's whole process tree
+    after round 1: round 2 closes at its deadline with the other two, naming the dead site; later rounds do
+    not wait for it. SIGKILL the coordinator (SuperLink and ServerApp) once round 2 is checkpointed; start
+    it again on the same state; `medtwin run --federation --resume` continues at round 3: every round is
+    anchored once, and no site spends a round twice (a round it trained before the crash is resent)."""
+    rounds, timeout_s = 4, 10.0
+    timings = deployment.timings
+    coordinator = CoordinatorProcess(deployment.admin_dir, deployment.root / "coordinator")
+    parties.append(coordinator)
+    coordinator.start()
+    sites = {site: SiteProcess(deployment.site_files[site], coordinator.address, max_wait_time_s=20) for site in SITES}
+    for site in sites.values():
+        parties.append(site)
+        site.start()
+    run_id, proposal = propose_and_approve(deployment, rounds=rounds, timeout_s=timeout_s)
+    proposal_file = deployment.root / "proposal.yaml"
+    proposal_file.write_text(proposal)
+    run_dir = deployment.root / "runs" / run_id
+    first_attempt: dict[str, object] = {}
+
+    def submit() -> None:
+        try:
+            first_attempt["run_dir"] = submit_proposal(proposal_file, coordinator_state=deployment.root / "coordinator", public_context=None, timeout_s=600)
+        except Exception as error:  # noqa: BLE001 - the coordinator is killed under it
+            first_attempt["error"] = error
+
+    submitter = threading.Thread(target=submit, daemon=True)
+    submitter.start()
+    wait_for(lambda: record_of(run_dir, "train", 1) is not None, timeout_s=300, what="round 1")
+    assert sigkill(sites["site2"]._tree)
+    killed_at = time.monotonic()
+    closed_at = wait_for(lambda: record_of(run_dir, "train", 2) is not None, timeout_s=120, what="round 2")
+    train_2, evaluate_1 = record_of(run_dir, "train", 2), record_of(run_dir, "evaluate", 1)
+    assert train_2["participants"] == ["site0", "site1"], train_2
+    # named by its site in whichever phase it died in (then it sits out, not waited for again)
+    assert (evaluate_1 or {}).get("missed", []) + train_2["missed"] == ["site2"], (evaluate_1, train_2)
+    timings["SIGKILL of a SuperNode -> round 2 closed"] = closed_at - killed_at
+
+    checkpoint = run_dir / "checkpoints" / "round-00002.json"
+    wait_for(checkpoint.is_file, timeout_s=120, what="round 2's checkpoint")
+    assert sigkill(coordinator._tree)
+    # the hospitals keep running: a round one had begun finishes there and its signed reply is kept; their
+    # SuperNodes retry until the SuperLink is back
+    for site_id in ("site0", "site1"):
+        wait_for(lambda: replies_cover_ledger(deployment, site_id, run_id), timeout_s=60, what=f"{site_id}'s round to finish")
+    coordinator.stop()
+    submitter.join(timeout=120)
+    assert "run_dir" not in first_attempt, "the first attempt cannot have finished: its coordinator was killed"
+
+    started = time.monotonic()
+    coordinator = CoordinatorProcess(deployment.admin_dir, deployment.root / "coordinator", port=coordinator.port)
+    parties.append(coordinator)
+    coordinator.start()
+    wait_for(lambda: len(online_nodes(coordinator)) == 2, timeout_s=120, what="the two live SuperNodes to reconnect")
+    timings["coordinator restarted, 2 SuperNodes reconnected"] = time.monotonic() - started
+    started = time.monotonic()
+    resumed = submit_proposal(
+        proposal_file, coordinator_state=deployment.root / "coordinator", public_context=None, timeout_s=600, resume=run_id
+    )
+    timings[f"resumed run (rounds 3..{rounds})"] = time.monotonic() - started
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["rounds_completed"] == rounds and summary["resumed_after_round"] == 2
+    trains = [(r["round"], r["participants"]) for r in metrics_of(run_dir) if r.get("phase") == "train"]
+    assert [round_ for round_, _ in trains] == list(range(1, rounds + 1))  # each round once in metrics.jsonl
+    assert all("site2" not in participants for round_, participants in trains if round_ >= 2)
+    waits = [r.get("time_s", 0.0) for r in metrics_of(run_dir) if r.get("phase") == "train" and r["round"] >= 3]
+    timings.update({f"round {r['round']} {r['phase']}": r.get("time_s", 0.0) for r in metrics_of(run_dir)})
+    assert max(waits) < timeout_s, waits  # later rounds never waited for the dead site
+
+    from medtwin.chain import open_readonly
+
+    anchors = open_readonly(chains).data.anchors(run_id)
+    assert [anchor.round_index for anchor in anchors] == list(range(1, rounds + 1))  # no round anchored twice
+    for site_id in ("site0", "site1"):
+        ledger = json.loads((deployment.state_dirs[site_id] / "privacy-ledger.json").read_text())["ledger"]
+        assert sorted(ledger["runs"][run_id]["rounds"], key=int) == [str(n) for n in range(1, rounds + 1)], site_id
+        assert summary["privacy"][site_id]["epsilon"] == pytest.approx(ledger["runs"][run_id]["epsilon"]), site_id
     print("\nper-phase wall time (s):\n" + "\n".join(f"  {name:<70} {seconds:7.1f}" for name, seconds in timings.items()))
 
 

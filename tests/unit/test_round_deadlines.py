@@ -173,7 +173,7 @@ def test_a_dead_node_reported_by_the_superlink_is_named_by_its_site_and_sits_out
         return "dead" if (node == 13 and server_round == 2) else "reply"
 
     grid = FlakyGrid(nodes=dict(NODES), answer=answer, listed=lambda node, last: True)  # still listed (heartbeat lag)
-    loop, records = _loop(default_config, tmp_path, grid, rounds=3, min_sites=2)
+    loop, records = _loop(default_config, tmp_path, grid, rounds=5, min_sites=2)
     loop.run()
 
     train_2 = _record(records, "train", 2)
@@ -182,8 +182,30 @@ def test_a_dead_node_reported_by_the_superlink_is_named_by_its_site_and_sits_out
     assert [(r.site_id, r.node_id, r.code) for r in loop.result.rejections] == [("gamma", 13, "site_error")]
     assert max(seconds for _, _, seconds in grid.waits) < TIMEOUT_S  # an error reply closes its wait
     assert grid.sent_to("evaluate", 2) == [11, 12]  # not asked again in the round it failed
-    assert grid.sent_to("train", 3) == [11, 12, 13]  # listed at the next round: asked again
-    assert _record(records, "train", 3)["participants"] == ["alpha", "beta", "gamma"]
+    assert grid.sent_to("train", 3) == grid.sent_to("train", 4) == [11, 12]  # still listed: sits out SIT_OUT_ROUNDS
+    assert grid.sent_to("train", 5) == [11, 12, 13]  # then asked again
+    assert _record(records, "train", 5)["participants"] == ["alpha", "beta", "gamma"]
+
+
+def test_a_dead_node_the_superlink_still_lists_costs_one_deadline_not_one_per_round(default_config, tmp_path: Path) -> None:
+    """A SIGKILLed SuperNode stays listed until Flower's heartbeat patience runs out (~45-60 s): the round it
+    died in closes at the deadline, the next rounds do not wait for it; below min_sites it is asked anyway."""
+    grid = FlakyGrid(nodes=dict(NODES), answer=lambda node, *_: "silent" if node == 13 else "reply", listed=lambda *_: True)
+    loop, records = _loop(default_config, tmp_path, grid, rounds=4, min_sites=2)
+    loop.run()
+    waits = {(phase, server_round): seconds for phase, server_round, seconds in grid.waits}
+    assert waits[("train", 1)] >= TIMEOUT_S and _record(records, "train", 1)["missed"] == ["node-13"]
+    assert waits[("train", 2)] < TIMEOUT_S and waits[("train", 3)] < TIMEOUT_S
+    assert 13 not in grid.sent_to("train", 2) + grid.sent_to("train", 3)
+    assert 13 in grid.sent_to("train", 4)  # probed again after its sit-out (it may only have been slow)
+
+    # beta disconnects after round 1: without gamma, round 2 would start below min_sites, so gamma is asked
+    listed = lambda node, last_train_round: node != 12 or last_train_round < 1  # noqa: E731
+    grid = FlakyGrid(nodes=dict(NODES), answer=lambda node, *_: "silent" if node == 13 else "reply", listed=listed)
+    loop, records = _loop(default_config, tmp_path / "b", grid, rounds=2, min_sites=2)
+    with pytest.raises(RoundFailedError):
+        loop.run()
+    assert grid.sent_to("train", 2) == [11, 13]
 
 
 def test_below_min_sites_the_run_stops_naming_who_replied_refused_and_missed(default_config, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ Every message is checked in the same order, in simulation as in deployment:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -241,9 +242,20 @@ def build_client_app(
     return app
 
 
+def starting_point(verified: VerifiedAggregate | None) -> str:
+    """What a phase starts from, for the reply store: the aggregate's digest AND the certified updates the
+    site summed itself (the model it used), so a reply is resent only for exactly the same inputs."""
+    if verified is None:
+        return "initial"
+    digest = hashlib.sha256(f"medtwin/start/v1\x00{verified.aggregate_sha256}".encode())
+    for update in verified.updates:
+        digest.update(bytes.fromhex(payload_sha256(update)))
+    return digest.hexdigest()
+
+
 def train_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
     model, verified = current_model(site, message, certificate_round=server_round - 1)
-    started_from = verified.aggregate_sha256 if verified is not None else "initial"
+    started_from = starting_point(verified)
     replies = ReplyStore(site.file.state_dir)
     if (sent := replies.load(site.proposal.run_id, "train", server_round, started_from=started_from)) is not None:
         logger.info("site %s: round %d from this aggregate was trained already; resending that reply", site.site_id, server_round)
@@ -286,7 +298,7 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
         if problem:
             raise RoundRefused("refused:unanchored", problem)
     replies = ReplyStore(site.file.state_dir)
-    started_from = verified.aggregate_sha256
+    started_from = starting_point(verified)
     if (sent := replies.load(site.proposal.run_id, "evaluate", server_round, started_from=started_from)) is not None:
         return Message(content=sent, reply_to=message)  # released already: the same metrics again, nothing new
     problem = EvaluationRegister(site.file.state_dir).record_once(

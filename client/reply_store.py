@@ -13,7 +13,9 @@ is refused by the ledger (`refused:replay`) or the evaluation register as before
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import logging
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -21,6 +23,8 @@ from medtwin.core.ids import ensure_id
 from medtwin.core.rundir import atomic_write_text
 
 __all__ = ["ReplyStore"]
+
+logger = logging.getLogger("medtwin.site")
 
 FORMAT = 1
 
@@ -38,23 +42,34 @@ class ReplyStore:
         return self.root / run_id / f"{phase}-{int(server_round):06d}.json"
 
     def save(self, run_id: str, phase: str, server_round: int, *, started_from: str, content: RecordDict) -> None:
+        """Keep the reply; a failure to write (disk full, read-only) is logged, never lost: the reply still
+        goes out, only a later repeat of this instruction will be refused instead of answered."""
         document = {"format": FORMAT, "started_from": started_from, "content": _encode(content)}
         path = self._path(run_id, phase, server_round)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_text(path, json.dumps(document, sort_keys=True), mode=0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write_text(path, json.dumps(document, sort_keys=True), mode=0o600)
+        except OSError as error:
+            logger.error("could not keep the %s reply of round %d in %s (%s)", phase, server_round, path, error.strerror or error)
 
     def load(self, run_id: str, phase: str, server_round: int, *, started_from: str) -> RecordDict | None:
-        """The reply sent for exactly this instruction, or None (never sent, or sent from another start)."""
+        """The reply sent for exactly this instruction, or None (never sent, sent from another start, or the
+        stored file is damaged — then the ledger and the evaluation register decide, which refuse a repeat)."""
         path = self._path(run_id, phase, server_round)
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
-            raise ValueError(f"stored reply {path} is unreadable ({error}); move it aside to let the ledger decide") from error
-        if document.get("format") != FORMAT or document.get("started_from") != started_from:
+            logger.error("stored reply %s is unreadable (%s); not resending it", path, error)
             return None
-        return _decode(document["content"])
+        if not isinstance(document, dict) or document.get("format") != FORMAT or document.get("started_from") != started_from:
+            return None
+        try:
+            return _decode(document["content"])
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as error:
+            logger.error("stored reply %s is damaged (%s); not resending it", path, type(error).__name__)
+            return None
 
 
 def _b64(data: bytes) -> str:
@@ -71,7 +86,7 @@ def _value_out(value: object) -> object:
 
 def _value_in(value: object) -> object:
     if isinstance(value, dict):
-        return base64.b64decode(value["b64"])
+        return base64.b64decode(value["b64"], validate=True)
     if isinstance(value, list):
         return [_value_in(item) for item in value]
     return value
@@ -98,7 +113,7 @@ def _decode(encoded: dict) -> RecordDict:
         if record["type"] == "array":
             records[key] = ArrayRecord(
                 {
-                    name: Array(dtype=dtype, shape=tuple(shape), stype=stype, data=base64.b64decode(data))
+                    name: Array(dtype=dtype, shape=tuple(shape), stype=stype, data=base64.b64decode(data, validate=True))
                     for name, dtype, shape, stype, data in record["arrays"]
                 }
             )

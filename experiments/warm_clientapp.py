@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import importlib
 import multiprocessing
 import os
@@ -32,8 +33,10 @@ from multiprocessing.process import BaseProcess
 
 __all__ = ["PRELOAD", "ForkServerExecutor", "main"]
 
-# What every ClientApp process would import anyway; the forkserver imports it once.
-PRELOAD = ("flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp", "medtwin.experiments.flower_apps")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+# What every ClientApp process would import anyway; the forkserver imports it once (see warm_preload).
+PRELOAD = ("medtwin.experiments.warm_preload",)
 
 
 def _run_flwr_clientapp(arguments: list[str]) -> None:
@@ -120,6 +123,14 @@ def _exit_with(supernode: subprocess.Popen, executor: ForkServerExecutor) -> Non
     os._exit(code if code >= 0 else 128 - code)
 
 
+def _terminate_with_parent() -> None:
+    """In the SuperNode child before exec: Linux's PR_SET_PDEATHSIG, so no SuperNode outlives its wrapper
+    (an orphan would stay listed at the SuperLink and take messages nothing runs)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
 def _stop(supernode: subprocess.Popen) -> None:
     if supernode.poll() is None:
         supernode.send_signal(signal.SIGTERM)
@@ -138,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, command = parser.parse_args(arguments[:split]), arguments[split + 1 :]
     if "--isolation" not in command[:-1] or command[command.index("--isolation") + 1] != "process":
         parser.error("give the flower-supernode command after --, with --isolation process")
-    supernode = subprocess.Popen(command)  # inherits stdout/stderr: one log for the site
+    # inherits stdout/stderr (one log for the site); gets SIGTERM if this process dies, even by SIGKILL
+    supernode = subprocess.Popen(command, preexec_fn=_terminate_with_parent)
     atexit.register(_stop, supernode)
     executor = ForkServerExecutor()
     threading.Thread(target=_exit_with, args=(supernode, executor), name="supernode", daemon=True).start()

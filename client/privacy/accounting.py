@@ -8,22 +8,27 @@ PrivacyEngine per round would forget it — it is rebuilt here from the ledger's
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 from opacus.accountants import create_accountant
 
 from medtwin.core.errors import ConfigError
+from medtwin.core.rundir import atomic_write_text
 from medtwin.core.privacy_math import (
     ACCOUNTANTS,
+    MAX_NOISE_MULTIPLIER,
     PrivacyBudgetUnreachableError,
     bisect_noise_multiplier,
     merge_history,
     rdp_epsilon_floor,
 )
 
-__all__ = ["calibrate_noise_multiplier", "epsilon_after", "history_epsilon"]
+__all__ = ["calibrate_noise_multiplier", "calibrate_noise_multiplier_stored", "epsilon_after", "history_epsilon"]
 
 
 def _check_accountant(accountant: str) -> None:
@@ -88,3 +93,45 @@ def calibrate_noise_multiplier(
         )
 
     return bisect_noise_multiplier(epsilon_for, target_epsilon=target_epsilon, epsilon_tolerance=epsilon_tolerance)
+
+
+_CALIBRATED: dict[str, float] = {}
+MIN_STORED_NOISE = 0.05  # below this no useful epsilon exists; a stored value this small is damage
+
+
+def calibrate_noise_multiplier_stored(path: Path, **parameters: object) -> float:
+    """`calibrate_noise_multiplier`, remembered in a JSON file at the site (e.g. beside its ledger).
+
+    Deployed, every message runs in a fresh process, so the in-process cache is empty each time and the
+    bisection (~10 RDP evaluations, seconds on a busy machine) would run every round. A stored value is
+    re-checked with one evaluation before use: a damaged or tampered file can cost accuracy, never privacy
+    (a noise multiplier that misses the target is recomputed and replaced).
+    """
+    key = json.dumps(parameters, sort_keys=True)
+    if key in _CALIBRATED:  # computed or checked in this process already
+        return _CALIBRATED[key]
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        sigma = float(stored[key]) if isinstance(stored, dict) and key in stored else None
+    except (OSError, ValueError, TypeError):
+        stored, sigma = {}, None
+    if sigma is not None and math.isfinite(sigma) and MIN_STORED_NOISE <= sigma <= MAX_NOISE_MULTIPLIER:
+        try:
+            epsilon = history_epsilon(
+                history=[(sigma, parameters["sample_rate"], parameters["total_steps"])],
+                target_delta=float(parameters["target_delta"]),  # type: ignore[arg-type]
+                accountant=str(parameters.get("accountant", "rdp")),
+            )
+        except (ArithmeticError, ValueError, MemoryError):
+            epsilon = math.inf  # not a value the accountant can check: recompute it
+        if epsilon <= float(parameters["target_epsilon"]):  # type: ignore[arg-type]
+            _CALIBRATED[key] = sigma
+            return sigma
+    sigma = _CALIBRATED[key] = calibrate_noise_multiplier(**parameters)  # type: ignore[arg-type]
+    stored = stored if isinstance(stored, dict) else {}
+    stored[key] = sigma
+    try:
+        atomic_write_text(path, json.dumps(stored, sort_keys=True, indent=1) + "\n", mode=0o600)
+    except OSError:
+        pass  # a read-only state folder only costs the next round the bisection again
+    return sigma

@@ -33,12 +33,14 @@ from dataclasses import dataclass
 from medtwin.core.config.privacy import PrivacyConfig
 from medtwin.core.privacy_math import HistoryEntry, planned_total_steps, sample_rate_for
 
-from .accounting import calibrate_noise_multiplier, epsilon_after
+from .accounting import calibrate_noise_multiplier_stored, epsilon_after
 from .errors import BudgetExceededError, PolicyRefusedError, RoundAlreadyTrainedError, RoundRefusedError
 from .ledger import BudgetLedger
 from .policy import PrivacyRequest, SitePolicy, check_request
 
 __all__ = ["RoundPrivacyPlan", "ensure_allowed", "plan_round", "reserve_round"]
+
+CALIBRATIONS_FILE = "noise-calibrations.json"  # beside the ledger: noise multipliers already calibrated here
 
 _REFUSAL_ERRORS = {
     "policy": PolicyRefusedError,
@@ -122,7 +124,8 @@ def plan_round(
         )
         return plan(allowed=False, reason=reason, refusal="policy", noise=0.0, epsilon=math.inf)
 
-    noise_multiplier = calibrate_noise_multiplier(
+    noise_multiplier = calibrate_noise_multiplier_stored(
+        ledger.path.with_name(CALIBRATIONS_FILE),
         target_epsilon=privacy_cfg.target_epsilon,
         target_delta=privacy_cfg.target_delta,
         sample_rate=sample_rate,

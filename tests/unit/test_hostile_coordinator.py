@@ -399,3 +399,44 @@ def test_a_repeated_training_instruction_gets_the_same_signed_update_and_spends_
     other = _round_records(_sum_records([hungarian_2, swiss]), [hungarian_2_claim, swiss_claim], [hungarian_2, swiss])
     assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=other))[0] == "refused:replay"
     assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=one))[0] == "trained"  # the stored reply
+
+
+def test_a_stored_reply_is_resent_only_for_the_same_certified_updates_not_the_same_aggregate_label(hospital: Hospital) -> None:
+    """The coordinator names the same aggregate but certifies other updates (so the site's own sum, its
+    model, differs): no stored reply is resent — a second evaluation is refused, a second training a replay."""
+    run_id, text = hospital.proposal("federation.num_rounds=3")
+    hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
+    hungarian_2, hungarian_2_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=170)
+    swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
+    label = _sum_records([hungarian, swiss])
+    first = _round_records(label, [hungarian_claim, swiss_claim], [hungarian, swiss])
+    relabelled = _round_records(label, [hungarian_2_claim, swiss_claim], [hungarian_2, swiss])
+    for phase, refused in (("evaluate", "refused:already_evaluated"), ("train", "refused:replay")):
+        assert status_of(hospital.ask(text, phase=phase, run_id=run_id, server_round=2 if phase == "train" else 1, extra=first))[0] in (
+            "evaluated", "trained",
+        )  # fmt: skip
+        status, _ = status_of(hospital.ask(text, phase=phase, run_id=run_id, server_round=2 if phase == "train" else 1, extra=relabelled))
+        assert status == refused, (phase, status)
+
+
+def test_a_site_that_cannot_keep_its_reply_still_sends_it_and_a_damaged_store_is_not_resent(
+    hospital: Hospital, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medtwin.client import reply_store
+
+    run_id, text = hospital.proposal("federation.num_rounds=3")
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(reply_store, "atomic_write_text", disk_full)
+        assert status_of(hospital.ask(text, run_id=run_id, server_round=1))[0] == "trained"  # spent, and sent
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=1))[0] == "refused:replay"  # nothing kept: no resend
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=1, extra={}))[0] == "refused:replay"
+    _, text_2 = hospital.proposal("federation.num_rounds=4")
+    run_2 = yaml.safe_load(text_2)["run_id"]
+    assert status_of(hospital.ask(text_2, run_id=run_2, server_round=1))[0] == "trained"
+    (stored,) = (hospital.state_dir / "replies" / run_2).glob("train-*.json")
+    stored.write_text("[1, 2]")  # damaged
+    assert status_of(hospital.ask(text_2, run_id=run_2, server_round=1))[0] == "refused:replay"

@@ -62,3 +62,46 @@ def test_calibration_hits_target_over_the_whole_run(accountant):
 
 def test_empty_history_is_zero():
     assert history_epsilon(history=[], target_delta=1e-5, accountant="prv") == 0.0
+
+
+def test_a_stored_noise_calibration_is_reused_only_if_it_still_meets_the_target(tmp_path, monkeypatch) -> None:
+    """Deployed, each message is a fresh process: the site remembers calibrations beside its ledger.
+    A stored noise multiplier is re-checked; one that misses the target (tampered) is recomputed."""
+    import json
+
+    from medtwin.client.privacy import accounting
+
+    parameters = dict(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.05, total_steps=60, accountant="rdp", epsilon_tolerance=0.01)
+    path = tmp_path / "noise-calibrations.json"
+    monkeypatch.setattr(accounting, "_CALIBRATED", {})
+    sigma = accounting.calibrate_noise_multiplier_stored(path, **parameters)
+    assert sigma == accounting.calibrate_noise_multiplier(**parameters)
+    assert json.loads(path.read_text()) == {json.dumps(parameters, sort_keys=True): sigma}
+
+    def no_bisection(**_: object) -> float:
+        raise AssertionError("the stored calibration should have been used")
+
+    monkeypatch.setattr(accounting, "_CALIBRATED", {})  # a new process
+    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", no_bisection)
+    assert accounting.calibrate_noise_multiplier_stored(path, **parameters) == sigma
+
+    path.write_text(json.dumps({json.dumps(parameters, sort_keys=True): sigma / 3}))  # less noise than the target allows
+    monkeypatch.setattr(accounting, "_CALIBRATED", {})
+    monkeypatch.undo()
+    monkeypatch.setattr(accounting, "_CALIBRATED", {})
+    assert accounting.calibrate_noise_multiplier_stored(path, **parameters) == sigma
+    assert json.loads(path.read_text())[json.dumps(parameters, sort_keys=True)] == sigma  # repaired
+
+
+def test_a_stored_noise_calibration_the_accountant_cannot_evaluate_is_recomputed(tmp_path, monkeypatch) -> None:
+    import json
+
+    from medtwin.client.privacy import accounting
+
+    parameters = dict(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.05, total_steps=60, accountant="rdp", epsilon_tolerance=0.01)
+    path = tmp_path / "noise-calibrations.json"
+    expected = accounting.calibrate_noise_multiplier(**parameters)
+    for damaged in (1e-320, 1e300, float("nan"), "abc"):
+        path.write_text(json.dumps({json.dumps(parameters, sort_keys=True): damaged}))
+        monkeypatch.setattr(accounting, "_CALIBRATED", {})
+        assert accounting.calibrate_noise_multiplier_stored(path, **parameters) == expected, damaged

@@ -1,0 +1,18 @@
+"""Imported once by a site's warm ClientApp forkserver (`experiments/warm_clientapp.py`); every
+ClientApp process forks from it with these already loaded.
+
+It also pins `code_hash()` — the hash of the role code a site's approval names — to the code this
+forkserver loaded: a site whose files are replaced under a running SuperNode keeps reporting (and
+running) the code it started with until it is restarted, so an approval of the new files does not
+cover old code.
+"""
+
+import flwr.supernode.cli  # noqa: F401 - the flwr-clientapp entry point
+import flwr.supernode.runtime.run_clientapp  # noqa: F401
+import torch._dynamo  # noqa: F401 - torch.optim imports it lazily at the first optimizer: ~4 s per message otherwise
+import vyper  # noqa: F401 - the chain reader checks the compiler version of the contracts it loads
+
+import medtwin.experiments.flower_apps  # noqa: F401 - the ClientApp and everything it imports
+from medtwin.core.hashing import code_hash
+
+CODE_HASH = code_hash()  # lru_cached: the children inherit this value

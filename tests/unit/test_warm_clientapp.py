@@ -1,0 +1,77 @@
+"""The warm ClientApp wrapper never leaves an orphaned SuperNode behind (one would stay listed at the
+SuperLink and take messages nothing runs), and refuses a command it cannot run warm."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_sigkilled_wrapper_takes_its_supernode_with_it() -> None:
+    stand_in = [sys.executable, "-c", "import time; time.sleep(120)", "--isolation", "process"]  # a SuperNode stand-in
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "medtwin.experiments.warm_clientapp", "--runtime-api-address", "127.0.0.1:9", "--", *stand_in],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    child = None
+    try:
+        deadline = time.monotonic() + 30
+        while child is None and time.monotonic() < deadline:
+            child = next((pid for pid in _children(wrapper.pid) if "time.sleep(120)" in _cmdline(pid)), None)
+            time.sleep(0.1)
+        assert child is not None, "the wrapper did not start its SuperNode"
+        os.kill(wrapper.pid, signal.SIGKILL)
+        wrapper.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the SuperNode outlived its wrapper"
+    finally:
+        for pid in [wrapper.pid, *([child] if child else [])]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wrapper.wait(timeout=10)
+
+
+def test_a_command_without_process_isolation_is_refused() -> None:
+    from medtwin.experiments.warm_clientapp import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--runtime-api-address", "127.0.0.1:9", "--", "flower-supernode", "--isolation", "subprocess"])
+    assert exit_.value.code == 2

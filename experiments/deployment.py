@@ -34,10 +34,12 @@ import urllib.request
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
 import tomli_w
+from cryptography.exceptions import InvalidSignature
 
 from medtwin.core.errors import MedtwinError
 from medtwin.core.identity import (
@@ -216,6 +218,29 @@ def _environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def check_certificate(path: Path, *, what: str, fix: str, issuer: Path | None = None) -> None:
+    """Before any process starts: `path` is a PEM certificate that is valid now (and, with `issuer`, signed
+    by that CA). Flower would otherwise fail later with a TLS handshake error that names neither."""
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise DeploymentError(f"{what} {path} is not a readable PEM certificate ({error}); {fix}") from error
+    now = datetime.now(timezone.utc)
+    if now < certificate.not_valid_before_utc:
+        raise DeploymentError(f"{what} {path} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock); {fix}")
+    if now > certificate.not_valid_after_utc:
+        raise DeploymentError(f"{what} {path} expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {fix}")
+    if issuer is not None:
+        try:
+            certificate.verify_directly_issued_by(x509.load_pem_x509_certificate(issuer.read_bytes()))
+        except (OSError, ValueError, TypeError, InvalidSignature) as error:
+            raise DeploymentError(
+                f"{what} {path} is not signed by the federation CA {issuer} ({type(error).__name__}); {fix}"
+            ) from error
+
+
 def _check_port_free(host: str, port: int, *, flag: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         # as the servers bind: connections of a stopped server lingering in TIME_WAIT do not hold the port, a listener does
@@ -343,6 +368,9 @@ class CoordinatorProcess:
             raise DeploymentError(
                 f"--admin-dir {self.admin_dir}: {error}; pass the folder `medtwin provision --out` wrote"
             ) from error
+        renew = "the federation admin issues a new coordinator certificate with the federation CA (`medtwin federation init`)"
+        check_certificate(kit.ca_cert_path, what="the federation CA certificate", fix=renew)
+        check_certificate(kit.tls_cert_path, what="the coordinator's TLS certificate", fix=renew, issuer=kit.ca_cert_path)
         if (running := _running(self.pidfile)) is not None:
             raise DeploymentError(
                 f"a SuperLink is already running for --state-dir {self.state_dir} (pid {running.pid}, log {running.log_path}); "
@@ -554,6 +582,10 @@ class SiteProcess:
         ca_cert = _require_file(
             self.kit_dir / "ca_cert.pem", what=f"the federation CA certificate of site {self.site_id!r}",
             fix=f"join the federation first: `medtwin site join --kit {self.kit_dir} --manifest federation.json`",
+        )  # fmt: skip
+        check_certificate(
+            ca_cert, what=f"the federation CA certificate of site {self.site_id!r}",
+            fix=f"install the current federation.json and CA: `medtwin site join --kit {self.kit_dir} --manifest federation.json`",
         )  # fmt: skip
         key_path = supernode_auth_key_path(self.kit_dir)
         try:

@@ -154,13 +154,26 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
         ]
     chain = summary["chain"]
     run_id = str(summary["run_id"])
-    lines += ["", "## Provenance", "", f"Chain backend: **{markdown_text(chain.get('backend', 'none'))}**."]
+    lines += ["", "## Provenance", ""]
+    if "error" in chain:
+        lines += [f"**Recording the end of the run on the chains failed**: {markdown_text(chain['error'], max_characters=500)}"]
+        return "\n".join(lines) + "\n"
+    lines += [f"Chain backend: **{markdown_text(chain.get('backend', 'none'))}**."]
+    if chain.get("writes_pending_in_outbox"):
+        queued = ", ".join(f"{role}: {len(methods)}" for role, methods in chain.get("queued", {}).items() if methods)
+        lines += [
+            f"**{chain['writes_pending_in_outbox']} chain write(s) are queued, not yet on chain** ({markdown_text(queued)}); "
+            "they are sent in order by `medtwin chain flush` or the next `medtwin chain up`"
+            + (f" (unreachable: {markdown_text(chain['unreachable'], max_characters=200)})" if chain.get("unreachable") else "")
+            + "."
+        ]
     if chain.get("backend", "none") != "none":
         ids = chain.get("chain_ids", {})
         lines += [
             f"Authorization chain id {_fmt(ids.get('auth'))} (contract {_code(chain.get('contracts', {}).get('auth'))}), "
             f"data chain id {_fmt(ids.get('data'))} (contract {_code(chain.get('contracts', {}).get('data'))}); "
-            f"{chain.get('anchors_written', 0)} round anchor(s) on the data chain, "
+            f"{_fmt(chain.get('anchors_written')) if chain.get('anchors_written') is not None else 'unknown (unreachable)'} "
+            "round anchor(s) on the data chain, "
             f"{chain.get('writes_pending_in_outbox', 0)} write(s) still queued. "
             f"Check it yourself: `medtwin audit verify {run_id if _is_plain_id(run_id) else '<run id>'}`."
         ]

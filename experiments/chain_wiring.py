@@ -195,15 +195,27 @@ class ChainProvenance:
         return last_round, anchors[last_round].lower().removeprefix("0x")
 
     def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int) -> dict[str, Any]:
-        self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)
+        """The final lineage (queued if the data chain is down) and the summary's chain block. A chain that
+        cannot be read now is reported, not raised: the run trained, its writes wait in the outbox for
+        `medtwin chain flush` (or the next `medtwin chain up`)."""
+        lineage = self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)
         flushed = self.session.flush()
-        pending = sum(result.remaining for result in flushed.values())
-        return self.session.summary() | {
+        block = self.session.summary() | {
             "chain_ids": {"auth": self.session.deployment.auth.chain_id, "data": self.session.deployment.data.chain_id},
             "contracts": {"auth": self.session.deployment.auth.address, "data": self.session.deployment.data.address},
-            "anchors_written": len(self.session.data.anchors(run_id)),
-            "writes_pending_in_outbox": pending,
+            "lineage_tx": lineage.status,
+            "writes_pending_in_outbox": sum(result.remaining for result in flushed.values()),
+            "queued": {role: [entry.method for entry in gateway.outbox.pending()] for role, gateway in self._gateways() if gateway.outbox},
         }
+        try:
+            block["anchors_written"] = len(self.session.data.anchors(run_id))
+        except ChainUnavailableError as error:
+            block["anchors_written"] = None
+            block["unreachable"] = str(error)[:300]
+        return block
+
+    def _gateways(self) -> list[tuple[str, Any]]:
+        return [("auth", self.session.auth), ("data", self.session.data)]
 
 
 @dataclass(frozen=True)
@@ -213,9 +225,13 @@ class ChainApprovalCheck:
     state_dir: str
 
     def problem(self, *, site_id: str, run_id: str, config_hash: str, code_hash: str) -> str | None:
-        session = open_readonly(self.state_dir)
-        approval = session.auth.approval(site_id=site_id, run_id=run_id)
-        if approval is None or not session.auth.is_admitted(site_id=site_id, run_id=run_id):
+        try:
+            session = open_readonly(self.state_dir)
+            approval = session.auth.approval(site_id=site_id, run_id=run_id)
+            admitted = approval is not None and session.auth.is_admitted(site_id=site_id, run_id=run_id)
+        except ChainUnavailableError as error:  # the site cannot see its approval: it does not run
+            return f"cannot read the authorization chain to check this site's approval of run {run_id} ({str(error)[:200]})"
+        if approval is None or not admitted:
             return f"run {run_id} is not approved by {site_id} on the authorization chain (or the site is revoked)"
         if approval.config_hash.removeprefix("0x") != config_hash:
             return f"the approved config hash of run {run_id} differs from the config this site was asked to run"
@@ -224,7 +240,10 @@ class ChainApprovalCheck:
         return None
 
     def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
-        anchor = open_readonly(self.state_dir).data.anchor(run_id, server_round)
+        try:
+            anchor = open_readonly(self.state_dir).data.anchor(run_id, server_round)
+        except ChainUnavailableError as error:  # an aggregate the site cannot see anchored is not evaluated
+            return f"cannot read the data chain to check round {server_round}'s anchor ({str(error)[:200]})"
         if anchor is None:
             return f"round {server_round} of run {run_id} is not anchored on the data chain"
         if anchor.aggregate_hash.removeprefix("0x").lower() != aggregate_sha256.lower():

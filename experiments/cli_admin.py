@@ -37,6 +37,38 @@ def chain_up_command(context: typer.Context) -> None:
 
     config = _chain_config(list(context.args))
     console.print(status_table(chain_up(config, config.state_dir)))
+    _flush(config)  # writes queued while a chain was down go out now, in order
+
+
+@chain_app.command("flush", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def chain_flush_command(context: typer.Context) -> None:
+    """Send the writes queued while a chain was unreachable (outbox), in order; report what was sent. Overrides: chain.*"""
+    config = _chain_config(list(context.args))
+    remaining = _flush(config)
+    if remaining:
+        raise typer.Exit(code=1)
+
+
+def _flush(config) -> int:  # noqa: ANN001 - a ChainConfig
+    """Replay both outboxes; print per chain what was mined, found applied, refused and still waits."""
+    from medtwin.chain import ChainError, open_session
+
+    try:
+        session = open_session(config)
+    except ChainError as error:
+        console.print(f"[red]cannot open the chains in {config.state_dir}:[/red] {error}")
+        raise typer.Exit(code=2) from error
+    remaining = 0
+    for role, result in session.flush().items():
+        remaining += result.remaining
+        console.print(
+            f"{role} chain: {len(result.mined)} queued write(s) sent ({', '.join(r.call for r in result.mined) or 'none'}), "
+            f"{result.already_applied} already on chain, {len(result.failed)} refused, {result.remaining} still queued",
+            soft_wrap=True,
+        )
+        for failure in result.failed:
+            console.print(f"  [red]refused:[/red] {failure}")
+    return remaining
 
 
 @chain_app.command("down")

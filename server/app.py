@@ -177,13 +177,21 @@ def run_federation(
         result = loop.run()
     summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)
     summary["resumed_after_round"] = checkpoint.server_round if checkpoint is not None else None
+    failure: Exception | None = None
     if provenance is not None and result.aggregate_digests:
-        summary["chain"] = provenance.finish_run(
-            run_id=run_id, final_aggregate_digest=result.aggregate_digests[-1], rounds_completed=result.rounds_completed
-        )
+        try:
+            summary["chain"] = provenance.finish_run(
+                run_id=run_id, final_aggregate_digest=result.aggregate_digests[-1], rounds_completed=result.rounds_completed
+            )
+        except Exception as error:  # noqa: BLE001 - the run trained: its summary is written whatever the chain says
+            logger.error("run %s: recording the end of the run on the chains failed: %s", run_id, error)
+            summary["chain"] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+            failure = error
     run_dir.write_summary(summary)
     atomic_write_text(run_dir.path / "report.md", render_report(summary, run_dir.read_metrics(), run_dir.path))
     logger.info("run %s finished: %s", run_id, run_dir.path / "report.md")
+    if failure is not None:
+        raise failure
     return run_dir.path
 
 

@@ -216,3 +216,16 @@ def test_a_corrupted_checkpoint_is_detected(config, setup) -> None:
     path.write_text(text[: len(text) // 2], encoding="utf-8")  # torn
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_latest_checkpoint(path.parent)
+
+
+def test_a_failure_recording_the_end_of_the_run_still_writes_the_summary_and_report_with_the_error(config, setup) -> None:
+    class LineageRefused(FakeChain):
+        def finish_run(self, **values: Any) -> dict[str, Any]:
+            raise RuntimeError("data chain refused record_lineage: model lineage already recorded")
+
+    with pytest.raises(RuntimeError, match="record_lineage"):
+        run_federation(SitesGrid(), config, setup, LineageRefused())  # type: ignore[arg-type]
+    run_path = Path(config.runs_dir) / RUN_ID
+    summary = json.loads((run_path / "summary.json").read_text())
+    assert summary["rounds_completed"] == NUM_ROUNDS and "record_lineage" in summary["chain"]["error"]
+    assert "Recording the end of the run on the chains failed" in (run_path / "report.md").read_text()

@@ -83,11 +83,13 @@ def deployment(tmp_path: Path) -> Deployment:
     return result
 
 
-def propose_and_approve(deployment: Deployment, *overrides: str, rounds: int = NUM_ROUNDS, timeout_s: float = 120) -> tuple[str, str]:
+def propose_and_approve(
+    deployment: Deployment, *overrides: str, rounds: int = NUM_ROUNDS, timeout_s: float = 120, approvers: tuple[str, ...] = SITES
+) -> tuple[str, str]:
     """The coordinator's proposal (what it runs); the admin registers the sites on the auth chain and each
     hospital approves exactly that text there."""
     from medtwin.core.identity import load_manifest
-    from medtwin.experiments.chain_wiring import enrol_federation, open_chains
+    from medtwin.experiments.chain_wiring import approve_run_on_chain, enrol_federation, open_chains
 
     run_id = f"deploy-{time.time_ns()}"
     config = compose_config(
@@ -103,7 +105,11 @@ def propose_and_approve(deployment: Deployment, *overrides: str, rounds: int = N
     text = config_to_yaml(config)
     session = open_chains(config.chain)  # starts both anvil nodes (stopped by the `chains` fixture)
     kits = {site: deployment.root / site / "kit" for site in SITES}
-    enrol_federation(session, load_manifest(deployment.admin_dir), run_id=run_id, proposal_text=text, site_kits=kits)
+    if approvers == SITES:
+        enrol_federation(session, load_manifest(deployment.admin_dir), run_id=run_id, proposal_text=text, site_kits=kits)
+    else:  # the sites are registered already; only `approvers` approve this run with their own accounts
+        for site in approvers:
+            approve_run_on_chain(session, site_id=site, kit_dir=kits[site], run_id=run_id, proposal_text=text)
     return run_id, text
 
 
@@ -257,6 +263,16 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
         assert chain.auth.site(site).address.lower() == own_address.lower()
         assert chain.auth.approval(site_id=site, run_id=run_id) is not None
     assert admitted == {(site, round_) for site in SITES for round_ in range(1, NUM_ROUNDS + 1)}
+
+    # a run site2 did not approve: site2 refuses it (signed), the others train it
+    started = time.monotonic()
+    run_id_2, proposal_2 = propose_and_approve(deployment, rounds=1, approvers=("site0", "site1"))
+    proposal_file.write_text(proposal_2)
+    run_dir_2 = submit_proposal(proposal_file, coordinator_state=deployment.root / "coordinator", public_context=None, timeout_s=300)
+    assert json.loads((run_dir_2 / "summary.json").read_text())["rounds_completed"] == 1
+    trained = [json.loads(line) for line in (run_dir_2 / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert trained[0]["participants"] == ["site0", "site1"] and trained[0]["rejected"]["site2"].startswith("refused:not_approved")
+    timings["a run site2 did not approve (1 round)"] = time.monotonic() - started
     started = time.monotonic()
     for party in reversed(parties):
         party.stop()

@@ -61,6 +61,12 @@ def validate_privacy_config(config: PrivacyConfig) -> None:
         )
     if not config.max_grad_norm > 0:
         raise ConfigError("privacy.max_grad_norm", f"must be > 0, got {config.max_grad_norm}")
+    if config.epsilon_tolerance == PrivacyConfig.epsilon_tolerance and config.target_epsilon <= config.epsilon_tolerance:
+        raise ConfigError(
+            "privacy.target_epsilon",
+            f"{config.target_epsilon:g} is below the calibration tolerance {config.epsilon_tolerance:g}: no noise level can be tuned to it",
+            "use a target_epsilon of at least 0.1 (typical 1-10), or lower privacy.epsilon_tolerance below it",
+        )
     if not 0 < config.epsilon_tolerance < config.target_epsilon:
         raise ConfigError(
             "privacy.epsilon_tolerance",

@@ -48,6 +48,13 @@ def validate_config(config: MedtwinConfig) -> None:
         raise ConfigError("federation.max_site_examples", f"must be >= 1, got {federation.max_site_examples}")
     if federation.min_sites < 1:
         raise ConfigError("federation.min_sites", f"must be >= 1, got {federation.min_sites}")
+    if federation.min_sites > config.task.num_sites:
+        raise ConfigError(
+            "federation.min_sites", f"is {federation.min_sites}, but the task has {config.task.num_sites} site(s): no round could close",
+            f"lower federation.min_sites to at most task.num_sites={config.task.num_sites}",
+        )
+    if federation.evaluate_every < 1:
+        raise ConfigError("federation.evaluate_every", f"must be >= 1 (evaluate every k rounds, and after the last), got {federation.evaluate_every}")
     validate_privacy_config(config.privacy)
     validate_chain_config(config.chain)
     validate_crypto(config)

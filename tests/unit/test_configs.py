@@ -80,3 +80,37 @@ def test_insecure_or_inconsistent_groups_are_rejected_at_load(overrides: list[st
 
 def test_ckks_with_automatic_parameters_composes() -> None:
     assert compose_config(["crypto=ckks"]).crypto.name == "ckks"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "hint"),
+    [
+        (["task=nosuch"], "task", "options: breast_cancer"),
+        (["privacy=dpp"], "privacy", "did you mean 'dp'"),
+        (["federation.num_round=3"], "federation.num_round", "did you mean 'federation.num_rounds'"),
+        (["+federation.foo=3"], "federation.foo", "keys of federation"),
+        (["federation.num_rounds=abc"], "federation.num_rounds", "could not be converted to Integer"),
+        (["federation.evaluate_every=0"], "federation.evaluate_every", "must be >= 1"),
+        (["federation.evaluate_every=-1"], "federation.evaluate_every", "must be >= 1"),
+        (["federation.min_sites=9"], "federation.min_sites", "at most task.num_sites=4"),
+        (["privacy=dp", "privacy.target_epsilon=1e-6"], "privacy.target_epsilon", "at least 0.1"),
+    ],
+)
+def test_a_bad_override_is_one_config_error_naming_the_key_and_the_fix(overrides, key, hint) -> None:
+    from medtwin.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        compose_config(overrides)
+    assert raised.value.key == key and hint in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_cli_prints_one_line_not_a_hydra_traceback() -> None:
+    from typer.testing import CliRunner
+
+    from medtwin.experiments.cli import app
+
+    result = CliRunner().invoke(app, ["run", "federation.num_round=3"])
+    assert result.exit_code == 2
+    assert "config key `federation.num_round`" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3, result.output

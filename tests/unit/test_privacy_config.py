@@ -46,3 +46,9 @@ def test_each_bad_value_names_its_key(change, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as raised:
         validate_privacy_config(config)
     assert raised.value.key == key
+
+
+def test_a_tiny_epsilon_names_epsilon_not_the_tolerance():
+    with pytest.raises(ConfigError) as raised:
+        validate_privacy_config(dataclasses.replace(PrivacyConfig(name="dp"), target_epsilon=1e-6))
+    assert raised.value.key == "privacy.target_epsilon"

@@ -141,6 +141,10 @@ def submit_proposal(
             f"--resume {resume} is not the run {proposal} proposes ({config.run_id!r}): resume a run with the very proposal "
             "its sites approved"
         )
+    if not resume:
+        from medtwin.server.app import check_new_run
+
+        check_new_run(config.runs_dir, config.run_id)  # the coordinator's own runs folder: refuse before submitting
     flwr_home = coordinator_state / "flwr-home"
     record_path = coordinator_state / COORDINATOR_RECORD
     if not record_path.is_file() or not (flwr_home / "config.toml").is_file():

@@ -21,7 +21,7 @@ from medtwin.core.protocol import record_from_bytes
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
 from medtwin.core.tasks import get_task
-from medtwin.server.app import build_server_app, make_run_id
+from medtwin.server.app import build_server_app, check_new_run, make_run_id
 
 from .baselines import compute_baselines, final_model_evaluator
 from .chain_wiring import ChainProvenance, enrol_federation, open_chains
@@ -52,6 +52,8 @@ def simulate(config: MedtwinConfig, *, resume: bool = False) -> Path:
 
     if not config.run_id:
         config.run_id = make_run_id(config)
+    if not resume:
+        check_new_run(config.runs_dir, config.run_id)  # before any party is prepared
     setup = prepare_parties(config, resume=resume)
     provenance = connect_chains(config, setup)
     baselines = None

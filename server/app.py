@@ -128,6 +128,7 @@ def run_federation(
         recorded = keep_metrics_up_to(run_dir, checkpoint)
     else:
         run_id = make_run_id(config)
+        check_new_run(config.runs_dir, run_id)
         run_dir = RunDirectory(config.runs_dir, run_id)
         run_dir.write_config(config_yaml)
         recorded = set()
@@ -193,6 +194,18 @@ def run_federation(
     if failure is not None:
         raise failure
     return run_dir.path
+
+
+def check_new_run(runs_dir: str | Path, run_id: str) -> None:
+    """A run id is used once: a run folder that holds anything already is never appended to or replaced."""
+    path = Path(runs_dir) / ensure_id(run_id, key="run_id")
+    if path.is_dir() and any(path.iterdir()):
+        state = "finished" if (path / "summary.json").is_file() else "started and stopped"
+        raise ConfigError(
+            "run_id",
+            f"run {run_id} already exists in {runs_dir} ({state}); nothing in it is appended to or replaced",
+            f"pick another run_id (or leave it empty for a fresh one){'' if state == 'finished' else f', or continue it with --resume {run_id}'}",
+        )
 
 
 def resume_run_id(config: MedtwinConfig) -> str:

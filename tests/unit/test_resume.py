@@ -229,3 +229,18 @@ def test_a_failure_recording_the_end_of_the_run_still_writes_the_summary_and_rep
     summary = json.loads((run_path / "summary.json").read_text())
     assert summary["rounds_completed"] == NUM_ROUNDS and "record_lineage" in summary["chain"]["error"]
     assert "Recording the end of the run on the chains failed" in (run_path / "report.md").read_text()
+
+
+def test_a_run_id_is_used_once_nothing_in_an_existing_run_is_appended_or_replaced(config, setup) -> None:
+    from medtwin.core.errors import ConfigError
+
+    chain = FakeChain()
+    run_path = run_federation(SitesGrid(), config, setup, chain)  # type: ignore[arg-type]
+    before = {path: path.read_bytes() for path in run_path.rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError, match=r"already exists .*\(finished\)") as refused:
+        run_federation(SitesGrid(), config, setup, FakeChain())  # type: ignore[arg-type]
+    assert refused.value.key == "run_id" and "pick another run_id" in str(refused.value)
+    assert {path: path.read_bytes() for path in run_path.rglob("*") if path.is_file()} == before
+    _crash(replace(config, run_id="stopped-run"), setup, at=("train", 2), provenance=FakeChain())
+    with pytest.raises(ConfigError, match="--resume stopped-run"):
+        run_federation(SitesGrid(), replace(config, run_id="stopped-run"), setup, FakeChain())  # type: ignore[arg-type]

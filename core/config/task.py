@@ -24,6 +24,8 @@ class CsvColumnConfig:
     type: str = "float"  # float | int | category | bool
     categories: list[str] = field(default_factory=list)  # allowed values for `category`
     allow_missing: bool = False
+    min: float | None = None  # plausible range (float/int): a value outside is an error naming row and column
+    max: float | None = None
 
 
 @dataclass

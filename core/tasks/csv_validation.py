@@ -17,7 +17,10 @@ Conventions:
   dropped; ``impute_mean`` — missing cells of `allow_missing` columns stay NaN here and are
   filled with the site's train-split mean after the split. A column without `allow_missing`
   never accepts a missing cell, and the target is never imputed.
-- Binary targets must be 0/1 (``true``/``false`` accepted); regression targets finite numbers.
+- Binary targets must be 0/1 (``true``/``false`` accepted) with both classes present; regression
+  targets finite numbers.
+- Numbers must be finite and at most `MAX_ABS_VALUE` in magnitude (larger ones overflow when
+  standardised); a float/int column may declare a plausible `min`/`max` (e.g. age 0–120).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 TRUE_TOKENS = frozenset({"1", "1.0", "true", "t", "yes", "y"})
 FALSE_TOKENS = frozenset({"0", "0.0", "false", "f", "no", "n"})
 MIN_USABLE_ROWS = 4  # a seeded train/test split and a train std need a few rows
+# larger magnitudes overflow float64 when standardised (sums of squares over many rows): refused
+MAX_ABS_VALUE = 1e100
 HEADER_ROW = 1
 
 
@@ -132,6 +137,10 @@ def check_csv_schema(schema: CsvSchemaConfig) -> None:
             raise ConfigError(
                 f"{key}.categories", f"category column {column.name!r} needs distinct categories, got {categories}"
             )
+        if (column.min is not None or column.max is not None) and column.type not in ("float", "int"):
+            raise ConfigError(f"{key}.min", f"a range applies to float and int columns, {column.name!r} is {column.type}")
+        if column.min is not None and column.max is not None and column.min > column.max:
+            raise ConfigError(f"{key}.max", f"max {column.max} of {column.name!r} is below its min {column.min}")
 
 
 class _Problems:
@@ -196,6 +205,11 @@ def validate_site_csv(path: str | Path, schema: CsvSchemaConfig) -> ValidatedTab
 
     if not problems.found and len(labels) < MIN_USABLE_ROWS:
         problems.add(None, None, f"only {len(labels)} usable rows ({rows_dropped} dropped), need {MIN_USABLE_ROWS}")
+    if not problems.found and schema.task_type == "binary" and len(set(labels)) == 1:
+        problems.add(
+            None, schema.target,
+            f"every usable row has target {int(labels[0])}: a binary model cannot learn from one class (is the file filtered?)",
+        )  # fmt: skip
     if problems.found:
         raise CsvValidationError(problems.found)
     names = tuple(encoded_feature_names(schema))
@@ -257,8 +271,13 @@ def _parse_feature(
             return [math.nan] * width, False
         return [1.0 if cell == category else 0.0 for category in column.categories], False
     value, problem = _parse_scalar(cell, column.type)
+    if not problem and column.min is not None and value < column.min:
+        problem = f"{cell} is below the plausible minimum {column.min:g} (task.csv.features: min of {column.name!r})"
+    if not problem and column.max is not None and value > column.max:
+        problem = f"{cell} is above the plausible maximum {column.max:g} (task.csv.features: max of {column.name!r})"
     if problem:
         problems.add(row, column.name, problem)
+        return [math.nan], False
     return [value], False
 
 
@@ -277,6 +296,8 @@ def _parse_scalar(cell: str, kind: str) -> tuple[float, str]:
         return math.nan, f"expected {'an integer' if kind == 'int' else 'a number'}, got {cell!r}"
     if not math.isfinite(value):
         return math.nan, f"expected a finite number, got {cell!r}"
+    if abs(value) > MAX_ABS_VALUE:
+        return math.nan, f"{cell!r} is too large to standardise safely (|x| > {MAX_ABS_VALUE:g}); check the unit, or set min/max"
     if kind == "int" and not value.is_integer():
         return math.nan, f"expected an integer, got {cell!r}"
     return value, ""

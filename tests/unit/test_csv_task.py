@@ -117,3 +117,29 @@ def test_config_errors_name_the_key(example_config: TaskConfig) -> None:
     with pytest.raises(ConfigError) as raised:
         get_task(TaskConfig(name="csv", num_sites=1, csv=schema))
     assert raised.value.key == "task.csv.features[0].type"
+
+
+def test_a_simulation_validates_every_csv_before_anything_starts(tmp_path) -> None:
+    """With no baselines, crypto or chain, a broken hospital file is still reported up front, once, by file,
+    row and column — not raised inside Ray round after round."""
+    import pytest
+
+    from medtwin.core.config import compose_config
+    from medtwin.core.tasks import CsvValidationError
+    from medtwin.experiments.simulate import simulate
+
+    config = compose_config(["task=csv_example", "baselines.enabled=false", f"runs_dir={tmp_path / 'runs'}", "run_id=broken-csv"])
+    broken = tmp_path / "broken.csv"
+    source = Path(config.task.csv.site_files[0])
+    if not source.is_absolute():
+        from medtwin.core.tasks.csv_task import resolve_site_file
+
+        source = resolve_site_file(source)
+    lines = source.read_text().splitlines()
+    lines[1] = ",".join(["abc"] * len(lines[1].split(",")))
+    broken.write_text("\n".join(lines) + "\n")
+    config.task.csv.site_files[0] = str(broken)
+    with pytest.raises(CsvValidationError, match=str(broken)) as raised:
+        simulate(config)
+    assert any(issue.row == 2 for issue in raised.value.issues)
+    assert not (tmp_path / "runs" / "broken-csv").exists()  # nothing started

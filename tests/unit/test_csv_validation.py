@@ -176,3 +176,44 @@ def test_a_category_column_without_categories_is_a_config_error(tmp_path: Path) 
     schema = CsvSchemaConfig(features=[CsvColumnConfig(name="sex", type="category")], target="readmitted")
     with pytest.raises(ConfigError, match=r"task\.csv\.features\[0\]\.categories"):
         validate_site_csv(_write(tmp_path, HEADER + GOOD_ROWS), schema)
+
+
+def test_values_outside_a_columns_plausible_range_are_refused_with_row_and_column(tmp_path: Path) -> None:
+    schema = _schema()
+    schema.features[0] = CsvColumnConfig(name="age", type="float", min=0, max=120)
+    path = _write(tmp_path, HEADER + GOOD_ROWS + "-40,F,120,2,true,1\n999999,M,130,1,no,0\n")
+    with pytest.raises(CsvValidationError) as raised:
+        validate_site_csv(path, schema)
+    found = {(issue.row, issue.column): issue.message for issue in raised.value.issues}
+    assert set(found) == {(6, "age"), (7, "age")}
+    assert "below the plausible minimum 0" in found[(6, "age")] and "above the plausible maximum 120" in found[(7, "age")]
+
+
+def test_an_overflow_prone_value_is_refused_not_silently_zeroed(tmp_path: Path) -> None:
+    path = _write(tmp_path, HEADER + GOOD_ROWS + "1e308,F,120,2,true,1\n")
+    with pytest.raises(CsvValidationError) as raised:
+        validate_site_csv(path, _schema())
+    [issue] = raised.value.issues
+    assert (issue.row, issue.column) == (6, "age") and "too large to standardise" in issue.message
+
+
+def test_a_single_class_binary_target_is_refused(tmp_path: Path) -> None:
+    rows = "61,F,120,2,true,1\n45,M,135,0,false,1\n70,M,150,5,yes,1\n52,F,118,1,no,1\n"
+    with pytest.raises(CsvValidationError) as raised:
+        validate_site_csv(_write(tmp_path, HEADER + rows), _schema())
+    [issue] = raised.value.issues
+    assert issue.column == "readmitted" and "one class" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("column", "key"),
+    [(CsvColumnConfig(name="age", type="float", min=10, max=5), "max"), (CsvColumnConfig(name="age", type="bool", min=0), "min")],
+)
+def test_an_inconsistent_range_is_a_config_error(column: CsvColumnConfig, key: str) -> None:
+    from medtwin.core.tasks.csv_validation import check_csv_schema
+
+    schema = _schema()
+    schema.features[0] = column
+    with pytest.raises(ConfigError) as raised:
+        check_csv_schema(schema)
+    assert raised.value.key == f"task.csv.features[0].{key}"

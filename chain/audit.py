@@ -13,7 +13,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import yaml
+
 from medtwin.core.artifacts import ArtifactError, ArtifactStore, sha256_hex
+from medtwin.core.hashing import config_hash
 from medtwin.core.merkle import merkle_root, update_leaves
 
 from .anchoring import RoundManifest, epsilon_hash, participants_hash
@@ -262,8 +265,27 @@ def _verify_round(anchor: RoundAnchor, store: ArtifactStore, run_id: str, found:
     return checked
 
 
+def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch]) -> int | None:
+    """`federation.num_rounds` of the run's config.yaml beside its artifact store — trusted only if it hashes to
+    the config hash registered on the data chain; None when there is no config file to check."""
+    path = store.root.parent / "config.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if config_hash(text) != run.config_hash.lower().removeprefix("0x"):
+        found.append(Mismatch(0, "run", f"{path} does not hash to the config hash registered for the run: it is not the config that ran"))
+        return None
+    try:
+        return int(yaml.safe_load(text)["federation"]["num_rounds"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        found.append(Mismatch(0, "run", f"{path} names no federation.num_rounds"))
+        return None
+
+
 def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> VerifyReport:
-    """Recompute every Merkle root and artifact hash of `run_id`; report each mismatch."""
+    """Recompute every Merkle root and artifact hash of `run_id`; report each mismatch — and every planned
+    round without an anchor and a missing final lineage, when the run's config.yaml (checked against the
+    registered config hash) is beside the artifact store."""
     started = time.perf_counter()
     found: list[Mismatch] = []
     run = session.data.run(run_id)
@@ -278,7 +300,18 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
             continue
         checked += _verify_round(anchor, store, run_id, found)
         rounds += 1
-    for model in session.data.models_of_run(run_id):
+    models = session.data.models_of_run(run_id)
+    planned = _planned_rounds(run, store, found)
+    if planned is not None:  # completeness: the registered plan, not only what happens to be on chain
+        for round_index in range(run.last_round + 1, planned + 1):
+            found.append(Mismatch(
+                round_index, "round",
+                f"round {round_index} of {planned} planned is not anchored (the run stopped after round {run.last_round}, "
+                "or its anchors are still queued: `medtwin chain flush`)",
+            ))  # fmt: skip
+        if not models:
+            found.append(Mismatch(run.last_round, "model", "no final model lineage is recorded (the run did not finish, or it is still queued)"))
+    for model in models:
         if store.exists(model.model_hash):
             checked += 1
             actual = sha256_hex(store.read_unverified(model.model_hash))

@@ -144,3 +144,34 @@ def test_access_report_filters_by_site(federation) -> None:
     assert {"SiteRegistered", "RunApproved"} <= kinds
     assert json.loads(report.to_json())["site_id"] == "hosp-b"
     Console(width=200, record=True).print(access_table(report))
+
+
+def test_verify_checks_completeness_against_the_registered_plan(tmp_path: Path) -> None:
+    """A run planned for 4 rounds that stopped after round 2 (or whose later anchors never landed) is not OK:
+    each missing round and the missing final lineage is named. The plan is read from the run's config.yaml
+    only because it hashes to the config hash registered on chain; a doctored one is reported instead."""
+    from medtwin.core.hashing import config_hash
+
+    session = open_session(ChainConfig(name="embedded"))
+    run_folder = tmp_path / "runs" / "stopped"
+    store = ArtifactStore(run_folder / "artifacts")
+    config_text = "federation:\n  num_rounds: 4\ntask:\n  name: breast_cancer\n"
+    run_folder.mkdir(parents=True)
+    (run_folder / "config.yaml").write_text(config_text)
+    session.data.register_run(RunRegistration("stopped", "breast_cancer", config_hash(config_text), h("code"), h("dp"), h("he")))
+    for round_index in (1, 2):
+        digests = {site: store.put(f"{site} {round_index}".encode(), kind="update") for site in SITES}
+        anchor, _ = build_round_anchor(
+            store, run_id="stopped", round_index=round_index, update_digests=digests,
+            aggregate_digest=store.put(f"aggregate {round_index}".encode(), kind="aggregate"),
+            epsilon_by_site={site: 0.1 for site in SITES}, he_error_bound=0.0,
+        )  # fmt: skip
+        assert session.data.anchor_round(anchor).mined
+    report = audit_verify(session, store, "stopped")
+    assert not report.ok
+    assert {(m.round_index, m.kind) for m in report.mismatches} == {(3, "round"), (4, "round"), (2, "model")}
+    assert "round 3 of 4 planned is not anchored" in " ".join(m.detail for m in report.mismatches)
+
+    (run_folder / "config.yaml").write_text(config_text.replace("num_rounds: 4", "num_rounds: 2"))  # doctored plan
+    report = audit_verify(session, store, "stopped")
+    assert [(m.round_index, m.kind) for m in report.mismatches] == [(0, "run")]

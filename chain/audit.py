@@ -85,6 +85,7 @@ class LineageReport(_Json):
     datasets: tuple[DatasetLineage, ...]
     rounds: tuple[RoundLineage, ...]
     problems: tuple[str, ...]
+    origins: tuple[str, ...] = ()  # for a model hash: every run that recorded it (a model may come out of several)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,15 @@ def audit_lineage(session: ChainSession, store: ArtifactStore, target: str) -> L
         DatasetLineage(names.get(item.site_key, item.site_key), item.manifest_hash, item.timestamp)
         for item in session.data.dataset_commitments(run.run_id)
     )
-    return LineageReport(target, run, models, datasets, tuple(rounds), tuple(problems))
+    return LineageReport(target, run, models, datasets, tuple(rounds), tuple(problems), _origins(session, target))
+
+
+def _origins(session: ChainSession, target: str) -> tuple[str, ...]:
+    candidate = target.lower().removeprefix("0x")
+    if len(candidate) != 64 or any(char not in "0123456789abcdef" for char in candidate):
+        return ()
+    runs = (session.data.run_by_key(bytes.fromhex(origin.run_key)) for origin in session.data.origins_of(candidate))
+    return tuple(run.run_id for run in runs if run is not None)
 
 
 def audit_access(session: ChainSession, *, site_id: str = "", run_id: str = "") -> AccessReport:

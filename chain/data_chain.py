@@ -184,11 +184,30 @@ class DataChain(ContractGateway):
             record = self.model(record.parent_hash) if record.parent_hash else None
         return chain
 
+    def origin(self, model_hash: str | bytes, run_id: str) -> ModelRecord | None:
+        """The model's lineage record in run `run_id` (a model may come out of several runs)."""
+        key = as_bytes32(model_hash, what="model hash")
+        parent, run, round_index, recorded_at = self.call("origins", key, run_key(run_id))
+        if recorded_at == 0:
+            return None
+        parent_hex = "" if bytes(parent) == ZERO32 else _hex(parent)
+        return ModelRecord(_hex(key), parent_hex, _hex(run), int(round_index), int(recorded_at))
+
+    def origins_of(self, model_hash: str | bytes) -> list[ModelRecord]:
+        """Every run that recorded this model, oldest first."""
+        key = as_bytes32(model_hash, what="model hash")
+        events = self.client.logs(self.contract.events.LineageRecorded, from_block=self.deploy_block, argument_filters={"model_hash": key})
+        return [
+            ModelRecord(_hex(key), "" if bytes(e["args"]["parent_hash"]) == ZERO32 else _hex(e["args"]["parent_hash"]),
+                        _hex(e["args"]["run_id"]), int(e["args"]["round_index"]), int(e["args"]["timestamp"]))
+            for e in events
+        ]  # fmt: skip
+
     def models_of_run(self, run_id: str) -> list[ModelRecord]:
         events = self.client.logs(
             self.contract.events.LineageRecorded, from_block=self.deploy_block, argument_filters={"run_id": run_key(run_id)}
         )
-        records = (self.model(bytes(event["args"]["model_hash"])) for event in events)
+        records = (self.origin(bytes(event["args"]["model_hash"]), run_id) for event in events)
         return [record for record in records if record is not None]
 
     def release(self, model_hash: str | bytes) -> ReleaseRecord | None:
@@ -216,8 +235,8 @@ class DataChain(ContractGateway):
             return int(self.call("runs", args[0])[6]) != 0
         if method == "commit_datasets":
             return all(bytes(self.call("datasets", args[0], site)) == manifest for site, manifest in zip(args[1], args[2], strict=True))
-        if method == "record_lineage":
-            return int(self.call("models", args[0])[3]) != 0
+        if method == "record_lineage":  # (model, parent, run key, round)
+            return int(self.call("origins", args[0], args[2])[3]) != 0
         if method == "release_model":
             return int(self.call("releases", args[0])[2]) != 0
         if method == "set_writer":

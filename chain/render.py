@@ -60,6 +60,8 @@ def lineage_table(report: LineageReport) -> Table:
                 _short(round_lineage.update_root) if first else "",
             )
     caption = [f"datasets: {len(report.datasets)} commitments", f"models: {len(report.models)}"]
+    if len(report.origins) > 1:
+        caption.append(f"this model came out of {len(report.origins)} runs: {', '.join(report.origins)}")
     caption += [f"problem: {problem}" for problem in report.problems]
     table.caption = "\n".join(caption)
     return table

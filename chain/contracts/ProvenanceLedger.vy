@@ -2,7 +2,7 @@
 """
 @title ProvenanceLedger (medtwin data chain)
 @notice Dataset manifest commitments, run registrations, one anchor per (run, round), model
-        lineage and releases. Only hashes and numbers are written, never data.
+        lineage per (model, run) — a model two runs produced has two origins — and releases. Only hashes and numbers are written, never data.
         A round anchor's `update_root` is the Merkle root (medtwin.core.merkle) over the sha256
         digests of the accepted update artifacts, ordered by site id; `manifest_hash` is the
         sha256 of the round manifest artifact that lists those digests.
@@ -104,6 +104,7 @@ run_count: public(uint256)
 anchors: public(HashMap[bytes32, HashMap[uint256, Anchor]])
 datasets: public(HashMap[bytes32, HashMap[bytes32, bytes32]])
 models: public(HashMap[bytes32, Model])
+origins: public(HashMap[bytes32, HashMap[bytes32, Model]])
 releases: public(HashMap[bytes32, Release])
 
 
@@ -212,8 +213,11 @@ def record_lineage(model_hash: bytes32, parent_hash: bytes32, run_id: bytes32, r
     self._require_writer()
     assert model_hash != empty(bytes32), "model hash is empty"
     assert model_hash != parent_hash, "a model cannot be its own parent"
-    assert self.models[model_hash].recorded_at == 0, "model lineage already recorded"
-    self.models[model_hash] = Model(parent=parent_hash, run_id=run_id, round_index=round_index, recorded_at=block.timestamp)
+    assert self.origins[model_hash][run_id].recorded_at == 0, "model lineage already recorded for this run"
+    origin: Model = Model(parent=parent_hash, run_id=run_id, round_index=round_index, recorded_at=block.timestamp)
+    self.origins[model_hash][run_id] = origin
+    if self.models[model_hash].recorded_at == 0:
+        self.models[model_hash] = origin  # a model's first origin; every run that produced it is in `origins`
     log LineageRecorded(model_hash=model_hash, parent_hash=parent_hash, run_id=run_id, round_index=round_index, timestamp=block.timestamp)
 
 

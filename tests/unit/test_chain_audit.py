@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from medtwin.chain import (
+    ChainRevertError,
     ChainSession,
     Decision,
     RunRegistration,
@@ -20,6 +21,7 @@ from medtwin.chain import (
     build_round_anchor,
     lineage_table,
     open_session,
+    run_key,
     verify_table,
 )
 from medtwin.core.artifacts import ArtifactStore
@@ -175,3 +177,22 @@ def test_verify_checks_completeness_against_the_registered_plan(tmp_path: Path) 
     (run_folder / "config.yaml").write_text(config_text.replace("num_rounds: 4", "num_rounds: 2"))  # doctored plan
     report = audit_verify(session, store, "stopped")
     assert [(m.round_index, m.kind) for m in report.mismatches] == [(0, "run")]
+
+
+def test_two_runs_that_produce_the_same_model_both_record_it_and_lineage_lists_both(tmp_path: Path) -> None:
+    """A reproducibility check re-runs the same config and seed: deterministic training gives the same final
+    model hash. Lineage is per (model, run): the second run records its origin too, once; audit lineage of
+    the model names both runs."""
+    session = open_session(ChainConfig(name="embedded"))
+    store = ArtifactStore(tmp_path / "artifacts")
+    model = h("the same final model")
+    for run_id in ("run-a", "run-b"):
+        session.data.register_run(RunRegistration(run_id, "breast_cancer", h("config"), h("code"), h("dp"), h("he")))
+        assert session.data.record_lineage(model_hash=model, run_id=run_id, round_index=3).mined
+    with pytest.raises(ChainRevertError, match="already recorded for this run"):
+        session.data.record_lineage(model_hash=model, run_id="run-b", round_index=3)
+    assert [record.round_index for record in session.data.models_of_run("run-a")] == [3]
+    assert session.data.origin(model, "run-b") is not None
+    assert session.data.is_applied("record_lineage", [bytes.fromhex(model), bytes(32), run_key("run-b"), 3], "")
+    assert not session.data.is_applied("record_lineage", [bytes.fromhex(model), bytes(32), run_key("run-c"), 3], "")
+    assert audit_lineage(session, store, model).origins == ("run-a", "run-b")

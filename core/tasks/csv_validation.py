@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import csv
 import math
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -52,6 +54,7 @@ MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 TRUE_TOKENS = frozenset({"1", "1.0", "true", "t", "yes", "y"})
 FALSE_TOKENS = frozenset({"0", "0.0", "false", "f", "no", "n"})
 MIN_USABLE_ROWS = 4  # a seeded train/test split and a train std need a few rows
+MAX_PROBLEMS = 1000  # problems listed per file; the rest are counted
 # larger magnitudes overflow float64 when standardised (sums of squares over many rows): refused
 MAX_ABS_VALUE = 1e100
 HEADER_ROW = 1
@@ -92,7 +95,7 @@ class ValidatedTable:
     feature_names: tuple[str, ...]  # encoded columns, category columns expanded
     features: np.ndarray  # float64 [n_rows, n_encoded]
     labels: np.ndarray  # float32 [n_rows]
-    source_rows: np.ndarray  # int64 [n_rows], the file row (header = 1) each kept row came from
+    source_rows: np.ndarray  # int32 [n_rows], the file row (header = 1) each kept row came from
     rows_dropped: int  # rows dropped by missing_policy=drop_row
 
     @property
@@ -149,9 +152,17 @@ class _Problems:
     def __init__(self, file_name: str) -> None:
         self.file_name = file_name
         self.found: list[CsvProblem] = []
+        self.more = 0  # problems beyond MAX_PROBLEMS: counted, not kept (a broken 200 MB file has millions)
 
     def add(self, row: int | None, column: str | None, message: str) -> None:
-        self.found.append(CsvProblem(self.file_name, row, column, message))
+        if len(self.found) < MAX_PROBLEMS:
+            self.found.append(CsvProblem(self.file_name, row, column, message))
+        else:
+            self.more += 1
+
+    def error(self) -> CsvValidationError:
+        extra = [CsvProblem(self.file_name, None, None, f"... and {self.more} more problem(s)")] if self.more else []
+        return CsvValidationError(self.found + extra)
 
     def fail(self, message: str) -> CsvValidationError:
         return CsvValidationError([CsvProblem(self.file_name, None, None, message)])
@@ -164,29 +175,34 @@ def validate_site_csv(path: str | Path, schema: CsvSchemaConfig) -> ValidatedTab
     problems = _Problems(str(path))
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            records = _numbered_records(handle)
+            return _validate_stream(path, _numbered_records(handle), schema, problems)
     except FileNotFoundError:
         raise problems.fail("file not found — check task.csv.site_files or the site's data path") from None
     except UnicodeDecodeError as error:
         raise problems.fail(f"not UTF-8 text ({error.reason} at byte {error.start})") from None
     except (OSError, csv.Error) as error:
         raise problems.fail(f"cannot be read as CSV: {error}") from None
-    if not records:
-        raise problems.fail("file is empty: no header row and no data rows")
-    header = [name.strip() for name in records[0][1]]
-    positions = _header_positions(header, schema, problems)
-    if len(records) == 1:
-        problems.add(None, None, "file has a header but no data rows")
 
-    feature_rows: list[list[float]] = []
-    labels: list[float] = []
-    source_rows: list[int] = []
-    rows_dropped = 0
-    for row, record in records[1:]:
+
+def _validate_stream(
+    path: Path, records: Iterator[tuple[int, list[str]]], schema: CsvSchemaConfig, problems: _Problems
+) -> ValidatedTable:
+    """One pass over the records; values go straight into typed arrays (8 bytes a number), so memory
+    stays near the size of the numbers, not of Python lists of strings (~40x the file before)."""
+    first = next(records, None)
+    if first is None:
+        raise problems.fail("file is empty: no header row and no data rows")
+    header = [name.strip() for name in first[1]]
+    positions = _header_positions(header, schema, problems)
+    names = tuple(encoded_feature_names(schema))
+    features, labels, source_rows = array("d"), array("f"), array("i")  # source rows: a file line number fits 32 bits
+    rows_seen = rows_dropped = 0
+    for row, record in records:
+        rows_seen += 1
         if len(record) != len(header):
             problems.add(row, None, f"row has {len(record)} fields, the header has {len(header)}")
             continue
-        problems_before = len(problems.found)
+        problems_before = len(problems.found) + problems.more
         encoded: list[float] = []
         drop_row = False
         for column in schema.features:
@@ -194,15 +210,16 @@ def validate_site_csv(path: str | Path, schema: CsvSchemaConfig) -> ValidatedTab
             encoded += cells
             drop_row = drop_row or (missing and schema.missing_policy == "drop_row")
         label, label_missing = _parse_target(row, record, positions, schema, problems)
-        if len(problems.found) > problems_before:
+        if len(problems.found) + problems.more > problems_before:
             continue
         if drop_row or label_missing:
             rows_dropped += 1
             continue
-        feature_rows.append(encoded)
+        features.extend(encoded)
         labels.append(label)
         source_rows.append(row)
-
+    if rows_seen == 0:
+        problems.add(None, None, "file has a header but no data rows")
     if not problems.found and len(labels) < MIN_USABLE_ROWS:
         problems.add(None, None, f"only {len(labels)} usable rows ({rows_dropped} dropped), need {MIN_USABLE_ROWS}")
     if not problems.found and schema.task_type == "binary" and len(set(labels)) == 1:
@@ -211,22 +228,23 @@ def validate_site_csv(path: str | Path, schema: CsvSchemaConfig) -> ValidatedTab
             f"every usable row has target {int(labels[0])}: a binary model cannot learn from one class (is the file filtered?)",
         )  # fmt: skip
     if problems.found:
-        raise CsvValidationError(problems.found)
-    names = tuple(encoded_feature_names(schema))
+        raise problems.error()
     return ValidatedTable(
         path=path,
         feature_names=names,
-        features=np.asarray(feature_rows, dtype=np.float64).reshape(len(feature_rows), len(names)),
-        labels=np.asarray(labels, dtype=np.float32),
-        source_rows=np.asarray(source_rows, dtype=np.int64),
+        features=np.frombuffer(features, dtype=np.float64).reshape(len(labels), len(names)),
+        labels=np.frombuffer(labels, dtype=np.float32),
+        source_rows=np.frombuffer(source_rows, dtype=np.int32),
         rows_dropped=rows_dropped,
     )
 
 
-def _numbered_records(handle: TextIO) -> list[tuple[int, list[str]]]:
-    """(file row, fields) of every non-blank record; the row is the line where the record ends."""
+def _numbered_records(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
+    """(file row, fields) of every non-blank record, one at a time; the row is the line where the record ends."""
     reader = csv.reader(handle)
-    return [(reader.line_num, record) for record in reader if any(field.strip() for field in record)]
+    for record in reader:
+        if any(field.strip() for field in record):
+            yield reader.line_num, record
 
 
 def _header_positions(header: list[str], schema: CsvSchemaConfig, problems: _Problems) -> dict[str, int]:

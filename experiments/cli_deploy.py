@@ -123,6 +123,28 @@ def propose_command(
     console.print(f"run {config.run_id}: proposal written to {out} — each site runs `medtwin site approve {out} --site-file …`")
 
 
+def check_chains_reachable(chain) -> None:  # noqa: ANN001 - a ChainConfig
+    """Before a run is submitted: both chains it records on answer at the addresses in `chain.state_dir`."""
+    from medtwin.chain import chain_status
+
+    from .deployment import DeploymentError
+
+    if chain.name not in ("anvil", "rpc"):
+        return
+    status = chain_status(chain.state_dir)
+    if status.backend == "unknown":
+        raise DeploymentError(
+            f"chain.state_dir={chain.state_dir} holds no deployment.json: start the chains first "
+            f"(`medtwin chain up chain.state_dir={chain.state_dir}`) or fix chain.state_dir in the proposal"
+        )
+    for node in status.nodes:
+        if not node.reachable:
+            raise DeploymentError(
+                f"the {node.role} chain at {node.rpc_url} (chain.state_dir={chain.state_dir}) does not answer: start it "
+                f"with `medtwin chain up chain.state_dir={chain.state_dir}`, or check chain.{node.role}_rpc_url"
+            )
+
+
 def submit_proposal(
     proposal: Path, *, coordinator_state: Path, public_context: Path | None, timeout_s: float, resume: str = ""
 ) -> Path:
@@ -145,6 +167,7 @@ def submit_proposal(
         from medtwin.server.app import check_new_run
 
         check_new_run(config.runs_dir, config.run_id)  # the coordinator's own runs folder: refuse before submitting
+    check_chains_reachable(config.chain)
     flwr_home = coordinator_state / "flwr-home"
     record_path = coordinator_state / COORDINATOR_RECORD
     if not record_path.is_file() or not (flwr_home / "config.toml").is_file():

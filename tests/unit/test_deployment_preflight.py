@@ -102,3 +102,23 @@ def test_a_site_with_a_bad_file_kit_address_or_port_is_told_which_within_seconds
         (kit / "ca_cert.pem").unlink()  # never joined
         with pytest.raises(DeploymentError, match="medtwin site join"):
             SiteProcess(site_file, superlink).check()
+
+
+@pytest.mark.slow  # starts (and stops, by PID) two anvil nodes
+def test_a_run_whose_chains_do_not_answer_is_not_submitted(tmp_path: Path) -> None:
+    from medtwin.chain import chain_up, chain_down
+    from medtwin.core.config import compose_config, config_to_yaml
+    from medtwin.experiments.cli_deploy import submit_proposal
+
+    state = tmp_path / "chain"
+    config = compose_config(["chain=anvil", f"chain.state_dir={state}", f"runs_dir={tmp_path / 'runs'}", "run_id=needs-chains"])
+    proposal = tmp_path / "proposal.yaml"
+    proposal.write_text(config_to_yaml(config))
+    with pytest.raises(DeploymentError, match="holds no deployment.json: start the chains first"):
+        submit_proposal(proposal, coordinator_state=tmp_path / "coordinator", public_context=None, timeout_s=10)
+    chain_up(config.chain, state)
+    chain_down(state)  # deployed, then stopped: deployment.json names nodes that do not answer
+    started = time.monotonic()
+    with pytest.raises(DeploymentError, match=r"the auth chain at http://127\.0\.0\.1:\d+ .* does not answer: start it"):
+        submit_proposal(proposal, coordinator_state=tmp_path / "coordinator", public_context=None, timeout_s=10)
+    assert time.monotonic() - started < 15

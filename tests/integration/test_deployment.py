@@ -326,7 +326,7 @@ def test_a_killed_hospital_costs_one_deadline_and_a_killed_coordinator_resumes_w
     not wait for it. SIGKILL the coordinator (SuperLink and ServerApp) once round 2 is checkpointed; start
     it again on the same state; `medtwin run --federation --resume` continues at round 3: every round is
     anchored once, and no site spends a round twice (a round it trained before the crash is resent)."""
-    rounds, timeout_s = 4, 10.0
+    rounds, timeout_s = 3, 10.0
     timings = deployment.timings
     coordinator = CoordinatorProcess(deployment.admin_dir, deployment.root / "coordinator")
     parties.append(coordinator)

@@ -110,6 +110,7 @@ class VerifyReport(_Json):
     artifacts_checked: int
     mismatches: tuple[Mismatch, ...]
     elapsed_s: float
+    completeness: str = ""  # whether every planned round and the final lineage were required (see audit_verify)
 
     @property
     def ok(self) -> bool:
@@ -274,6 +275,9 @@ def _verify_round(anchor: RoundAnchor, store: ArtifactStore, run_id: str, found:
     return checked
 
 
+MAX_PLANNED_ROUNDS = 1_000_000
+
+
 def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch]) -> int | None:
     """`federation.num_rounds` of the run's config.yaml beside its artifact store — trusted only if it hashes to
     the config hash registered on the data chain; None when there is no config file to check."""
@@ -285,10 +289,14 @@ def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch])
         found.append(Mismatch(0, "run", f"{path} does not hash to the config hash registered for the run: it is not the config that ran"))
         return None
     try:
-        return int(yaml.safe_load(text)["federation"]["num_rounds"])
-    except (yaml.YAMLError, KeyError, TypeError, ValueError):
-        found.append(Mismatch(0, "run", f"{path} names no federation.num_rounds"))
+        planned = int(yaml.safe_load(text)["federation"]["num_rounds"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError, ArithmeticError, RecursionError):
+        found.append(Mismatch(0, "run", f"{path} names no usable federation.num_rounds"))
         return None
+    if not 1 <= planned <= MAX_PLANNED_ROUNDS:
+        found.append(Mismatch(0, "run", f"{path} plans {planned} rounds, outside 1..{MAX_PLANNED_ROUNDS}"))
+        return None
+    return planned
 
 
 def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> VerifyReport:
@@ -312,12 +320,16 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
     models = session.data.models_of_run(run_id)
     planned = _planned_rounds(run, store, found)
     if planned is not None:  # completeness: the registered plan, not only what happens to be on chain
-        for round_index in range(run.last_round + 1, planned + 1):
+        if planned > run.last_round:
+            first = run.last_round + 1
+            which = f"round {first}" if first == planned else f"rounds {first}..{planned}"
             found.append(Mismatch(
-                round_index, "round",
-                f"round {round_index} of {planned} planned is not anchored (the run stopped after round {run.last_round}, "
+                first, "round",
+                f"{which} of {planned} planned not anchored (the run stopped after round {run.last_round}, "
                 "or its anchors are still queued: `medtwin chain flush`)",
             ))  # fmt: skip
+        elif planned < run.last_round:
+            found.append(Mismatch(planned + 1, "round", f"round {run.last_round} is anchored, but the registered plan has {planned} rounds"))
         if not models:
             found.append(Mismatch(run.last_round, "model", "no final model lineage is recorded (the run did not finish, or it is still queued)"))
     for model in models:
@@ -326,4 +338,8 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
             actual = sha256_hex(store.read_unverified(model.model_hash))
             if actual != model.model_hash:
                 found.append(Mismatch(model.round_index, "model", f"stored model {model.model_hash} now hashes to {actual}"))
-    return VerifyReport(run_id, rounds, checked, tuple(found), time.perf_counter() - started)
+    completeness = (
+        f"checked against the registered plan ({planned} rounds)" if planned is not None
+        else "not checked: no config.yaml matching the registered config hash beside the artifacts"
+    )  # fmt: skip
+    return VerifyReport(run_id, rounds, checked, tuple(found), time.perf_counter() - started, completeness)

@@ -95,4 +95,6 @@ def verify_table(report: VerifyReport) -> Table:
     for mismatch in report.mismatches:
         table.add_row(str(mismatch.round_index), mismatch.kind, mismatch.detail)
     table.caption = f"{report.rounds_checked} rounds, {report.artifacts_checked} artifacts re-hashed in {report.elapsed_s:.2f} s"
+    if report.completeness:
+        table.caption += f"; completeness {report.completeness}"
     return table

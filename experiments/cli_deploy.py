@@ -123,7 +123,7 @@ def propose_command(
     console.print(f"run {config.run_id}: proposal written to {out} — each site runs `medtwin site approve {out} --site-file …`")
 
 
-def check_chains_reachable(chain) -> None:  # noqa: ANN001 - a ChainConfig
+def check_chains_reachable(chain, *, base: Path) -> None:  # noqa: ANN001 - a ChainConfig
     """Before a run is submitted: both chains it records on answer at the addresses in `chain.state_dir`."""
     from medtwin.chain import chain_status
 
@@ -131,7 +131,7 @@ def check_chains_reachable(chain) -> None:  # noqa: ANN001 - a ChainConfig
 
     if chain.name not in ("anvil", "rpc"):
         return
-    status = chain_status(chain.state_dir)
+    status = chain_status(base / chain.state_dir)  # a relative state_dir is the coordinator's
     if status.backend == "unknown":
         raise DeploymentError(
             f"chain.state_dir={chain.state_dir} holds no deployment.json: start the chains first "
@@ -158,6 +158,7 @@ def submit_proposal(
 
     text = proposal.read_text(encoding="utf-8")
     config = config_from_yaml(text)
+    coordinator_state = Path(coordinator_state).resolve()
     if resume and resume != config.run_id:
         raise DeploymentError(
             f"--resume {resume} is not the run {proposal} proposes ({config.run_id!r}): resume a run with the very proposal "
@@ -166,8 +167,8 @@ def submit_proposal(
     if not resume:
         from medtwin.server.app import check_new_run
 
-        check_new_run(config.runs_dir, config.run_id)  # the coordinator's own runs folder: refuse before submitting
-    check_chains_reachable(config.chain)
+        check_new_run(coordinator_state / config.runs_dir, config.run_id)  # the coordinator's own runs folder
+    check_chains_reachable(config.chain, base=coordinator_state)
     flwr_home = coordinator_state / "flwr-home"
     record_path = coordinator_state / COORDINATOR_RECORD
     if not record_path.is_file() or not (flwr_home / "config.toml").is_file():
@@ -185,4 +186,4 @@ def submit_proposal(
     outcome = wait_for_run(flwr_home, COORDINATOR_CONNECTION, flower_run, timeout_s=timeout_s)
     if not outcome.completed:
         raise DeploymentError(f"Flower run {flower_run} ended {outcome.status!r} ({outcome.details})")
-    return Path(config.runs_dir) / config.run_id
+    return coordinator_state / config.runs_dir / config.run_id  # the ServerApp runs in the coordinator's state folder

@@ -213,6 +213,7 @@ def record_lineage(model_hash: bytes32, parent_hash: bytes32, run_id: bytes32, r
     self._require_writer()
     assert model_hash != empty(bytes32), "model hash is empty"
     assert model_hash != parent_hash, "a model cannot be its own parent"
+    self._require_run(run_id)
     assert self.origins[model_hash][run_id].recorded_at == 0, "model lineage already recorded for this run"
     origin: Model = Model(parent=parent_hash, run_id=run_id, round_index=round_index, recorded_at=block.timestamp)
     self.origins[model_hash][run_id] = origin
@@ -224,7 +225,7 @@ def record_lineage(model_hash: bytes32, parent_hash: bytes32, run_id: bytes32, r
 @external
 def release_model(model_hash: bytes32, run_id: bytes32, site_key: bytes32):
     self._require_writer()
-    assert self.models[model_hash].recorded_at != 0, "model has no recorded lineage"
+    assert self.origins[model_hash][run_id].recorded_at != 0, "model has no recorded lineage in this run"
     assert self.releases[model_hash].released_at == 0, "model already released"
     self.releases[model_hash] = Release(site_key=site_key, run_id=run_id, released_at=block.timestamp)
     log ModelReleased(model_hash=model_hash, run_id=run_id, site_key=site_key, timestamp=block.timestamp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Sequence
 from importlib import resources
@@ -79,14 +80,20 @@ def check_override(override: str) -> None:
         return
     if key in GROUP_SCHEMAS:
         options = group_options(key)
+        if "," in value:
+            raise ConfigError(key, f"{value!r} is a sweep", "sweeps run with Hydra's multirun (`-m`), not in one composed config")
         if value not in options:
             raise ConfigError(key, f"unknown option {value!r}", f"{_did_you_mean(value, options)}options: {', '.join(options)}")
         return
     node: Any = MedtwinConfig
     walked = []
     for part in key.split("."):
+        if typing.get_origin(node) in (list, tuple) and part.isdigit():  # `task.csv.features.0.min`
+            walked.append(part)
+            node = _optional_inner(typing.get_args(node)[0])
+            continue
         if not dataclasses.is_dataclass(node):
-            return  # below a free-form field (a mapping): anything goes
+            return  # below a free-form field (a mapping, a scalar list): anything goes
         fields = {field.name: field for field in dataclasses.fields(node)}
         if part not in fields:
             where = ".".join(walked)
@@ -99,11 +106,15 @@ def check_override(override: str) -> None:
 
 
 def _field_type(schema: Any, name: str) -> Any:
-    hints = typing.get_type_hints(schema)
-    hint = hints[name]
-    for candidate in (hint, *typing.get_args(hint)):  # `X | None` -> X
-        if dataclasses.is_dataclass(candidate):
-            return candidate
+    return _optional_inner(typing.get_type_hints(schema)[name])
+
+
+def _optional_inner(hint: Any) -> Any:
+    """`X | None` -> X; anything else unchanged (a `list[X]` stays a list)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
     return hint
 
 

@@ -55,6 +55,7 @@ TRUE_TOKENS = frozenset({"1", "1.0", "true", "t", "yes", "y"})
 FALSE_TOKENS = frozenset({"0", "0.0", "false", "f", "no", "n"})
 MIN_USABLE_ROWS = 4  # a seeded train/test split and a train std need a few rows
 MAX_PROBLEMS = 1000  # problems listed per file; the rest are counted
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # larger magnitudes overflow float64 when standardised (sums of squares over many rows): refused
 MAX_ABS_VALUE = 1e100
 HEADER_ROW = 1
@@ -290,9 +291,9 @@ def _parse_feature(
         return [1.0 if cell == category else 0.0 for category in column.categories], False
     value, problem = _parse_scalar(cell, column.type)
     if not problem and column.min is not None and value < column.min:
-        problem = f"{cell} is below the plausible minimum {column.min:g} (task.csv.features: min of {column.name!r})"
+        problem = f"{cell} is below the plausible minimum {column.min:g} (the schema's min of {column.name!r})"
     if not problem and column.max is not None and value > column.max:
-        problem = f"{cell} is above the plausible maximum {column.max:g} (task.csv.features: max of {column.name!r})"
+        problem = f"{cell} is above the plausible maximum {column.max:g} (the schema's max of {column.name!r})"
     if problem:
         problems.add(row, column.name, problem)
         return [math.nan], False
@@ -339,6 +340,8 @@ def _parse_target(
             problems.add(row, schema.target, f"target must be 0/1 (or true/false) for task_type binary, got {cell!r}")
         return value, False
     value, problem = _parse_scalar(cell, "float")
+    if not problem and abs(value) > FLOAT32_MAX:  # labels are float32
+        problem = f"{cell!r} is outside the float32 range of targets"
     if problem:
         problems.add(row, schema.target, f"target: {problem}")
     return value, False

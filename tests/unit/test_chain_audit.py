@@ -171,12 +171,17 @@ def test_verify_checks_completeness_against_the_registered_plan(tmp_path: Path) 
         assert session.data.anchor_round(anchor).mined
     report = audit_verify(session, store, "stopped")
     assert not report.ok
-    assert {(m.round_index, m.kind) for m in report.mismatches} == {(3, "round"), (4, "round"), (2, "model")}
-    assert "round 3 of 4 planned is not anchored" in " ".join(m.detail for m in report.mismatches)
+    assert {(m.round_index, m.kind) for m in report.mismatches} == {(3, "round"), (2, "model")}
+    assert "rounds 3..4 of 4 planned not anchored" in " ".join(m.detail for m in report.mismatches)
+    assert report.completeness.startswith("checked against the registered plan (4 rounds)")
 
     (run_folder / "config.yaml").write_text(config_text.replace("num_rounds: 4", "num_rounds: 2"))  # doctored plan
     report = audit_verify(session, store, "stopped")
     assert [(m.round_index, m.kind) for m in report.mismatches] == [(0, "run")]
+    assert report.completeness.startswith("not checked")
+    (run_folder / "config.yaml").unlink()  # no plan to check against: verify says so instead of staying silent
+    report = audit_verify(session, store, "stopped")
+    assert report.ok and report.completeness.startswith("not checked")
 
 
 def test_two_runs_that_produce_the_same_model_both_record_it_and_lineage_lists_both(tmp_path: Path) -> None:

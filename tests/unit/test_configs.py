@@ -114,3 +114,13 @@ def test_the_cli_prints_one_line_not_a_hydra_traceback() -> None:
     assert result.exit_code == 2
     assert "config key `federation.num_round`" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) <= 3, result.output
+
+
+def test_keys_of_list_items_and_sweeps_are_understood() -> None:
+    from medtwin.core.config.compose import check_override
+
+    check_override("task.csv.features.0.min=0")  # a list of column schemas, by index
+    with pytest.raises(ConfigError, match="did you mean 'task.csv.features.0.name'"):
+        check_override("task.csv.features.0.nme=age")
+    with pytest.raises(ConfigError, match="multirun"):
+        check_override("task=breast_cancer,fed_heart_disease")

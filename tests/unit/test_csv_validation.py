@@ -229,3 +229,11 @@ def test_ingestion_streams_into_typed_arrays(tmp_path: Path) -> None:
     result = measure(path)
     assert result["rows"] > 200_000
     assert result["ratio"] < 6, result
+
+
+def test_a_regression_target_beyond_float32_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, HEADER + GOOD_ROWS.replace(",1\n", ",1e50\n", 1))
+    with pytest.raises(CsvValidationError) as raised:
+        validate_site_csv(path, _schema(task_type="regression"))
+    [issue] = raised.value.issues
+    assert issue.column == "readmitted" and "float32" in issue.message

@@ -98,6 +98,14 @@ def ensure_deployed(
     for role, client in clients.items():
         recorded = previous.chain(role) if previous is not None and previous.backend == backend else None
         if recorded is not None and is_live(recorded, client):
+            source = load_contract(CONTRACT_OF[role]).source_sha256
+            if recorded.source_sha256 != source:  # another contract version: its ABI is not this code's
+                raise ChainSetupError(
+                    f"the {role} chain's {recorded.contract} at {recorded.address} (recorded in {state_dir}/deployment.json) was "
+                    f"deployed from another version of {recorded.contract}.vy (source {recorded.source_sha256[:12]}…, this "
+                    f"medtwin has {source[:12]}…); its records stay readable there — give this version a new chain.state_dir "
+                    "(or, for a throw-away local chain, `medtwin chain down` and delete that folder)"
+                )
             chains[role] = replace(recorded, rpc_url=client.url)
         else:
             chains[role] = deploy_chain(role, client, admin=admin, coordinator=coordinator, fund_from_node=fund_from_node)

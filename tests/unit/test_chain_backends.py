@@ -81,3 +81,38 @@ def test_embedded_session_summary_names_both_contracts(tmp_path: Path) -> None:
     receipt = session.auth.grant_role(session.deployment.coordinator, Role.AUDITOR)
     assert receipt.mined and receipt.gas_used > 0
     assert session.auth.has_role(session.deployment.coordinator, Role.AUDITOR)
+
+
+def test_contracts_deployed_from_another_source_version_are_not_reused(tmp_path) -> None:
+    """A chain state folder kept from an older medtwin holds contracts with another ABI (e.g. without per-run
+    lineage): reusing them would fail later, mid-run; it is refused up front, naming the folder and the fix."""
+    from dataclasses import replace as replaced
+
+    import pytest
+
+    from medtwin.chain import ChainSetupError
+    from medtwin.chain.accounts import dev_account
+    from medtwin.chain.compiler import load_contract
+    from medtwin.chain.deployment import CONTRACT_OF, ChainDeployment, Deployment, write_deployment
+    from medtwin.chain.session import ensure_deployed
+
+    class LiveNode:  # stands in for a node that still has code at the recorded address
+        url = "http://127.0.0.1:1"
+        chain_id = 31339
+
+        def has_code(self, address: str) -> bool:
+            return True
+
+    def record(role: str) -> ChainDeployment:
+        source = load_contract(CONTRACT_OF[role]).source_sha256
+        return ChainDeployment(role, LiveNode.url, LiveNode.chain_id, CONTRACT_OF[role], "0x" + "11" * 20, 1, source, 0.0)
+
+    admin, coordinator = dev_account("admin"), dev_account("coordinator")
+    current = Deployment("anvil", record("auth"), record("data"), admin.address, coordinator.address)
+    write_deployment(tmp_path, current)
+    clients = {"auth": LiveNode(), "data": LiveNode()}
+    reused = ensure_deployed("anvil", clients, admin=admin, coordinator=coordinator, fund_from_node=False, state_dir=tmp_path)
+    assert reused.data.address == current.data.address  # same source: reused as before
+    write_deployment(tmp_path, replaced(current, data=replaced(current.data, source_sha256="ab" * 32)))
+    with pytest.raises(ChainSetupError, match="deployed from another version of ProvenanceLedger.vy"):
+        ensure_deployed("anvil", clients, admin=admin, coordinator=coordinator, fund_from_node=False, state_dir=tmp_path)

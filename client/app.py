@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
 from medtwin.core.errors import MedtwinError
 from medtwin.core.hashing import code_hash
 from medtwin.core.identity import ReplyClaim, SiteKit, load_site_kit, sign_claim
@@ -43,19 +44,8 @@ from medtwin.core.protocol import (
 from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import CONFIG_YAML_KEY
 
-from .aggregate_check import (
-    AggregateRefused,
-    VerifiedAggregate,
-    check_decoded_sum,
-    verify_certificate,
-)
-from .privacy import (
-    PrivacyError,
-    RoundAlreadyTrainedError,
-    plan_round,
-    reserve_round,
-    train_locally_dp,
-)
+from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
+from .privacy import PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
 from .release import release_metrics
 from .reply_store import ReplyStore

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
 from medtwin.core.ids import ensure_id
 from medtwin.core.rundir import atomic_write_text
 

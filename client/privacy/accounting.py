@@ -18,7 +18,6 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 
 from medtwin.core.errors import ConfigError
-from medtwin.core.rundir import atomic_write_text
 from medtwin.core.privacy_math import (
     ACCOUNTANTS,
     MAX_NOISE_MULTIPLIER,
@@ -27,6 +26,7 @@ from medtwin.core.privacy_math import (
     merge_history,
     rdp_epsilon_floor,
 )
+from medtwin.core.rundir import atomic_write_text
 
 __all__ = ["calibrate_noise_multiplier", "calibrate_noise_multiplier_stored", "epsilon_after", "history_epsilon"]
 

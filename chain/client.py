@@ -15,7 +15,7 @@ import requests
 from web3 import Web3
 from web3.contract import Contract
 from eth_tester.exceptions import TransactionFailed, ValidationError
-from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
+from web3.exceptions import BlockNotFound, ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
 
 from .accounts import ChainAccount
 from .compiler import CompiledContract
@@ -39,6 +39,7 @@ class TxReceipt:
     tx_hash: str
     block_number: int
     gas_used: int
+    block_hash: str = ""
 
 
 def _revert_reason(error: Exception) -> str:
@@ -137,6 +138,7 @@ class ChainClient:
             tx_hash="0x" + bytes(tx_hash).hex().removeprefix("0x"),
             block_number=int(receipt["blockNumber"]),
             gas_used=int(receipt["gasUsed"]),
+            block_hash=bytes(receipt["blockHash"]).hex().removeprefix("0x"),
         )
 
     def deploy(self, account: ChainAccount, compiled: CompiledContract) -> tuple[str, TxReceipt]:
@@ -183,6 +185,18 @@ class ChainClient:
                 what=f"eth_getLogs {event.event_name}",
             )
         )
+
+    def block_hash(self, block_number: int) -> str | None:
+        """The hash of block `block_number` (hex, no 0x), or None if the chain has no such block."""
+
+        def read() -> str | None:
+            try:
+                block = self.w3.eth.get_block(block_number)
+            except BlockNotFound:
+                return None
+            return None if block is None else bytes(block["hash"]).hex().removeprefix("0x")
+
+        return self.guarded(read, what="eth_getBlockByNumber")
 
     def block_timestamp(self, block_number: int) -> int:
         return int(self.guarded(lambda: self.w3.eth.get_block(block_number)["timestamp"], what="eth_getBlockByNumber"))

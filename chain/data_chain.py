@@ -1,7 +1,8 @@
 """`DataChain`: the typed facade of ProvenanceLedger (the data chain).
 
 Per round at most two transactions: `commit_datasets` (only when a site's manifest is new or
-changed) and `anchor_round`. A round is `finalized` only once its anchor is mined.
+changed) and `anchor_round`. A round's anchor is `mined` once in a block and `finalized` once that
+block is durable (anvil: in the node's state dump; rpc: chain.confirmations deep).
 """
 
 from __future__ import annotations
@@ -149,12 +150,16 @@ class DataChain(ContractGateway):
         return [anchor for anchor in found if anchor is not None]
 
     def round_status(self, run_id: str, round_index: int) -> RoundStatus:
-        """finalized = anchor mined; queued = waiting in the outbox; missing = neither; unknown = chain down."""
+        """finalized = anchor durable; mined = on chain, the node could still lose it; queued = waiting in the
+        outbox; missing = none of these; unknown = chain down."""
         key = run_key(run_id)
         if any(args[0] == key and args[1] == round_index for args in self.queued("anchor_round")):
             return RoundStatus.QUEUED
         try:
-            return RoundStatus.FINALIZED if self.anchor(run_id, round_index) is not None else RoundStatus.MISSING
+            if self.anchor(run_id, round_index) is None:
+                return RoundStatus.MISSING
+            # conservative: every block up to the head is durable (the anchor's own block is not looked up)
+            return RoundStatus.FINALIZED if self.durable_block() >= self.client.block_number() else RoundStatus.MINED
         except ChainUnavailableError:
             return RoundStatus.UNKNOWN
 

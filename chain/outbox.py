@@ -35,6 +35,7 @@ class PendingWrite:
     queued_at: float
     reason: str = ""  # why it was queued (the outage message)
     signer_label: str = ""  # e.g. "coordinator", "site:hosp0" — lets a new process find the key
+    journal_seq: int = 0  # the same write's entry in the chain's journal (0: written before journals)
 
 
 def encode_args(args: list[Any]) -> list[Any]:
@@ -113,7 +114,9 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.pending())
 
-    def append(self, *, method: str, args: list[Any], sender: str, reason: str = "", signer_label: str = "") -> PendingWrite:
+    def append(
+        self, *, method: str, args: list[Any], sender: str, reason: str = "", signer_label: str = "", journal_seq: int = 0
+    ) -> PendingWrite:
         """Queue one write after every write already queued (caller holds `locked()`)."""
         existing = self.pending() + self.failed()
         entry = PendingWrite(
@@ -125,6 +128,7 @@ class Outbox:
             queued_at=time.time(),
             reason=reason,
             signer_label=signer_label,
+            journal_seq=journal_seq,
         )
         _append_line(self.path, asdict(entry))
         return entry

@@ -17,6 +17,7 @@ __all__ = [
     "FlushResult",
     "GovernanceEvent",
     "ModelRecord",
+    "ReconcileResult",
     "ReleaseRecord",
     "Role",
     "RoundAnchor",
@@ -39,7 +40,8 @@ class Role(IntFlag):
 
 
 class RoundStatus(StrEnum):
-    FINALIZED = "finalized"  # the anchor is mined on the data chain
+    FINALIZED = "finalized"  # the anchor is on chain and durable (see chain/journal.py)
+    MINED = "mined"  # the anchor is on chain, but the node may still lose it (not yet in its durable state)
     QUEUED = "queued"  # the anchor waits in the outbox (chain unreachable)
     MISSING = "missing"  # neither on chain nor queued
     UNKNOWN = "unknown"  # not queued, and the data chain cannot be asked right now
@@ -56,6 +58,7 @@ class WriteReceipt:
     block_number: int = 0
     gas_used: int = 0
     outbox_seq: int = 0
+    block_hash: str = ""
 
     @property
     def mined(self) -> bool:
@@ -68,6 +71,23 @@ class FlushResult:
     already_applied: int = 0  # queued writes found on chain already (sent before a crash)
     failed: tuple[str, ...] = ()  # refused on replay, kept in the .failed.jsonl file
     remaining: int = 0  # still queued (chain unreachable, or signer unknown)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """One pass of the journal against the chain (`medtwin chain up|flush`, every coordinator start)."""
+
+    checked: int = 0  # journal entries compared with the chain
+    resent: tuple[WriteReceipt, ...] = ()  # written before, missing on chain (lost by the node), sent again
+    refused: tuple[str, ...] = ()  # missing on chain and refused when sent again (reported, kept in the journal)
+    unfinished: int = 0  # entries not checked yet (chain unreachable, or a signer this process lacks)
+    journaled: int = 0  # entries in the journal
+    finalized: int = 0  # entries 1..finalized are durable on chain
+    flush: FlushResult = FlushResult()
+
+    @property
+    def complete(self) -> bool:
+        return self.unfinished == 0 and self.flush.remaining == 0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,15 @@ from medtwin.core.config.chain import ChainConfig, validate_chain_config
 
 from .accounts import ChainAccount, account_from_env, dev_account
 from .auth_chain import AuthChain
-from .backends import embedded_client, rpc_client
+from .backends import embedded_client, read_node, rpc_client
 from .client import ChainClient
 from .compiler import load_contract
 from .data_chain import DataChain
 from .deployment import CONTRACT_OF, ChainDeployment, Deployment, deploy_chain, is_live, read_deployment, write_deployment
 from .errors import ChainSetupError, ChainUnavailableError, DeploymentError
+from .journal import Journal, anvil_durable_block
 from .outbox import Outbox
-from .records import FlushResult
+from .records import FlushResult, ReconcileResult
 
 __all__ = ["ChainSession", "ensure_deployed", "open_readonly", "open_session", "open_signed_readonly", "signing_accounts"]
 
@@ -62,6 +64,14 @@ class ChainSession:
     def flush(self) -> dict[str, FlushResult]:
         """Replay both outboxes in order; see FlushResult.remaining for what still waits."""
         return {"auth": self.auth.flush(), "data": self.data.flush()}
+
+    def reconcile(self) -> dict[str, ReconcileResult]:
+        """Compare both journals with their chains; send again what a node lost, then the outboxes."""
+        return {"auth": self.auth.reconcile(), "data": self.data.reconcile()}
+
+    def finalize(self, *, wait_s: float) -> dict[str, ReconcileResult]:
+        """Reconcile, then wait up to `wait_s` for every journaled write to be durable on its chain."""
+        return {"auth": self.auth.finalize(wait_s=wait_s), "data": self.data.finalize(wait_s=wait_s)}
 
     def summary(self) -> dict[str, Any]:
         """The `chain` block of a run's summary.json."""
@@ -123,15 +133,17 @@ def _gateways(
     coordinator: ChainAccount | None,
     outbox_dir: Path | None,
     dev: bool = False,
+    durable_blocks: dict[str, Callable[[], int]] | None = None,
 ) -> tuple[AuthChain, DataChain]:
     built: dict[str, Any] = {}
     for role, gateway_type in (("auth", AuthChain), ("data", DataChain)):
         record = deployment.chain(role)
         contract = clients[role].contract(record.address, load_contract(CONTRACT_OF[role]).abi)
         outbox = Outbox(outbox_dir / f"outbox-{role}.jsonl", chain=role) if outbox_dir is not None else None
+        journal = Journal(outbox_dir / f"journal-{role}.jsonl", chain=role) if outbox_dir is not None else None
         built[role] = gateway_type(
             clients[role], contract, deploy_block=record.deploy_block, outbox=outbox, admin=admin, coordinator=coordinator,
-            signer_resolver=dev_account if dev else None,
+            signer_resolver=dev_account if dev else None, journal=journal, durable_block=(durable_blocks or {}).get(role),
         )  # fmt: skip
     return built["auth"], built["data"]
 
@@ -139,6 +151,7 @@ def _gateways(
 def open_session(config: ChainConfig, *, state_dir: str | os.PathLike[str] | None = None, start_nodes: bool = False) -> ChainSession:
     """Connect both chains per `config` (see the module docstring for each backend)."""
     validate_chain_config(config)
+    durable_blocks: dict[str, Callable[[], int]] = {}
     if config.name == "none":
         raise ChainSetupError("chain.name is 'none': no chain to open — pick chain=embedded|anvil|rpc")
     directory = Path(state_dir if state_dir is not None else config.state_dir)
@@ -160,6 +173,7 @@ def open_session(config: ChainConfig, *, state_dir: str | os.PathLike[str] | Non
             for role in ("auth", "data")
         }
         outbox_dir = directory if config.use_outbox else None
+        durable_blocks = {role: _anvil_durability(directory, role) for role in ("auth", "data")}
     else:
         urls = {"auth": (config.auth_rpc_url, config.auth_chain_id), "data": (config.data_rpc_url, config.data_chain_id)}
         clients = {
@@ -170,8 +184,21 @@ def open_session(config: ChainConfig, *, state_dir: str | os.PathLike[str] | Non
         if deployment is None or all(client.is_reachable() for client in clients.values()):
             deployment = ensure_deployed("rpc", clients, admin=admin, coordinator=coordinator, fund_from_node=dev, state_dir=directory)
         outbox_dir = directory if config.use_outbox else None
-    auth, data = _gateways(clients, deployment, admin=admin, coordinator=coordinator, outbox_dir=outbox_dir, dev=dev)
+        durable_blocks = {role: _confirmed(client, config.confirmations) for role, client in clients.items()}
+    auth, data = _gateways(clients, deployment, admin=admin, coordinator=coordinator, outbox_dir=outbox_dir, dev=dev, durable_blocks=durable_blocks)
     return ChainSession(config.name, auth, data, deployment, directory if outbox_dir else None, dev_accounts=dev)
+
+
+def _anvil_durability(directory: Path, role: str) -> Callable[[], int]:
+    """anvil: a block is durable once the node's state file holds it (dumped every chain.state_interval_s)."""
+    node = read_node(directory, role)
+    state_file = Path(node.state_file) if node is not None else directory / "nodes" / f"{role}-state.json"
+    return lambda: anvil_durable_block(state_file)
+
+
+def _confirmed(client: ChainClient, confirmations: int) -> Callable[[], int]:
+    """rpc: a block is durable once `chain.confirmations` blocks are mined on top of it."""
+    return lambda: client.block_number() - confirmations
 
 
 def open_readonly(state_dir: str | os.PathLike[str], *, rpc_timeout_s: float = 10.0) -> ChainSession:

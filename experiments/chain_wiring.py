@@ -43,7 +43,15 @@ def _params_hash(parameters: Mapping[str, Any]) -> str:
 
 
 def open_chains(config: ChainConfig) -> ChainSession:
-    return open_session(config, start_nodes=config.name == "anvil")
+    """The coordinator's session. Every start reconciles: writes a node lost since (it restarted from
+    an older state dump) are sent again from the journal, then the outbox."""
+    session = open_session(config, start_nodes=config.name == "anvil")
+    for role, result in session.reconcile().items():
+        if result.resent or result.refused:
+            logger.warning("%s chain: %d lost write(s) sent again from the journal, %d refused", role, len(result.resent), len(result.refused))
+        if not result.complete:
+            logger.warning("%s chain: %d journaled and %d queued write(s) wait for the node", role, result.unfinished, result.flush.remaining)
+    return session
 
 
 def _fingerprint(value: str | bytes) -> str:
@@ -110,6 +118,7 @@ class ChainProvenance:
     artifacts_root: Path
     manifest: FederationManifest | None = None  # the sites' identity keys this coordinator verifies against
     anchors_written: int = 0
+    finalize_wait_s: float = 5.0  # at the end of a run, how long to wait for the writes to be durable
 
     def start_run(self, run: RunDescription) -> None:
         if self.session.data.run(run.run_id) is None:
@@ -177,8 +186,7 @@ class ChainProvenance:
         return {
             "auth_tx": auth_receipt.status,
             "dataset_tx": dataset_receipt.status if dataset_receipt else None,
-            "anchor_tx": anchor_receipt.status,
-            "finalized": anchor_receipt.mined,
+            "anchor_tx": anchor_receipt.status,  # "mined" or "queued"; finalized (durable) is in the summary
             "gas": sum(r.gas_used for r in (auth_receipt, dataset_receipt, anchor_receipt) if r is not None),
         }
 
@@ -199,13 +207,19 @@ class ChainProvenance:
         cannot be read now is reported, not raised: the run trained, its writes wait in the outbox for
         `medtwin chain flush` (or the next `medtwin chain up`)."""
         lineage = self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)
-        flushed = self.session.flush()
+        results = self.session.finalize(wait_s=self.finalize_wait_s)
         block = self.session.summary() | {
             "chain_ids": {"auth": self.session.deployment.auth.chain_id, "data": self.session.deployment.data.chain_id},
             "contracts": {"auth": self.session.deployment.auth.address, "data": self.session.deployment.data.address},
             "lineage_tx": lineage.status,
-            "writes_pending_in_outbox": sum(result.remaining for result in flushed.values()),
+            "writes_pending_in_outbox": sum(result.flush.remaining for result in results.values()),
             "queued": {role: [entry.method for entry in gateway.outbox.pending()] for role, gateway in self._gateways() if gateway.outbox},
+            # finalized: every write this state folder journaled is durable (anvil: in the node's state dump)
+            "finalized": all(result.complete and result.finalized >= result.journaled for result in results.values()),
+            "journal": {
+                role: {"writes": result.journaled, "finalized_through": result.finalized, "resent": [r.call for r in result.resent]}
+                for role, result in results.items()
+            },
         }
         try:
             block["anchors_written"] = len(self.session.data.anchors(run_id))

@@ -32,43 +32,48 @@ def _chain_config(overrides: list[str]):
 
 @chain_app.command("up", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def chain_up_command(context: typer.Context) -> None:
-    """Start both anvil nodes (state persisted with --state) and deploy the contracts once. Overrides: chain.*"""
+    """Start both anvil nodes (state persisted with --state), deploy the contracts once, and reconcile:
+    writes a node lost are sent again from the journal, queued writes go out, in order. Overrides: chain.*"""
     from medtwin.chain import chain_up, status_table
 
     config = _chain_config(list(context.args))
     console.print(status_table(chain_up(config, config.state_dir)))
-    _flush(config)  # writes queued while a chain was down go out now, in order
+    _reconcile(config)
 
 
 @chain_app.command("flush", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def chain_flush_command(context: typer.Context) -> None:
-    """Send the writes queued while a chain was unreachable (outbox), in order; report what was sent. Overrides: chain.*"""
+    """Reconcile the journal with both chains (send again what a node lost) and send the queued writes,
+    in order; report what was sent. Exit 1 if anything still waits. Overrides: chain.*"""
     config = _chain_config(list(context.args))
-    remaining = _flush(config)
-    if remaining:
+    if not _reconcile(config):
         raise typer.Exit(code=1)
 
 
-def _flush(config) -> int:  # noqa: ANN001 - a ChainConfig
-    """Replay both outboxes; print per chain what was mined, found applied, refused and still waits."""
+def _reconcile(config) -> bool:  # noqa: ANN001 - a ChainConfig
+    """Reconcile both chains; print per chain what was re-sent, sent from the outbox, refused and still waits."""
     from medtwin.chain import ChainError, open_session
 
     try:
         session = open_session(config)
+        results = session.reconcile()
     except ChainError as error:
         console.print(f"[red]cannot open the chains in {config.state_dir}:[/red] {error}")
         raise typer.Exit(code=2) from error
-    remaining = 0
-    for role, result in session.flush().items():
-        remaining += result.remaining
+    for role, result in results.items():
+        flush = result.flush
         console.print(
-            f"{role} chain: {len(result.mined)} queued write(s) sent ({', '.join(r.call for r in result.mined) or 'none'}), "
-            f"{result.already_applied} already on chain, {len(result.failed)} refused, {result.remaining} still queued",
+            f"{role} chain: journal {result.journaled} write(s), {result.checked} checked, {len(result.resent)} lost and sent again "
+            f"({', '.join(r.call for r in result.resent) or 'none'}), {result.finalized} finalized; "
+            f"outbox: {len(flush.mined)} queued write(s) sent ({', '.join(r.call for r in flush.mined) or 'none'}), "
+            f"{flush.already_applied} already on chain, {len(flush.failed)} refused, {flush.remaining} still queued",
             soft_wrap=True,
         )
-        for failure in result.failed:
+        for failure in (*result.refused, *flush.failed):
             console.print(f"  [red]refused:[/red] {failure}")
-    return remaining
+        if result.unfinished:
+            console.print(f"  [yellow]{result.unfinished} journaled write(s) not checked yet (node unreachable or signer missing)[/yellow]")
+    return all(result.complete for result in results.values())
 
 
 @chain_app.command("down")

@@ -28,6 +28,7 @@ class ChainConfig:
     admin_key_env: str = "MEDTWIN_CHAIN_ADMIN_KEY"  # rpc backend: env var holding the admin's hex key
     coordinator_key_env: str = "MEDTWIN_CHAIN_COORDINATOR_KEY"  # rpc backend: coordinator's hex key
     use_outbox: bool = True  # queue writes durably while a chain is unreachable, flush in order later
+    confirmations: int = 0  # rpc: a write is finalized once this many blocks are mined on top of it
 
 
 def validate_chain_config(chain: ChainConfig) -> None:
@@ -57,5 +58,7 @@ def validate_chain_config(chain: ChainConfig) -> None:
     for key in ("startup_timeout_s", "rpc_timeout_s", "tx_timeout_s"):
         if getattr(chain, key) <= 0:
             raise ConfigError(f"chain.{key}", f"must be > 0, got {getattr(chain, key)}")
+    if chain.confirmations < 0:
+        raise ConfigError("chain.confirmations", f"must be >= 0, got {chain.confirmations}")
     if chain.state_interval_s < 1:
         raise ConfigError("chain.state_interval_s", f"must be >= 1 second, got {chain.state_interval_s}")

@@ -1,16 +1,25 @@
-"""The data chain's node goes down in the middle of a run and comes back: nothing is lost.
+"""The data chain's node is killed in the middle of a run and comes back without its last writes:
+nothing is lost.
 
-A 4-round Fed-Heart-Disease run on two real anvil nodes; once round 1 is anchored the data node is
-stopped (by its PID). Training goes on — sites will not evaluate an aggregate they cannot see
-anchored, and say so — every later anchor and the final lineage wait in the outbox, and the run still
-writes summary.json and report.md saying what is queued. `medtwin chain up` brings the node back and
-sends the queue in order; `medtwin chain flush` then has nothing left; `medtwin audit verify`, in a
-fresh process, finds every round. Both nodes are stopped by PID in the finalizer, also on failure.
+A 4-round Fed-Heart-Disease run on two real anvil nodes. When round 1 is anchored the test keeps a
+copy of the data node's state dump; right after round 2's anchor is mined the node is SIGKILLed and
+its state file replaced by that copy — exactly a node whose last dump came before round 2's anchor
+(anvil dumps every chain.state_interval_s). Training goes on — sites will not evaluate an aggregate
+they cannot see anchored, and say so — later anchors and the final lineage wait in the outbox, and
+the run still writes summary.json and report.md saying what is queued and that it is not finalized.
+`medtwin chain up` brings the node back and reconciles: the writes the node lost are sent again from
+the coordinator's journal, then the queue, in order; `medtwin chain flush` then has nothing left;
+`medtwin audit verify`, in a fresh process, finds every round. Then the same crash once more, with
+round 2's anchor also removed from the journal: verify fails naming round 2. Both nodes are stopped
+by PID in the finalizer, also on failure.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from medtwin.chain import chain_down, open_readonly
-from medtwin.chain.backends.anvil import read_node, stop_anvil
+from medtwin.chain.backends.anvil import node_is_running, read_node
 from medtwin.core.config import compose_config
 
 pytestmark = pytest.mark.slow
@@ -32,7 +41,36 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medtwin.experiments.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_a_data_chain_outage_queues_the_anchors_and_chain_up_lands_them(tmp_path: Path) -> None:
+def _train_rounds(metrics: Path) -> set[int]:
+    if not metrics.is_file():
+        return set()
+    return {json.loads(line)["round"] for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["phase"] == "train"}
+
+
+def _keep_a_copy_of_the_state_dump(state_dir: Path, copy: Path) -> None:
+    state = state_dir / "nodes" / "data-state.json"
+    while True:  # anvil may be mid-dump: keep a copy that parses
+        shutil.copyfile(state, copy)
+        try:
+            json.loads(copy.read_text())
+            return
+        except ValueError:
+            time.sleep(0.05)
+
+
+def _crash_back_to(state_dir: Path, copy: Path) -> None:
+    """SIGKILL the data node (no final dump) and leave it the older dump: it lost what came after."""
+    node = read_node(state_dir, "data")
+    assert node is not None and node_is_running(node)
+    os.kill(node.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while node_is_running(node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not node_is_running(node)
+    shutil.copyfile(copy, state_dir / "nodes" / "data-state.json")
+
+
+def test_a_killed_data_node_loses_nothing_the_journal_and_the_outbox_resend(tmp_path: Path) -> None:
     from medtwin.experiments.simulate import simulate
 
     state_dir, runs_dir, run_id = tmp_path / "chain", tmp_path / "runs", "outage-run"
@@ -44,47 +82,63 @@ def test_a_data_chain_outage_queues_the_anchors_and_chain_up_lands_them(tmp_path
         ]
     )  # fmt: skip
     metrics = runs_dir / run_id / "metrics.jsonl"
-    stopped = threading.Event()
+    older_state = tmp_path / "data-state-round-1.json"
+    crashed = threading.Event()
 
-    def stop_the_data_node_after_round_1() -> None:
+    def crash_the_data_node_after_round_2() -> None:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if metrics.is_file() and any(json.loads(line)["phase"] == "train" for line in metrics.read_text().splitlines()):
-                node = read_node(state_dir, "data")
-                assert node is not None and stop_anvil(node)
-                stopped.set()
-                return
-            time.sleep(0.05)
+        while time.monotonic() < deadline and 1 not in _train_rounds(metrics):
+            time.sleep(0.02)
+        _keep_a_copy_of_the_state_dump(state_dir, older_state)
+        while time.monotonic() < deadline and 2 not in _train_rounds(metrics):
+            time.sleep(0.02)
+        _crash_back_to(state_dir, older_state)
+        crashed.set()
 
-    watcher = threading.Thread(target=stop_the_data_node_after_round_1, daemon=True)
+    watcher = threading.Thread(target=crash_the_data_node_after_round_2, daemon=True)
     try:
         watcher.start()
         run_path = simulate(config)
         watcher.join(timeout=10)
-        assert stopped.is_set(), "the data node was never stopped"
+        assert crashed.is_set(), "the data node was never killed"
 
         summary = json.loads((run_path / "summary.json").read_text())
         assert summary["rounds_completed"] == ROUNDS  # training went on through the outage
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         anchor_status = {r["round"]: r["chain"]["anchor_tx"] for r in records if r["phase"] == "train"}
-        assert anchor_status[1] == "mined" and {anchor_status[r] for r in range(2, ROUNDS + 1)} == {"queued"}
+        assert anchor_status[1] == anchor_status[2] == "mined" and {anchor_status[r] for r in range(3, ROUNDS + 1)} == {"queued"}
         chain = summary["chain"]
-        assert chain["lineage_tx"] == "queued" and chain["anchors_written"] is None
-        assert chain["queued"]["data"].count("anchor_round") == ROUNDS - 1 and "record_lineage" in chain["queued"]["data"]
+        assert chain["lineage_tx"] == "queued" and chain["anchors_written"] is None and chain["finalized"] is False
+        assert chain["queued"]["data"].count("anchor_round") == ROUNDS - 2 and "record_lineage" in chain["queued"]["data"]
         assert "queued, not yet on chain" in (run_path / "report.md").read_text()
-        refused = [r for r in records if r["phase"] == "evaluate" and r["round"] >= 2]
+        refused = [r for r in records if r["phase"] == "evaluate" and r["round"] >= 3]
         assert refused and all(not r.get("sites") for r in refused)  # no site evaluated an aggregate it could not see anchored
 
         up = _cli("chain", "up", f"chain.state_dir={state_dir}", "chain.auth_port=0", "chain.data_port=0")
         assert up.returncode == 0, up.stdout + up.stderr
-        # in order: anchors 2..4 and the final lineage (round 2's dataset commitment was a repeat: found on chain)
-        assert "(anchor_round, anchor_round, anchor_round, record_lineage)" in up.stdout and "0 still queued" in up.stdout, up.stdout
+        data_line = next(line for line in up.stdout.splitlines() if line.startswith("data chain:"))
+        resent = data_line.split("lost and sent again (")[1].split(")")[0].split(", ")
+        assert resent[-1] == "anchor_round" and "record_lineage" not in resent, data_line  # round 2's anchor (and what came before it)
+        assert "0 still queued" in data_line and "(anchor_round, anchor_round, record_lineage)" in data_line, data_line
         flush = _cli("chain", "flush", f"chain.state_dir={state_dir}")
-        assert flush.returncode == 0 and "0 still queued" in flush.stdout, flush.stdout + flush.stderr
+        assert flush.returncode == 0 and "0 lost and sent again" in flush.stdout and "0 still queued" in flush.stdout, flush.stdout + flush.stderr
         anchors = open_readonly(state_dir).data.anchors(run_id)
         assert [anchor.round_index for anchor in anchors] == list(range(1, ROUNDS + 1))
         assert anchors[-1].aggregate_hash.removeprefix("0x") == summary["final_aggregate_sha256"]
         audit = _cli("audit", "verify", run_id, "--state-dir", str(state_dir), "--runs-dir", str(runs_dir))
         assert audit.returncode == 0, audit.stdout + audit.stderr
+
+        # The same crash again, and round 2's anchor is gone from the journal too: nothing can restore it.
+        _crash_back_to(state_dir, older_state)
+        journal = state_dir / "journal-data.jsonl"
+        lines = journal.read_text().splitlines()
+        kept = [line for line in lines if not (json.loads(line)["method"] == "anchor_round" and json.loads(line)["args"][1] == 2)]
+        assert len(kept) == len(lines) - 1
+        journal.write_text("\n".join(kept) + "\n")
+        up = _cli("chain", "up", f"chain.state_dir={state_dir}", "chain.auth_port=0", "chain.data_port=0")
+        assert up.returncode == 0, up.stdout + up.stderr
+        audit = _cli("audit", "verify", run_id, "--state-dir", str(state_dir), "--runs-dir", str(runs_dir))
+        assert audit.returncode != 0 and "round 2 has no anchor" in audit.stdout, audit.stdout + audit.stderr
+        assert "round 3" not in audit.stdout and "round 1 " not in audit.stdout
     finally:
         chain_down(state_dir)

@@ -1,0 +1,135 @@
+"""Durable journal: every chain write made from one chain state folder, in order, so that writes a
+node lost (killed between two of its state dumps) are found and sent again.
+
+One append-only JSONL file per chain (``journal-<role>.jsonl``); each write is appended and fsynced
+*before* it is sent or queued. A watermark (``journal-<role>.watermark.json``, written atomically)
+keeps two points, each an entry number with the block (number and hash) at which it was checked:
+
+- verified: every entry up to here was seen applied on chain when the chain head was that block;
+- durable: the same, and the node's durable block has since reached that block (anvil: its state
+  dump holds it; rpc: the configured confirmations deep) — those writes are ``finalized``.
+
+A reconcile re-checks only the entries after the durable point, unless the chain no longer has the
+durable block's hash (a node restored from an older state, a reorg): then it re-checks everything.
+Appends and watermark updates happen under the outbox's lock (the caller holds it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medtwin.core.rundir import atomic_write_bytes
+
+from .errors import OutboxError
+from .outbox import encode_args
+
+__all__ = ["Journal", "JournalEntry", "Watermark", "anvil_durable_block"]
+
+FILE_MODE = 0o600
+TAIL_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    seq: int
+    method: str
+    args: list[Any]  # JSON form (see outbox.encode_args)
+    sender: str
+    signer_label: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Watermark:
+    durable_seq: int = 0
+    durable_block: int = 0
+    durable_hash: str = ""
+    verified_seq: int = 0
+    verified_block: int = 0
+    verified_hash: str = ""
+    refused: tuple[int, ...] = field(default=())  # entries the chain refused when re-sent (reported, not retried)
+
+
+class Journal:
+    """The ordered record of one chain's writes from this state folder."""
+
+    def __init__(self, path: str | os.PathLike[str], *, chain: str) -> None:
+        self.path = Path(path)
+        self.chain = chain
+        self.watermark_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".watermark.json")
+
+    def append(self, *, method: str, args: list[Any], sender: str, signer_label: str = "") -> JournalEntry:
+        entry = JournalEntry(self.last_seq() + 1, method, encode_args(args), sender, signer_label, time.time())
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        try:
+            os.write(descriptor, (json.dumps(asdict(entry), sort_keys=True) + "\n").encode())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        return entry
+
+    def last_seq(self) -> int:
+        """The last entry's number, read from the file's tail (the journal only grows)."""
+        if not self.path.is_file():
+            return 0
+        with self.path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - TAIL_BYTES))
+            lines = handle.read().splitlines()
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line)["seq"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line (crash mid-append: never sent) or a partial first line of the tail
+        entries = self.entries()  # one entry longer than the tail
+        return entries[-1].seq if entries else 0
+
+    def entries(self, *, after: int = 0) -> list[JournalEntry]:
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        entries = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = JournalEntry(**json.loads(line))
+            except (ValueError, TypeError) as error:
+                if number == len(lines):  # no newline after it: torn by a crash before its fsync, never sent
+                    break
+                raise OutboxError(
+                    f"{self.path} line {number} is not a valid journal entry ({error}); the journal lists chain writes "
+                    "to re-send after a node loses state — restore the line from a backup or remove it and run "
+                    "`medtwin audit verify` on the affected runs"
+                ) from error
+            if entry.seq > after:
+                entries.append(entry)
+        return entries
+
+    def watermark(self) -> Watermark:
+        if not self.watermark_path.is_file():
+            return Watermark()
+        try:
+            data = json.loads(self.watermark_path.read_text(encoding="utf-8"))
+            return Watermark(**{**data, "refused": tuple(data.get("refused", ()))})
+        except (ValueError, TypeError) as error:
+            raise OutboxError(
+                f"{self.watermark_path} is damaged ({error}); delete it — the next reconcile re-checks every journal entry"
+            ) from error
+
+    def set_watermark(self, watermark: Watermark) -> None:
+        atomic_write_bytes(self.watermark_path, json.dumps(asdict(watermark), sort_keys=True).encode(), mode=FILE_MODE)
+
+
+def anvil_durable_block(state_file: str | os.PathLike[str]) -> int:
+    """The highest block in anvil's last state dump (what a restarted node comes back with); -1 if none."""
+    try:
+        best = json.loads(Path(state_file).read_text(encoding="utf-8"))["best_block_number"]
+        return int(best, 0) if isinstance(best, str) else int(best)
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1  # not dumped yet, or caught mid-write: nothing is known durable

@@ -299,10 +299,20 @@ def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch])
     return planned
 
 
+def _admitted_updates(session: ChainSession, run_id: str) -> dict[int, set[str]]:
+    """Round -> the update digests the authorization chain records as admitted (granted admit_update)."""
+    admitted: dict[int, set[str]] = {}
+    for decision in session.auth.decisions(run_id=run_id, action="admit_update"):
+        if decision.granted:
+            admitted.setdefault(decision.round_index, set()).add(decision.subject)
+    return admitted
+
+
 def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> VerifyReport:
-    """Recompute every Merkle root and artifact hash of `run_id`; report each mismatch — and every planned
-    round without an anchor and a missing final lineage, when the run's config.yaml (checked against the
-    registered config hash) is beside the artifact store."""
+    """Recompute every Merkle root and artifact hash of `run_id`; report each mismatch, every anchored round
+    whose admission decisions are missing from the authorization chain — and every planned round without
+    an anchor and a missing final lineage, when the run's config.yaml (checked against the registered
+    config hash) is beside the artifact store."""
     started = time.perf_counter()
     found: list[Mismatch] = []
     run = session.data.run(run_id)
@@ -310,12 +320,20 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
         found.append(Mismatch(0, "run", f"run {run_id!r} is not registered on the data chain"))
         return VerifyReport(run_id, 0, 0, tuple(found), time.perf_counter() - started)
     checked = rounds = 0
+    admitted = _admitted_updates(session, run_id)
     for round_index in range(1, run.last_round + 1):
         anchor = session.data.anchor(run_id, round_index)
         if anchor is None:
             found.append(Mismatch(round_index, "round", f"round {round_index} has no anchor (gap before round {run.last_round})"))
             continue
         checked += _verify_round(anchor, store, run_id, found)
+        recorded = len(admitted.get(round_index, ()))
+        if recorded < anchor.participant_count:  # the auth chain must show an admission for every aggregated update
+            found.append(Mismatch(
+                round_index, "decisions",
+                f"round {round_index} aggregated {anchor.participant_count} update(s) but the authorization chain records "
+                f"{recorded} admission decision(s) for it (decision batch missing or incomplete)",
+            ))  # fmt: skip
         rounds += 1
     models = session.data.models_of_run(run_id)
     planned = _planned_rounds(run, store, found)

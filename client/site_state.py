@@ -5,11 +5,13 @@ written atomically, so a restart, a crash or two concurrent ClientApp processes 
 
     approvals.json    {"<run id>": {"config_hash": "...", "code_hash": "...", "approved_utc": "..."}}
     evaluations.json  {"<run id>": {"<round>": {"aggregate_sha256": "...", "evaluated_utc": "..."}}}
+    chain-verified-approvals.json  {"<run id>": {"config_hash": "...", "code_hash": "...", "verified_at": <unix s>}}
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,10 +21,19 @@ from medtwin.core.errors import MedtwinError
 from medtwin.core.ids import check_id
 from medtwin.core.rundir import atomic_write_bytes, exclusive_lock
 
-__all__ = ["APPROVALS_FILE", "EVALUATIONS_FILE", "EvaluationRegister", "SiteApprovals", "SiteStateError"]
+__all__ = [
+    "APPROVALS_FILE",
+    "EVALUATIONS_FILE",
+    "ChainVerifiedApprovals",
+    "EvaluationRegister",
+    "SiteApprovals",
+    "SiteStateError",
+]
 
 APPROVALS_FILE = "approvals.json"
 EVALUATIONS_FILE = "evaluations.json"
+CHAIN_VERIFIED_FILE = "chain-verified-approvals.json"
+REVERIFY_WRITE_S = 30.0  # a fresh verification is written back at most this often
 
 
 class SiteStateError(MedtwinError):
@@ -94,6 +105,29 @@ class SiteApprovals:
         if approval.get("code_hash") != code_hash:
             return f"the code installed at {site_id} differs from the code it approved for run {run_id}"
         return None
+
+
+class ChainVerifiedApprovals:
+    """When this site last saw its own approval of a run on the authorization chain — what it trusts,
+    for a bounded time, while that chain is unreachable."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self._state = _JsonState(Path(state_dir) / CHAIN_VERIFIED_FILE)
+
+    def remember(self, *, run_id: str, config_hash: str, code_hash: str) -> None:
+        now = time.time()
+        earlier = self._state.read().get(run_id, {})
+        if earlier.get("config_hash") == config_hash and earlier.get("code_hash") == code_hash and now - earlier.get("verified_at", 0) < REVERIFY_WRITE_S:
+            return
+        with self._state.locked() as verified:
+            verified[run_id] = {"config_hash": config_hash, "code_hash": code_hash, "verified_at": now}
+
+    def age_s(self, *, run_id: str, config_hash: str, code_hash: str) -> float | None:
+        """Seconds since this exact (run, config, code) approval was last seen on chain; None if never."""
+        entry = self._state.read().get(run_id)
+        if not isinstance(entry, dict) or (entry.get("config_hash"), entry.get("code_hash")) != (config_hash, code_hash):
+            return None
+        return max(0.0, time.time() - float(entry.get("verified_at", 0)))
 
 
 class EvaluationRegister:

@@ -53,8 +53,13 @@ class ProvenanceRecorder(Protocol):
     ) -> dict[str, Any]:
         """Log the round's access decisions (1 auth tx) and anchor it (<= 2 data tx); returns receipts."""
 
-    def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int) -> dict[str, Any]:
-        """Flush anything queued, record the model's lineage; returns the summary's `chain` block."""
+    def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int, final: bool = True) -> dict[str, Any]:
+        """Flush anything queued, record the final model's lineage (not when `final` is False: the run stopped
+        early and will be resumed); returns the summary's `chain` block."""
+
+    def outage_problem(self) -> str | None:
+        """Why the run must stop at the checkpoint just written — a chain unreachable for longer than
+        chain.outage_timeout_s — or None. Optional, looked up with `getattr` like `last_anchor`."""
 
     def last_anchor(self, run_id: str) -> tuple[int, str] | None:
         """(round, aggregate sha256 hex) of the run's highest anchored round — mined or queued — or None.

@@ -103,12 +103,18 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
     plot_name = _plot_file_name(metric)
     has_plot = plot_metric_per_round(metrics, metric=metric, path=run_path / plot_name)
     sites = ", ".join(markdown_text(site, max_characters=128) for site in summary["sites"])
+    run_id = str(summary["run_id"])
     lines = [
         f"# medtwin run {_code(summary['run_id'])}",
         "",
         f"Task **{markdown_text(summary['task'])}**, strategy **{markdown_text(summary.get('strategy', '?'))}**, "
         f"{summary['rounds_completed']} round(s) over {len(summary['sites'])} site(s): {sites}.",
         f"Wall time {summary.get('wall_time_s', 0.0):.1f} s.",
+        *(
+            [f"**The run stopped early** — {markdown_text(summary['stopped'], max_characters=500)}. "
+             f"Continue it with `medtwin run … --resume {run_id if _is_plain_id(run_id) else '<run id>'}`."]
+            if summary.get("stopped") else []
+        ),  # fmt: skip
         "",
         "## Federated model, evaluated at each site on its own test split",
         "",
@@ -153,7 +159,6 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
             for r in rejections
         ]
     chain = summary["chain"]
-    run_id = str(summary["run_id"])
     lines += ["", "## Provenance", ""]
     if "error" in chain:
         lines += [f"**Recording the end of the run on the chains failed**: {markdown_text(chain['error'], max_characters=500)}"]
@@ -169,12 +174,17 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
         ]
     if chain.get("backend", "none") != "none":
         ids = chain.get("chain_ids", {})
+        finality = {
+            None: "",
+            True: " Every write is finalized (durable on its chain).",
+            False: " **Not every write is finalized yet**: a node could still lose it; `medtwin chain flush` sends again what a node lost.",
+        }[chain.get("finalized")]
         lines += [
             f"Authorization chain id {_fmt(ids.get('auth'))} (contract {_code(chain.get('contracts', {}).get('auth'))}), "
             f"data chain id {_fmt(ids.get('data'))} (contract {_code(chain.get('contracts', {}).get('data'))}); "
             f"{_fmt(chain.get('anchors_written')) if chain.get('anchors_written') is not None else 'unknown (unreachable)'} "
             "round anchor(s) on the data chain, "
-            f"{chain.get('writes_pending_in_outbox', 0)} write(s) still queued. "
+            f"{chain.get('writes_pending_in_outbox', 0)} write(s) still queued.{finality} "
             f"Check it yourself: `medtwin audit verify {run_id if _is_plain_id(run_id) else '<run id>'}`."
         ]
     return "\n".join(lines) + "\n"

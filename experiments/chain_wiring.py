@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import ChainConfig
 from medtwin.core.hashing import code_hash, config_hash
 from medtwin.core.identity import FederationManifest, load_chain_account_key
+from medtwin.client.site_state import ChainVerifiedApprovals
 from medtwin.core.provenance import AccessDecision, RunDescription
 
 logger = logging.getLogger("medtwin.chain")
@@ -119,6 +121,9 @@ class ChainProvenance:
     manifest: FederationManifest | None = None  # the sites' identity keys this coordinator verifies against
     anchors_written: int = 0
     finalize_wait_s: float = 5.0  # at the end of a run, how long to wait for the writes to be durable
+    outage_timeout_s: float = 600.0  # chain.outage_timeout_s: train on through an outage this long, then stop
+    _down_since: dict[str, float] = field(default_factory=dict, init=False)  # chain -> when it stopped answering
+    _admitted: dict[tuple[str, str], str | None] = field(default_factory=dict, init=False)  # last verified answers
 
     def start_run(self, run: RunDescription) -> None:
         if self.session.data.run(run.run_id) is None:
@@ -133,7 +138,41 @@ class ChainProvenance:
                 )
             )
 
+    def _observe(self, chain: str, *, reachable: bool) -> None:
+        if reachable:
+            self._down_since.pop(chain, None)
+        else:
+            self._down_since.setdefault(chain, time.monotonic())
+
+    def outage_problem(self) -> str | None:
+        """Why the run must stop now: a chain unreachable for longer than chain.outage_timeout_s (else None)."""
+        if not self._down_since:
+            return None
+        chain, since = min(self._down_since.items(), key=lambda item: item[1])
+        down_s = time.monotonic() - since
+        if down_s <= self.outage_timeout_s:
+            return None
+        return (
+            f"the {chain} chain has been unreachable for {down_s:.1f} s, more than chain.outage_timeout_s={self.outage_timeout_s:g}: "
+            "the run stops at its last checkpoint — bring the chain back (`medtwin chain up`), then resume the run"
+        )
+
     def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
+        """The auth chain's answer; while it is unreachable, the answer last verified on it (a site never
+        verified is not admitted), until chain.outage_timeout_s."""
+        try:
+            problem = self._admission_problem(site_id=site_id, run_id=run_id)
+        except ChainUnavailableError as error:
+            self._observe("auth", reachable=False)
+            if (site_id, run_id) not in self._admitted:
+                return f"the authorization chain is unreachable and {site_id} was never verified on it for run {run_id} ({str(error)[:160]})"
+            logger.warning("auth chain unreachable: %s gets the admission answer last verified on chain", site_id)
+            return self._admitted[(site_id, run_id)]
+        self._observe("auth", reachable=True)
+        self._admitted[(site_id, run_id)] = problem
+        return problem
+
+    def _admission_problem(self, *, site_id: str, run_id: str) -> str | None:
         record = self.session.auth.site(site_id)
         if record is None:
             return f"{site_id} is not registered on the authorization chain"
@@ -183,6 +222,8 @@ class ChainProvenance:
         )
         anchor_receipt = self.session.data.anchor_round(anchor)
         self.anchors_written += int(anchor_receipt.mined)
+        self._observe("auth", reachable=auth_receipt.mined)
+        self._observe("data", reachable=all(r.mined for r in (dataset_receipt, anchor_receipt) if r is not None))
         return {
             "auth_tx": auth_receipt.status,
             "dataset_tx": dataset_receipt.status if dataset_receipt else None,
@@ -202,16 +243,19 @@ class ChainProvenance:
         last_round = max(anchors)
         return last_round, anchors[last_round].lower().removeprefix("0x")
 
-    def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int) -> dict[str, Any]:
-        """The final lineage (queued if the data chain is down) and the summary's chain block. A chain that
-        cannot be read now is reported, not raised: the run trained, its writes wait in the outbox for
-        `medtwin chain flush` (or the next `medtwin chain up`)."""
-        lineage = self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)
+    def finish_run(self, *, run_id: str, final_aggregate_digest: str, rounds_completed: int, final: bool = True) -> dict[str, Any]:
+        """The final lineage (queued if the data chain is down; none for a run that stopped early and will be
+        resumed) and the summary's chain block. A chain that cannot be read now is reported, not raised: the
+        run trained, its writes wait in the outbox for `medtwin chain flush` (or the next `medtwin chain up`)."""
+        lineage = (
+            self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)
+            if final else None
+        )  # fmt: skip
         results = self.session.finalize(wait_s=self.finalize_wait_s)
         block = self.session.summary() | {
             "chain_ids": {"auth": self.session.deployment.auth.chain_id, "data": self.session.deployment.data.chain_id},
             "contracts": {"auth": self.session.deployment.auth.address, "data": self.session.deployment.data.address},
-            "lineage_tx": lineage.status,
+            "lineage_tx": lineage.status if lineage is not None else None,
             "writes_pending_in_outbox": sum(result.flush.remaining for result in results.values()),
             "queued": {role: [entry.method for entry in gateway.outbox.pending()] for role, gateway in self._gateways() if gateway.outbox},
             # finalized: every write this state folder journaled is durable (anvil: in the node's state dump)
@@ -232,19 +276,40 @@ class ChainProvenance:
         return [("auth", self.session.auth), ("data", self.session.data)]
 
 
+APPROVAL_OUTAGE_GRACE_S = 900.0  # a site trusts its own approval, last seen on chain this recently, through an outage
+
+
 @dataclass(frozen=True)
 class ChainApprovalCheck:
-    """A site's checks against the chains: its approval of (config, code), and each aggregate's anchor."""
+    """A site's checks against the chains: its approval of (config, code), and each aggregate's anchor.
+
+    With `site_state_dir`, each approval seen on chain is remembered there; while the authorization
+    chain is unreachable the site goes on with an approval it saw there within APPROVAL_OUTAGE_GRACE_S
+    (its own approval of exactly this config and code), and refuses otherwise."""
 
     state_dir: str
+    site_state_dir: str | None = None
 
     def problem(self, *, site_id: str, run_id: str, config_hash: str, code_hash: str) -> str | None:
+        binding = dict(run_id=run_id, config_hash=config_hash, code_hash=code_hash)
+        verified = ChainVerifiedApprovals(self.site_state_dir) if self.site_state_dir else None
         try:
             session = open_readonly(self.state_dir)
             approval = session.auth.approval(site_id=site_id, run_id=run_id)
             admitted = approval is not None and session.auth.is_admitted(site_id=site_id, run_id=run_id)
-        except ChainUnavailableError as error:  # the site cannot see its approval: it does not run
+        except ChainUnavailableError as error:  # the site cannot see its approval now
+            age = verified.age_s(**binding) if verified is not None else None
+            if age is not None and age <= APPROVAL_OUTAGE_GRACE_S:
+                logger.warning("authorization chain unreachable: %s goes on with its approval of run %s seen there %.0f s ago", site_id, run_id, age)
+                return None
             return f"cannot read the authorization chain to check this site's approval of run {run_id} ({str(error)[:200]})"
+        problem = self._approval_problem(approval, admitted, site_id=site_id, **binding)
+        if problem is None and verified is not None:
+            verified.remember(**binding)
+        return problem
+
+    @staticmethod
+    def _approval_problem(approval: Any, admitted: bool, *, site_id: str, run_id: str, config_hash: str, code_hash: str) -> str | None:
         if approval is None or not admitted:
             return f"run {run_id} is not approved by {site_id} on the authorization chain (or the site is revoked)"
         if approval.config_hash.removeprefix("0x") != config_hash:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -125,6 +126,7 @@ def run_federation(
         run_id = resume_run_id(config)
         checkpoint = checkpoint_to_resume(Path(config.runs_dir) / run_id, config_yaml, provenance)
         run_dir = RunDirectory(config.runs_dir, run_id)
+        set_aside_stopped_summary(run_dir.path)
         recorded = keep_metrics_up_to(run_dir, checkpoint)
     else:
         run_id = make_run_id(config)
@@ -178,11 +180,13 @@ def run_federation(
         result = loop.run()
     summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)
     summary["resumed_after_round"] = checkpoint.server_round if checkpoint is not None else None
+    summary["stopped"] = result.stopped or None  # a stopped run is continued with --resume; it has no final model yet
     failure: Exception | None = None
     if provenance is not None and result.aggregate_digests:
         try:
             summary["chain"] = provenance.finish_run(
-                run_id=run_id, final_aggregate_digest=result.aggregate_digests[-1], rounds_completed=result.rounds_completed
+                run_id=run_id, final_aggregate_digest=result.aggregate_digests[-1], rounds_completed=result.rounds_completed,
+                final=not result.stopped,
             )
         except Exception as error:  # noqa: BLE001 - the run trained: its summary is written whatever the chain says
             logger.error("run %s: recording the end of the run on the chains failed: %s", run_id, error)
@@ -200,12 +204,31 @@ def check_new_run(runs_dir: str | Path, run_id: str) -> None:
     """A run id is used once: a run folder that holds anything already is never appended to or replaced."""
     path = Path(runs_dir) / ensure_id(run_id, key="run_id")
     if path.is_dir() and any(path.iterdir()):
-        state = "finished" if (path / "summary.json").is_file() else "started and stopped"
+        state = "finished" if (path / "summary.json").is_file() and not _stopped_summary(path) else "started and stopped"
         raise ConfigError(
             "run_id",
             f"run {run_id} already exists in {runs_dir} ({state}); nothing in it is appended to or replaced",
             f"pick another run_id (or leave it empty for a fresh one){'' if state == 'finished' else f', or continue it with --resume {run_id}'}",
         )
+
+
+def _stopped_summary(run_path: Path) -> str:
+    """The `stopped` reason of the run's summary.json ("" if it finished, or has no readable summary)."""
+    try:
+        return str(json.loads((run_path / "summary.json").read_text(encoding="utf-8")).get("stopped") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def set_aside_stopped_summary(run_path: Path) -> None:
+    """A stopped run being resumed keeps its stopped summary and report under their round's name."""
+    if not _stopped_summary(run_path):
+        return
+    rounds = json.loads((run_path / "summary.json").read_text(encoding="utf-8")).get("rounds_completed", 0)
+    for name in ("summary.json", "report.md"):
+        source = run_path / name
+        if source.is_file():
+            os.replace(source, run_path / f"{source.stem}.stopped-after-round-{rounds}{source.suffix}")
 
 
 def resume_run_id(config: MedtwinConfig) -> str:
@@ -226,7 +249,7 @@ def checkpoint_to_resume(run_path: Path, config_yaml: str, provenance: Provenanc
             f"cannot resume run {run_path.name}: {stored_config} does not exist — check runs_dir and run_id, "
             "or start the run anew without resume"
         )
-    if (run_path / "summary.json").is_file():
+    if (run_path / "summary.json").is_file() and not _stopped_summary(run_path):
         raise CheckpointError(f"run {run_path.name} already finished ({run_path / 'summary.json'} exists); nothing to resume")
     expected = config_hash(stored_config.read_text(encoding="utf-8"))
     if config_hash(config_yaml) != expected:

@@ -80,6 +80,7 @@ class LoopResult:
     num_parameters: int = 0  # model size the sites report (not their sample counts)
     he_error_bounds: list[float] = field(default_factory=list)  # per evaluation: max bound sites reported
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest signed (epsilon, delta)
+    stopped: str = ""  # why the run stopped before its last round (e.g. a chain outage past its timeout)
 
 
 SIT_OUT_ROUNDS = 2  # rounds a node that missed a deadline skips while the SuperLink still lists it
@@ -289,7 +290,17 @@ class RoundLoop:
                 )
                 self.evaluate_round(server_round, self.phase_nodes(server_round, phase="evaluate"))
             self._close_round(server_round, started=started, evaluated=evaluate)
+            stop = self.chain_outage_problem()
+            if stop and server_round < federation.num_rounds:
+                logger.error("run %s stops after round %d: %s", self.run_id, server_round, stop)
+                self.result.stopped = f"stopped after round {server_round} of {federation.num_rounds}: {stop}"
+                break
         return self.result
+
+    def chain_outage_problem(self) -> str | None:
+        """The recorder's reason to stop now (a chain down past chain.outage_timeout_s); optional method."""
+        outage_problem = getattr(self.provenance, "outage_problem", None)
+        return outage_problem() if outage_problem is not None else None
 
     def _close_round(self, server_round: int, *, started: float, evaluated: bool) -> None:
         self.result.rounds_completed = server_round

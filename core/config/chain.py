@@ -28,6 +28,7 @@ class ChainConfig:
     admin_key_env: str = "MEDTWIN_CHAIN_ADMIN_KEY"  # rpc backend: env var holding the admin's hex key
     coordinator_key_env: str = "MEDTWIN_CHAIN_COORDINATOR_KEY"  # rpc backend: coordinator's hex key
     use_outbox: bool = True  # queue writes durably while a chain is unreachable, flush in order later
+    outage_timeout_s: float = 600.0  # a run trains on through a chain outage this long (writes queued), then stops at a checkpoint
     confirmations: int = 0  # rpc: a write is finalized once this many blocks are mined on top of it
 
 
@@ -55,7 +56,7 @@ def validate_chain_config(chain: ChainConfig) -> None:
         for key in ("auth_rpc_url", "data_rpc_url"):
             if not getattr(chain, key).startswith(("http://", "https://")):
                 raise ConfigError(f"chain.{key}", f"rpc backend needs an http(s) URL, got {getattr(chain, key)!r}")
-    for key in ("startup_timeout_s", "rpc_timeout_s", "tx_timeout_s"):
+    for key in ("startup_timeout_s", "rpc_timeout_s", "tx_timeout_s", "outage_timeout_s"):
         if getattr(chain, key) <= 0:
             raise ConfigError(f"chain.{key}", f"must be > 0, got {getattr(chain, key)}")
     if chain.confirmations < 0:

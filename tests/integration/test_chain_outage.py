@@ -4,12 +4,14 @@ nothing is lost.
 A 4-round Fed-Heart-Disease run on two real anvil nodes. When round 1 is anchored the test keeps a
 copy of the data node's state dump; right after round 2's anchor is mined the node is SIGKILLed and
 its state file replaced by that copy — exactly a node whose last dump came before round 2's anchor
-(anvil dumps every chain.state_interval_s). Training goes on — sites will not evaluate an aggregate
+(anvil dumps every chain.state_interval_s) — and the auth node is stopped as well. Training goes on
+(the coordinator admits sites from the registry state it last verified, each site trains on with its
+own approval it saw on chain moments before, decisions are queued) — sites will not evaluate an aggregate
 they cannot see anchored, and say so — later anchors and the final lineage wait in the outbox, and
 the run still writes summary.json and report.md saying what is queued and that it is not finalized.
 `medtwin chain up` brings the node back and reconciles: the writes the node lost are sent again from
 the coordinator's journal, then the queue, in order; `medtwin chain flush` then has nothing left;
-`medtwin audit verify`, in a fresh process, finds every round. Then the same crash once more, with
+`medtwin audit verify`, in a fresh process, finds every round and its decisions. Then the same crash once more, with
 round 2's anchor also removed from the journal: verify fails naming round 2. Both nodes are stopped
 by PID in the finalizer, also on failure.
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from medtwin.chain import chain_down, open_readonly
-from medtwin.chain.backends.anvil import node_is_running, read_node
+from medtwin.chain.backends.anvil import node_is_running, read_node, stop_anvil
 from medtwin.core.config import compose_config
 
 pytestmark = pytest.mark.slow
@@ -93,6 +95,8 @@ def test_a_killed_data_node_loses_nothing_the_journal_and_the_outbox_resend(tmp_
         while time.monotonic() < deadline and 2 not in _train_rounds(metrics):
             time.sleep(0.02)
         _crash_back_to(state_dir, older_state)
+        auth = read_node(state_dir, "auth")
+        assert auth is not None and stop_anvil(auth)  # and the auth chain goes down too (cleanly)
         crashed.set()
 
     watcher = threading.Thread(target=crash_the_data_node_after_round_2, daemon=True)
@@ -107,9 +111,14 @@ def test_a_killed_data_node_loses_nothing_the_journal_and_the_outbox_resend(tmp_
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         anchor_status = {r["round"]: r["chain"]["anchor_tx"] for r in records if r["phase"] == "train"}
         assert anchor_status[1] == anchor_status[2] == "mined" and {anchor_status[r] for r in range(3, ROUNDS + 1)} == {"queued"}
+        # the auth chain was down too: sites were admitted from the registry state last verified, each site
+        # trained on with its own approval seen on chain moments before, and the decisions were queued
+        assert all(set(r["participants"]) == set(summary["sites"]) for r in records if r["phase"] == "train"), records
+        assert {r["chain"]["auth_tx"] for r in records if r["phase"] == "train" and r["round"] >= 3} == {"queued"}
         chain = summary["chain"]
         assert chain["lineage_tx"] == "queued" and chain["anchors_written"] is None and chain["finalized"] is False
         assert chain["queued"]["data"].count("anchor_round") == ROUNDS - 2 and "record_lineage" in chain["queued"]["data"]
+        assert chain["queued"]["auth"] == ["record_decisions"] * (ROUNDS - 2)
         assert "queued, not yet on chain" in (run_path / "report.md").read_text()
         refused = [r for r in records if r["phase"] == "evaluate" and r["round"] >= 3]
         assert refused and all(not r.get("sites") for r in refused)  # no site evaluated an aggregate it could not see anchored

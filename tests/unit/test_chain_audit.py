@@ -169,11 +169,21 @@ def test_verify_checks_completeness_against_the_registered_plan(tmp_path: Path) 
             epsilon_by_site={site: 0.1 for site in SITES}, he_error_bound=0.0,
         )  # fmt: skip
         assert session.data.anchor_round(anchor).mined
+        if round_index == 1:  # round 2's decision batch never reached the authorization chain
+            session.auth.record_decisions(
+                [Decision("admit_update", True, "ok", site_id=site, subject=digest) for site, digest in digests.items()],
+                run_id="stopped", round_index=1,
+            )  # fmt: skip
     report = audit_verify(session, store, "stopped")
     assert not report.ok
-    assert {(m.round_index, m.kind) for m in report.mismatches} == {(3, "round"), (2, "model")}
-    assert "rounds 3..4 of 4 planned not anchored" in " ".join(m.detail for m in report.mismatches)
+    assert {(m.round_index, m.kind) for m in report.mismatches} == {(2, "decisions"), (3, "round"), (2, "model")}
+    details = " ".join(m.detail for m in report.mismatches)
+    assert "rounds 3..4 of 4 planned not anchored" in details
+    assert "round 2 aggregated 3 update(s) but the authorization chain records 0 admission decision(s)" in details
     assert report.completeness.startswith("checked against the registered plan (4 rounds)")
+    session.auth.record_decisions(
+        [Decision("admit_update", True, "ok", site_id=site, subject=h(f"{site} 2")) for site in SITES], run_id="stopped", round_index=2
+    )
 
     (run_folder / "config.yaml").write_text(config_text.replace("num_rounds: 4", "num_rounds: 2"))  # doctored plan
     report = audit_verify(session, store, "stopped")

@@ -244,3 +244,41 @@ def test_a_run_id_is_used_once_nothing_in_an_existing_run_is_appended_or_replace
     _crash(replace(config, run_id="stopped-run"), setup, at=("train", 2), provenance=FakeChain())
     with pytest.raises(ConfigError, match="--resume stopped-run"):
         run_federation(SitesGrid(), replace(config, run_id="stopped-run"), setup, FakeChain())  # type: ignore[arg-type]
+
+
+class DownChain(FakeChain):
+    """A recorder whose chain goes down after round `down_after` and stays down past chain.outage_timeout_s."""
+
+    def __init__(self, down_after: int) -> None:
+        super().__init__()
+        self.down_after = down_after
+        self.lineage_final: list[bool] = []
+
+    def outage_problem(self) -> str | None:
+        if self.anchors and max(self.anchors) >= self.down_after:
+            return "a chain has been unreachable for 700 s, more than chain.outage_timeout_s=600"
+        return None
+
+    def finish_run(self, **values: Any) -> dict[str, Any]:
+        self.lineage_final.append(values["final"])
+        return super().finish_run(**values)
+
+
+def test_a_chain_outage_past_its_timeout_stops_the_run_at_a_checkpoint_and_resume_finishes_it(config, setup) -> None:
+    chain = DownChain(down_after=2)
+    run_path = run_federation(SitesGrid(), config, setup, chain)  # type: ignore[arg-type]
+    summary = json.loads((run_path / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and "stopped after round 2 of 4" in summary["stopped"]
+    assert "chain.outage_timeout_s" in summary["stopped"] and chain.lineage_final == [False]  # no final model yet
+    report = (run_path / "report.md").read_text()
+    assert "The run stopped early" in report and f"--resume {RUN_ID}" in report
+    checkpoint = load_latest_checkpoint(run_path / "checkpoints")
+    assert checkpoint is not None and checkpoint.server_round == 2
+
+    chain.down_after = NUM_ROUNDS + 1  # the chain is back
+    assert run_federation(SitesGrid(), config, setup, chain, resume=True) == run_path  # type: ignore[arg-type]
+    finished = json.loads((run_path / "summary.json").read_text())
+    assert finished["rounds_completed"] == NUM_ROUNDS and finished["stopped"] is None and chain.lineage_final == [False, True]
+    kept = json.loads((run_path / "summary.stopped-after-round-2.json").read_text())  # the stopped summary is kept
+    assert kept["stopped"] and (run_path / "report.stopped-after-round-2.md").is_file()
+    assert sorted(chain.anchors) == [1, 2, 3, 4]

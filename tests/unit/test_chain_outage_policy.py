@@ -1,0 +1,89 @@
+"""Through a chain outage the run trains on, within limits each party sets for itself.
+
+The coordinator admits sites from the registry state it last verified on the authorization chain
+(never a site it has not verified) and stops once a chain has been down past chain.outage_timeout_s.
+A site goes on with its own approval of exactly this config and code, seen on the chain within
+APPROVAL_OUTAGE_GRACE_S; otherwise it refuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from test_chain_outbox import unreachable  # tests/unit is on sys.path (rootdir-relative imports)
+
+from medtwin.chain import RunRegistration, open_session
+from medtwin.chain.backends import free_port
+from medtwin.chain.deployment import ChainDeployment, Deployment, write_deployment
+from medtwin.client.site_state import ChainVerifiedApprovals
+from medtwin.core.config.chain import ChainConfig
+from medtwin.experiments.chain_wiring import APPROVAL_OUTAGE_GRACE_S, ChainApprovalCheck, ChainProvenance
+
+RUN = "run-outage"
+
+
+def h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture()
+def provenance(tmp_path: Path) -> ChainProvenance:
+    session = open_session(ChainConfig(name="embedded"), state_dir=tmp_path / "chain")
+    for site_id in ("hosp0", "hosp1"):
+        account = session.site_account(site_id)
+        session.auth.register_site(site_id=site_id, address=account.address, key_fingerprint=h(site_id))
+    session.auth.approve_run(site=session.site_account("hosp0"), run_id=RUN, config_hash=h("c"), code_hash=h("k"))
+    session.data.register_run(RunRegistration(RUN, "breast_cancer", h("c"), h("k"), h("dp"), h("he")))
+    return ChainProvenance(session=session, artifacts_root=tmp_path / "artifacts", outage_timeout_s=0.3)
+
+
+def test_the_coordinator_admits_from_the_last_verified_registry_state_and_stops_after_the_timeout(provenance: ChainProvenance) -> None:
+    assert provenance.admission_problem(site_id="hosp0", run_id=RUN) is None
+    refused = provenance.admission_problem(site_id="hosp1", run_id=RUN)
+    assert refused is not None and "has not approved" in refused
+    with unreachable(provenance.session, "auth"):
+        assert provenance.admission_problem(site_id="hosp0", run_id=RUN) is None  # as last verified
+        assert provenance.admission_problem(site_id="hosp1", run_id=RUN) == refused  # still refused
+        never = provenance.admission_problem(site_id="hosp9", run_id=RUN)
+        assert never is not None and "never verified" in never  # an unknown site is not admitted on trust
+        assert provenance.outage_problem() is None  # within chain.outage_timeout_s: train on
+        time.sleep(0.35)
+        stop = provenance.outage_problem()
+        assert stop is not None and "the auth chain has been unreachable" in stop and "chain.outage_timeout_s=0.3" in stop
+    assert provenance.admission_problem(site_id="hosp0", run_id=RUN) is None
+    assert provenance.outage_problem() is None  # a successful read ends the outage
+
+
+def _unreachable_chain_dir(tmp_path: Path) -> Path:
+    """A deployment record whose nodes do not answer (closed loopback ports)."""
+    directory = tmp_path / "site-chain"
+    records = {
+        role: ChainDeployment(role, f"http://127.0.0.1:{free_port()}", chain_id, contract, "0x" + "11" * 20, 0, "0" * 64, 0.0)
+        for role, chain_id, contract in (("auth", 31338, "FederationRegistry"), ("data", 31339, "ProvenanceLedger"))
+    }
+    write_deployment(directory, Deployment("anvil", records["auth"], records["data"], "", ""))
+    return directory
+
+
+def test_a_site_goes_on_only_with_its_own_approval_recently_seen_on_chain(tmp_path: Path) -> None:
+    site_state = tmp_path / "site-state"
+    site_state.mkdir()
+    check = ChainApprovalCheck(state_dir=str(_unreachable_chain_dir(tmp_path)), site_state_dir=str(site_state))
+    binding = dict(site_id="hosp0", run_id=RUN, config_hash=h("c"), code_hash=h("k"))
+    never_seen = check.problem(**binding)
+    assert never_seen is not None and "cannot read the authorization chain" in never_seen
+
+    verified = ChainVerifiedApprovals(site_state)
+    verified.remember(run_id=RUN, config_hash=h("c"), code_hash=h("k"))
+    assert check.problem(**binding) is None  # seen on chain moments ago: the site trains on
+    other_config = check.problem(**{**binding, "config_hash": h("another config")})
+    assert other_config is not None  # not the config it saw approved
+
+    stored = json.loads((site_state / "chain-verified-approvals.json").read_text())
+    stored[RUN]["verified_at"] -= APPROVAL_OUTAGE_GRACE_S + 1
+    (site_state / "chain-verified-approvals.json").write_text(json.dumps(stored))
+    assert check.problem(**binding) is not None  # seen too long ago: refused

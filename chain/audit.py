@@ -217,8 +217,11 @@ def audit_access(session: ChainSession, *, site_id: str = "", run_id: str = "") 
     return AccessReport(site_id, run_id, decisions, governance)
 
 
-def _verify_round(anchor: RoundAnchor, store: ArtifactStore, run_id: str, found: list[Mismatch]) -> int:
-    """Check one anchored round against the store; returns how many artifacts were re-hashed."""
+def _verify_round(
+    anchor: RoundAnchor, store: ArtifactStore, run_id: str, found: list[Mismatch], updates: dict[int, tuple[tuple[str, str], ...]]
+) -> int:
+    """Check one anchored round against the store; returns how many artifacts were re-hashed. The
+    manifest's (site, update digest) pairs go into `updates[round]` when it is readable."""
     index = anchor.round_index
 
     def report(kind: str, detail: str) -> None:
@@ -239,6 +242,7 @@ def _verify_round(anchor: RoundAnchor, store: ArtifactStore, run_id: str, found:
         return checked
     if (manifest.run_id, manifest.round_index) != (run_id, index):
         report("manifest", f"manifest is for run {manifest.run_id!r} round {manifest.round_index}")
+    updates[index] = tuple(manifest.updates)
     actual_leaves: dict[str, str] = {}
     for site_id, digest in manifest.updates:
         try:
@@ -299,13 +303,39 @@ def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch])
     return planned
 
 
-def _admitted_updates(session: ChainSession, run_id: str) -> dict[int, set[str]]:
-    """Round -> the update digests the authorization chain records as admitted (granted admit_update)."""
-    admitted: dict[int, set[str]] = {}
+def _admitted_updates(session: ChainSession, run_id: str) -> dict[int, set[tuple[str, str]]]:
+    """Round -> the (site key, update digest) pairs the authorization chain records as admitted."""
+    admitted: dict[int, set[tuple[str, str]]] = {}
     for decision in session.auth.decisions(run_id=run_id, action="admit_update"):
         if decision.granted:
-            admitted.setdefault(decision.round_index, set()).add(decision.subject)
+            admitted.setdefault(decision.round_index, set()).add((decision.site_key.lower(), decision.subject.lower()))
     return admitted
+
+
+def _check_admissions(
+    round_index: int,
+    anchor: RoundAnchor,
+    updates: tuple[tuple[str, str], ...] | None,
+    admitted: set[tuple[str, str]],
+    found: list[Mismatch],
+) -> None:
+    """Every update the round aggregated must be admitted, by name and digest, on the authorization chain."""
+    if updates is None:  # no readable manifest (reported already): at least count
+        if len(admitted) < anchor.participant_count:
+            found.append(Mismatch(
+                round_index, "decisions",
+                f"round {round_index} aggregated {anchor.participant_count} update(s) but the authorization chain records "
+                f"{len(admitted)} admission decision(s) for it (decision batch missing or incomplete)",
+            ))  # fmt: skip
+        return
+    missing = [site for site, digest in updates if (site_key(site).hex(), digest.lower()) not in admitted]
+    if missing:
+        found.append(Mismatch(
+            round_index, "decisions",
+            f"round {round_index} aggregated {len(updates)} update(s) but the authorization chain records no admission "
+            f"of {len(missing)} of them ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}): decision batch missing "
+            "or not about these updates",
+        ))  # fmt: skip
 
 
 def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> VerifyReport:
@@ -321,19 +351,14 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
         return VerifyReport(run_id, 0, 0, tuple(found), time.perf_counter() - started)
     checked = rounds = 0
     admitted = _admitted_updates(session, run_id)
+    updates: dict[int, tuple[tuple[str, str], ...]] = {}
     for round_index in range(1, run.last_round + 1):
         anchor = session.data.anchor(run_id, round_index)
         if anchor is None:
             found.append(Mismatch(round_index, "round", f"round {round_index} has no anchor (gap before round {run.last_round})"))
             continue
-        checked += _verify_round(anchor, store, run_id, found)
-        recorded = len(admitted.get(round_index, ()))
-        if recorded < anchor.participant_count:  # the auth chain must show an admission for every aggregated update
-            found.append(Mismatch(
-                round_index, "decisions",
-                f"round {round_index} aggregated {anchor.participant_count} update(s) but the authorization chain records "
-                f"{recorded} admission decision(s) for it (decision batch missing or incomplete)",
-            ))  # fmt: skip
+        checked += _verify_round(anchor, store, run_id, found, updates)
+        _check_admissions(round_index, anchor, updates.get(round_index), admitted.get(round_index, set()), found)
         rounds += 1
     models = session.data.models_of_run(run_id)
     planned = _planned_rounds(run, store, found)

@@ -15,7 +15,7 @@ import requests
 from web3 import Web3
 from web3.contract import Contract
 from eth_tester.exceptions import TransactionFailed, ValidationError
-from web3.exceptions import BlockNotFound, ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
+from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFound, ProviderConnectionError, TimeExhausted, Web3RPCError
 
 from .accounts import ChainAccount
 from .compiler import CompiledContract
@@ -197,6 +197,17 @@ class ChainClient:
             return None if block is None else bytes(block["hash"]).hex().removeprefix("0x")
 
         return self.guarded(read, what="eth_getBlockByNumber")
+
+    def has_receipt(self, tx_hash: str) -> bool:
+        """Whether the chain holds the mined transaction `tx_hash` (False after a node lost it)."""
+
+        def read() -> bool:
+            try:
+                return self.w3.eth.get_transaction_receipt(tx_hash) is not None
+            except TransactionNotFound:
+                return False
+
+        return self.guarded(read, what="eth_getTransactionReceipt")
 
     def block_timestamp(self, block_number: int) -> int:
         return int(self.guarded(lambda: self.w3.eth.get_block(block_number)["timestamp"], what="eth_getBlockByNumber"))

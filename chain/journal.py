@@ -2,7 +2,9 @@
 node lost (killed between two of its state dumps) are found and sent again.
 
 One append-only JSONL file per chain (``journal-<role>.jsonl``); each write is appended and fsynced
-*before* it is sent or queued. A watermark (``journal-<role>.watermark.json``, written atomically)
+*before* it is sent or queued, and a short ``{"mined": seq, "tx_hash": …}`` line follows once it is
+mined: a write is lost when its transaction's receipt is gone (not when the chain's state differs —
+a later write may have undone it on purpose). A watermark (``journal-<role>.watermark.json``, written atomically)
 keeps two points, each an entry number with the block (number and hash) at which it was checked:
 
 - verified: every entry up to here was seen applied on chain when the chain head was that block;
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ class JournalEntry:
     sender: str
     signer_label: str
     at: float
+    tx_hash: str = ""  # from the entry's latest "mined" line: the transaction that put it on chain
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,55 @@ class Journal:
 
     def append(self, *, method: str, args: list[Any], sender: str, signer_label: str = "") -> JournalEntry:
         entry = JournalEntry(self.last_seq() + 1, method, encode_args(args), sender, signer_label, time.time())
+        record = asdict(entry)
+        del record["tx_hash"]
+        self._append_line(record)
+        return entry
+
+    def mark_mined(self, seq: int, *, tx_hash: str, block: int) -> None:
+        self._append_line({"mined": seq, "tx_hash": tx_hash, "block": block})
+
+    def _append_line(self, record: dict[str, Any]) -> None:
+        created = not self.path.exists()
+        self._cut_torn_tail()
         descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
-            os.write(descriptor, (json.dumps(asdict(entry), sort_keys=True) + "\n").encode())
+            os.write(descriptor, (json.dumps(record, sort_keys=True) + "\n").encode())
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        return entry
+        if created:  # the new file's name is durable too
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+    def _cut_torn_tail(self) -> None:
+        """A crash mid-append leaves a last line without its newline (never sent: the fsync comes first);
+        cut it off so that the next line does not run into it."""
+        if not self.path.is_file():
+            return
+        with self.path.open("r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            position = size
+            while position > 0:
+                start = max(0, position - TAIL_BYTES)
+                handle.seek(start)
+                newline = handle.read(position - start).rfind(b"\n")
+                if newline >= 0:
+                    handle.truncate(start + newline + 1)
+                    break
+                position = start
+            else:
+                handle.truncate(0)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def last_seq(self) -> int:
         """The last entry's number, read from the file's tail (the journal only grows)."""
@@ -85,7 +130,7 @@ class Journal:
             try:
                 return int(json.loads(line)["seq"])
             except (ValueError, KeyError, TypeError):
-                continue  # a torn last line (crash mid-append: never sent) or a partial first line of the tail
+                continue  # a "mined" line, a torn last line (never sent) or a partial first line of the tail
         entries = self.entries()  # one entry longer than the tail
         return entries[-1].seq if entries else 0
 
@@ -93,13 +138,19 @@ class Journal:
         if not self.path.is_file():
             return []
         lines = self.path.read_text(encoding="utf-8").split("\n")
-        entries = []
+        entries: dict[int, JournalEntry] = {}
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                entry = JournalEntry(**json.loads(line))
-            except (ValueError, TypeError) as error:
+                record = json.loads(line)
+                if "mined" in record:
+                    seq = int(record["mined"])
+                    if seq in entries:
+                        entries[seq] = replace(entries[seq], tx_hash=str(record["tx_hash"]))
+                    continue
+                entry = JournalEntry(**record)
+            except (ValueError, TypeError, KeyError) as error:
                 if number == len(lines):  # no newline after it: torn by a crash before its fsync, never sent
                     break
                 raise OutboxError(
@@ -108,8 +159,8 @@ class Journal:
                     "`medtwin audit verify` on the affected runs"
                 ) from error
             if entry.seq > after:
-                entries.append(entry)
-        return entries
+                entries[entry.seq] = entry
+        return list(entries.values())
 
     def watermark(self) -> Watermark:
         if not self.watermark_path.is_file():

@@ -21,8 +21,8 @@ from web3.contract import Contract
 
 from .accounts import ChainAccount
 from .client import ChainClient
-from .errors import ChainConflictError, ChainRevertError, ChainSetupError, ChainUnavailableError
-from .journal import Journal, Watermark
+from .errors import ChainConflictError, ChainError, ChainRevertError, ChainSetupError, ChainUnavailableError, OutboxError
+from .journal import Journal, JournalEntry, Watermark
 from .outbox import Outbox, decode_args
 from .records import FlushResult, ReconcileResult, WriteReceipt
 
@@ -55,6 +55,9 @@ class ContractGateway:
         self.durable_block = durable_block or client.block_number
         self._last_mined: tuple[int, str] | None = None  # (block, hash) of this process's last write
         self._signers = {account.address: account for account in signers}
+        self._trusted = frozenset(self._signers)  # this session's own role keys: they may sign any replay
+        self._own_journal: set[int] = set()  # journal / outbox entries this process wrote
+        self._own_outbox: set[int] = set()
         # label -> account, for queued writes of signers this process has not met yet (dev keys)
         self.signer_resolver = signer_resolver
 
@@ -96,41 +99,58 @@ class ContractGateway:
             return self._send(account, method, args)
         with self.outbox.locked():
             if len(self.outbox) or self._node_lost_our_writes():
-                self._reconcile_locked()
-            journaled = self.journal.append(method=method, args=args, sender=account.address, signer_label=account.label) if self.journal else None
+                try:
+                    self._reconcile_locked()
+                except (ChainError, OutboxError, ValueError) as error:  # never lose this write over an older one
+                    log.error("%s chain: reconcile before %s failed (%s); the write goes on", self.client.name, method, error)
+            journaled = self._journal_append(account, method, args)
             if len(self.outbox):
                 reason = "older writes are still queued"
             else:
                 try:
-                    return self._send(account, method, args)
+                    receipt = self._send(account, method, args)
                 except ChainUnavailableError as error:
                     reason = str(error)
                 except (ChainRevertError, ChainConflictError):
-                    if self.journal is not None and journaled is not None:  # refused now: a reconcile must not re-send it
-                        mark = self.journal.watermark()
-                        self.journal.set_watermark(replace(mark, refused=(*mark.refused, journaled.seq)))
+                    if journaled:  # refused now: a reconcile must not send it again
+                        mark = self.journal.watermark()  # type: ignore[union-attr]
+                        self.journal.set_watermark(replace(mark, refused=(*mark.refused, journaled)))  # type: ignore[union-attr]
                     raise
+                else:
+                    if journaled:
+                        self.journal.mark_mined(journaled, tx_hash=receipt.tx_hash, block=receipt.block_number)  # type: ignore[union-attr]
+                    return receipt
             entry = self.outbox.append(
-                method=method, args=args, sender=account.address, reason=reason, signer_label=account.label,
-                journal_seq=journaled.seq if journaled else 0,
+                method=method, args=args, sender=account.address, reason=reason, signer_label=account.label, journal_seq=journaled,
             )  # fmt: skip
+            self._own_outbox.add(entry.seq)
         log.warning("%s chain: %s queued in %s (seq %d): %s", self.client.name, method, self.outbox.path, entry.seq, reason)
         return WriteReceipt(status="queued", chain=self.client.name, call=method, outbox_seq=entry.seq)
 
+    def _journal_append(self, account: ChainAccount, method: str, args: list[Any]) -> int:
+        if self.journal is None:
+            return 0
+        entry = self.journal.append(method=method, args=args, sender=account.address, signer_label=account.label)
+        self._own_journal.add(entry.seq)
+        return entry.seq
+
     def flush(self) -> FlushResult:
-        """Replay queued writes in order; stops at the first one the chain cannot take yet."""
+        """Send the queued writes in order (with a journal: reconcile, which also sends what a node lost)."""
         if self.outbox is None:
             return FlushResult()
         with self.outbox.locked():
+            if self.journal is not None:
+                return self._reconcile_locked().flush
             return self._flush_locked()
 
     def _flush_locked(self) -> FlushResult:
+        """Replay the outbox alone, in order (writes queued before journals existed, or no journal)."""
         assert self.outbox is not None
         mined: list[WriteReceipt] = []
         failed: list[str] = []
         applied = 0
         for entry in self.outbox.pending():
-            signer = self._signer_for(entry.sender, entry.signer_label)
+            signer = self._replay_signer(entry.sender, entry.signer_label, own=entry.seq in self._own_outbox)
             if signer is None:
                 log.warning("%s chain: outbox seq %d waits for signer %s", self.client.name, entry.seq, entry.sender)
                 break
@@ -144,16 +164,25 @@ class ContractGateway:
                 self.outbox.remove(entry.seq)
             except ChainUnavailableError:
                 break
-            except (ChainRevertError, ChainConflictError) as error:
+            except ChainError as error:
                 self.outbox.move_to_failed(entry.seq, error=str(error))
                 failed.append(f"seq {entry.seq} {entry.method}: {error}")
                 log.error("%s chain: queued %s refused on replay: %s", self.client.name, entry.method, error)
         return FlushResult(mined=tuple(mined), already_applied=applied, failed=tuple(failed), remaining=len(self.outbox))
 
+    def _replay_signer(self, address: str, label: str, *, own: bool) -> ChainAccount | None:
+        """The key that signs a replayed write: this session's own roles (admin, coordinator) and public
+        development keys sign any; any other key (a site's, from its kit) only writes this process made —
+        never a line someone else put in a journal or outbox this process can read."""
+        if address not in self._trusted and not own:
+            resolved = self.signer_resolver(label) if label and self.signer_resolver is not None else None
+            return resolved if resolved is not None and resolved.address == address else None
+        return self._signer_for(address, label)
+
     # -- journal ------------------------------------------------------------------------------
 
     def reconcile(self) -> ReconcileResult:
-        """Compare the journal with the chain: send again, in order, what the chain lost; then the outbox."""
+        """Compare the journal with the chain and send, in journal order, what the chain lost and what is queued."""
         if self.outbox is None:
             return ReconcileResult()
         with self.outbox.locked():
@@ -168,7 +197,10 @@ class ContractGateway:
         while result.finalized < result.journaled and time.monotonic() < deadline:
             time.sleep(0.2)
             with self.outbox.locked():  # type: ignore[union-attr]
-                mark = self._promote(self.journal.watermark())
+                try:
+                    mark = self._promote(self.journal.watermark())
+                except ChainError:
+                    break
                 self.journal.set_watermark(mark)
             result = replace(result, finalized=mark.durable_seq)
         return result
@@ -180,7 +212,7 @@ class ContractGateway:
         number, expected = self._last_mined
         try:
             lost = self.client.block_hash(number) != expected
-        except ChainUnavailableError:
+        except ChainError:
             return False  # the write below will queue; the reconcile happens once the node is back
         if lost:
             log.warning("%s chain: block %d of our last write is gone (node restarted from an older state); reconciling", self.client.name, number)
@@ -195,64 +227,103 @@ class ContractGateway:
             return replace(mark, durable_seq=mark.verified_seq, durable_block=mark.verified_block, durable_hash=mark.verified_hash)
         return mark
 
+    def _lost(self, entry: JournalEntry, args: list[Any]) -> bool:
+        """A journaled write is lost if its mined transaction is gone (or, never seen mined, it is not applied).
+        By receipt, not by state: a write a later one undid (a grant, then its revocation) is not "lost"."""
+        if entry.tx_hash:
+            return not self.client.has_receipt(entry.tx_hash)
+        return not self.is_applied(entry.method, args, entry.sender)
+
     def _reconcile_locked(self) -> ReconcileResult:
         assert self.outbox is not None
         if self.journal is None:
             return ReconcileResult(flush=self._flush_locked())
-        mark = self.journal.watermark()
-        resent: list[WriteReceipt] = []
-        refused: list[str] = []
-        checked = unfinished = 0
+        journal = self.journal
+        mark = journal.watermark()
         try:
+            head = self.client.block_number()
+            head_hash = self.client.block_hash(head) or ""
             if not self._on_chain(mark.durable_block, mark.durable_hash):
                 log.warning("%s chain: block %d (finalized writes up to journal entry %d) is gone; re-checking the whole journal",
                             self.client.name, mark.durable_block, mark.durable_seq)  # fmt: skip
-                mark = Watermark(refused=mark.refused)
-            # what waits in the outbox (or was refused from it) is sent by the flush below, after these
-            in_outbox = {entry.journal_seq for entry in (*self.outbox.pending(), *self.outbox.failed())}
-            skipped = set(mark.refused) | in_outbox
-            entries = [entry for entry in self.journal.entries(after=mark.durable_seq) if entry.seq not in skipped]
-            for index, entry in enumerate(entries):
-                signer = self._signer_for(entry.sender, entry.signer_label)
-                args = decode_args(entry.args)
-                try:
-                    checked += 1
-                    if self.is_applied(entry.method, args, entry.sender):
-                        continue
-                    if signer is None:
-                        log.warning("%s chain: journal entry %d waits for signer %s", self.client.name, entry.seq, entry.sender)
-                        unfinished = len(entries) - index
-                        break
-                    resent.append(self._send(signer, entry.method, args))
-                    log.warning("%s chain: journal entry %d (%s) was missing on chain; sent again", self.client.name, entry.seq, entry.method)
-                except ChainUnavailableError:
+                mark = Watermark()  # refusals are re-checked too
+            mark = self._promote(mark)  # an earlier verified point may be durable by now
+        except ChainUnavailableError:
+            return ReconcileResult(unfinished=1, journaled=journal.last_seq(), finalized=mark.durable_seq, flush=FlushResult(remaining=len(self.outbox)))
+        queued = {entry.journal_seq: entry for entry in self.outbox.pending() if entry.journal_seq}
+        gave_up = {entry.journal_seq for entry in self.outbox.failed()}
+        entries = [entry for entry in journal.entries(after=mark.durable_seq) if entry.seq not in mark.refused and entry.seq not in gave_up]
+        resent: list[WriteReceipt] = []
+        from_outbox: list[WriteReceipt] = []
+        refused: list[str] = []
+        failed: list[str] = []
+        checked = applied = unfinished = 0
+        for index, entry in enumerate(entries):  # one pass, in journal order: lost and queued writes alike
+            pending = queued.get(entry.seq)
+            args = decode_args(entry.args)
+            try:
+                checked += 1
+                if pending is None and not self._lost(entry, args):
+                    continue
+                if pending is not None and self.is_applied(entry.method, args, entry.sender):  # mined just before a crash
+                    self.outbox.remove(pending.seq)
+                    applied += 1
+                    continue
+                own = entry.seq in self._own_journal or (pending is not None and pending.seq in self._own_outbox)
+                signer = self._replay_signer(entry.sender, entry.signer_label, own=own)
+                if signer is None:
+                    log.warning("%s chain: journal entry %d waits for its signer %s", self.client.name, entry.seq, entry.sender)
                     unfinished = len(entries) - index
                     break
-                except (ChainRevertError, ChainConflictError) as error:
+                receipt = self._send(signer, entry.method, args)
+                journal.mark_mined(entry.seq, tx_hash=receipt.tx_hash, block=receipt.block_number)
+                if pending is not None:
+                    self.outbox.remove(pending.seq)
+                    from_outbox.append(receipt)
+                else:
+                    resent.append(receipt)
+                    log.warning("%s chain: journal entry %d (%s) was lost by the node; sent again", self.client.name, entry.seq, entry.method)
+            except ChainUnavailableError:
+                unfinished = len(entries) - index
+                break
+            except (ChainError, ValueError) as error:  # refused, or a malformed entry
+                if self._applied_after_all(entry, args):  # e.g. a send that timed out was mined after all
+                    if pending is not None:
+                        self.outbox.remove(pending.seq)
+                    continue
+                if pending is not None:
+                    self.outbox.move_to_failed(pending.seq, error=str(error))
+                    failed.append(f"seq {pending.seq} {entry.method}: {error}")
+                else:
                     refused.append(f"journal entry {entry.seq} {entry.method}: {error}")
                     mark = replace(mark, refused=(*mark.refused, entry.seq))
-                    log.error("%s chain: journal entry %d (%s) is missing and was refused when sent again: %s",
-                              self.client.name, entry.seq, entry.method, error)  # fmt: skip
-        except ChainUnavailableError:
-            unfinished = max(unfinished, 1)
-        flushed = self._flush_locked()
-        if not unfinished and not flushed.remaining:  # everything journaled is on chain now, at the head
+                log.error("%s chain: journal entry %d (%s) could not be sent again: %s", self.client.name, entry.seq, entry.method, error)
+        legacy = self._flush_locked() if not unfinished else FlushResult(remaining=len(self.outbox))  # entries older than journals
+        if not unfinished and not legacy.remaining:
             try:
-                head = self.client.block_number()
-                mark = replace(mark, verified_seq=self.journal.last_seq(), verified_block=head, verified_hash=self.client.block_hash(head) or "")
-                mark = self._promote(mark)
+                if self.client.block_hash(head) == head_hash:  # the node was not restored while we checked
+                    now = self.client.block_number()
+                    mark = replace(mark, verified_seq=journal.last_seq(), verified_block=now, verified_hash=self.client.block_hash(now) or "")
+                    mark = self._promote(mark)
             except ChainUnavailableError:
                 unfinished = 1
-        self.journal.set_watermark(mark)
-        return ReconcileResult(
-            checked=checked,
-            resent=tuple(resent),
-            refused=tuple(refused),
-            unfinished=unfinished,
-            journaled=self.journal.last_seq(),
-            finalized=mark.durable_seq,
-            flush=flushed,
+        journal.set_watermark(mark)
+        flush = FlushResult(
+            mined=(*from_outbox, *legacy.mined),
+            already_applied=applied + legacy.already_applied,
+            failed=(*failed, *legacy.failed),
+            remaining=len(self.outbox),
         )
+        return ReconcileResult(
+            checked=checked, resent=tuple(resent), refused=tuple(refused), unfinished=unfinished,
+            journaled=journal.last_seq(), finalized=mark.durable_seq, flush=flush,
+        )  # fmt: skip
+
+    def _applied_after_all(self, entry: JournalEntry, args: list[Any]) -> bool:
+        try:
+            return bool(self.is_applied(entry.method, args, entry.sender))
+        except (ChainError, ValueError):
+            return False
 
     def _signer_for(self, address: str, label: str) -> ChainAccount | None:
         if address not in self._signers and label and self.signer_resolver is not None:

@@ -122,6 +122,11 @@ class ChainVerifiedApprovals:
         with self._state.locked() as verified:
             verified[run_id] = {"config_hash": config_hash, "code_hash": code_hash, "verified_at": now}
 
+    def forget(self, *, run_id: str) -> None:
+        if run_id in self._state.read():
+            with self._state.locked() as verified:
+                verified.pop(run_id, None)
+
     def age_s(self, *, run_id: str, config_hash: str, code_hash: str) -> float | None:
         """Seconds since this exact (run, config, code) approval was last seen on chain; None if never."""
         entry = self._state.read().get(run_id)

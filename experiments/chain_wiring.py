@@ -28,6 +28,7 @@ from medtwin.chain import (
     open_session,
     run_key,
 )
+from medtwin.chain.encoding import site_key
 from medtwin.chain.session import SITE_FUNDING_WEI
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import ChainConfig
@@ -122,8 +123,7 @@ class ChainProvenance:
     anchors_written: int = 0
     finalize_wait_s: float = 5.0  # at the end of a run, how long to wait for the writes to be durable
     outage_timeout_s: float = 600.0  # chain.outage_timeout_s: train on through an outage this long, then stop
-    _down_since: dict[str, float] = field(default_factory=dict, init=False)  # chain -> when it stopped answering
-    _admitted: dict[tuple[str, str], str | None] = field(default_factory=dict, init=False)  # last verified answers
+    _admitted: dict[tuple[str, str], tuple[str | None, float]] = field(default_factory=dict, init=False)  # answer, when verified
 
     def start_run(self, run: RunDescription) -> None:
         if self.session.data.run(run.run_id) is None:
@@ -138,38 +138,40 @@ class ChainProvenance:
                 )
             )
 
-    def _observe(self, chain: str, *, reachable: bool) -> None:
-        if reachable:
-            self._down_since.pop(chain, None)
-        else:
-            self._down_since.setdefault(chain, time.monotonic())
-
     def outage_problem(self) -> str | None:
-        """Why the run must stop now: a chain unreachable for longer than chain.outage_timeout_s (else None)."""
-        if not self._down_since:
+        """Why the run must stop now: a write queued longer than chain.outage_timeout_s ago (else None). The
+        outboxes are on disk, so the clock survives a coordinator restart and `--resume`."""
+        oldest = [
+            (entry.queued_at, role)
+            for role, gateway in self._gateways() if gateway.outbox is not None
+            for entry in gateway.outbox.pending()
+        ]  # fmt: skip
+        if not oldest:
             return None
-        chain, since = min(self._down_since.items(), key=lambda item: item[1])
-        down_s = time.monotonic() - since
+        since, chain = min(oldest)
+        down_s = time.time() - since
         if down_s <= self.outage_timeout_s:
             return None
         return (
-            f"the {chain} chain has been unreachable for {down_s:.1f} s, more than chain.outage_timeout_s={self.outage_timeout_s:g}: "
+            f"the {chain} chain has taken no write for {down_s:.1f} s, more than chain.outage_timeout_s={self.outage_timeout_s:g}: "
             "the run stops at its last checkpoint — bring the chain back (`medtwin chain up`), then resume the run"
         )
 
     def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
-        """The auth chain's answer; while it is unreachable, the answer last verified on it (a site never
-        verified is not admitted), until chain.outage_timeout_s."""
+        """The auth chain's answer; while it is unreachable, the answer last verified on it, for at most
+        chain.outage_timeout_s — never for a site not verified, nor one whose revocation is queued."""
         try:
             problem = self._admission_problem(site_id=site_id, run_id=run_id)
         except ChainUnavailableError as error:
-            self._observe("auth", reachable=False)
-            if (site_id, run_id) not in self._admitted:
-                return f"the authorization chain is unreachable and {site_id} was never verified on it for run {run_id} ({str(error)[:160]})"
+            unreachable = f"the authorization chain is unreachable ({str(error)[:160]})"
+            answer, verified_at = self._admitted.get((site_id, run_id), ("", 0.0))
+            if answer == "" or time.monotonic() - verified_at > self.outage_timeout_s:
+                return f"{unreachable} and {site_id} was not verified on it for run {run_id} in the last {self.outage_timeout_s:g} s"
+            if site_key(site_id) in {bytes(args[0]) for args in self.session.auth.queued("revoke_site")}:
+                return f"{unreachable} and the revocation of {site_id} waits in this coordinator's outbox"
             logger.warning("auth chain unreachable: %s gets the admission answer last verified on chain", site_id)
-            return self._admitted[(site_id, run_id)]
-        self._observe("auth", reachable=True)
-        self._admitted[(site_id, run_id)] = problem
+            return answer
+        self._admitted[(site_id, run_id)] = (problem, time.monotonic())
         return problem
 
     def _admission_problem(self, *, site_id: str, run_id: str) -> str | None:
@@ -222,8 +224,6 @@ class ChainProvenance:
         )
         anchor_receipt = self.session.data.anchor_round(anchor)
         self.anchors_written += int(anchor_receipt.mined)
-        self._observe("auth", reachable=auth_receipt.mined)
-        self._observe("data", reachable=all(r.mined for r in (dataset_receipt, anchor_receipt) if r is not None))
         return {
             "auth_tx": auth_receipt.status,
             "dataset_tx": dataset_receipt.status if dataset_receipt else None,
@@ -304,8 +304,11 @@ class ChainApprovalCheck:
                 return None
             return f"cannot read the authorization chain to check this site's approval of run {run_id} ({str(error)[:200]})"
         problem = self._approval_problem(approval, admitted, site_id=site_id, **binding)
-        if problem is None and verified is not None:
-            verified.remember(**binding)
+        if verified is not None:
+            if problem is None:
+                verified.remember(**binding)
+            else:  # withdrawn, revoked or changed: an outage must not bring the old answer back
+                verified.forget(run_id=run_id)
         return problem
 
     @staticmethod

@@ -225,10 +225,14 @@ def set_aside_stopped_summary(run_path: Path) -> None:
     if not _stopped_summary(run_path):
         return
     rounds = json.loads((run_path / "summary.json").read_text(encoding="utf-8")).get("rounds_completed", 0)
+    tag, attempt = f"stopped-after-round-{rounds}", 1
+    while any((run_path / f"{name}.{tag}{suffix}").exists() for name, suffix in (("summary", ".json"), ("report", ".md"))):
+        attempt += 1  # stopped after the same round again: keep both
+        tag = f"stopped-after-round-{rounds}-{attempt}"
     for name in ("summary.json", "report.md"):
         source = run_path / name
         if source.is_file():
-            os.replace(source, run_path / f"{source.stem}.stopped-after-round-{rounds}{source.suffix}")
+            os.replace(source, run_path / f"{source.stem}.{tag}{source.suffix}")
 
 
 def resume_run_id(config: MedtwinConfig) -> str:

@@ -127,6 +127,8 @@ def test_two_nodes_persist_state_replay_the_outbox_and_pass_an_external_audit(
     assert len(session.auth.decisions(run_id=RUN)) == 2 * len(SITES)  # round 3's batch is still queued
     flushed = session.flush()
     assert flushed["data"].remaining == 0 and flushed["auth"].remaining == 0
+    finalized = session.finalize(wait_s=10.0)  # mined is not enough: anvil must have dumped its state (every second)
+    assert all(result.finalized == result.journaled > 0 for result in finalized.values()), finalized
     assert session.data.round_status(RUN, 3) is RoundStatus.FINALIZED
     assert len(session.auth.decisions(run_id=RUN)) == 3 * len(SITES)
 

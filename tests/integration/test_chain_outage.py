@@ -155,7 +155,8 @@ def test_a_killed_data_node_loses_nothing_the_journal_and_the_outbox_resend(tmp_
         journal = state_dir / "journal-data.jsonl"
         lines = journal.read_text().splitlines()
         ours = {"b": run_key(run_id).hex()}
-        kept = [line for line in lines if not (json.loads(line)["method"] == "anchor_round" and json.loads(line)["args"][:2] == [ours, 2])]
+        entries = [json.loads(line) for line in lines]
+        kept = [line for line, e in zip(lines, entries, strict=True) if not (e.get("method") == "anchor_round" and e["args"][:2] == [ours, 2])]
         assert len(kept) == len(lines) - 1
         journal.write_text("\n".join(kept) + "\n")
         up = _cli("chain", "up", f"chain.state_dir={state_dir}", "chain.auth_port=0", "chain.data_port=0")

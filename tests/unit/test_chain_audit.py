@@ -179,11 +179,16 @@ def test_verify_checks_completeness_against_the_registered_plan(tmp_path: Path) 
     assert {(m.round_index, m.kind) for m in report.mismatches} == {(2, "decisions"), (3, "round"), (2, "model")}
     details = " ".join(m.detail for m in report.mismatches)
     assert "rounds 3..4 of 4 planned not anchored" in details
-    assert "round 2 aggregated 3 update(s) but the authorization chain records 0 admission decision(s)" in details
+    assert "round 2 aggregated 3 update(s) but the authorization chain records no admission of 3 of them" in details
     assert report.completeness.startswith("checked against the registered plan (4 rounds)")
+    wrong = [Decision("admit_update", True, "ok", site_id=site, subject=h(f"not {site}")) for site in SITES]  # not these updates
+    session.auth.record_decisions(wrong, run_id="stopped", round_index=2)
+    report = audit_verify(session, store, "stopped")
+    assert (2, "decisions") in {(m.round_index, m.kind) for m in report.mismatches}  # admissions must name the updates
     session.auth.record_decisions(
-        [Decision("admit_update", True, "ok", site_id=site, subject=h(f"{site} 2")) for site in SITES], run_id="stopped", round_index=2
-    )
+        [Decision("admit_update", True, "ok", site_id=site, subject=digest) for site, digest in digests.items()],
+        run_id="stopped", round_index=2, batch_label="right",
+    )  # fmt: skip
 
     (run_folder / "config.yaml").write_text(config_text.replace("num_rounds: 4", "num_rounds: 2"))  # doctored plan
     report = audit_verify(session, store, "stopped")

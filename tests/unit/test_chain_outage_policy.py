@@ -49,13 +49,30 @@ def test_the_coordinator_admits_from_the_last_verified_registry_state_and_stops_
         assert provenance.admission_problem(site_id="hosp0", run_id=RUN) is None  # as last verified
         assert provenance.admission_problem(site_id="hosp1", run_id=RUN) == refused  # still refused
         never = provenance.admission_problem(site_id="hosp9", run_id=RUN)
-        assert never is not None and "never verified" in never  # an unknown site is not admitted on trust
+        assert never is not None and "was not verified" in never  # an unknown site is not admitted on trust
+        assert provenance.outage_problem() is None  # nothing queued yet
+        assert provenance.session.auth.revoke_site(site_id="hosp0", reason="stolen key").status == "queued"
+        revoked = provenance.admission_problem(site_id="hosp0", run_id=RUN)
+        assert revoked is not None and "revocation of hosp0 waits" in revoked  # the admin's queued word counts
         assert provenance.outage_problem() is None  # within chain.outage_timeout_s: train on
         time.sleep(0.35)
         stop = provenance.outage_problem()
-        assert stop is not None and "the auth chain has been unreachable" in stop and "chain.outage_timeout_s=0.3" in stop
-    assert provenance.admission_problem(site_id="hosp0", run_id=RUN) is None
-    assert provenance.outage_problem() is None  # a successful read ends the outage
+        assert stop is not None and "the auth chain has taken no write" in stop and "chain.outage_timeout_s=0.3" in stop
+    provenance.session.flush()  # the chain is back: the queue goes out
+    assert provenance.outage_problem() is None
+    assert provenance.admission_problem(site_id="hosp0", run_id=RUN) is not None  # revoked now, on chain
+
+
+def test_the_outage_clock_survives_a_coordinator_restart(provenance: ChainProvenance, tmp_path: Path) -> None:
+    with unreachable(provenance.session, "data"):
+        assert provenance.session.data.commit_datasets(run_id=RUN, manifests={"hosp0": h("d")}).status == "queued"
+    time.sleep(0.35)
+    restarted = ChainProvenance(
+        session=open_session(ChainConfig(name="embedded"), state_dir=tmp_path / "chain"), artifacts_root=tmp_path / "artifacts",
+        outage_timeout_s=0.3,
+    )  # fmt: skip
+    stop = restarted.outage_problem()
+    assert stop is not None and "the data chain" in stop  # the queue on disk, not the process, keeps the time
 
 
 def _unreachable_chain_dir(tmp_path: Path) -> Path:
@@ -87,3 +104,23 @@ def test_a_site_goes_on_only_with_its_own_approval_recently_seen_on_chain(tmp_pa
     stored[RUN]["verified_at"] -= APPROVAL_OUTAGE_GRACE_S + 1
     (site_state / "chain-verified-approvals.json").write_text(json.dumps(stored))
     assert check.problem(**binding) is not None  # seen too long ago: refused
+
+
+def test_a_site_forgets_an_approval_the_chain_no_longer_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Withdrawn on chain, then the chain goes away: the old answer must not come back."""
+    session = open_session(ChainConfig(name="embedded"))
+    account = session.site_account("hosp0")
+    session.auth.register_site(site_id="hosp0", address=account.address, key_fingerprint=h("hosp0"))
+    session.auth.approve_run(site=account, run_id=RUN, config_hash=h("c"), code_hash=h("k"))
+    monkeypatch.setattr("medtwin.experiments.chain_wiring.open_readonly", lambda state_dir: session)  # an embedded chain to read
+    site_state = tmp_path / "site-state"
+    site_state.mkdir()
+    check = ChainApprovalCheck(state_dir="unused", site_state_dir=str(site_state))
+    binding = dict(site_id="hosp0", run_id=RUN, config_hash=h("c"), code_hash=h("k"))
+    assert check.problem(**binding) is None
+    assert ChainVerifiedApprovals(site_state).age_s(run_id=RUN, config_hash=h("c"), code_hash=h("k")) is not None
+    session.auth.withdraw_approval(site=account, run_id=RUN)
+    assert check.problem(**binding) is not None
+    assert ChainVerifiedApprovals(site_state).age_s(run_id=RUN, config_hash=h("c"), code_hash=h("k")) is None
+    with unreachable(session, "auth"):
+        assert check.problem(**binding) is not None  # no remembered approval to fall back on

@@ -172,6 +172,22 @@ class DataChain(ContractGateway):
             for e in events
         ]
 
+    def private_runs_of_site(self, site_id: str) -> list[str]:
+        """Runs this site contributed to (its dataset commitments) whose anchors record a privacy spend
+        (epsilon > 0): the data chain's witness of a site's budget history, which deleting the site's
+        ledger cannot erase."""
+        events = self.client.logs(
+            self.contract.events.DatasetCommitted, from_block=self.deploy_block, argument_filters={"site_key": site_key(site_id)}
+        )
+        runs = []
+        for key in dict.fromkeys(bytes(event["args"]["run_id"]) for event in events):
+            record = self.run_by_key(key)
+            if record is None or record.last_round == 0:
+                continue
+            if int(self.call("anchors", key, record.last_round)[6]) > 0:  # max_epsilon_micro
+                runs.append(record.run_id)
+        return runs
+
     def model(self, model_hash: str | bytes) -> ModelRecord | None:
         key = as_bytes32(model_hash, what="model hash")
         parent, run, round_index, recorded_at = self.call("models", key)

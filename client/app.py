@@ -45,7 +45,7 @@ from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import CONFIG_YAML_KEY
 
 from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
-from .privacy import PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
+from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
 from .release import release_metrics
 from .reply_store import ReplyStore
@@ -116,7 +116,18 @@ def current_model(site: Site, message: Message, *, certificate_round: int) -> tu
     return model, verified
 
 
-def train_round(site: Site, model: torch.nn.Module, *, server_round: int) -> tuple[LocalTrainingResult, float, float, dict]:
+def _erased_ledger_problem(site: Site, ledger: BudgetLedger, approval_check: RunApprovalCheck | None) -> str | None:
+    """A ledger without a single spend is either a new site's or one deleted together with its mark; where
+    the site reads a data chain, that chain's record of the site's earlier DP runs tells them apart."""
+    witness = getattr(approval_check, "erased_ledger_problem", None)
+    if witness is None or ledger.runs() or ledger.releases():
+        return None
+    return witness(site_id=site.site_id, ledger_path=str(ledger.path))
+
+
+def train_round(
+    site: Site, model: torch.nn.Module, *, server_round: int, approval_check: RunApprovalCheck | None = None
+) -> tuple[LocalTrainingResult, float, float, dict]:
     """Local training under the site's own policy and budget. Returns (result, ε, δ, shared metrics).
 
     Raises `RoundRefused` when the site says no.
@@ -146,6 +157,9 @@ def train_round(site: Site, model: torch.nn.Module, *, server_round: int) -> tup
         ledger = site.ledger()
     except PrivacyError as error:  # missing, rolled back or damaged: the site stops training, and says why
         raise RoundRefused("refused:ledger", str(error)) from None
+    erased = _erased_ledger_problem(site, ledger, approval_check)
+    if erased:
+        raise RoundRefused("refused:ledger", erased)
     plan = plan_round(
         policy=policy,
         ledger=ledger,
@@ -250,7 +264,7 @@ def train_phase(site: Site, message: Message, server_round: int, approval_check:
     if (sent := replies.load(site.proposal.run_id, "train", server_round, started_from=started_from)) is not None:
         logger.info("site %s: round %d from this aggregate was trained already; resending that reply", site.site_id, server_round)
         return Message(content=sent, reply_to=message)
-    result, epsilon, delta, shared_metrics = train_round(site, model, server_round=server_round)
+    result, epsilon, delta, shared_metrics = train_round(site, model, server_round=server_round, approval_check=approval_check)
     logger.info("site %s trained round %d: %d steps", site.site_id, server_round, result.steps)
     update = site.codec.pack(model_to_vector(model), num_examples=result.num_examples, run_id=site.proposal.run_id)
     claim = ReplyClaim(

@@ -77,3 +77,7 @@ class RunApprovalCheck(Protocol):
 
     def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
         """None if the data chain anchors `aggregate_sha256` as round `server_round` of `run_id`, else why not."""
+
+    def erased_ledger_problem(self, *, site_id: str, ledger_path: str) -> str | None:
+        """Asked only when the site's ledger holds no spend: None if the data chain shows no earlier DP run
+        of `site_id`, else why the site must not train on that fresh ledger. Optional (`getattr`)."""

@@ -321,6 +321,26 @@ class ChainApprovalCheck:
             return f"the approved code hash of run {run_id} differs from the code installed at {site_id}"
         return None
 
+    def erased_ledger_problem(self, *, site_id: str, ledger_path: str) -> str | None:
+        """Called when this site's ledger holds no spend at all: None if the data chain agrees (no earlier
+        DP run of this site), else why the site must not train on a fresh ledger."""
+        try:
+            runs = open_readonly(self.state_dir).data.private_runs_of_site(site_id)
+        except ChainUnavailableError as error:
+            return (
+                f"this site's privacy ledger {ledger_path} holds no spend, and the data chain that would show earlier "
+                f"DP runs of {site_id} cannot be read now ({str(error)[:160]}); the site trains once it can check"
+            )
+        if not runs:
+            return None
+        shown = ", ".join(runs[:5]) + (", …" if len(runs) > 5 else "")
+        return (
+            f"this site's privacy ledger {ledger_path} holds no spend, but the data chain records {site_id}'s datasets in "
+            f"{len(runs)} earlier DP run(s) ({shown}): the ledger was deleted or replaced together with its mark in the kit. "
+            "Restore both from backup (privacy-ledger.json in the site's state folder and the ledger mark in its kit); "
+            "a site never starts over on a fresh ledger — its patients' earlier privacy loss still counts"
+        )
+
     def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
         try:
             anchor = open_readonly(self.state_dir).data.anchor(run_id, server_round)

@@ -202,3 +202,21 @@ def test_anvil_durability_reads_the_best_block_of_the_state_dump(tmp_path: Path)
     assert anvil_durable_block(state) == 12
     state.write_text('{"best_block_number": 1')  # caught mid-write
     assert anvil_durable_block(state) == -1
+
+
+def test_the_data_chain_witnesses_a_sites_earlier_dp_runs(session: ChainSession, tmp_path: Path) -> None:
+    """What a site whose ledger and mark were both deleted cannot erase: its dataset commitments in runs
+    whose anchors record a privacy spend."""
+    store = ArtifactStore(tmp_path / "witness")
+    session.data.register_run(RunRegistration("plain-run", "breast_cancer", h("c2"), h("k"), h("dp"), h("he")))
+    for run_id, epsilon in (("run-j", 0.5), ("plain-run", 0.0)):
+        session.data.commit_datasets(run_id=run_id, manifests={"hosp0": h(f"data {run_id}")})
+        built, _ = build_round_anchor(
+            store, run_id=run_id, round_index=1, update_digests={"hosp0": store.put(run_id.encode(), kind="update")},
+            aggregate_digest=store.put(b"agg " + run_id.encode(), kind="aggregate"),
+            epsilon_by_site={"hosp0": epsilon} if epsilon else {}, he_error_bound=0.0,
+        )  # fmt: skip
+        session.data.anchor_round(built)
+    assert session.data.private_runs_of_site("hosp0") == ["run-j"]  # the DP run, not the plain one
+    assert session.data.private_runs_of_site("hosp1") == []
+

@@ -124,3 +124,26 @@ def test_a_site_forgets_an_approval_the_chain_no_longer_shows(tmp_path: Path, mo
     assert ChainVerifiedApprovals(site_state).age_s(run_id=RUN, config_hash=h("c"), code_hash=h("k")) is None
     with unreachable(session, "auth"):
         assert check.problem(**binding) is not None  # no remembered approval to fall back on
+
+
+def test_a_site_reads_its_dp_history_from_the_data_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medtwin.chain import build_round_anchor
+    from medtwin.core.artifacts import ArtifactStore
+
+    session = open_session(ChainConfig(name="embedded"))
+    session.data.register_run(RunRegistration(RUN, "breast_cancer", h("c"), h("k"), h("dp"), h("he")))
+    session.data.commit_datasets(run_id=RUN, manifests={"hosp0": h("data")})
+    store = ArtifactStore(tmp_path / "artifacts")
+    built, _ = build_round_anchor(
+        store, run_id=RUN, round_index=1, update_digests={"hosp0": store.put(b"u", kind="update")},
+        aggregate_digest=store.put(b"a", kind="aggregate"), epsilon_by_site={"hosp0": 0.7}, he_error_bound=0.0,
+    )  # fmt: skip
+    session.data.anchor_round(built)
+    monkeypatch.setattr("medtwin.experiments.chain_wiring.open_readonly", lambda state_dir: session)
+    check = ChainApprovalCheck(state_dir="unused")
+    erased = check.erased_ledger_problem(site_id="hosp0", ledger_path="/srv/state/privacy-ledger.json")
+    assert erased is not None and RUN in erased and "Restore both from backup" in erased
+    assert check.erased_ledger_problem(site_id="hosp1", ledger_path="x") is None  # a new site starts fresh
+    with unreachable(session, "data"):
+        cannot = check.erased_ledger_problem(site_id="hosp1", ledger_path="x")
+        assert cannot is not None and "cannot be read now" in cannot

@@ -76,7 +76,9 @@ class Hospital:
             SiteApprovals(self.state_dir).approve(run_id=config.run_id, config_hash=config_hash(text), code_hash=code_hash())
         return config.run_id, text
 
-    def ask(self, text: str, *, phase: str = "train", run_id: str, server_round: int = 1, extra: dict | None = None) -> Message:
+    def ask(
+        self, text: str, *, phase: str = "train", run_id: str, server_round: int = 1, extra: dict | None = None, chains: object = None
+    ) -> Message:
         content = RecordDict({INSTRUCTION: instruction(run_id=run_id, server_round=server_round, phase=phase)})
         for name, record in (extra or {}).items():
             content[name] = record
@@ -87,7 +89,8 @@ class Hospital:
         context = Context(
             run_id=1, node_id=7, node_config={"site-file": str(self.site_file)}, state=RecordDict(), run_config={CONFIG_YAML_KEY: text}
         )
-        return build_client_app()(Message(content=content, metadata=metadata), context)
+        app = build_client_app(approval_check_for=(lambda site_file: chains) if chains is not None else None)
+        return app(Message(content=content, metadata=metadata), context)
 
     def sign_peer(self, site_id: str, claim: ReplyClaim) -> bytes:
         return sign_claim(load_site_kit(self.kits[site_id]).signing_key, claim)
@@ -440,3 +443,39 @@ def test_a_site_that_cannot_keep_its_reply_still_sends_it_and_a_damaged_store_is
     (stored,) = (hospital.state_dir / "replies" / run_2).glob("train-*.json")
     stored.write_text("[1, 2]")  # damaged
     assert status_of(hospital.ask(text_2, run_id=run_2, server_round=1))[0] == "refused:replay"
+
+
+class ChainWitness:
+    """The site's reader of the chains (a RunApprovalCheck), with a scripted data-chain history."""
+
+    def __init__(self, earlier_dp_runs: list[str]) -> None:
+        self.earlier_dp_runs, self.asked = earlier_dp_runs, 0
+
+    def problem(self, **binding: str) -> None:
+        return None
+
+    def aggregate_problem(self, **binding: object) -> None:
+        return None
+
+    def erased_ledger_problem(self, *, site_id: str, ledger_path: str) -> str | None:
+        self.asked += 1
+        return f"the data chain records {site_id}'s datasets in {self.earlier_dp_runs}" if self.earlier_dp_runs else None
+
+
+def test_a_site_whose_ledger_and_mark_were_both_deleted_does_not_start_over(hospital: Hospital) -> None:
+    """The kit's mark catches a deleted ledger; deleting both is caught by the data chain's record of the
+    site's earlier DP runs. A new site (no history on chain) trains; the chain is asked only while the
+    ledger holds no spend."""
+    run_id, text = hospital.proposal()
+    status, reason = status_of(hospital.ask(text, run_id=run_id, chains=ChainWitness(["run-2025-a"])))
+    assert status == "refused:ledger" and "run-2025-a" in reason
+    assert not (hospital.state_dir / "privacy-ledger.json").exists() or not json.loads(
+        (hospital.state_dir / "privacy-ledger.json").read_text()
+    )["ledger"]["runs"]  # nothing spent by the refusal
+
+    fresh = ChainWitness([])
+    assert status_of(hospital.ask(text, run_id=run_id, chains=fresh))[0] == "trained" and fresh.asked == 1
+    run_id, text = hospital.proposal()
+    later = ChainWitness(["whatever"])
+    assert status_of(hospital.ask(text, run_id=run_id, chains=later))[0] == "trained" and later.asked == 0  # its ledger has spends
+

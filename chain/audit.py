@@ -282,23 +282,42 @@ def _verify_round(
 MAX_PLANNED_ROUNDS = 1_000_000
 
 
+def _registered_config(run: RunRecord, store: ArtifactStore) -> tuple[str, str] | None:
+    """(where, text) of a config artifact in the store that hashes to the run's registered config hash."""
+    registered = run.config_hash.lower().removeprefix("0x")
+    for digest, kind in store.kinds().items():
+        if kind == "config":
+            try:
+                text = store.read_unverified(digest).decode("utf-8")
+            except (ArtifactError, UnicodeDecodeError):
+                continue
+            if config_hash(text) == registered:
+                return f"config artifact {digest}", text
+    return None
+
+
 def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch]) -> int | None:
-    """`federation.num_rounds` of the run's config.yaml beside its artifact store — trusted only if it hashes to
-    the config hash registered on the data chain; None when there is no config file to check."""
+    """`federation.num_rounds` of the run's config — config.yaml beside the artifact store, or the config
+    artifact in the store (what an auditor with only the store has) — trusted only if it hashes to the
+    config hash registered on the data chain; None when there is no config to check."""
     path = store.root.parent / "config.yaml"
-    if not path.is_file():
-        return None
-    text = path.read_text(encoding="utf-8")
-    if config_hash(text) != run.config_hash.lower().removeprefix("0x"):
-        found.append(Mismatch(0, "run", f"{path} does not hash to the config hash registered for the run: it is not the config that ran"))
-        return None
+    if path.is_file():
+        where, text = str(path), path.read_text(encoding="utf-8")
+        if config_hash(text) != run.config_hash.lower().removeprefix("0x"):
+            found.append(Mismatch(0, "run", f"{path} does not hash to the config hash registered for the run: it is not the config that ran"))
+            return None
+    else:
+        stored = _registered_config(run, store)
+        if stored is None:
+            return None
+        where, text = stored
     try:
         planned = int(yaml.safe_load(text)["federation"]["num_rounds"])
     except (yaml.YAMLError, KeyError, TypeError, ValueError, ArithmeticError, RecursionError):
-        found.append(Mismatch(0, "run", f"{path} names no usable federation.num_rounds"))
+        found.append(Mismatch(0, "run", f"{where} names no usable federation.num_rounds"))
         return None
     if not 1 <= planned <= MAX_PLANNED_ROUNDS:
-        found.append(Mismatch(0, "run", f"{path} plans {planned} rounds, outside 1..{MAX_PLANNED_ROUNDS}"))
+        found.append(Mismatch(0, "run", f"{where} plans {planned} rounds, outside 1..{MAX_PLANNED_ROUNDS}"))
         return None
     return planned
 
@@ -383,6 +402,6 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
                 found.append(Mismatch(model.round_index, "model", f"stored model {model.model_hash} now hashes to {actual}"))
     completeness = (
         f"checked against the registered plan ({planned} rounds)" if planned is not None
-        else "not checked: no config.yaml matching the registered config hash beside the artifacts"
+        else "not checked: no config matching the registered config hash beside or in the artifact store"
     )  # fmt: skip
     return VerifyReport(run_id, rounds, checked, tuple(found), time.perf_counter() - started, completeness)

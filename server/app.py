@@ -133,6 +133,7 @@ def run_federation(
         check_new_run(config.runs_dir, run_id)
         run_dir = RunDirectory(config.runs_dir, run_id)
         run_dir.write_config(config_yaml)
+        ArtifactStore(run_dir.artifacts).put(config_yaml.encode("utf-8"), kind="config")  # the plan, for auditors with only the store
         recorded = set()
     task = get_task(config.task)
     if provenance is not None:

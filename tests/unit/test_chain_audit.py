@@ -197,6 +197,12 @@ def test_verify_checks_completeness_against_the_registered_plan(tmp_path: Path) 
     (run_folder / "config.yaml").unlink()  # no plan to check against: verify says so instead of staying silent
     report = audit_verify(session, store, "stopped")
     assert report.ok and report.completeness.startswith("not checked")
+    store.put(config_text.replace("num_rounds: 4", "num_rounds: 3").encode(), kind="config")  # a config that did not run
+    assert audit_verify(session, store, "stopped").completeness.startswith("not checked")
+    store.put(config_text.encode(), kind="config")  # an auditor with only the artifact store finds the registered plan
+    report = audit_verify(session, store, "stopped")
+    assert (3, "round") in {(m.round_index, m.kind) for m in report.mismatches}
+    assert report.completeness.startswith("checked against the registered plan (4 rounds)")
 
 
 def test_two_runs_that_produce_the_same_model_both_record_it_and_lineage_lists_both(tmp_path: Path) -> None:

@@ -162,6 +162,9 @@ def register_admin_commands() -> None:
     app.add_typer(audit_app, name="audit")
     app.add_typer(site_app, name="site")
     app.add_typer(model_app, name="model")
+    from .cli_twin import twin_app
+
+    app.add_typer(twin_app, name="twin")
     app.command("provision")(provision_command)
 
 

@@ -42,10 +42,23 @@ class CsvSchemaConfig:
 
 
 @dataclass
+class VitalsConfig:
+    """The vital-signs twin: generated hospital wards (see docs/VITALS.md) and the forecasting windows."""
+
+    patients_per_site: int = 60
+    hours: float = 48.0  # each patient's monitored stay
+    grid_min: float = 15.0  # common grid every site's readings are put on (sites sample every 5–15 min)
+    window_h: float = 3.0  # history the twin sees
+    horizon_h: float = 1.0  # future it forecasts
+    stride_h: float = 0.5  # spacing of training windows
+
+
+@dataclass
 class TaskConfig:
-    name: str = MISSING  # registered task name: fed_heart_disease | breast_cancer | diabetes_progression | csv
+    name: str = MISSING  # registered task name: fed_heart_disease | breast_cancer | diabetes_progression | csv | vitals
     num_sites: int = 4
     test_fraction: float = 0.34
     split_seed: int = 43
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     csv: CsvSchemaConfig | None = None
+    vitals: VitalsConfig | None = None

@@ -1,7 +1,7 @@
 """Twin tasks: dataset loader + site split + model + loss + metrics, registered by name.
 
 Importing this package registers every task: ``fed_heart_disease``, ``breast_cancer``,
-``diabetes_progression`` and ``csv``.
+``diabetes_progression``, ``csv`` and ``vitals``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from .csv_validation import CsvProblem, CsvValidationError, ValidatedTable, vali
 from .fed_heart_disease import FedHeartDiseaseTask
 from .partition import PARTITION_SCHEMES, partition_indices
 from .sklearn_tasks import BreastCancerTask, DiabetesProgressionTask
+from .vitals_task import VitalsTask
 
 __all__ = [
     "PARTITION_SCHEMES",
@@ -24,6 +25,7 @@ __all__ = [
     "SiteSplit",
     "TwinTask",
     "ValidatedTable",
+    "VitalsTask",
     "get_task",
     "partition_indices",
     "register_task",

@@ -1,0 +1,117 @@
+"""Deterioration detection, scored the way early-warning systems are: twin vs NEWS2 vs both.
+
+Per grid cell a detector gives a score; a cell is positive when the patient's labelled onset lies
+within the next `warning_h` hours or began at most `after_h` ago (cells later in an episode are
+left out: the patient is known to be ill by then). AUROC and AUPRC are over cells (scikit-learn).
+An alert is a run of cells at or above the detector's threshold; the lead time of an episode is
+its labelled onset minus the start of the first alert in its positive window (positive = before
+onset); a false alarm is an alert that starts in a negative cell, counted per patient-day of
+negative cells.
+
+Detectors: the twin's smoothed deviation score (threshold calibrated on training patients to a
+false-alarm budget), NEWS2 (threshold 5, the RCP's urgent-response trigger), and the hybrid —
+alert when either does, score max(twin / its threshold, NEWS2 / 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .twin import TwinTrace
+
+__all__ = ["NEWS2_TRIGGER", "DetectionReport", "alert_starts", "calibrate_threshold", "cell_labels", "score_detectors"]
+
+NEWS2_TRIGGER = 5.0
+
+
+@dataclass(frozen=True)
+class DetectionReport:
+    detector: str
+    threshold: float
+    auroc: float
+    auprc: float
+    episodes: int
+    detected: int  # episodes with an alert in their positive window
+    median_lead_h: float | None  # over detected episodes; positive = before the labelled onset
+    false_alarms_per_patient_day: float
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        return asdict(self)
+
+
+def cell_labels(times_h: np.ndarray, onset_h: float | None, *, warning_h: float, after_h: float) -> np.ndarray:
+    """1 = positive, 0 = negative, -1 = left out (later in the episode)."""
+    labels = np.zeros(len(times_h), np.int8)
+    if onset_h is not None:
+        labels[(times_h >= onset_h - warning_h) & (times_h < onset_h + after_h)] = 1
+        labels[times_h >= onset_h + after_h] = -1
+    return labels
+
+
+def alert_starts(score: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of the cells where a run of `score >= threshold` begins."""
+    above = np.nan_to_num(score, nan=-np.inf) >= threshold
+    return np.flatnonzero(above & ~np.concatenate([[False], above[:-1]]))
+
+
+def _patient_days(traces: Sequence[TwinTrace], labels: Sequence[np.ndarray]) -> float:
+    total_h = 0.0
+    for trace, label in zip(traces, labels, strict=True):
+        step_h = float(trace.times_h[1] - trace.times_h[0]) if len(trace.times_h) > 1 else 0.0
+        total_h += step_h * float((label == 0).sum())
+    return max(total_h / 24.0, 1e-9)
+
+
+def _report(name: str, threshold: float, scores: Sequence[np.ndarray], traces: Sequence[TwinTrace], labels: Sequence[np.ndarray]) -> DetectionReport:
+    all_scores = np.concatenate(scores)
+    all_labels = np.concatenate(labels)
+    judged = (all_labels >= 0) & np.isfinite(all_scores)
+    y, s = all_labels[judged], all_scores[judged]
+    two_classes = len(np.unique(y)) == 2
+    false_alarms, leads, episodes = 0, [], 0
+    for score, trace, label in zip(scores, traces, labels, strict=True):
+        starts = alert_starts(score, threshold)
+        false_alarms += int((label[starts] == 0).sum())
+        if trace.onset_h is not None and (label == 1).any():
+            episodes += 1
+            hits = [trace.times_h[start] for start in starts if label[start] == 1]
+            if hits:
+                leads.append(trace.onset_h - float(hits[0]))
+    return DetectionReport(
+        detector=name,
+        threshold=float(threshold),
+        auroc=float(roc_auc_score(y, s)) if two_classes else float("nan"),
+        auprc=float(average_precision_score(y, s)) if two_classes else float("nan"),
+        episodes=episodes,
+        detected=len(leads),
+        median_lead_h=float(np.median(leads)) if leads else None,
+        false_alarms_per_patient_day=false_alarms / _patient_days(traces, labels),
+    )
+
+
+def calibrate_threshold(traces: Sequence[TwinTrace], *, false_alarms_per_day: float, warning_h: float, after_h: float) -> float:
+    """The lowest twin threshold whose false alarms on these (training) patients stay within the budget."""
+    labels = [cell_labels(t.times_h, t.onset_h, warning_h=warning_h, after_h=after_h) for t in traces]
+    days = _patient_days(traces, labels)
+    finite = np.concatenate([t.score[np.isfinite(t.score)] for t in traces])
+    for threshold in np.unique(np.quantile(finite, np.linspace(0.5, 0.999, 120))):
+        alarms = sum(int((label[alert_starts(t.score, threshold)] == 0).sum()) for t, label in zip(traces, labels, strict=True))
+        if alarms / days <= false_alarms_per_day:
+            return float(threshold)
+    return float(finite.max())
+
+
+def score_detectors(traces: Sequence[TwinTrace], *, twin_threshold: float, warning_h: float, after_h: float) -> list[DetectionReport]:
+    labels = [cell_labels(t.times_h, t.onset_h, warning_h=warning_h, after_h=after_h) for t in traces]
+    twin = [t.score for t in traces]
+    news2 = [t.news2 for t in traces]
+    hybrid = [np.fmax(np.nan_to_num(t.score, nan=0.0) / twin_threshold, t.news2 / NEWS2_TRIGGER) for t in traces]
+    return [
+        _report("twin", twin_threshold, twin, traces, labels),
+        _report("news2", NEWS2_TRIGGER, news2, traces, labels),
+        _report("twin+news2", 1.0, hybrid, traces, labels),
+    ]

@@ -1,0 +1,143 @@
+"""A site's own vital-sign streams: long-format CSV, validated before anything uses it.
+
+    patient_id,timestamp,signal,value
+    p-0001,2026-03-01T08:00:00,hr,82
+    p-0001,2026-03-01T08:00:00,spo2,97
+    p-0001,2026-03-01T08:15:00,o2,1          # supplemental oxygen: 1 / 0
+    p-0001,2026-03-01T08:15:00,avpu,A        # consciousness: A, C, V, P or U
+
+Signals: hr, rr, spo2, sbp, temp, activity (units as in `UNITS`), o2, avpu. Timestamps are ISO 8601
+(a timezone, if any, must be the same for a patient). Every problem is collected — file, row,
+column, the value and the fix — and reported together (`VitalsCsvError`); nothing is returned from
+a file with a problem. Readings of one patient need not share a cadence: they become one series on
+the union of their times, NaN where a signal was not read, and `windows.grid_series` keeps the gaps.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import MedtwinError
+from .generator import SIGNALS, PatientSeries
+
+__all__ = ["PLAUSIBLE_RANGE", "VitalsCsvError", "read_long_csv"]
+
+COLUMNS = ("patient_id", "timestamp", "signal", "value")
+# physiologically possible (not normal) values; outside = a unit mix-up or a broken sensor, refused
+PLAUSIBLE_RANGE: dict[str, tuple[float, float]] = {
+    "hr": (20.0, 250.0),
+    "rr": (2.0, 70.0),
+    "spo2": (40.0, 100.0),
+    "sbp": (40.0, 280.0),
+    "temp": (30.0, 43.5),
+    "activity": (0.0, 1.0),
+}
+UNIT_HINT = {"temp": "°C (a value in °F, e.g. 98.6, is out of range)", "spo2": "% (0.97 means a fraction: use 97)"}
+MAX_PROBLEMS = 200
+
+
+class VitalsCsvError(MedtwinError):
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path, self.problems = path, problems
+        shown = problems[:MAX_PROBLEMS]
+        more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        super().__init__(f"{path}: {len(problems)} problem(s); nothing from this file is used:\n  " + "\n  ".join(shown) + more)
+
+
+@dataclass
+class _Patient:
+    readings: dict[datetime, dict[str, float | bool]]
+
+
+def read_long_csv(path: str | Path, *, site_id: str) -> list[PatientSeries]:
+    """Every patient's series from one long-format CSV file, or `VitalsCsvError` naming each bad row."""
+    path = Path(path)
+    problems: list[str] = []
+    patients: dict[str, _Patient] = {}
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as error:
+        raise VitalsCsvError(path, [f"cannot read it: {error.strerror or error}"]) from None
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise VitalsCsvError(path, [f"header lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}"])
+        for row_number, row in enumerate(reader, start=2):
+            reading = _parse_row(row, row_number, problems)
+            if reading is not None:
+                patient_id, when, signal, value = reading
+                patients.setdefault(patient_id, _Patient({})).readings.setdefault(when, {})[signal] = value
+    if not patients and not problems:
+        problems.append("no readings (the file has a header only)")
+    if problems:
+        raise VitalsCsvError(path, problems)
+    return [_series(patient_id, patient, site_id, path) for patient_id, patient in sorted(patients.items())]
+
+
+def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> tuple[str, datetime, str, float | bool] | None:
+    patient_id = (row.get("patient_id") or "").strip()
+    signal = (row.get("signal") or "").strip().lower()
+    raw_time, raw_value = (row.get("timestamp") or "").strip(), (row.get("value") or "").strip()
+    where = f"row {number}"
+    found: list[str] = []
+    if not patient_id:
+        found.append(f"{where}, column patient_id: empty — every reading needs its patient's id")
+    try:
+        when = datetime.fromisoformat(raw_time)
+    except ValueError:
+        found.append(f"{where}, column timestamp: {raw_time!r} is not an ISO 8601 time (e.g. 2026-03-01T08:00:00)")
+        when = datetime.min
+    value: float | bool = 0.0
+    if signal == "o2":
+        if raw_value not in ("0", "1"):
+            found.append(f"{where}, column value: o2 must be 1 (on supplemental oxygen) or 0, got {raw_value!r}")
+        value = raw_value == "1"
+    elif signal == "avpu":
+        if raw_value.upper() not in ("A", "C", "V", "P", "U"):
+            found.append(f"{where}, column value: avpu must be one of A, C, V, P, U, got {raw_value!r}")
+        value = raw_value.upper() == "A"
+    elif signal in SIGNALS:
+        try:
+            value = float(raw_value)
+        except ValueError:
+            found.append(f"{where}, column value: {signal} {raw_value!r} is not a number")
+        else:
+            low, high = PLAUSIBLE_RANGE[signal]
+            if not np.isfinite(value) or not low <= value <= high:
+                unit = UNIT_HINT.get(signal, "")
+                found.append(f"{where}, column value: {signal} {raw_value} is outside {low:g}–{high:g}{' ' + unit if unit else ''}")
+    else:
+        known = ", ".join((*SIGNALS, "o2", "avpu"))
+        found.append(f"{where}, column signal: unknown signal {signal!r}; known: {known}")
+    problems.extend(found)
+    return None if found else (patient_id, when, signal, value)
+
+
+def _series(patient_id: str, patient: _Patient, site_id: str, path: Path) -> PatientSeries:
+    times = sorted(patient.readings)
+    if len({when.tzinfo is None for when in times}) > 1:
+        raise VitalsCsvError(path, [f"patient {patient_id}: timestamps mix times with and without a timezone"])
+    start = times[0]
+    values = np.full((len(times), len(SIGNALS)), np.nan, np.float32)
+    on_oxygen = np.zeros(len(times), bool)
+    alert = np.ones(len(times), bool)
+    oxygen_now, alert_now = False, True  # a state holds until the next charted one (air, alert until charted otherwise)
+    for index, when in enumerate(times):
+        readings = patient.readings[when]
+        oxygen_now = bool(readings.get("o2", oxygen_now))
+        alert_now = bool(readings.get("avpu", alert_now))
+        on_oxygen[index], alert[index] = oxygen_now, alert_now
+        for signal, value in readings.items():
+            if signal in SIGNALS:
+                values[index, SIGNALS.index(signal)] = float(value)
+    return PatientSeries(
+        patient_id=patient_id, site_id=site_id, cohort="unknown", age=float("nan"),
+        times_h=np.array([(when - start).total_seconds() / 3600.0 for when in times]), values=values,
+        on_oxygen=on_oxygen, alert=alert, onset_h=None, admit_clock_h=start.hour + start.minute / 60.0,
+    )  # fmt: skip

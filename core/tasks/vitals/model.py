@@ -1,0 +1,70 @@
+"""The vital-signs forecaster: a small temporal convolutional network with an uncertainty band.
+
+Input: one flattened window (`WindowShape.input_width`: standardised values and masks of every
+signal per grid cell). Output: for each forecast cell and vital, a mean and a log-variance — a
+Gaussian forecast whose ±1.645 σ is the twin's 90 % band. Conv1d, ReLU and Linear only: Opacus
+computes per-sample gradients for all of them, so the twin trains with DP-SGD like every task.
+
+The loss is the Gaussian negative log-likelihood over the observed targets only (missing future
+readings carry no error), so the model learns both the trajectory and how sure it can be.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .generator import SIGNALS
+from .windows import WindowShape
+
+__all__ = ["LOG_VARIANCE_RANGE", "GaussianForecastLoss", "VitalsForecaster", "split_output"]
+
+LOG_VARIANCE_RANGE = (-6.0, 3.0)  # σ from 0.05 to 4.5 reference scales
+HIDDEN_CHANNELS = 32
+
+
+def split_output(output: torch.Tensor, target_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, log-variance), each [B, target_width], from the model's output (any shape with B * 2 * width values)."""
+    paired = output.reshape(-1, 2, target_width)
+    low, high = LOG_VARIANCE_RANGE
+    log_variance = low + (high - low) * torch.sigmoid(paired[:, 1])
+    return paired[:, 0], log_variance
+
+
+class VitalsForecaster(nn.Module):
+    """Two dilated causal-style convolutions over the window, then a linear head on the last cells."""
+
+    def __init__(self, shape: WindowShape) -> None:
+        super().__init__()
+        self.shape = shape
+        channels = 2 * len(SIGNALS)
+        self.features = nn.Sequential(
+            nn.Conv1d(channels, HIDDEN_CHANNELS, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(HIDDEN_CHANNELS, HIDDEN_CHANNELS, kernel_size=3, padding=2, dilation=2),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(HIDDEN_CHANNELS * 2 + channels, 2 * shape.target_width)
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        cells = window.reshape(-1, self.shape.window_steps, 2 * len(SIGNALS))
+        hidden = self.features(cells.transpose(1, 2))  # [B, C, window_steps]
+        summary = torch.cat([hidden[:, :, -1], hidden.mean(dim=2), cells[:, -1, :]], dim=1)  # last cell, trend, last reading
+        return self.head(summary)
+
+
+class GaussianForecastLoss(nn.Module):
+    """Gaussian negative log-likelihood over each window's observed targets, averaged over windows;
+    target = [values | masks]."""
+
+    def __init__(self, target_width: int) -> None:
+        super().__init__()
+        self.target_width = target_width
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mean, log_variance = split_output(output, self.target_width)
+        target = target.reshape(-1, 2 * self.target_width).to(mean.dtype)
+        values, mask = target[:, : self.target_width], target[:, self.target_width :]
+        nll = 0.5 * (log_variance + (values - mean) ** 2 * torch.exp(-log_variance))
+        per_window = (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # each window weighs the same (DP-SGD's unit)
+        return per_window.mean()

@@ -1,0 +1,167 @@
+"""`vitals`: the patient vital-signs twin as a federated task.
+
+Each site is a generated hospital ward (`vitals.site_profiles`: wards differ in case mix, age,
+monitoring cadence, missingness and deterioration prevalence). Its patients are split into train
+and test *patients* (`task.test_fraction`, seed `task.split_seed`): no patient's windows are on
+both sides. Rows are forecasting windows (`vitals.windows`); the model forecasts the next
+`horizon_h` of HR, RR, SpO2, SBP and temperature with a band (`vitals.model`).
+
+Metrics (lower is better unless said): `mae` — mean absolute forecast error in reference-scale
+units over every observed target (the ranking metric); `mae_<signal>` in the signal's own unit;
+`naive_mae` — the same error of repeating each vital's last reading (the baseline a twin must beat);
+`coverage` — share of observed targets inside the 90 % band (higher is better up to 0.9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TaskConfig
+from ..config.task import VitalsConfig
+from ..errors import ConfigError
+from .base import SiteSplit, TwinTask, register_task
+from .vitals import MIN_HOURS_AFTER_ONSET_H, MIN_HOURS_BEFORE_ONSET_H, SIGNALS, PatientSeries, SiteProfile, generate_site, site_profiles
+from .vitals.model import GaussianForecastLoss, VitalsForecaster, split_output
+from .vitals.windows import FORECAST_INDEX, FORECAST_SIGNALS, REFERENCE, GriddedSeries, WindowShape, grid_series, make_windows
+
+__all__ = ["VitalsTask", "window_shape"]
+
+BAND_Z = 1.645  # ±z σ is the 90 % band
+
+
+def window_shape(settings: VitalsConfig) -> WindowShape:
+    return WindowShape(
+        window_steps=max(1, round(settings.window_h * 60 / settings.grid_min)),
+        horizon_steps=max(1, round(settings.horizon_h * 60 / settings.grid_min)),
+    )
+
+
+def _check_settings(settings: VitalsConfig) -> None:
+    for key in ("hours", "grid_min", "window_h", "horizon_h", "stride_h"):
+        if not getattr(settings, key) > 0:
+            raise ConfigError(f"task.vitals.{key}", f"must be > 0, got {getattr(settings, key)}")
+    if settings.patients_per_site < 2:
+        raise ConfigError("task.vitals.patients_per_site", f"needs at least 2 patients (one to train, one to test), got {settings.patients_per_site}")
+    shortest_h = MIN_HOURS_BEFORE_ONSET_H + MIN_HOURS_AFTER_ONSET_H
+    if settings.hours < shortest_h:
+        raise ConfigError("task.vitals.hours", f"must be >= {shortest_h:g} (an episode needs room before and after its onset), got {settings.hours}")
+    if settings.window_h + settings.horizon_h > settings.hours:
+        raise ConfigError("task.vitals.window_h", f"window_h + horizon_h ({settings.window_h + settings.horizon_h}) exceed a stay of hours={settings.hours}")
+
+
+@dataclass(frozen=True)
+class _Ward:
+    train: tuple[GriddedSeries, ...]
+    test: tuple[GriddedSeries, ...]
+    raw_test: tuple[PatientSeries, ...]
+
+
+@lru_cache(maxsize=4)
+def _wards(num_sites: int, patients: int, hours: float, grid_min: float, seed: int, test_fraction: float) -> tuple[_Ward, ...]:
+    wards = []
+    for index, profile in enumerate(site_profiles(num_sites, num_patients=patients, hours=hours)):
+        series = generate_site(profile, seed=seed)
+        order = np.random.default_rng([seed, index]).permutation(len(series))
+        test_count = min(len(series) - 1, max(1, round(test_fraction * len(series))))
+        test_ids, train_ids = set(order[:test_count].tolist()), order[test_count:]
+        gridded = [grid_series(patient, grid_min=grid_min) for patient in series]
+        wards.append(
+            _Ward(
+                train=tuple(gridded[i] for i in sorted(train_ids.tolist())),
+                test=tuple(gridded[i] for i in sorted(test_ids)),
+                raw_test=tuple(series[i] for i in sorted(test_ids)),
+            )
+        )
+    return tuple(wards)
+
+
+@register_task("vitals")
+class VitalsTask(TwinTask):
+    name = "vitals"
+    kind = "regression"
+    primary_metric = "mae"
+    higher_is_better = False
+
+    def __init__(self, config: TaskConfig) -> None:
+        super().__init__(config)
+        self.settings = config.vitals or VitalsConfig()
+        _check_settings(self.settings)
+        self.shape = window_shape(self.settings)
+        self.stride_steps = max(1, round(self.settings.stride_h * 60 / self.settings.grid_min))
+
+    def profiles(self) -> list[SiteProfile]:
+        return site_profiles(self.config.num_sites, num_patients=self.settings.patients_per_site, hours=self.settings.hours)
+
+    def site_ids(self) -> list[str]:
+        return [profile.site_id for profile in self.profiles()]
+
+    def wards(self) -> tuple[_Ward, ...]:
+        settings = self.settings
+        return _wards(
+            self.config.num_sites, settings.patients_per_site, settings.hours, settings.grid_min,
+            self.config.split_seed, self.config.test_fraction,
+        )  # fmt: skip
+
+    def _rows(self, patients: tuple[GriddedSeries, ...]) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [make_windows(patient, self.shape, stride_steps=self.stride_steps) for patient in patients]
+        return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
+
+    def load_site(self, index: int) -> SiteSplit:
+        ward = self.wards()[index]
+        x_train, y_train = self._rows(ward.train)
+        x_test, y_test = self._rows(ward.test)
+        return SiteSplit(self.site_ids()[index], x_train, y_train, x_test, y_test)
+
+    def load_pooled(self) -> SiteSplit:
+        splits = self.load_all_sites()
+        return SiteSplit(
+            "pooled",
+            np.concatenate([split.x_train for split in splits]),
+            np.concatenate([split.y_train for split in splits]),
+            np.concatenate([split.x_test for split in splits]),
+            np.concatenate([split.y_test for split in splits]),
+        )
+
+    def build_model(self) -> nn.Module:
+        return VitalsForecaster(self.shape)
+
+    def loss_fn(self) -> nn.Module:
+        return GaussianForecastLoss(self.shape.target_width)
+
+    def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        width = self.shape.target_width
+        model.eval()
+        with torch.no_grad():
+            mean, log_variance = split_output(model(torch.from_numpy(x)), width)
+        mean, sigma = mean.numpy(), np.exp(0.5 * log_variance.numpy())
+        values, mask = y[:, :width], y[:, width:] > 0.5
+        metrics = {"n": float(len(y))}
+        if not mask.any():
+            return metrics | {"mae": float("nan"), "naive_mae": float("nan"), "coverage": float("nan")}
+        error = np.abs(mean - values)
+        metrics["mae"] = float(error[mask].mean())
+        metrics["naive_mae"] = float(np.abs(self._last_readings(x) - values)[mask].mean())
+        metrics["coverage"] = float((error <= BAND_Z * sigma)[mask].mean())
+        per_signal = error.reshape(len(y), self.shape.horizon_steps, len(FORECAST_SIGNALS))
+        signal_mask = mask.reshape(per_signal.shape)
+        for position, name in enumerate(FORECAST_SIGNALS):
+            observed = signal_mask[:, :, position]
+            if observed.any():
+                metrics[f"mae_{name}"] = float(per_signal[:, :, position][observed].mean() * REFERENCE[name][1])
+        return metrics
+
+    def _last_readings(self, x: np.ndarray) -> np.ndarray:
+        """The naive forecast: each vital's last observed value in the window, repeated over the horizon
+        (the reference centre if the window never saw it)."""
+        cells = x.reshape(len(x), self.shape.window_steps, 2, len(SIGNALS))  # per cell: values, then masks
+        values, masks = cells[:, :, 0, FORECAST_INDEX], cells[:, :, 1, FORECAST_INDEX] > 0.5
+        last = np.zeros((len(x), len(FORECAST_SIGNALS)), np.float32)
+        for step in range(self.shape.window_steps):  # later readings overwrite earlier ones
+            last = np.where(masks[:, step], values[:, step], last)
+        return np.tile(last, (1, self.shape.horizon_steps))
+

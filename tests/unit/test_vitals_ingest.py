@@ -1,0 +1,65 @@
+"""A site's own long-format vital-sign CSV: every broken row named, nothing kept from a broken file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medtwin.core.tasks.vitals.ingest import VitalsCsvError, read_long_csv
+from medtwin.core.tasks.vitals.windows import grid_series
+
+GOOD = """patient_id,timestamp,signal,value
+p1,2026-03-01T08:00:00,hr,82
+p1,2026-03-01T08:00:00,spo2,97
+p1,2026-03-01T08:05:00,hr,85
+p1,2026-03-01T08:20:00,o2,1
+p1,2026-03-01T08:40:00,hr,90
+p1,2026-03-01T08:40:00,avpu,C
+p2,2026-03-01T09:00:00,temp,37.9
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "vitals.csv"
+    path.write_text(text)
+    return path
+
+
+def test_irregular_readings_become_one_series_per_patient_with_gaps_kept(tmp_path: Path) -> None:
+    p1, p2 = read_long_csv(write(tmp_path, GOOD), site_id="ward-x")
+    assert (p1.patient_id, p2.patient_id) == ("p1", "p2") and p1.site_id == "ward-x"
+    assert list(np.round(p1.times_h, 4)) == [0.0, round(5 / 60, 4), round(20 / 60, 4), round(40 / 60, 4)]
+    assert np.isnan(p1.values[1, 3]) and p1.values[2, 0] != p1.values[2, 0]  # SpO2 not read at 08:05; no HR at 08:20
+    assert list(p1.on_oxygen) == [False, False, True, True]  # oxygen holds until charted otherwise
+    assert list(p1.alert) == [True, True, True, False]  # new confusion charted at 08:40
+    gridded = grid_series(p1, grid_min=15.0)
+    assert np.isnan(gridded.values[1, 0]) and not np.isnan(gridded.values[0, 0])  # 08:15–08:30 had no HR
+
+
+def test_every_broken_row_is_named_with_its_column_and_fix(tmp_path: Path) -> None:
+    broken = GOOD + "\n".join([
+        "p3,yesterday,hr,80",  # row 9
+        "p3,2026-03-01T08:00:00,heart,80",  # unknown signal
+        "p3,2026-03-01T08:00:00,temp,98.6",  # Fahrenheit
+        "p3,2026-03-01T08:00:00,spo2,0.97",  # a fraction
+        "p3,2026-03-01T08:00:00,hr,abc",
+        ",2026-03-01T08:00:00,hr,80",
+        "p3,2026-03-01T08:00:00,o2,yes",
+    ]) + "\n"  # fmt: skip
+    with pytest.raises(VitalsCsvError) as raised:
+        read_long_csv(write(tmp_path, broken), site_id="ward-x")
+    problems = raised.value.problems
+    assert len(problems) == 7
+    assert problems[0].startswith("row 9, column timestamp: 'yesterday'")
+    assert "unknown signal 'heart'" in problems[1] and "°F" in problems[2] and "fraction" in problems[3]
+    assert "'abc' is not a number" in problems[4] and "column patient_id: empty" in problems[5] and "o2 must be 1" in problems[6]
+    assert str(raised.value).startswith(f"{tmp_path / 'vitals.csv'}: 7 problem(s); nothing from this file is used")
+
+
+def test_a_file_without_the_columns_is_refused_up_front(tmp_path: Path) -> None:
+    with pytest.raises(VitalsCsvError, match="header lacks column"):
+        read_long_csv(write(tmp_path, "id,time,value\n1,2,3\n"), site_id="ward-x")
+    with pytest.raises(VitalsCsvError, match="cannot read it"):
+        read_long_csv(tmp_path / "missing.csv", site_id="ward-x")

@@ -133,6 +133,7 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
     if baselines:
         lines += ["", "## Baselines (same protocol, same test splits)", ""]
         lines += _baseline_table(baselines, metric)
+    lines += _twin_section(summary.get("twin"))
     lines += ["", "## Privacy", "", summary.get("privacy_text", "No differential privacy in this run.")]
     if summary.get("privacy"):
         lines += ["", "| site | ε spent (this run) | δ |", "|---|---|---|"]
@@ -194,6 +195,23 @@ def ordered_rows(rows: dict[str, Any]) -> list[tuple[str, Any]]:
     """Baseline rows in reading order: each site alone, pooled, then federated."""
     rank = {"pooled": 1, "federated": 2}
     return sorted(rows.items(), key=lambda item: (rank.get(item[0], 0), item[0]))
+
+
+def _twin_section(twin: dict[str, Any] | None) -> list[str]:
+    """The vital-signs twin at one held-out patient's bedside (simulation: the harness holds the model)."""
+    if not twin:
+        return []
+    onset = twin.get("onset_h")
+    alerts = twin.get("alerts", [])
+    first = ", ".join(markdown_text(name, max_characters=16) for name in alerts[0]["drivers"]) if alerts else ""
+    news2 = twin.get("first_news2_5_h")
+    return [
+        "", "## The twin at one held-out patient's bedside", "",
+        f"Patient {_code(twin.get('patient'))}: labelled onset {_fmt(onset) + ' h' if onset is not None else 'none'}; "
+        f"{len(alerts)} twin alert(s)" + (f", the first at {_fmt(alerts[0]['start_h'])} h driven by {first}" if alerts else "")
+        + f"; NEWS2 first reached 5 at {_fmt(news2) + ' h' if news2 is not None else 'no time'}.",
+        "", f"![the twin's band, NEWS2 and alerts]({markdown_text(twin.get('plot', ''), max_characters=64)})",
+    ]  # fmt: skip
 
 
 def _baseline_table(baselines: dict[str, Any], metric: str) -> list[str]:

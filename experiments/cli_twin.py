@@ -12,6 +12,7 @@ drove it and NEWS2 beside it; `--json` for machines, `--plot` for one page a cli
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Annotated
 
@@ -69,7 +70,7 @@ def twin_follow_command(
     model = task.build_model()
     try:
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as error:
         raise typer.BadParameter(f"--model {model_path}: not this task's released model ({str(error)[:200]})") from None
     twin = PatientTwin(model, task.shape, grid_min=task.settings.grid_min, threshold=threshold or DEFAULT_THRESHOLD)
     patient = _patient(csv_path, patient_id, generated, task)

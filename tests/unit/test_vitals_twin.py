@@ -122,3 +122,26 @@ def test_bad_vitals_settings_name_their_key() -> None:
         get_task(compose_config([*SMALL, "task.vitals.grid_min=0"]).task)
     with pytest.raises(ConfigError, match="task.vitals.hours"):
         get_task(compose_config([*SMALL, "task.vitals.hours=6"]).task)
+
+
+def test_the_bedside_command_follows_a_patient_from_a_released_model(task: VitalsTask, model: torch.nn.Module, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from medtwin.core.config import config_to_yaml
+    from medtwin.experiments.cli import app
+
+    torch.save(model.state_dict(), tmp_path / "twin.pt")
+    (tmp_path / "config.yaml").write_text(config_to_yaml(compose_config(SMALL)))
+    common = ["twin", "follow", "--model", str(tmp_path / "twin.pt"), "--config", str(tmp_path / "config.yaml")]
+    result = CliRunner().invoke(app, [*common, "--generated", "ward-c:1:episode", "--plot", str(tmp_path / "p.png"), "--json"])
+    assert result.exit_code == 0, result.output
+    followed = json.loads(result.output)
+    assert followed["patient"] == "ward-c-p0001" and followed["alerts"] and followed["max_news2"] >= 5
+    assert set(followed["latest_forecast"]) == {"at_h", "hr", "rr", "spo2", "sbp", "temp"}
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    refused = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["twin", "follow", "--model", str(tmp_path / "bad.pt"), "--config", str(tmp_path / "config.yaml"),
+                                       "--generated", "ward-a:0"])  # fmt: skip
+    assert refused.exit_code != 0 and "not this task's released model" in refused.output

@@ -43,6 +43,7 @@ from medtwin.core.protocol import (
 )
 from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import CONFIG_YAML_KEY
+from medtwin.core.tasks.vitals.ingest import VitalsInputError
 
 from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
 from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
@@ -214,6 +215,14 @@ def build_client_app(
     def handle(message: Message, context: Context, phase) -> Message:
         try:
             site = open_site(context)
+        except VitalsInputError as error:  # the hospital's own file is broken: say so, without its contents
+            site_file = load_site_file(site_file_for(context.node_config, bound_files))
+            logger.error("site %s: %d problem(s) in its data file %s; `medtwin site start` lists them", site_file.site_id, len(error.problems), error.path)
+            return signed_refusal(
+                message, site_id=site_file.site_id, kit=load_site_kit(site_file.kit_dir), run_id=_instructed_run_id(message),
+                server_round=_safe_round(message), status="refused:data",
+                reason=f"this site's data file failed validation ({len(error.problems)} problem(s)); its operator has the list",
+            )  # fmt: skip
         except ProposalRefused as refused:
             # nothing of the proposal was used: the site signs its refusal with its own file's kit
             site_file = load_site_file(site_file_for(context.node_config, bound_files))

@@ -34,6 +34,7 @@ from medtwin.core.config import (
     StrategyConfig,
 )
 from medtwin.core.config.privacy import validate_privacy_config
+from medtwin.core.config.task import VitalsConfig
 from medtwin.core.config.validate import OPTIMIZERS, STRATEGIES
 from medtwin.core.errors import ConfigError
 from medtwin.core.hashing import config_hash
@@ -226,6 +227,16 @@ class _Fields:
         return value
 
 
+def _vitals_windows(fields: _Fields, own: VitalsConfig) -> VitalsConfig:
+    """The twin's window (what the model looks like) comes from the proposal, within bounds; the data
+    (generated ward size, or the site's own streams) stays the site's."""
+    window = {
+        key: fields.get(f"task.vitals.{key}", float, getattr(own, key), minimum=low, maximum=high)
+        for key, (low, high) in {"grid_min": (1.0, 240.0), "window_h": (0.25, 48.0), "horizon_h": (0.25, 24.0), "stride_h": (0.05, 24.0)}.items()
+    }
+    return replace(own, **window)
+
+
 def _task(fields: _Fields, site: SiteFile):
     name = fields.get("task.name", str, "")
     if name not in site.accept.tasks:
@@ -238,6 +249,8 @@ def _task(fields: _Fields, site: SiteFile):
             "the proposal names data files (task.csv.site_files): a coordinator never names a path at a site — "
             "each site's data path is in its own site file",
         )
+    if name == "vitals":
+        return replace(site.task, vitals=_vitals_windows(fields, site.task.vitals or VitalsConfig()))
     if name != "csv":
         return site.task
     schema = site.task.csv

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medtwin.core.identity import SiteKit, load_site_kit
-from medtwin.core.tasks import CsvTask, SiteSplit, TwinTask, get_task
+from medtwin.core.tasks import CsvTask, SiteSplit, TwinTask, VitalsTask, get_task
 
 from .codec import CkksSiteCodec, PlainSiteCodec
 from .privacy import BudgetLedger, SitePolicy
@@ -99,6 +99,8 @@ def load_site_data(site_file: SiteFile, task: TwinTask) -> SiteSplit:
     if isinstance(task, CsvTask):
         assert site_file.data_path is not None
         return task.load_site_file(site_file.data_path, site_id=site_file.site_id)
+    if isinstance(task, VitalsTask) and site_file.data_path is not None:  # the hospital's own streams
+        return task.load_site_streams(site_file.data_path, site_id=site_file.site_id)
     ids = task.site_ids()
     if not 0 <= site_file.builtin_index < len(ids):
         raise SiteFileError(str(site_file.path), [f"`data.builtin.index` {site_file.builtin_index} is outside 0..{len(ids) - 1}"])

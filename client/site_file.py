@@ -2,10 +2,11 @@
 
     site_id: cleveland
     research_simulation: false        # true only for simulated sites of a research experiment
-    data:                             # exactly one of `builtin` or `csv`
+    data:                             # exactly one of `builtin`, `csv` or `vitals`
       csv: {path: /data/cardio.csv, target: readmitted, task_type: binary,
             features: [{name: age, type: float}, ...], missing_policy: reject, test_fraction: 0.3}
       # builtin: {task: fed_heart_disease, index: 0}          (datasets shipped with medtwin)
+      # vitals: {path: /data/vitals.csv, test_fraction: 0.3}  (task vitals: long-format CSV or a FHIR R4 bundle .json)
     accept:                           # what a coordinator may ask of this site
       tasks: [csv]
       crypto: [ckks]
@@ -44,6 +45,7 @@ from typing import Any
 import yaml
 
 from medtwin.core.config import CsvColumnConfig, CsvSchemaConfig, PartitionConfig, TaskConfig
+from medtwin.core.config.task import VitalsConfig
 from medtwin.core.errors import MedtwinError
 from medtwin.core.ids import check_id
 from medtwin.core.tasks import registered_tasks
@@ -222,13 +224,25 @@ def site_file_from_mapping(document: dict, *, path: Path) -> SiteFile:
 
 
 def _data(reader: _Reader, data: dict, folder: Path) -> tuple[TaskConfig, Path | None, int]:
-    reader.unknown(data, {"builtin", "csv"}, "data.")
-    if ("builtin" in data) == ("csv" in data):
-        reader.problems.append("`data` needs exactly one of `builtin` or `csv`")
+    reader.unknown(data, {"builtin", "csv", "vitals"}, "data.")
+    if sum(key in data for key in ("builtin", "csv", "vitals")) != 1:
+        reader.problems.append("`data` needs exactly one of `builtin`, `csv` or `vitals`")
         return TaskConfig(name="invalid"), None, 0
+    if "vitals" in data:
+        streams = reader.section(data, "vitals")
+        reader.unknown(streams, {"path", "test_fraction", "split_seed"}, "data.vitals.")
+        raw_path = reader.value(streams, "path", str, "", prefix="data.vitals.")
+        if not raw_path:
+            reader.problems.append("`data.vitals.path` is missing: the hospital's vital-sign streams (long-format .csv or FHIR .json)")
+        task = TaskConfig(
+            name="vitals", num_sites=1,
+            test_fraction=reader.value(streams, "test_fraction", float, 0.3, prefix="data.vitals."),
+            split_seed=reader.value(streams, "split_seed", int, 43, prefix="data.vitals."), vitals=VitalsConfig(),
+        )  # fmt: skip
+        return task, (folder / Path(raw_path).expanduser()).resolve() if raw_path else None, 0
     if "builtin" in data:
         builtin = reader.section(data, "builtin")
-        reader.unknown(builtin, {"task", "index", "num_sites", "test_fraction", "split_seed", "partition"}, "data.builtin.")
+        reader.unknown(builtin, {"task", "index", "num_sites", "test_fraction", "split_seed", "partition", "vitals"}, "data.builtin.")
         name = reader.value(builtin, "task", str, "", prefix="data.builtin.")
         if name not in set(registered_tasks()) - {"csv"}:
             reader.problems.append(f"`data.builtin.task` {name!r} is not a shipped dataset: {sorted(set(registered_tasks()) - {'csv'})}")
@@ -244,6 +258,7 @@ def _data(reader: _Reader, data: dict, folder: Path) -> tuple[TaskConfig, Path |
             test_fraction=reader.value(builtin, "test_fraction", float, 0.34, prefix="data.builtin."),
             split_seed=reader.value(builtin, "split_seed", int, 43, prefix="data.builtin."),
             partition=partition_config,
+            vitals=_generated_wards(reader, reader.section(builtin, "vitals")) if name == "vitals" else None,
         )
         index = reader.value(builtin, "index", int, 0, prefix="data.builtin.", minimum=0)
         return task, None, index
@@ -269,6 +284,15 @@ def _data(reader: _Reader, data: dict, folder: Path) -> tuple[TaskConfig, Path |
     )
     task = TaskConfig(name="csv", num_sites=1, split_seed=reader.value(csv, "split_seed", int, 43, prefix="data.csv."), csv=schema)
     return task, (folder / Path(raw_path).expanduser()).resolve() if raw_path else None, 0
+
+
+def _generated_wards(reader: _Reader, wards: dict) -> VitalsConfig:
+    """`data.builtin.vitals`: the size of the generated wards this simulated site holds."""
+    reader.unknown(wards, {"patients_per_site", "hours"}, "data.builtin.vitals.")
+    return VitalsConfig(
+        patients_per_site=reader.value(wards, "patients_per_site", int, 60, prefix="data.builtin.vitals.", minimum=2),
+        hours=reader.value(wards, "hours", float, 48.0, prefix="data.builtin.vitals."),
+    )
 
 
 def _accept(reader: _Reader, accept: dict, *, default_task: str) -> AcceptPolicy:

@@ -37,6 +37,7 @@ def site_data_section(config: MedtwinConfig, index: int) -> dict:
                 "test_fraction": task.test_fraction,
                 "split_seed": task.split_seed,
                 "partition": dict(vars(task.partition)),
+                **({"vitals": {"patients_per_site": task.vitals.patients_per_site, "hours": task.vitals.hours}} if task.vitals else {}),
             }
         }
     assert task.csv is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ..config.task import VitalsConfig
 from ..errors import ConfigError
 from .base import SiteSplit, TwinTask, register_task
 from .vitals import MIN_HOURS_AFTER_ONSET_H, MIN_HOURS_BEFORE_ONSET_H, SIGNALS, PatientSeries, SiteProfile, generate_site, site_profiles
+from .vitals.ingest import VitalsInputError, read_fhir_bundle, read_long_csv
 from .vitals.model import GaussianForecastLoss, VitalsForecaster, split_output
 from .vitals.windows import FORECAST_INDEX, FORECAST_SIGNALS, REFERENCE, GriddedSeries, WindowShape, grid_series, make_windows
 
@@ -116,6 +118,22 @@ class VitalsTask(TwinTask):
         x_train, y_train = self._rows(ward.train)
         x_test, y_test = self._rows(ward.test)
         return SiteSplit(self.site_ids()[index], x_train, y_train, x_test, y_test)
+
+    def load_site_streams(self, path: str | Path, *, site_id: str) -> SiteSplit:
+        """A hospital's own streams (long-format .csv or FHIR R4 bundle .json), split by patient with
+        `task.test_fraction` / `task.split_seed`; `VitalsInputError` names every bad row or resource."""
+        path = Path(path)
+        series = read_fhir_bundle(path, site_id=site_id) if path.suffix.lower() == ".json" else read_long_csv(path, site_id=site_id)
+        if len(series) < 2:
+            raise VitalsInputError(path, [f"{len(series)} patient(s): a site needs at least 2 (one to train on, one to test)"])
+        order = np.random.default_rng(self.config.split_seed).permutation(len(series))
+        test_count = min(len(series) - 1, max(1, round(self.config.test_fraction * len(series))))
+        gridded = [grid_series(patient, grid_min=self.settings.grid_min) for patient in series]
+        x_train, y_train = self._rows(tuple(gridded[i] for i in sorted(order[test_count:].tolist())))
+        x_test, y_test = self._rows(tuple(gridded[i] for i in sorted(order[:test_count].tolist())))
+        if not len(x_train) or not len(x_test):
+            raise VitalsInputError(path, [f"the streams are too short for one {self.settings.window_h + self.settings.horizon_h:g} h window on each side"])
+        return SiteSplit(site_id, x_train, y_train, x_test, y_test)
 
     def load_pooled(self) -> SiteSplit:
         splits = self.load_all_sites()

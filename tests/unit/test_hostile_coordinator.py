@@ -479,3 +479,54 @@ def test_a_site_whose_ledger_and_mark_were_both_deleted_does_not_start_over(hosp
     later = ChainWitness(["whatever"])
     assert status_of(hospital.ask(text, run_id=run_id, chains=later))[0] == "trained" and later.asked == 0  # its ledger has spends
 
+
+
+def _vitals_site(hospital: Hospital, streams: str) -> None:
+    """Cleveland becomes a hospital that brings its own vital-sign streams (a long-format CSV)."""
+    (hospital.root / "cleveland" / "vitals.csv").write_text(streams)
+    document = yaml.safe_load(hospital.site_file.read_text())
+    document["data"] = {"vitals": {"path": "vitals.csv", "test_fraction": 0.5}}
+    document["accept"]["tasks"] = ["vitals"]
+    hospital.site_file.write_text(yaml.safe_dump(document))
+
+
+def _streams(patients: int, hours: int) -> str:
+    rows = ["patient_id,timestamp,signal,value"]
+    for patient in range(patients):
+        for minute in range(0, hours * 60, 15):
+            when = f"2026-03-0{1 + minute // 1440}T{(minute // 60) % 24:02d}:{minute % 60:02d}:00"
+            rows += [f"p{patient},{when},hr,{70 + patient + (minute // 15) % 5}", f"p{patient},{when},rr,{14 + (minute // 15) % 3}",
+                     f"p{patient},{when},spo2,97", f"p{patient},{when},sbp,{120 + (minute // 15) % 7}", f"p{patient},{when},temp,36.9"]  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
+def test_a_hospital_trains_the_vitals_twin_on_its_own_streams_with_the_proposals_window(hospital: Hospital) -> None:
+    _vitals_site(hospital, _streams(patients=4, hours=8))
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=2", "task.vitals.horizon_h=0.5", "strategy.batch_size=8")
+    reply = hospital.ask(text, run_id=run_id)
+    assert status_of(reply)[0] == "trained", status_of(reply)
+    from medtwin.core.tasks import get_task
+
+    def parameters(*overrides: str) -> int:
+        return sum(p.numel() for p in get_task(compose_config(["task=vitals", *overrides]).task).build_model().parameters())
+
+    sent = sum(array.numpy().size for array in reply.content.array_records[UPDATE].values())
+    assert sent - parameters("task.vitals.horizon_h=0.5") in (0, 1)  # the proposal's horizon shaped the model...
+    assert parameters("task.vitals.horizon_h=0.5") != parameters()
+    assert claim_from_site_record(reply.content.config_records[SITE])[0].num_examples > 0  # ...the site's streams fed it
+
+
+def test_a_broken_stream_is_refused_signed_without_its_contents(hospital: Hospital) -> None:
+    _vitals_site(hospital, _streams(patients=3, hours=6) + "p9,2026-03-01T08:00:00,hr,999\n")
+    run_id, text = hospital.proposal("task=vitals")
+    status, reason = status_of(hospital.ask(text, run_id=run_id))
+    assert status == "refused:data" and "1 problem(s)" in reason and "999" not in reason  # no patient value leaves the site
+
+
+def test_a_proposal_cannot_stretch_the_vitals_window_beyond_its_bounds(hospital: Hospital) -> None:
+    _vitals_site(hospital, _streams(patients=4, hours=8))
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=100")
+    status, reason = status_of(hospital.ask(text, run_id=run_id))
+    assert status == "refused:bad_proposal" and "task.vitals.window_h" in reason, (status, reason)
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=40")  # allowed, but longer than this site's stays
+    assert status_of(hospital.ask(text, run_id=run_id))[0] == "refused:data"

@@ -63,3 +63,66 @@ def test_a_file_without_the_columns_is_refused_up_front(tmp_path: Path) -> None:
         read_long_csv(write(tmp_path, "id,time,value\n1,2,3\n"), site_id="ward-x")
     with pytest.raises(VitalsCsvError, match="cannot read it"):
         read_long_csv(tmp_path / "missing.csv", site_id="ward-x")
+
+
+def observation(resource_id: str, patient: str, when: str, code: str, value: float, unit: str, *, components: list | None = None) -> dict:
+    body = {
+        "resourceType": "Observation", "id": resource_id, "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": when,
+    }  # fmt: skip
+    if components is not None:
+        body["component"] = components
+    else:
+        body["valueQuantity"] = {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+    return {"resource": body}
+
+
+def component(code: str, value: float, unit: str = "mm[Hg]") -> dict:
+    return {"code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}}  # fmt: skip
+
+
+def bundle(tmp_path: Path, entries: list[dict]) -> Path:
+    import json
+
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries}))
+    return path
+
+
+def test_a_fhir_bundle_maps_loinc_codes_converts_units_and_reads_blood_pressure_panels(tmp_path: Path) -> None:
+    from medtwin.core.tasks.vitals.ingest import read_fhir_bundle
+
+    entries = [
+        {"resource": {"resourceType": "Patient", "id": "p1"}},
+        observation("o1", "p1", "2026-03-01T08:00:00+00:00", "8867-4", 88, "/min"),
+        observation("o2", "p1", "2026-03-01T08:00:00+00:00", "8310-5", 100.4, "[degF]"),  # converted to 38.0 °C
+        observation("o3", "p1", "2026-03-01T10:15:00+02:00", "85354-9", 0, "", components=[component("8480-6", 118), component("8462-4", 76)]),
+        observation("o4", "p1", "2026-03-01T08:30:00+00:00", "3151-8", 2, "L/min"),
+    ]
+    (patient,) = read_fhir_bundle(bundle(tmp_path, entries), site_id="ward-x")
+    assert patient.patient_id == "p1" and list(np.round(patient.times_h, 3)) == [0.0, 0.25, 0.5]  # 10:15+02:00 is 08:15 UTC
+    assert patient.values[0, 0] == 88 and abs(patient.values[0, 4] - 38.0) < 1e-4  # HR, temperature in °C
+    assert patient.values[1, 3] == 118 and list(patient.on_oxygen) == [False, False, True]  # systolic from the panel
+
+
+def test_every_bad_observation_is_named_by_its_resource(tmp_path: Path) -> None:
+    from medtwin.core.tasks.vitals.ingest import VitalsInputError, read_fhir_bundle
+
+    entries = [
+        observation("hr-ok", "p1", "2026-03-01T08:00:00Z", "8867-4", 80, "/min"),
+        observation("glucose", "p1", "2026-03-01T08:00:00Z", "2339-0", 5.4, "mmol/L"),  # not a vital sign we know
+        observation("bp-kpa", "p1", "2026-03-01T08:00:00Z", "85354-9", 0, "", components=[component("8480-6", 16, "kPa")]),
+        observation("spo2-frac", "p1", "2026-03-01T08:00:00Z", "59408-5", 0.97, "%"),
+    ]
+    with pytest.raises(VitalsInputError) as raised:
+        read_fhir_bundle(bundle(tmp_path, entries), site_id="ward-x")
+    problems = raised.value.problems
+    assert len(problems) == 3
+    assert "Observation/glucose" in problems[0] and "no known LOINC code" in problems[0]
+    assert "Observation/bp-kpa" in problems[1] and "'kPa'" in problems[1] and "mm[Hg]" in problems[1]
+    assert "Observation/spo2-frac" in problems[2] and "fraction" in problems[2]
+    (tmp_path / "broken.json").write_text('{"resourceType": "Bundle", "type": "collection", "entry": 5}')
+    with pytest.raises(VitalsInputError, match="not a valid FHIR R4 Bundle"):
+        read_fhir_bundle(tmp_path / "broken.json", site_id="ward-x")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import numpy as np
 from ...errors import MedtwinError
 from .generator import SIGNALS, PatientSeries
 
-__all__ = ["PLAUSIBLE_RANGE", "VitalsCsvError", "read_long_csv"]
+__all__ = ["LOINC", "PLAUSIBLE_RANGE", "VitalsCsvError", "VitalsInputError", "read_fhir_bundle", "read_long_csv"]
 
 COLUMNS = ("patient_id", "timestamp", "signal", "value")
 # physiologically possible (not normal) values; outside = a unit mix-up or a broken sensor, refused
@@ -41,12 +41,18 @@ UNIT_HINT = {"temp": "°C (a value in °F, e.g. 98.6, is out of range)", "spo2":
 MAX_PROBLEMS = 200
 
 
-class VitalsCsvError(MedtwinError):
+class VitalsInputError(MedtwinError):
+    """A site's vital-sign file with problems: each one named (row or resource), nothing from the file used."""
+
     def __init__(self, path: Path, problems: list[str]) -> None:
         self.path, self.problems = path, problems
         shown = problems[:MAX_PROBLEMS]
         more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
         super().__init__(f"{path}: {len(problems)} problem(s); nothing from this file is used:\n  " + "\n  ".join(shown) + more)
+
+
+class VitalsCsvError(VitalsInputError):
+    """Problems of a long-format CSV file."""
 
 
 @dataclass
@@ -80,6 +86,14 @@ def read_long_csv(path: str | Path, *, site_id: str) -> list[PatientSeries]:
     return [_series(patient_id, patient, site_id, path) for patient_id, patient in sorted(patients.items())]
 
 
+def _check_value(signal: str, value: float, where: str, raw: object) -> str | None:
+    low, high = PLAUSIBLE_RANGE[signal]
+    if not np.isfinite(value) or not low <= value <= high:
+        unit = UNIT_HINT.get(signal, "")
+        return f"{where}: {signal} {raw} is outside {low:g}–{high:g}{' ' + unit if unit else ''}"
+    return None
+
+
 def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> tuple[str, datetime, str, float | bool] | None:
     patient_id = (row.get("patient_id") or "").strip()
     signal = (row.get("signal") or "").strip().lower()
@@ -108,10 +122,9 @@ def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> 
         except ValueError:
             found.append(f"{where}, column value: {signal} {raw_value!r} is not a number")
         else:
-            low, high = PLAUSIBLE_RANGE[signal]
-            if not np.isfinite(value) or not low <= value <= high:
-                unit = UNIT_HINT.get(signal, "")
-                found.append(f"{where}, column value: {signal} {raw_value} is outside {low:g}–{high:g}{' ' + unit if unit else ''}")
+            problem = _check_value(signal, value, f"{where}, column value", raw_value)
+            if problem:
+                found.append(problem)
     else:
         known = ", ".join((*SIGNALS, "o2", "avpu"))
         found.append(f"{where}, column signal: unknown signal {signal!r}; known: {known}")
@@ -122,7 +135,7 @@ def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> 
 def _series(patient_id: str, patient: _Patient, site_id: str, path: Path) -> PatientSeries:
     times = sorted(patient.readings)
     if len({when.tzinfo is None for when in times}) > 1:
-        raise VitalsCsvError(path, [f"patient {patient_id}: timestamps mix times with and without a timezone"])
+        raise VitalsInputError(path, [f"patient {patient_id}: timestamps mix times with and without a timezone"])
     start = times[0]
     values = np.full((len(times), len(SIGNALS)), np.nan, np.float32)
     on_oxygen = np.zeros(len(times), bool)
@@ -141,3 +154,98 @@ def _series(patient_id: str, patient: _Patient, site_id: str, path: Path) -> Pat
         times_h=np.array([(when - start).total_seconds() / 3600.0 for when in times]), values=values,
         on_oxygen=on_oxygen, alert=alert, onset_h=None, admit_clock_h=start.hour + start.minute / 60.0,
     )  # fmt: skip
+
+
+# LOINC codes of the vital signs (FHIR vital-signs profile) -> (signal, {UCUM unit: conversion to ours})
+LOINC: dict[str, tuple[str, dict[str, object]]] = {
+    "8867-4": ("hr", {"/min": float, "{beats}/min": float}),
+    "9279-1": ("rr", {"/min": float, "{breaths}/min": float}),
+    "59408-5": ("spo2", {"%": float}),
+    "2708-6": ("spo2", {"%": float}),
+    "8480-6": ("sbp", {"mm[Hg]": float}),
+    "8310-5": ("temp", {"Cel": float, "[degF]": lambda f: (f - 32.0) * 5.0 / 9.0}),
+    "3151-8": ("o2", {"L/min": float}),  # inhaled oxygen flow rate: > 0 = on supplemental oxygen
+}
+BLOOD_PRESSURE_PANEL = "85354-9"  # systolic arrives as a component of this panel
+
+
+def read_fhir_bundle(path: str | Path, *, site_id: str) -> list[PatientSeries]:
+    """Every patient's series from a FHIR R4 Bundle of vital-sign Observations, mapped by LOINC code
+    (units converted where UCUM says how, e.g. [degF] to Cel); `VitalsInputError` names each bad resource."""
+    from fhir.resources.bundle import Bundle
+    from pydantic import ValidationError
+
+    path = Path(path)
+    try:
+        bundle = Bundle.model_validate_json(path.read_bytes())
+    except OSError as error:
+        raise VitalsInputError(path, [f"cannot read it: {error.strerror or error}"]) from None
+    except ValidationError as error:
+        raise VitalsInputError(path, [f"not a valid FHIR R4 Bundle: {str(error).splitlines()[0][:300]}"]) from None
+    problems: list[str] = []
+    patients: dict[str, _Patient] = {}
+    for number, entry in enumerate(bundle.entry or [], start=1):
+        resource = entry.resource
+        where = f"entry {number} ({resource.get_resource_type() if resource else 'empty'}/{getattr(resource, 'id', None) or '?'})"
+        if resource is None or resource.get_resource_type() != "Observation":
+            continue  # Patients, Encounters, ... carry no readings
+        for reading in _observation_readings(resource, where, problems):
+            patient_id, when, signal, value = reading
+            patients.setdefault(patient_id, _Patient({})).readings.setdefault(when, {})[signal] = value
+    if not patients and not problems:
+        problems.append("no vital-sign Observations in the bundle")
+    if problems:
+        raise VitalsInputError(path, problems)
+    return [_series(patient_id, patient, site_id, path) for patient_id, patient in sorted(patients.items())]
+
+
+def _observation_readings(observation: object, where: str, problems: list[str]) -> list[tuple[str, datetime, str, float | bool]]:
+    subject = getattr(getattr(observation, "subject", None), "reference", None) or ""
+    when = getattr(observation, "effectiveDateTime", None)
+    found: list[str] = []
+    if not subject.startswith("Patient/"):
+        found.append(f"{where}: subject {subject!r} is not a Patient reference")
+    if not isinstance(when, datetime):
+        found.append(f"{where}: effectiveDateTime is missing (a reading needs its time)")
+    parts = [(observation, where)]
+    codes = _codes(observation)
+    if BLOOD_PRESSURE_PANEL in codes:
+        parts = [(component, f"{where} component {index}") for index, component in enumerate(getattr(observation, "component", None) or [], 1)]
+    readings = []
+    for part, part_where in parts:
+        known = [code for code in _codes(part) if code in LOINC]
+        if not known:
+            if BLOOD_PRESSURE_PANEL not in codes:  # a panel's diastolic component is simply not used
+                found.append(f"{part_where}: no known LOINC code in {sorted(_codes(part)) or 'its code'}; known: {', '.join(LOINC)}")
+            continue
+        signal, units = LOINC[known[0]]
+        quantity = getattr(part, "valueQuantity", None)
+        unit = getattr(quantity, "code", None) or getattr(quantity, "unit", None)
+        if quantity is None or quantity.value is None:
+            found.append(f"{part_where}: {signal} has no valueQuantity")
+            continue
+        if unit not in units:
+            found.append(f"{part_where}: {signal} in unit {unit!r}; expected UCUM {', '.join(units)}")
+            continue
+        value = float(units[unit](float(quantity.value)))  # type: ignore[operator]
+        if signal == "o2":
+            readings.append((subject.removeprefix("Patient/"), when, "o2", value > 0))
+            continue
+        problem = _check_value(signal, value, part_where, quantity.value)
+        if problem:
+            found.append(problem)
+            continue
+        readings.append((subject.removeprefix("Patient/"), when, signal, value))
+    problems.extend(found)
+    return [] if found else [(patient, _naive_utc(moment), signal, value) for patient, moment, signal, value in readings]
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    """Times with an offset become UTC, so readings charted in different offsets order correctly."""
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo is not None else moment
+
+
+def _codes(element: object) -> set[str]:
+    coding = getattr(getattr(element, "code", None), "coding", None) or []
+    return {str(c.code) for c in coding if getattr(c, "system", "") in ("http://loinc.org", None) and c.code}
+

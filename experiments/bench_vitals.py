@@ -7,7 +7,7 @@ Each setting is a real simulated federation (`simulate`: Flower simulation engin
 policies and ledgers). Forecast MAE is on the pooled test patients in reference-scale units (and per
 vital in its own unit); `naive` repeats each vital's last reading. Detection: the twin follows every
 test patient with the final federated model; its alert threshold is calibrated on the training
-patients to at most 1 false alarm per patient-day. Writes `<out>/vitals.json`.
+patients to at most 0.85 false alarms per patient-day (a margin under the target of 1 on new patients). Writes `<out>/vitals.json`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from medtwin.core.tasks.vitals.twin import PatientTwin
 from .simulate import simulate
 
 WARNING_H, AFTER_H = 4.0, 2.0  # a cell is positive from 4 h before the labelled onset to 2 h after
-FALSE_ALARMS_PER_DAY = 1.0
+# calibrated on the training patients with a margin under the 1 per patient-day target: on new patients
+# the rate runs higher than on the ones the threshold was set on (1.13 vs 1.0 measured at a 1.0 budget)
+FALSE_ALARMS_PER_DAY = 0.85
 SETTINGS = {"no DP": ["privacy=none"], "DP ε=3": ["privacy=dp", "privacy.target_epsilon=3.0"]}
 
 

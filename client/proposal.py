@@ -232,7 +232,7 @@ def _vitals_windows(fields: _Fields, own: VitalsConfig) -> VitalsConfig:
     (generated ward size, or the site's own streams) stays the site's."""
     window = {
         key: fields.get(f"task.vitals.{key}", float, getattr(own, key), minimum=low, maximum=high)
-        for key, (low, high) in {"grid_min": (1.0, 240.0), "window_h": (0.25, 48.0), "horizon_h": (0.25, 24.0), "stride_h": (0.05, 24.0)}.items()
+        for key, (low, high) in {"grid_min": (5.0, 240.0), "window_h": (0.25, 24.0), "horizon_h": (0.25, 6.0), "stride_h": (0.25, 24.0)}.items()
     }
     return replace(own, **window)
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from medtwin.core.identity import SiteKit, load_site_kit
+from medtwin.core.errors import ConfigError
 from medtwin.core.tasks import CsvTask, SiteSplit, TwinTask, VitalsTask, get_task
 
 from .codec import CkksSiteCodec, PlainSiteCodec
 from .privacy import BudgetLedger, SitePolicy
-from .proposal import RunProposal, parse_proposal
+from .proposal import ProposalRefused, RunProposal, parse_proposal
 from .site_file import SiteFile, SiteFileError, load_site_file
 
 SiteCodec = PlainSiteCodec | CkksSiteCodec
@@ -87,8 +88,11 @@ def _load_site(path: str, stamp: int, proposal_text: str) -> Site:
     kit = load_site_kit(site_file.kit_dir)
     if kit.site_id != site_file.site_id:
         raise SiteFileError(path, [f"`kit_dir` {site_file.kit_dir} holds the identity of {kit.site_id!r}, not {site_file.site_id!r}"])
-    task = get_task(proposal.config.task)
-    data = load_site_data(site_file, task)
+    try:
+        task = get_task(proposal.config.task)
+        data = load_site_data(site_file, task)
+    except ConfigError as error:  # the proposal's task settings do not fit this site's data: a refusal, not a crash
+        raise ProposalRefused("bad_proposal", str(error)) from None
     codec: SiteCodec = PlainSiteCodec()
     if proposal.config.crypto.name == "ckks":
         codec = CkksSiteCodec.from_kit(site_file.kit_dir, proposal.config.crypto.key_id)

@@ -72,7 +72,7 @@ def twin_follow_command(
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as error:
         raise typer.BadParameter(f"--model {model_path}: not this task's released model ({str(error)[:200]})") from None
-    twin = PatientTwin(model, task.shape, grid_min=task.settings.grid_min, threshold=threshold or DEFAULT_THRESHOLD)
+    twin = PatientTwin(model, task.shape, grid_min=task.settings.grid_min, threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     patient = _patient(csv_path, patient_id, generated, task)
     with np.errstate(all="ignore"):
         trace = twin.follow(patient)

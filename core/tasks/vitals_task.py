@@ -34,6 +34,7 @@ from .vitals.windows import FORECAST_INDEX, FORECAST_SIGNALS, REFERENCE, Gridded
 __all__ = ["VitalsTask", "window_shape"]
 
 BAND_Z = 1.645  # ±z σ is the 90 % band
+MAX_WINDOW_BYTES = 2**30  # the windows a site builds for one split
 
 
 def window_shape(settings: VitalsConfig) -> WindowShape:
@@ -52,6 +53,9 @@ def _check_settings(settings: VitalsConfig) -> None:
     shortest_h = MIN_HOURS_BEFORE_ONSET_H + MIN_HOURS_AFTER_ONSET_H
     if settings.hours < shortest_h:
         raise ConfigError("task.vitals.hours", f"must be >= {shortest_h:g} (an episode needs room before and after its onset), got {settings.hours}")
+
+
+def _check_generated_stay(settings: VitalsConfig) -> None:
     if settings.window_h + settings.horizon_h > settings.hours:
         raise ConfigError("task.vitals.window_h", f"window_h + horizon_h ({settings.window_h + settings.horizon_h}) exceed a stay of hours={settings.hours}")
 
@@ -104,12 +108,22 @@ class VitalsTask(TwinTask):
 
     def wards(self) -> tuple[_Ward, ...]:
         settings = self.settings
+        _check_generated_stay(settings)
         return _wards(
             self.config.num_sites, settings.patients_per_site, settings.hours, settings.grid_min,
             self.config.split_seed, self.config.test_fraction,
         )  # fmt: skip
 
     def _rows(self, patients: tuple[GriddedSeries, ...]) -> tuple[np.ndarray, np.ndarray]:
+        span = self.shape.window_steps + self.shape.horizon_steps
+        windows = sum(max(0, (len(p.times_h) - span) // self.stride_steps + 1) for p in patients)
+        size = windows * (self.shape.input_width + 2 * self.shape.target_width) * 4
+        if size > MAX_WINDOW_BYTES:  # a proposal's grid and stride decide this: refuse before allocating
+            raise ConfigError(
+                "task.vitals.stride_h",
+                f"these settings cut {windows} windows ({size / 2**30:.1f} GiB) from the site's streams, more than {MAX_WINDOW_BYTES / 2**30:g} GiB",
+                "use a coarser grid_min or a longer stride_h",
+            )
         pairs = [make_windows(patient, self.shape, stride_steps=self.stride_steps) for patient in patients]
         return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
 

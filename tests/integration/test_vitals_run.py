@@ -17,8 +17,8 @@ def test_a_federated_vitals_twin_trains_with_dp_and_reports_its_bedside_page(tmp
     from medtwin.experiments.simulate import simulate
 
     config = compose_config([
-        "task=vitals", "strategy=fedavg_vitals", "task.vitals.patients_per_site=24", "federation.num_rounds=4",
-        "privacy=dp", "privacy.target_epsilon=3.0", "baselines.epochs=3", "baselines.batch_size=64",
+        "task=vitals", "strategy=fedavg_vitals", "task.vitals.patients_per_site=16", "task.vitals.hours=24", "federation.num_rounds=4",
+        "privacy=dp", "privacy.target_epsilon=3.0", "baselines.epochs=2", "baselines.batch_size=64",
         "baselines.learning_rate=0.003", f"runs_dir={tmp_path}", "progress=false",
     ])  # fmt: skip
     run = simulate(config)

@@ -528,5 +528,10 @@ def test_a_proposal_cannot_stretch_the_vitals_window_beyond_its_bounds(hospital:
     run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=100")
     status, reason = status_of(hospital.ask(text, run_id=run_id))
     assert status == "refused:bad_proposal" and "task.vitals.window_h" in reason, (status, reason)
-    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=40")  # allowed, but longer than this site's stays
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=20")  # allowed, but longer than this site's stays
     assert status_of(hospital.ask(text, run_id=run_id))[0] == "refused:data"
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=20", "task.vitals.horizon_h=6")  # no crash either way
+    assert status_of(hospital.ask(text, run_id=run_id))[0] in ("refused:data", "refused:bad_proposal")
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.grid_min=1")  # a 1-minute grid would multiply the windows
+    status, reason = status_of(hospital.ask(text, run_id=run_id))
+    assert status == "refused:bad_proposal" and "task.vitals.grid_min" in reason

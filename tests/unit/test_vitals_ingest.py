@@ -126,3 +126,37 @@ def test_every_bad_observation_is_named_by_its_resource(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('{"resourceType": "Bundle", "type": "collection", "entry": 5}')
     with pytest.raises(VitalsInputError, match="not a valid FHIR R4 Bundle"):
         read_fhir_bundle(tmp_path / "broken.json", site_id="ward-x")
+
+
+def test_conflicts_zone_mixes_typos_and_encodings_are_named_not_trained_on(tmp_path: Path) -> None:
+    cases = {
+        "p1,2026-03-01T08:00:00,hr,80\np1,2026-03-01T08:00:00,hr,140\n": "hr charted twice at 2026-03-01T08:00:00 with different values",
+        "p1,2026-03-01T08:00:00,hr,80\np1,2026-03-01T09:00:00+01:00,hr,82\n": "mix times with and without a UTC offset",
+        "p1,2026-03-01T08:00:00,hr,80\np1,2062-03-01T08:00:00,hr,82\n": "a mistyped year",
+        "p1,2026-03-01,hr,80\n": "not an ISO 8601 date and time",
+    }
+    for rows, expected in cases.items():
+        with pytest.raises(VitalsCsvError, match=expected):
+            read_long_csv(write(tmp_path, "patient_id,timestamp,signal,value\n" + rows), site_id="ward-x")
+    same = "p1,2026-03-01T08:00:00,hr,80\np1,2026-03-01T08:00:00,hr,80\n"  # an exact repeat is harmless
+    assert read_long_csv(write(tmp_path, "patient_id,timestamp,signal,value\n" + same), site_id="ward-x")[0].values[0, 0] == 80
+    (tmp_path / "latin1.csv").write_bytes("patient_id,timestamp,signal,value\nJosé,2026-03-01T08:00:00,hr,80\n".encode("latin-1"))
+    with pytest.raises(VitalsCsvError, match="not UTF-8"):
+        read_long_csv(tmp_path / "latin1.csv", site_id="ward-x")
+
+
+def test_fhir_skips_retracted_readings_resolves_full_urls_and_refuses_negative_oxygen(tmp_path: Path) -> None:
+    from medtwin.core.tasks.vitals.ingest import VitalsInputError, read_fhir_bundle
+
+    retracted = observation("o2", "p1", "2026-03-01T08:15:00Z", "8867-4", 190, "/min")
+    retracted["resource"]["status"] = "entered-in-error"
+    by_url = observation("o3", "p1", "2026-03-01T08:30:00Z", "8867-4", 84, "/min")
+    by_url["resource"]["subject"] = {"reference": "urn:uuid:patient-one"}
+    entries = [
+        {"fullUrl": "urn:uuid:patient-one", "resource": {"resourceType": "Patient", "id": "p1"}},
+        observation("o1", "p1", "2026-03-01T08:00:00Z", "8867-4", 80, "/min"), retracted, by_url,
+    ]  # fmt: skip
+    (patient,) = read_fhir_bundle(bundle(tmp_path, entries), site_id="ward-x")
+    assert list(patient.values[:, 0]) == [80, 84]  # the retracted 190 is not a reading
+    with pytest.raises(VitalsInputError, match="oxygen flow -2"):
+        read_fhir_bundle(bundle(tmp_path, [observation("o4", "p1", "2026-03-01T08:00:00Z", "3151-8", -2, "L/min")]), site_id="ward-x")

@@ -117,7 +117,7 @@ def test_the_twin_warns_earlier_than_news2_on_held_out_patients(task: VitalsTask
 
 def test_bad_vitals_settings_name_their_key() -> None:
     with pytest.raises(ConfigError, match="task.vitals.window_h"):
-        get_task(compose_config([*SMALL, "task.vitals.window_h=50"]).task)
+        get_task(compose_config([*SMALL, "task.vitals.window_h=50"]).task).wards()  # generated stays are 48 h
     with pytest.raises(ConfigError, match="task.vitals.grid_min"):
         get_task(compose_config([*SMALL, "task.vitals.grid_min=0"]).task)
     with pytest.raises(ConfigError, match="task.vitals.hours"):

@@ -2,20 +2,22 @@
 
 Per grid cell a detector gives a score; a cell is positive when the patient's labelled onset lies
 within the next `warning_h` hours or began at most `after_h` ago (cells later in an episode are
-left out: the patient is known to be ill by then). AUROC and AUPRC are over cells (scikit-learn).
-An alert is a run of cells at or above the detector's threshold; the lead time of an episode is
-its labelled onset minus the start of the first alert in its positive window (positive = before
-onset); a false alarm is an alert that starts in a negative cell, counted per patient-day of
-negative cells.
+left out: the patient is known to be ill by then). AUROC and AUPRC are over the same cells for
+every detector — those the twin can judge (scikit-learn; cells of one patient are correlated, so
+read them with the episode counts). An alert is a run of cells at or above the detector's
+threshold; an episode is detected when an alert is active anywhere in its positive window, and its
+lead time is the labelled onset minus the first such cell (positive = before onset); a false alarm
+is an alert that starts in a negative cell, counted per patient-day of negative cells.
 
-Detectors: the twin's smoothed deviation score (threshold calibrated on training patients to a
-false-alarm budget), NEWS2 (threshold 5, the RCP's urgent-response trigger), and the hybrid —
-alert when either does, score max(twin / its threshold, NEWS2 / 5).
+Detectors: the twin's smoothed deviation score (threshold calibrated on separate calibration
+patients to a false-alarm budget), NEWS2 (threshold 5, the RCP's urgent-response trigger; and at
+the threshold that gives the twin's false-alarm budget on the same calibration patients, so lead
+times compare at equal alarm burden), and the hybrid — score max(twin / its threshold, NEWS2 / 5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,7 +25,16 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .twin import TwinTrace
 
-__all__ = ["NEWS2_TRIGGER", "DetectionReport", "alert_starts", "calibrate_threshold", "cell_labels", "score_detectors"]
+__all__ = [
+    "NEWS2_TRIGGER",
+    "DetectionReport",
+    "alert_starts",
+    "calibrate_threshold",
+    "cell_labels",
+    "news2_score_of",
+    "score_detectors",
+    "twin_score",
+]
 
 NEWS2_TRIGGER = 5.0
 
@@ -66,21 +77,21 @@ def _patient_days(traces: Sequence[TwinTrace], labels: Sequence[np.ndarray]) -> 
     return max(total_h / 24.0, 1e-9)
 
 
-def _report(name: str, threshold: float, scores: Sequence[np.ndarray], traces: Sequence[TwinTrace], labels: Sequence[np.ndarray]) -> DetectionReport:
-    all_scores = np.concatenate(scores)
-    all_labels = np.concatenate(labels)
-    judged = (all_labels >= 0) & np.isfinite(all_scores)
-    y, s = all_labels[judged], all_scores[judged]
+def _report(
+    name: str, threshold: float, scores: Sequence[np.ndarray], traces: Sequence[TwinTrace], labels: Sequence[np.ndarray],
+    judged: Sequence[np.ndarray],
+) -> DetectionReport:  # fmt: skip
+    cells = np.concatenate(judged)
+    y, s = np.concatenate(labels)[cells], np.concatenate(scores)[cells]
     two_classes = len(np.unique(y)) == 2
     false_alarms, leads, episodes = 0, [], 0
     for score, trace, label in zip(scores, traces, labels, strict=True):
-        starts = alert_starts(score, threshold)
-        false_alarms += int((label[starts] == 0).sum())
+        false_alarms += int((label[alert_starts(score, threshold)] == 0).sum())
         if trace.onset_h is not None and (label == 1).any():
             episodes += 1
-            hits = [trace.times_h[start] for start in starts if label[start] == 1]
-            if hits:
-                leads.append(trace.onset_h - float(hits[0]))
+            warned = np.flatnonzero((label == 1) & (np.nan_to_num(score, nan=-np.inf) >= threshold))
+            if len(warned):  # an alert active in the warning window counts, whenever it began
+                leads.append(trace.onset_h - float(trace.times_h[warned[0]]))
     return DetectionReport(
         detector=name,
         threshold=float(threshold),
@@ -93,25 +104,48 @@ def _report(name: str, threshold: float, scores: Sequence[np.ndarray], traces: S
     )
 
 
-def calibrate_threshold(traces: Sequence[TwinTrace], *, false_alarms_per_day: float, warning_h: float, after_h: float) -> float:
-    """The lowest twin threshold whose false alarms on these (training) patients stay within the budget."""
-    labels = [cell_labels(t.times_h, t.onset_h, warning_h=warning_h, after_h=after_h) for t in traces]
+def _labels(traces: Sequence[TwinTrace], warning_h: float, after_h: float) -> list[np.ndarray]:
+    return [cell_labels(t.times_h, t.onset_h, warning_h=warning_h, after_h=after_h) for t in traces]
+
+
+def twin_score(trace: TwinTrace) -> np.ndarray:
+    return trace.score
+
+
+def news2_score_of(trace: TwinTrace) -> np.ndarray:
+    return trace.news2
+
+
+def calibrate_threshold(
+    traces: Sequence[TwinTrace], *, false_alarms_per_day: float, warning_h: float, after_h: float,
+    score_of: Callable[[TwinTrace], np.ndarray] = twin_score,
+) -> float:  # fmt: skip
+    """The lowest threshold whose false alarms on these calibration patients stay within the budget."""
+    labels = _labels(traces, warning_h, after_h)
     days = _patient_days(traces, labels)
-    finite = np.concatenate([t.score[np.isfinite(t.score)] for t in traces])
-    for threshold in np.unique(np.quantile(finite, np.linspace(0.5, 0.999, 120))):
-        alarms = sum(int((label[alert_starts(t.score, threshold)] == 0).sum()) for t, label in zip(traces, labels, strict=True))
+    scores = [score_of(t) for t in traces]
+    finite = np.concatenate([score[np.isfinite(score)] for score in scores])
+    for threshold in np.unique(np.concatenate([np.quantile(finite, np.linspace(0.5, 0.999, 120)), np.unique(finite)[-200:]])):
+        alarms = sum(int((label[alert_starts(score, threshold)] == 0).sum()) for score, label in zip(scores, labels, strict=True))
         if alarms / days <= false_alarms_per_day:
             return float(threshold)
-    return float(finite.max())
+    return float(finite.max()) + 1.0
 
 
-def score_detectors(traces: Sequence[TwinTrace], *, twin_threshold: float, warning_h: float, after_h: float) -> list[DetectionReport]:
-    labels = [cell_labels(t.times_h, t.onset_h, warning_h=warning_h, after_h=after_h) for t in traces]
+def score_detectors(
+    traces: Sequence[TwinTrace], *, twin_threshold: float, warning_h: float, after_h: float, news2_matched_threshold: float | None = None
+) -> list[DetectionReport]:
+    """Every detector on the same cells: those the twin can judge (a full window behind them) and not left out."""
+    labels = _labels(traces, warning_h, after_h)
+    judged = [(label >= 0) & np.isfinite(t.score) for t, label in zip(traces, labels, strict=True)]
     twin = [t.score for t in traces]
-    news2 = [t.news2 for t in traces]
-    hybrid = [np.fmax(np.nan_to_num(t.score, nan=0.0) / twin_threshold, t.news2 / NEWS2_TRIGGER) for t in traces]
-    return [
-        _report("twin", twin_threshold, twin, traces, labels),
-        _report("news2", NEWS2_TRIGGER, news2, traces, labels),
-        _report("twin+news2", 1.0, hybrid, traces, labels),
+    news2 = [np.where(np.isfinite(t.score), t.news2, np.nan) for t in traces]
+    hybrid = [np.fmax(t.score / twin_threshold, t.news2 / NEWS2_TRIGGER) for t in traces]
+    reports = [
+        _report("twin", twin_threshold, twin, traces, labels, judged),
+        _report("news2", NEWS2_TRIGGER, news2, traces, labels, judged),
+        _report("twin+news2", 1.0, hybrid, traces, labels, judged),
     ]
+    if news2_matched_threshold is not None:  # NEWS2 at the twin's false-alarm budget: lead times compared fairly
+        reports.append(_report("news2 (same false-alarm budget)", news2_matched_threshold, news2, traces, labels, judged))
+    return reports

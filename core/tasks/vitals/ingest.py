@@ -37,6 +37,7 @@ PLAUSIBLE_RANGE: dict[str, tuple[float, float]] = {
     "temp": (30.0, 43.5),
     "activity": (0.0, 1.0),
 }
+MAX_STAY_DAYS = 60  # one patient's stream spanning more is a typo (a wrong year), not a stay
 UNIT_HINT = {"temp": "°C (a value in °F, e.g. 98.6, is out of range)", "spo2": "% (0.97 means a fraction: use 97)"}
 MAX_PROBLEMS = 200
 
@@ -57,7 +58,40 @@ class VitalsCsvError(VitalsInputError):
 
 @dataclass
 class _Patient:
-    readings: dict[datetime, dict[str, float | bool]]
+    readings: dict[datetime, dict[str, float | bool]]  # UTC-naive time -> signal -> value
+    zoned: set[bool]  # whether the patient's timestamps carried an offset (they must agree)
+
+
+def _add(patients: dict[str, _Patient], reading: tuple[str, datetime, str, float | bool], where: str, problems: list[str]) -> None:
+    """File one reading; the same patient, time and signal charted twice with different values is an error."""
+    patient_id, when, signal, value = reading
+    patient = patients.setdefault(patient_id, _Patient({}, set()))
+    patient.zoned.add(when.tzinfo is not None)
+    try:
+        moment = when.astimezone(timezone.utc).replace(tzinfo=None) if when.tzinfo is not None else when
+    except (OverflowError, ValueError):
+        problems.append(f"{where}: time {when.isoformat()} cannot be placed in UTC")
+        return
+    earlier = patient.readings.setdefault(moment, {}).get(signal)
+    if earlier is not None and earlier != value:
+        problems.append(f"{where}: patient {patient_id} has {signal} charted twice at {moment.isoformat()} with different values — keep one")
+        return
+    patient.readings[moment][signal] = value
+
+
+def _finish(path: Path, patients: dict[str, _Patient], problems: list[str], site_id: str) -> list[PatientSeries]:
+    for patient_id, patient in sorted(patients.items()):
+        if len(patient.zoned) > 1:
+            problems.append(f"patient {patient_id}: timestamps mix times with and without a UTC offset — give every time an offset, or none")
+        elif patient.readings:
+            span_days = (max(patient.readings) - min(patient.readings)).total_seconds() / 86400.0
+            if span_days > MAX_STAY_DAYS:
+                problems.append(f"patient {patient_id}: readings span {span_days:.0f} days (more than {MAX_STAY_DAYS}); a mistyped year?")
+    if not patients and not problems:
+        problems.append("no readings")
+    if problems:
+        raise VitalsInputError(path, problems)
+    return [_series(patient_id, patient, site_id) for patient_id, patient in sorted(patients.items())]
 
 
 def read_long_csv(path: str | Path, *, site_id: str) -> list[PatientSeries]:
@@ -69,21 +103,25 @@ def read_long_csv(path: str | Path, *, site_id: str) -> list[PatientSeries]:
         handle = path.open(newline="", encoding="utf-8")
     except OSError as error:
         raise VitalsCsvError(path, [f"cannot read it: {error.strerror or error}"]) from None
-    with handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise VitalsCsvError(path, [f"header lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}"])
-        for row_number, row in enumerate(reader, start=2):
-            reading = _parse_row(row, row_number, problems)
-            if reading is not None:
-                patient_id, when, signal, value = reading
-                patients.setdefault(patient_id, _Patient({})).readings.setdefault(when, {})[signal] = value
-    if not patients and not problems:
-        problems.append("no readings (the file has a header only)")
-    if problems:
-        raise VitalsCsvError(path, problems)
-    return [_series(patient_id, patient, site_id, path) for patient_id, patient in sorted(patients.items())]
+    row_number = 1
+    try:
+        with handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
+            if missing:
+                raise VitalsCsvError(path, [f"header lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}"])
+            for row_number, row in enumerate(reader, start=2):
+                reading = _parse_row(row, row_number, problems)
+                if reading is not None:
+                    _add(patients, reading, f"row {row_number}", problems)
+    except UnicodeDecodeError as error:
+        raise VitalsCsvError(path, [f"row {row_number + 1}: not UTF-8 text (byte {error.start}); save the file as UTF-8"]) from None
+    except csv.Error as error:
+        raise VitalsCsvError(path, [f"row {row_number + 1}: not readable CSV ({error})"]) from None
+    try:
+        return _finish(path, patients, problems, site_id)
+    except VitalsInputError as error:
+        raise VitalsCsvError(path, error.problems) from None
 
 
 def _check_value(signal: str, value: float, where: str, raw: object) -> str | None:
@@ -104,8 +142,10 @@ def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> 
         found.append(f"{where}, column patient_id: empty — every reading needs its patient's id")
     try:
         when = datetime.fromisoformat(raw_time)
+        if len(raw_time) <= 10:  # a date alone would read as midnight
+            raise ValueError
     except ValueError:
-        found.append(f"{where}, column timestamp: {raw_time!r} is not an ISO 8601 time (e.g. 2026-03-01T08:00:00)")
+        found.append(f"{where}, column timestamp: {raw_time!r} is not an ISO 8601 date and time (e.g. 2026-03-01T08:00:00)")
         when = datetime.min
     value: float | bool = 0.0
     if signal == "o2":
@@ -132,10 +172,8 @@ def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> 
     return None if found else (patient_id, when, signal, value)
 
 
-def _series(patient_id: str, patient: _Patient, site_id: str, path: Path) -> PatientSeries:
+def _series(patient_id: str, patient: _Patient, site_id: str) -> PatientSeries:
     times = sorted(patient.readings)
-    if len({when.tzinfo is None for when in times}) > 1:
-        raise VitalsInputError(path, [f"patient {patient_id}: timestamps mix times with and without a timezone"])
     start = times[0]
     values = np.full((len(times), len(SIGNALS)), np.nan, np.float32)
     on_oxygen = np.zeros(len(times), bool)
@@ -167,6 +205,7 @@ LOINC: dict[str, tuple[str, dict[str, object]]] = {
     "3151-8": ("o2", {"L/min": float}),  # inhaled oxygen flow rate: > 0 = on supplemental oxygen
 }
 BLOOD_PRESSURE_PANEL = "85354-9"  # systolic arrives as a component of this panel
+USABLE_STATUS = ("final", "amended", "corrected")
 
 
 def read_fhir_bundle(path: str | Path, *, site_id: str) -> list[PatientSeries]:
@@ -180,31 +219,39 @@ def read_fhir_bundle(path: str | Path, *, site_id: str) -> list[PatientSeries]:
         bundle = Bundle.model_validate_json(path.read_bytes())
     except OSError as error:
         raise VitalsInputError(path, [f"cannot read it: {error.strerror or error}"]) from None
-    except ValidationError as error:
-        raise VitalsInputError(path, [f"not a valid FHIR R4 Bundle: {str(error).splitlines()[0][:300]}"]) from None
+    except ValidationError as error:  # where and what, never the offending value (it may be patient data)
+        places = [f"{'.'.join(map(str, issue['loc']))}: {issue['msg']}" for issue in error.errors()[:20]]
+        raise VitalsInputError(path, [f"not a valid FHIR R4 Bundle — {place}" for place in places]) from None
     problems: list[str] = []
     patients: dict[str, _Patient] = {}
-    for number, entry in enumerate(bundle.entry or [], start=1):
+    entries = bundle.entry or []
+    # subjects may point at a Patient entry by its fullUrl (urn:uuid:…), as transaction bundles do
+    full_urls = {
+        str(entry.fullUrl): f"Patient/{entry.resource.id}"
+        for entry in entries
+        if entry.fullUrl and entry.resource is not None and entry.resource.get_resource_type() == "Patient" and entry.resource.id
+    }
+    for number, entry in enumerate(entries, start=1):
         resource = entry.resource
         where = f"entry {number} ({resource.get_resource_type() if resource else 'empty'}/{getattr(resource, 'id', None) or '?'})"
         if resource is None or resource.get_resource_type() != "Observation":
             continue  # Patients, Encounters, ... carry no readings
-        for reading in _observation_readings(resource, where, problems):
-            patient_id, when, signal, value = reading
-            patients.setdefault(patient_id, _Patient({})).readings.setdefault(when, {})[signal] = value
-    if not patients and not problems:
-        problems.append("no vital-sign Observations in the bundle")
-    if problems:
-        raise VitalsInputError(path, problems)
-    return [_series(patient_id, patient, site_id, path) for patient_id, patient in sorted(patients.items())]
+        if str(getattr(resource, "status", "")) not in USABLE_STATUS:
+            continue  # entered-in-error, cancelled, preliminary: not a reading to learn from
+        for reading in _observation_readings(resource, where, problems, full_urls):
+            _add(patients, reading, where, problems)
+    return _finish(path, patients, problems, site_id)
 
 
-def _observation_readings(observation: object, where: str, problems: list[str]) -> list[tuple[str, datetime, str, float | bool]]:
+def _observation_readings(
+    observation: object, where: str, problems: list[str], full_urls: dict[str, str]
+) -> list[tuple[str, datetime, str, float | bool]]:
     subject = getattr(getattr(observation, "subject", None), "reference", None) or ""
+    subject = full_urls.get(subject, subject)
     when = getattr(observation, "effectiveDateTime", None)
     found: list[str] = []
-    if not subject.startswith("Patient/"):
-        found.append(f"{where}: subject {subject!r} is not a Patient reference")
+    if not subject.startswith("Patient/") or not subject.removeprefix("Patient/"):
+        found.append(f"{where}: subject {subject[:80]!r} is not a Patient reference (Patient/<id>, or the fullUrl of a Patient entry)")
     if not isinstance(when, datetime):
         found.append(f"{where}: effectiveDateTime is missing (a reading needs its time)")
     parts = [(observation, where)]
@@ -229,6 +276,9 @@ def _observation_readings(observation: object, where: str, problems: list[str]) 
             continue
         value = float(units[unit](float(quantity.value)))  # type: ignore[operator]
         if signal == "o2":
+            if not 0.0 <= value <= 60.0:
+                found.append(f"{part_where}: inhaled oxygen flow {quantity.value} L/min is outside 0–60")
+                continue
             readings.append((subject.removeprefix("Patient/"), when, "o2", value > 0))
             continue
         problem = _check_value(signal, value, part_where, quantity.value)
@@ -237,12 +287,7 @@ def _observation_readings(observation: object, where: str, problems: list[str]) 
             continue
         readings.append((subject.removeprefix("Patient/"), when, signal, value))
     problems.extend(found)
-    return [] if found else [(patient, _naive_utc(moment), signal, value) for patient, moment, signal, value in readings]
-
-
-def _naive_utc(moment: datetime) -> datetime:
-    """Times with an offset become UTC, so readings charted in different offsets order correctly."""
-    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo is not None else moment
+    return [] if found else readings
 
 
 def _codes(element: object) -> set[str]:

@@ -135,7 +135,9 @@ class PatientTwin:
         return score
 
     def _news2(self, gridded: GriddedSeries) -> np.ndarray:
-        vitals = unstandardise(gridded.values[:, FORECAST_INDEX])
+        """NEWS2 per cell from the last charted value of each vital (carried up to `NEWS2_CARRY_STEPS` cells),
+        as a ward scores the latest observation set."""
+        vitals = _carried(unstandardise(gridded.values[:, FORECAST_INDEX]), NEWS2_CARRY_STEPS)
         column = {name: vitals[:, position] for position, name in enumerate(FORECAST_SIGNALS)}
         return news2_score(
             rr=column["rr"], spo2=column["spo2"], sbp=column["sbp"], hr=column["hr"], temp=column["temp"],
@@ -159,6 +161,24 @@ class PatientTwin:
                 alerts.append(Alert(float(times_h[start]), float(times_h[cell - 1]), tuple(drivers), float(news2[start])))
                 start = None
         return tuple(alerts)
+
+
+NEWS2_CARRY_STEPS = 4  # a charted vital counts for NEWS2 for up to 4 grid cells (1 h at 15 min)
+
+
+def _carried(values: np.ndarray, limit: int) -> np.ndarray:
+    """Each column's last observed value carried forward over at most `limit` missing cells."""
+    carried = values.copy()
+    for column in range(values.shape[1]):
+        last, age = np.nan, limit + 1
+        for row in range(values.shape[0]):
+            if np.isnan(values[row, column]):
+                age += 1
+                if age <= limit:
+                    carried[row, column] = last
+            else:
+                last, age = values[row, column], 0
+    return carried
 
 
 # the direction in which each forecast vital moves when a patient deteriorates (temperature: either way)

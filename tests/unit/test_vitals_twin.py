@@ -100,6 +100,7 @@ def test_detection_scores_follow_the_definitions() -> None:
     labels = cell_labels(times, 12.0, warning_h=4.0, after_h=2.0)
     assert labels[times < 8].max() == 0 and (labels[(times >= 8) & (times < 14)] == 1).all() and (labels[times >= 14] == -1).all()
     assert list(alert_starts(np.array([0, 7, 8, 1, 9, np.nan, 9]), 7.0)) == [1, 4, 6]
+    assert list(alert_starts(np.full(20, 9.0), 7.0, rearm_steps=8)) == [0, 8, 16]  # a continuous alarm sounds again
 
 
 def test_the_twin_warns_earlier_than_news2_on_held_out_patients(task: VitalsTask, model: torch.nn.Module) -> None:

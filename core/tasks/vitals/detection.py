@@ -5,9 +5,10 @@ within the next `warning_h` hours or began at most `after_h` ago (cells later in
 left out: the patient is known to be ill by then). AUROC and AUPRC are over the same cells for
 every detector — those the twin can judge (scikit-learn; cells of one patient are correlated, so
 read them with the episode counts). An alert is a run of cells at or above the detector's
-threshold; an episode is detected when an alert is active anywhere in its positive window, and its
-lead time is the labelled onset minus the first such cell (positive = before onset); a false alarm
-is an alert that starts in a negative cell, counted per patient-day of negative cells.
+threshold; it sounds when the run begins and again every 2 h while it lasts. An episode is
+detected when an alert is active anywhere in its positive window, and its lead time is the labelled
+onset minus the first such cell (positive = before onset); a false alarm is an alarm sounding in a
+negative cell, counted per patient-day of negative cells.
 
 Detectors: the twin's smoothed deviation score (threshold calibrated on separate calibration
 patients to a false-alarm budget), NEWS2 (threshold 5, the RCP's urgent-response trigger; and at
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 NEWS2_TRIGGER = 5.0
+REARM_STEPS = 8  # an alarm still on sounds again after 8 cells (2 h at 15 min)
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,17 @@ def cell_labels(times_h: np.ndarray, onset_h: float | None, *, warning_h: float,
     return labels
 
 
-def alert_starts(score: np.ndarray, threshold: float) -> np.ndarray:
-    """Indices of the cells where a run of `score >= threshold` begins."""
+def alert_starts(score: np.ndarray, threshold: float, *, rearm_steps: int = REARM_STEPS) -> np.ndarray:
+    """Indices of the cells where an alarm fires: where a run of `score >= threshold` begins, and again
+    every `rearm_steps` cells while it lasts (a silenced alarm sounds again) — so an alarm that never
+    stops costs what it costs on a ward, not one alarm per stay."""
     above = np.nan_to_num(score, nan=-np.inf) >= threshold
-    return np.flatnonzero(above & ~np.concatenate([[False], above[:-1]]))
+    fires, run = [], 0
+    for cell, on in enumerate(above):
+        run = run + 1 if on else 0
+        if on and (run - 1) % rearm_steps == 0:
+            fires.append(cell)
+    return np.array(fires, dtype=np.int64)
 
 
 def _patient_days(traces: Sequence[TwinTrace], labels: Sequence[np.ndarray]) -> float:

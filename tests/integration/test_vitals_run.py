@@ -18,8 +18,7 @@ def test_a_federated_vitals_twin_trains_with_dp_and_reports_its_bedside_page(tmp
 
     config = compose_config([
         "task=vitals", "strategy=fedavg_vitals", "task.vitals.patients_per_site=16", "task.vitals.hours=24", "federation.num_rounds=4",
-        "privacy=dp", "privacy.target_epsilon=3.0", "baselines.epochs=2", "baselines.batch_size=64",
-        "baselines.learning_rate=0.003", f"runs_dir={tmp_path}", "progress=false",
+        "privacy=dp", "privacy.target_epsilon=3.0", "baselines.enabled=false", f"runs_dir={tmp_path}", "progress=false",
     ])  # fmt: skip
     run = simulate(config)
     summary = json.loads((run / "summary.json").read_text())
@@ -30,8 +29,6 @@ def test_a_federated_vitals_twin_trains_with_dp_and_reports_its_bedside_page(tmp
     assert len(maes) >= 2 and maes[-1] < 0.9 * maes[0], maes  # the forecast improves round by round
     pooled = summary["final_metrics"]["pooled"]
     assert 0.5 < pooled["coverage"] <= 1.0 and {"mae_hr", "naive_mae"} <= set(pooled)
-    rows = summary["baselines"]["rows"]
-    assert {"federated", "pooled", "local:ward-a"} <= set(rows) and rows["federated"]["pooled_test"] < 0.6
     twin = summary["twin"]
     assert (run / twin["plot"]).stat().st_size > 10_000 and twin["onset_h"] is not None
     report = (run / "report.md").read_text()

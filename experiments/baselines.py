@@ -10,7 +10,6 @@ from torch import nn
 
 from medtwin.client.training import train_epochs
 from medtwin.core.config import MedtwinConfig
-from medtwin.core.model_vector import vector_to_model
 from medtwin.core.tasks import SiteSplit, TwinTask, get_task
 
 
@@ -58,9 +57,6 @@ def final_model_evaluator(config: MedtwinConfig):
     pooled = task.load_pooled()
 
     def evaluate(weights: np.ndarray) -> dict[str, float]:
-        torch.manual_seed(config.seed)
-        model = task.build_model()
-        vector_to_model(model, weights)
-        return score_everywhere(task, model, sites, pooled)
+        return score_everywhere(task, task.model_with_weights(weights, seed=config.seed), sites, pooled)
 
     return evaluate

@@ -25,7 +25,6 @@ import torch
 from medtwin.client.codec import PlainSiteCodec
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import compose_config
-from medtwin.core.model_vector import vector_to_model
 from medtwin.core.protocol import record_from_bytes
 from medtwin.core.rundir import atomic_write_text
 from medtwin.core.tasks import VitalsTask, get_task
@@ -51,10 +50,7 @@ def recipe(out: Path, rounds: int, extra: list[str]) -> list[str]:
 def final_model(task: VitalsTask, run_path: Path, seed: int) -> torch.nn.Module:
     summary = json.loads((run_path / "summary.json").read_text())
     aggregate = record_from_bytes(ArtifactStore(run_path / "artifacts").get(summary["final_aggregate_sha256"]))
-    torch.manual_seed(seed)
-    model = task.build_model()
-    vector_to_model(model, PlainSiteCodec().average(aggregate)[0])
-    return model
+    return task.model_with_weights(PlainSiteCodec().average(aggregate)[0], seed=seed)
 
 
 def detection(task: VitalsTask, model: torch.nn.Module) -> dict[str, object]:

@@ -286,7 +286,6 @@ def model_export_command(
     from medtwin.chain import Decision, open_session
     from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
     from medtwin.core.config import config_from_yaml
-    from medtwin.core.model_vector import vector_to_model
     from medtwin.core.protocol import record_from_bytes
     from medtwin.core.rundir import RunDirectory, atomic_write_bytes
     from medtwin.core.tasks import get_task
@@ -315,10 +314,7 @@ def model_export_command(
         raise typer.BadParameter("a CKKS run can only be decrypted with the site's kit: pass --kit")
     codec = CkksSiteCodec.from_kit(str(kit), config.crypto.key_id) if config.crypto.name == "ckks" else PlainSiteCodec()
     average, _ = codec.average(record_from_bytes(_artifact_store(runs_dir, run).get(model_hash)))
-    task = get_task(config.task)
-    torch.manual_seed(config.seed)
-    model = task.build_model()
-    vector_to_model(model, average)
+    model = get_task(config.task).model_with_weights(average, seed=config.seed)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     atomic_write_bytes(out, buffer.getvalue(), mode=0o600)

@@ -569,11 +569,10 @@ class SiteProcess:
             raise DeploymentError(f"--site-file: {error}") from error
         self.site_id, self.kit_dir, self.state_dir = site.site_id, Path(site.kit_dir).resolve(), Path(site.state_dir).resolve()
         if site.data_task == "vitals" and site.data_path is not None:  # the hospital's own streams, checked before start
-            from medtwin.core.tasks.vitals.ingest import read_fhir_bundle, read_long_csv
+            from medtwin.core.tasks.vitals.ingest import read_streams
 
-            reader = read_fhir_bundle if site.data_path.suffix.lower() == ".json" else read_long_csv
             try:
-                reader(site.data_path, site_id=site.site_id)
+                read_streams(site.data_path, site_id=site.site_id)
             except MedtwinError as error:
                 raise DeploymentError(f"--site-file {self.site_file}, data.vitals.path: {error}") from error
 

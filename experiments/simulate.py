@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medtwin.client.app import build_client_app
 from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
@@ -21,7 +20,6 @@ from medtwin.core.ids import ensure_id
 from medtwin.core.protocol import record_from_bytes
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
-from medtwin.core.model_vector import vector_to_model
 from medtwin.core.tasks import CsvTask, VitalsTask, get_task
 from medtwin.core.tasks.vitals.page import TWIN_PAGE, twin_page
 from medtwin.server.app import build_server_app, check_new_run, make_run_id
@@ -191,10 +189,7 @@ def add_simulation_findings(
         summary["baselines"] = baselines
     task = get_task(config.task)
     if isinstance(task, VitalsTask):  # the twin at one test patient's bedside, with the federated model
-        torch.manual_seed(config.seed)
-        model = task.build_model()
-        vector_to_model(model, average)
-        summary["twin"] = twin_page(task, model, run_path / TWIN_PAGE)
+        summary["twin"] = twin_page(task, task.model_with_weights(average, seed=config.seed), run_path / TWIN_PAGE)
     run_dir.write_summary(summary)
     atomic_write_text(run_path / "report.md", render_report(summary, run_dir.read_metrics(), run_path))
     logger.debug("summary: %s", json.dumps(summary["final_metrics"]))

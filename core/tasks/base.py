@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import TaskConfig
 from ..errors import UnknownTaskError
+from ..model_vector import vector_to_model
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class TwinTask(ABC):
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh model; callers seed torch first so every site starts from the same weights."""
+
+    def model_with_weights(self, weights: np.ndarray, *, seed: int) -> nn.Module:
+        """A model of this task holding `weights` (a flat vector, e.g. a decoded aggregate)."""
+        torch.manual_seed(seed)
+        model = self.build_model()
+        vector_to_model(model, weights)
+        return model
 
     @abstractmethod
     def loss_fn(self) -> nn.Module:

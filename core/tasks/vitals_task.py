@@ -27,7 +27,7 @@ from ..config.task import VitalsConfig
 from ..errors import ConfigError
 from .base import SiteSplit, TwinTask, register_task
 from .vitals import MIN_HOURS_AFTER_ONSET_H, MIN_HOURS_BEFORE_ONSET_H, SIGNALS, PatientSeries, SiteProfile, generate_site, site_profiles
-from .vitals.ingest import VitalsInputError, read_fhir_bundle, read_long_csv
+from .vitals.ingest import VitalsInputError, read_streams
 from .vitals.model import GaussianForecastLoss, VitalsForecaster, split_output
 from .vitals.windows import FORECAST_INDEX, FORECAST_SIGNALS, REFERENCE, GriddedSeries, WindowShape, grid_series, make_windows
 
@@ -72,18 +72,23 @@ def _wards(num_sites: int, patients: int, hours: float, grid_min: float, seed: i
     wards = []
     for index, profile in enumerate(site_profiles(num_sites, num_patients=patients, hours=hours)):
         series = generate_site(profile, seed=seed)
-        order = np.random.default_rng([seed, index]).permutation(len(series))
-        test_count = min(len(series) - 1, max(1, round(test_fraction * len(series))))
-        test_ids, train_ids = set(order[:test_count].tolist()), order[test_count:]
+        train_ids, test_ids = _split_patients(len(series), np.random.default_rng([seed, index]), test_fraction)
         gridded = [grid_series(patient, grid_min=grid_min) for patient in series]
         wards.append(
             _Ward(
-                train=tuple(gridded[i] for i in sorted(train_ids.tolist())),
-                test=tuple(gridded[i] for i in sorted(test_ids)),
-                raw_test=tuple(series[i] for i in sorted(test_ids)),
+                train=tuple(gridded[i] for i in train_ids),
+                test=tuple(gridded[i] for i in test_ids),
+                raw_test=tuple(series[i] for i in test_ids),
             )
         )
     return tuple(wards)
+
+
+def _split_patients(count: int, rng: np.random.Generator, test_fraction: float) -> tuple[list[int], list[int]]:
+    """(train, test) patient indices, each in order: `test_fraction` of the patients held out, at least one on each side."""
+    order = rng.permutation(count)
+    test_count = min(count - 1, max(1, round(test_fraction * count)))
+    return sorted(order[test_count:].tolist()), sorted(order[:test_count].tolist())
 
 
 @register_task("vitals")
@@ -137,14 +142,13 @@ class VitalsTask(TwinTask):
         """A hospital's own streams (long-format .csv or FHIR R4 bundle .json), split by patient with
         `task.test_fraction` / `task.split_seed`; `VitalsInputError` names every bad row or resource."""
         path = Path(path)
-        series = read_fhir_bundle(path, site_id=site_id) if path.suffix.lower() == ".json" else read_long_csv(path, site_id=site_id)
+        series = read_streams(path, site_id=site_id)
         if len(series) < 2:
             raise VitalsInputError(path, [f"{len(series)} patient(s): a site needs at least 2 (one to train on, one to test)"])
-        order = np.random.default_rng(self.config.split_seed).permutation(len(series))
-        test_count = min(len(series) - 1, max(1, round(self.config.test_fraction * len(series))))
+        train_ids, test_ids = _split_patients(len(series), np.random.default_rng(self.config.split_seed), self.config.test_fraction)
         gridded = [grid_series(patient, grid_min=self.settings.grid_min) for patient in series]
-        x_train, y_train = self._rows(tuple(gridded[i] for i in sorted(order[test_count:].tolist())))
-        x_test, y_test = self._rows(tuple(gridded[i] for i in sorted(order[:test_count].tolist())))
+        x_train, y_train = self._rows(tuple(gridded[i] for i in train_ids))
+        x_test, y_test = self._rows(tuple(gridded[i] for i in test_ids))
         if not len(x_train) or not len(x_test):
             raise VitalsInputError(path, [f"the streams are too short for one {self.settings.window_h + self.settings.horizon_h:g} h window on each side"])
         return SiteSplit(site_id, x_train, y_train, x_test, y_test)

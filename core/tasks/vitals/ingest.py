@@ -25,7 +25,7 @@ import numpy as np
 from ...errors import MedtwinError
 from .generator import SIGNALS, PatientSeries
 
-__all__ = ["LOINC", "PLAUSIBLE_RANGE", "VitalsCsvError", "VitalsInputError", "read_fhir_bundle", "read_long_csv"]
+__all__ = ["LOINC", "PLAUSIBLE_RANGE", "VitalsCsvError", "VitalsInputError", "read_fhir_bundle", "read_long_csv", "read_streams"]
 
 COLUMNS = ("patient_id", "timestamp", "signal", "value")
 # physiologically possible (not normal) values; outside = a unit mix-up or a broken sensor, refused
@@ -293,4 +293,10 @@ def _observation_readings(
 def _codes(element: object) -> set[str]:
     coding = getattr(getattr(element, "code", None), "coding", None) or []
     return {str(c.code) for c in coding if getattr(c, "system", "") in ("http://loinc.org", None) and c.code}
+
+
+def read_streams(path: str | Path, *, site_id: str) -> list[PatientSeries]:
+    """A site's streams by file type: a FHIR R4 bundle (`.json`) or a long-format CSV (anything else)."""
+    reader = read_fhir_bundle if Path(path).suffix.lower() == ".json" else read_long_csv
+    return reader(path, site_id=site_id)
 

@@ -70,15 +70,19 @@ class GriddedSeries:
     onset_h: float | None
 
 
+def _reference(signals: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(centres, scales) of `signals`, float32."""
+    return (np.array([REFERENCE[name][0] for name in signals], dtype=np.float32),
+            np.array([REFERENCE[name][1] for name in signals], dtype=np.float32))  # fmt: skip
+
+
 def standardise(values: np.ndarray, signals: tuple[str, ...] = SIGNALS) -> np.ndarray:
-    centre = np.array([REFERENCE[name][0] for name in signals], dtype=np.float32)
-    scale = np.array([REFERENCE[name][1] for name in signals], dtype=np.float32)
+    centre, scale = _reference(signals)
     return ((values - centre) / scale).astype(np.float32)
 
 
 def unstandardise(values: np.ndarray, signals: tuple[str, ...] = FORECAST_SIGNALS) -> np.ndarray:
-    centre = np.array([REFERENCE[name][0] for name in signals], dtype=np.float32)
-    scale = np.array([REFERENCE[name][1] for name in signals], dtype=np.float32)
+    centre, scale = _reference(signals)
     return (values * scale + centre).astype(np.float32)
 
 

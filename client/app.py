@@ -46,7 +46,7 @@ from medtwin.core.runconfig import CONFIG_YAML_KEY
 from medtwin.core.tasks.vitals.ingest import VitalsInputError
 
 from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
-from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, plan_round, reserve_round, train_locally_dp
+from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, dp_units_per_step, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
 from .release import release_metrics
 from .reply_store import ReplyStore
@@ -167,8 +167,10 @@ def train_round(
         run_id=run_id,
         round=server_round,
         privacy_cfg=site.config.privacy,
-        num_train=site.data.num_train,
-        batch_size=settings.batch_size,
+        num_train=site.data.num_train_units,  # the privacy unit is the patient
+        batch_size=dp_units_per_step(
+            batch_size=settings.batch_size, unit_rows=site.config.privacy.unit_rows, grouped=site.data.train_units is not None
+        ),
         local_steps=settings.local_steps,
         num_rounds=site.config.federation.num_rounds,
     )
@@ -189,7 +191,11 @@ def train_round(
         max_grad_norm=plan.max_grad_norm,
         grad_sample_mode=site.config.privacy.grad_sample_mode,
         secure_mode=site.config.privacy.secure_mode,
+        units=site.data.train_units,
+        unit_rows=site.config.privacy.unit_rows,
     )
+    if result.sample_rate != plan.sample_rate:  # the ledger must record the rate actually trained with
+        raise RuntimeError(f"trained at sample rate {result.sample_rate}, planned {plan.sample_rate}")
     # the training loss is not DP-protected: it stays at the site
     return result, epsilon, plan.target_delta, {"noise_multiplier": plan.noise_multiplier}
 

@@ -13,14 +13,14 @@ A path the site would use (`task.csv.site_files`) is refused: the site's data co
     strategy.{name, proximal_mu, local_steps, batch_size, optimizer, learning_rate}
     federation.{num_rounds, min_sites}
     privacy.{name, target_epsilon, target_delta, max_grad_norm, accountant, grad_sample_mode,
-             secure_mode, epsilon_tolerance}
+             secure_mode, epsilon_tolerance, unit_rows}
     crypto.{name, key_id}
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import yaml
@@ -40,7 +40,7 @@ from medtwin.core.errors import ConfigError
 from medtwin.core.hashing import config_hash
 from medtwin.core.ids import check_id
 
-from .site_file import SiteFile
+from .site_file import SiteFile, VitalsWindowBounds
 
 __all__ = [
     "MAX_HIDDEN_UNITS",
@@ -227,13 +227,18 @@ class _Fields:
         return value
 
 
-def _vitals_windows(fields: _Fields, own: VitalsConfig) -> VitalsConfig:
-    """The twin's window (what the model looks like) comes from the proposal, within bounds; the data
-    (generated ward size, or the site's own streams) stays the site's."""
-    window = {
-        key: fields.get(f"task.vitals.{key}", float, getattr(own, key), minimum=low, maximum=high)
-        for key, (low, high) in {"grid_min": (5.0, 240.0), "window_h": (0.25, 24.0), "horizon_h": (0.25, 6.0), "stride_h": (0.25, 24.0)}.items()
-    }
+def _vitals_windows(fields: _Fields, own: VitalsConfig, bounds: VitalsWindowBounds) -> VitalsConfig:
+    """The twin's window (what the model looks like) comes from the proposal, within the site file's
+    `accept.vitals`; the data (generated ward size, or the site's own streams) stays the site's. The
+    task itself still refuses a grid and stride that would cut more windows than its memory budget."""
+    window = {}
+    for key, (low, high) in asdict(bounds).items():
+        value = fields.get(f"task.vitals.{key}", float, getattr(own, key))
+        if not low <= value <= high:
+            raise ProposalRefused(
+                "over_limit", f"proposal task.vitals.{key} {value:g} is outside this site's accept.vitals.{key} [{low:g}, {high:g}]"
+            )
+        window[key] = value
     return replace(own, **window)
 
 
@@ -250,7 +255,7 @@ def _task(fields: _Fields, site: SiteFile):
             "each site's data path is in its own site file",
         )
     if name == "vitals":
-        return replace(site.task, vitals=_vitals_windows(fields, site.task.vitals or VitalsConfig()))
+        return replace(site.task, vitals=_vitals_windows(fields, site.task.vitals or VitalsConfig(), site.accept.vitals))
     if name != "csv":
         return site.task
     schema = site.task.csv
@@ -316,6 +321,7 @@ def _privacy(fields: _Fields) -> PrivacyConfig:
         grad_sample_mode=fields.get("privacy.grad_sample_mode", str, "ew"),
         secure_mode=fields.get("privacy.secure_mode", bool, False),
         epsilon_tolerance=fields.get("privacy.epsilon_tolerance", float, 0.01),
+        unit_rows=fields.get("privacy.unit_rows", int, 8),
     )
     try:
         validate_privacy_config(privacy)

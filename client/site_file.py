@@ -6,7 +6,7 @@
       csv: {path: /data/cardio.csv, target: readmitted, task_type: binary,
             features: [{name: age, type: float}, ...], missing_policy: reject, test_fraction: 0.3}
       # builtin: {task: fed_heart_disease, index: 0}          (datasets shipped with medtwin)
-      # vitals: {path: /data/vitals.csv, test_fraction: 0.3}  (task vitals: long-format CSV or a FHIR R4 bundle .json)
+      # vitals: {path: /data/vitals.csv, test_fraction: 0.3}  (task vitals: long-format .csv or .parquet, or a FHIR R4 bundle .json)
     accept:                           # what a coordinator may ask of this site
       tasks: [csv]
       crypto: [ckks]
@@ -14,6 +14,11 @@
       max_local_steps: 2000
       min_batch_size: 1
       max_batch_size: 1024
+      vitals:                         # [min, max] a proposal's vitals window may take (defaults shown)
+        grid_min: [5, 240]            # minutes
+        window_h: [0.25, 24]          # hours of history the twin sees
+        horizon_h: [0.25, 6]          # hours it forecasts
+        stride_h: [0.25, 24]          # hours between windows (the task still refuses > 1 GiB of them)
     privacy:
       require_dp: true                # default true unless research_simulation
       max_epsilon: 3.0                # per run
@@ -38,7 +43,7 @@ reported with the file and the key.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +57,16 @@ from medtwin.core.tasks import registered_tasks
 
 from .privacy import SitePolicy, SitePolicyError
 
-__all__ = ["AcceptPolicy", "EvaluationPolicy", "SiteFile", "SiteFileError", "load_site_file", "site_file_from_mapping"]
+__all__ = [
+    "DEFAULT_VITALS_WINDOW_BOUNDS",
+    "AcceptPolicy",
+    "EvaluationPolicy",
+    "SiteFile",
+    "SiteFileError",
+    "VitalsWindowBounds",
+    "load_site_file",
+    "site_file_from_mapping",
+]
 
 RELEASE_MODES = ("exact", "rounded", "dp")
 APPROVAL_SOURCES = ("local", "chain")
@@ -69,6 +83,21 @@ class SiteFileError(MedtwinError):
 
 
 @dataclass(frozen=True)
+class VitalsWindowBounds:
+    """`accept.vitals`: the [min, max] of each vitals window setting a proposal may ask for."""
+
+    grid_min: tuple[float, float]  # minutes
+    window_h: tuple[float, float]
+    horizon_h: tuple[float, float]
+    stride_h: tuple[float, float]
+
+
+DEFAULT_VITALS_WINDOW_BOUNDS = VitalsWindowBounds(
+    grid_min=(5.0, 240.0), window_h=(0.25, 24.0), horizon_h=(0.25, 6.0), stride_h=(0.25, 24.0)
+)
+
+
+@dataclass(frozen=True)
 class AcceptPolicy:
     """Bounds on what a coordinator may set in a run proposal."""
 
@@ -78,6 +107,7 @@ class AcceptPolicy:
     max_local_steps: int = 2000
     min_batch_size: int = 1
     max_batch_size: int = 1024
+    vitals: VitalsWindowBounds = DEFAULT_VITALS_WINDOW_BOUNDS
 
 
 @dataclass(frozen=True)
@@ -117,14 +147,14 @@ class _Reader:
         self.source = source
         self.problems: list[str] = []
 
-    def section(self, document: dict, key: str, *, required: bool = False) -> dict:
+    def section(self, document: dict, key: str, *, required: bool = False, prefix: str = "") -> dict:
         value = document.get(key, None)
         if value is None:
             if required:
-                self.problems.append(f"`{key}` is missing")
+                self.problems.append(f"`{prefix}{key}` is missing")
             return {}
         if not isinstance(value, dict):
-            self.problems.append(f"`{key}` must be a mapping, got {type(value).__name__}")
+            self.problems.append(f"`{prefix}{key}` must be a mapping, got {type(value).__name__}")
             return {}
         return value
 
@@ -154,6 +184,27 @@ class _Reader:
             self.problems.append(f"{name} must be >= {minimum}, got {raw!r}")
             return default
         return raw
+
+    def bounds(self, document: dict, key: str, default: tuple[float, float], *, prefix: str = "") -> tuple[float, float]:
+        """A `[min, max]` pair of finite numbers with 0 < min <= max."""
+        if key not in document:
+            return default
+        raw = document[key]
+        pair = raw if isinstance(raw, list) and len(raw) == 2 else []
+        numbers = [number for number in map(_number, pair) if number is not None]
+        if len(numbers) != 2 or not all(math.isfinite(end) for end in numbers) or not 0 < numbers[0] <= numbers[1]:
+            self.problems.append(f"`{prefix}{key}` must be [min, max] with 0 < min <= max, got {raw!r}")
+            return default
+        return numbers[0], numbers[1]
+
+
+def _number(raw: object) -> float | None:
+    if isinstance(raw, str):
+        try:
+            return float(raw)  # YAML reads 1e3 (no dot) as a string
+        except ValueError:
+            return None
+    return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
 
 
 def load_site_file(path: str | Path) -> SiteFile:
@@ -233,7 +284,7 @@ def _data(reader: _Reader, data: dict, folder: Path) -> tuple[TaskConfig, Path |
         reader.unknown(streams, {"path", "test_fraction", "split_seed"}, "data.vitals.")
         raw_path = reader.value(streams, "path", str, "", prefix="data.vitals.")
         if not raw_path:
-            reader.problems.append("`data.vitals.path` is missing: the hospital's vital-sign streams (long-format .csv or FHIR .json)")
+            reader.problems.append("`data.vitals.path` is missing: the hospital's vital-sign streams (long-format .csv or .parquet, or FHIR .json)")
         task = TaskConfig(
             name="vitals", num_sites=1,
             test_fraction=reader.value(streams, "test_fraction", float, 0.3, prefix="data.vitals."),
@@ -296,7 +347,8 @@ def _generated_wards(reader: _Reader, wards: dict) -> VitalsConfig:
 
 
 def _accept(reader: _Reader, accept: dict, *, default_task: str) -> AcceptPolicy:
-    reader.unknown(accept, {"tasks", "crypto", "max_rounds", "max_local_steps", "min_batch_size", "max_batch_size"}, "accept.")
+    allowed = {"tasks", "crypto", "max_rounds", "max_local_steps", "min_batch_size", "max_batch_size", "vitals"}
+    reader.unknown(accept, allowed, "accept.")
     tasks = accept.get("tasks", [default_task])
     crypto = accept.get("crypto", list(CRYPTO_SCHEMES))
     if not isinstance(tasks, list) or not all(isinstance(name, str) for name in tasks):
@@ -312,8 +364,18 @@ def _accept(reader: _Reader, accept: dict, *, default_task: str) -> AcceptPolicy
         max_local_steps=reader.value(accept, "max_local_steps", int, 2000, prefix="accept.", minimum=1),
         min_batch_size=reader.value(accept, "min_batch_size", int, 1, prefix="accept.", minimum=1),
         max_batch_size=reader.value(accept, "max_batch_size", int, 1024, prefix="accept.", minimum=1),
+        vitals=_vitals_bounds(reader, reader.section(accept, "vitals", prefix="accept.")),
     )
     return policy
+
+
+def _vitals_bounds(reader: _Reader, vitals: dict) -> VitalsWindowBounds:
+    """`accept.vitals`: each setting's [min, max]; a setting left out keeps the default bound."""
+    names = [setting.name for setting in fields(VitalsWindowBounds)]
+    reader.unknown(vitals, set(names), "accept.vitals.")
+    return VitalsWindowBounds(
+        **{name: reader.bounds(vitals, name, getattr(DEFAULT_VITALS_WINDOW_BOUNDS, name), prefix="accept.vitals.") for name in names}
+    )
 
 
 def _privacy(reader: _Reader, privacy: dict, *, research: bool) -> SitePolicy:

@@ -4,9 +4,10 @@
     medtwin twin follow --model twin.pt --config runs/<run>/config.yaml --csv vitals.csv --patient p-0001 --plot p-0001.png
     medtwin twin follow --model twin.pt --config runs/<run>/config.yaml --generated ward-c:1:episode
 
-The stream is a long-format CSV (see `core/tasks/vitals/ingest.py`) or a generated demo patient
-(`ward:index[:episode]`). Prints the latest forecast with its band, every alert with the vitals that
-drove it and NEWS2 beside it; `--json` for machines, `--plot` for one page a clinician can read.
+The stream is a site's file — long-format CSV or Parquet, or a FHIR R4 bundle .json (see
+`core/tasks/vitals/ingest.py`) — or a generated demo patient (`ward:index[:episode]`). Prints the
+latest forecast with its band, every alert with the vitals that drove it and NEWS2 beside it;
+`--json` for machines, `--plot` for one page a clinician can read.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ twin_app = typer.Typer(no_args_is_help=True, help="A patient's vital-signs twin:
 
 def _patient(csv_path: Path | None, patient_id: str | None, generated: str | None, task):  # noqa: ANN001, ANN202
     from medtwin.core.tasks.vitals import generate_patient
-    from medtwin.core.tasks.vitals.ingest import read_long_csv
+    from medtwin.core.tasks.vitals.ingest import read_streams
 
     if (csv_path is None) == (generated is None):
         raise typer.BadParameter("give the stream as --csv FILE --patient ID, or --generated WARD:INDEX[:episode]")
@@ -36,7 +37,7 @@ def _patient(csv_path: Path | None, patient_id: str | None, generated: str | Non
         if len(parts) not in (2, 3) or parts[0] not in profiles or not parts[1].isdigit() or parts[2:] not in ([], ["episode"]):
             raise typer.BadParameter(f"--generated {generated!r}: use WARD:INDEX[:episode] with WARD one of {', '.join(profiles)}")
         return generate_patient(profiles[parts[0]], int(parts[1]), seed=task.config.split_seed, has_episode=parts[2:] == ["episode"])
-    patients = {patient.patient_id: patient for patient in read_long_csv(csv_path, site_id="bedside")}
+    patients = {patient.patient_id: patient for patient in read_streams(csv_path, site_id="bedside")}
     if patient_id not in patients:
         raise typer.BadParameter(f"--patient {patient_id!r} is not in {csv_path}; patients there: {', '.join(sorted(patients)[:20])}")
     return patients[patient_id]
@@ -46,8 +47,8 @@ def _patient(csv_path: Path | None, patient_id: str | None, generated: str | Non
 def twin_follow_command(
     model_path: Annotated[Path, typer.Option("--model", help="state_dict written by `medtwin model export`")],
     config_path: Annotated[Path, typer.Option("--config", help="the run's config.yaml (task and window settings)")],
-    csv_path: Annotated[Path | None, typer.Option("--csv", help="long-format vitals CSV")] = None,
-    patient_id: Annotated[str | None, typer.Option("--patient", help="patient id in the CSV")] = None,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="vital-sign streams: long-format .csv or .parquet, or FHIR .json")] = None,
+    patient_id: Annotated[str | None, typer.Option("--patient", help="patient id in the --csv file")] = None,
     generated: Annotated[str | None, typer.Option("--generated", help="a generated demo patient, WARD:INDEX[:episode]")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="alert threshold of the deviation score")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="write the patient's page (PNG)")] = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .accounting import calibrate_noise_multiplier, epsilon_after, history_epsilon
-from .dp_training import DpTrainingResult, check_model_compatible, train_locally_dp
+from .dp_training import DpTrainingResult, check_model_compatible, dp_units_per_step, train_locally_dp
 from .errors import (
     BudgetExceededError,
     IncompatibleModelError,
@@ -48,6 +48,7 @@ __all__ = [
     "calibrate_noise_multiplier",
     "check_model_compatible",
     "check_request",
+    "dp_units_per_step",
     "ensure_allowed",
     "epsilon_after",
     "history_epsilon",

@@ -3,14 +3,23 @@
 Same contract as `medtwin.client.training.train_locally` (a fixed number of optimizer steps per
 round, FedProx optional) plus the DP knobs. Each step:
 
-1. Poisson sampling: every example joins the batch independently with probability
-   `sample_rate = batch_size / n` (so the batch size varies, and may be 0);
-2. Opacus computes per-example gradients (`grad_sample_mode`); `FlatDPOptimizer` (Opacus's
-   `DPOptimizer`, vectorised over parameters) clips each to L2 norm `max_grad_norm`, sums, adds
-   N(0, (noise_multiplier * max_grad_norm)^2) and divides by the expected batch size;
+1. Poisson sampling: every privacy unit joins the batch independently with probability
+   `sample_rate = units per step / units` (so the batch size varies, and may be 0);
+2. Opacus computes per-row gradients (`grad_sample_mode`); `FlatDPOptimizer` (Opacus's
+   `DPOptimizer`, vectorised over parameters) clips each unit's gradient to L2 norm
+   `max_grad_norm`, sums, adds N(0, (noise_multiplier * max_grad_norm)^2) and divides by the
+   expected number of units per step;
 3. the FedProx gradient mu * (w - w_global) is added *after* noising: it depends on no example
    (only on weights that are already DP outputs), so it needs neither clipping nor noise;
 4. the wrapped torch optimizer steps.
+
+The privacy unit is the PATIENT. For tabular tasks a row is a patient. When a patient owns many
+rows (`units`: the vital-signs twin's windows of one stay), a sampled patient contributes up to
+`unit_rows` of their rows, drawn at random, and their row gradients are AVERAGED into one gradient
+before clipping (user-level DP-SGD, as in McMahan et al. 2018, "Learning differentially private
+recurrent language models"): however many rows a patient has, one clipped gradient of norm <= C
+per step is all that depends on them, so the accountant's (epsilon, delta) protects a whole
+patient, not one window of them.
 
 No accountant lives here: a fresh Opacus accountant per round would forget earlier rounds, so the
 spend is recorded in the site's `BudgetLedger` by the caller (see `site_privacy`).
@@ -35,18 +44,20 @@ from torch import nn
 
 from medtwin.client.training import make_optimizer
 from medtwin.core.config.privacy import GRAD_SAMPLE_MODES
+from medtwin.core.privacy_math import sample_rate_for
 
 from .errors import IncompatibleModelError
 from .flat_optimizer import FlatDPOptimizer
 
-__all__ = ["DpTrainingResult", "check_model_compatible", "train_locally_dp"]
+__all__ = ["DpTrainingResult", "check_model_compatible", "dp_units_per_step", "train_locally_dp"]
 
 @dataclass(frozen=True)
 class DpTrainingResult:
     mean_loss: float  # over the non-empty Poisson batches (NOT DP-protected: keep it at the site)
     steps: int  # optimizer steps taken (= local_steps; empty batches still add noise and count)
-    num_examples: int
-    sample_rate: float
+    num_examples: int  # rows
+    num_units: int  # privacy units (patients) the rows belong to
+    sample_rate: float  # of units
     noise_multiplier: float
     max_grad_norm: float
     empty_batches: int
@@ -71,6 +82,58 @@ def _loss_reduction(loss_fn: nn.Module) -> str:
             [f"loss reduction {reduction!r} of {type(loss_fn).__name__}: DP-SGD needs 'mean' or 'sum'"]
         )
     return reduction
+
+
+def dp_units_per_step(*, batch_size: int, unit_rows: int, grouped: bool) -> int:
+    """Expected privacy units per DP step: `batch_size` rows, or for rows grouped by patient,
+    `batch_size / unit_rows` patients (each contributing up to `unit_rows` rows). The site's plan
+    and its training both use this, so the accountant's sample rate is the one trained with."""
+    if unit_rows < 1:
+        raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
+    return max(1, round(batch_size / unit_rows)) if grouped else batch_size
+
+
+class _Units:
+    """Rows grouped by privacy unit; draws a Poisson batch of units and up to `unit_rows` rows of each."""
+
+    def __init__(self, units: np.ndarray | None, num_rows: int, unit_rows: int) -> None:
+        if units is None:
+            self.rows = None
+            self.count = num_rows
+        else:
+            if len(units) != num_rows:
+                raise ValueError(f"units has {len(units)} entries for {num_rows} rows")
+            order = np.argsort(units, kind="stable")
+            boundaries = np.flatnonzero(np.diff(units[order])) + 1
+            self.rows = np.split(order, boundaries)
+            self.count = len(self.rows)
+        self.unit_rows = unit_rows
+
+    def draw(self, sampling: np.random.Generator, sample_rate: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """(row index, owner position of each row or None when every row is its own unit)."""
+        chosen = np.flatnonzero(sampling.random(self.count) < sample_rate)
+        if self.rows is None:
+            return chosen, None
+        picked = [self._rows_of(int(unit), sampling) for unit in chosen]
+        if not picked:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        owner = np.repeat(np.arange(len(picked)), [len(rows) for rows in picked])
+        return np.concatenate(picked), owner
+
+    def _rows_of(self, unit: int, sampling: np.random.Generator) -> np.ndarray:
+        rows = self.rows[unit]
+        return rows if len(rows) <= self.unit_rows else sampling.choice(rows, self.unit_rows, replace=False)
+
+
+def average_per_unit(trainable: list, owner: np.ndarray) -> None:
+    """Replace each parameter's per-row `grad_sample` by the mean over each unit's rows (one row per unit)."""
+    owner_index = torch.from_numpy(owner)
+    units = int(owner.max()) + 1
+    counts = torch.bincount(owner_index, minlength=units).clamp(min=1)
+    for parameter in trainable:
+        per_row = parameter.grad_sample.reshape(len(owner), -1)
+        summed = torch.zeros((units, per_row.shape[1]), dtype=per_row.dtype).index_add_(0, owner_index, per_row)
+        parameter.grad_sample = (summed / counts[:, None].to(per_row.dtype)).reshape(units, *parameter.shape)
 
 
 def _secret_or_test_seed(seed: int, *, deterministic: bool) -> int:
@@ -107,9 +170,12 @@ def train_locally_dp(
     max_grad_norm: float,
     grad_sample_mode: str = "ew",
     secure_mode: bool = False,
+    units: np.ndarray | None = None,
+    unit_rows: int = 8,
     deterministic_for_tests: bool = False,
 ) -> DpTrainingResult:
-    """Train `model` in place with DP-SGD for `local_steps` steps; it comes back a plain nn.Module."""
+    """Train `model` in place with DP-SGD for `local_steps` steps; it comes back a plain nn.Module.
+    `units[i]` is the patient of row i (None: every row is its own patient)."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
     if noise_multiplier < 0 or max_grad_norm <= 0:
@@ -117,7 +183,9 @@ def train_locally_dp(
     check_model_compatible(model)
     reduction = _loss_reduction(loss_fn)
     num_examples = len(x_train)
-    sample_rate = min(1.0, batch_size / num_examples)
+    grouping = _Units(units, num_examples, unit_rows)
+    units_per_step = dp_units_per_step(batch_size=batch_size, unit_rows=unit_rows, grouped=units is not None)
+    sample_rate = sample_rate_for(batch_size=units_per_step, num_train=grouping.count)
     features, targets = torch.from_numpy(x_train), torch.from_numpy(y_train)
     sampling = np.random.default_rng(_secret_or_test_seed(seed, deterministic=deterministic_for_tests))
     noise = torch.Generator().manual_seed(_secret_or_test_seed(seed + 1, deterministic=deterministic_for_tests))
@@ -131,7 +199,7 @@ def train_locally_dp(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(sample_rate * num_examples)),
+        expected_batch_size=max(1, round(sample_rate * grouping.count)),
         loss_reduction=reduction,
         generator=noise,
         secure_mode=secure_mode,
@@ -142,10 +210,13 @@ def train_locally_dp(
             # Opacus' hooks warn that the first layer's input needs no gradient: expected, harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             for _ in range(local_steps):
-                index = torch.from_numpy(np.flatnonzero(sampling.random(num_examples) < sample_rate))
+                index, owner = grouping.draw(sampling, sample_rate)
+                index = torch.from_numpy(index)
                 loss = _backward_per_example(wrapped, loss_fn, features[index], targets[index], trainable)
                 if loss is not None:
                     losses.append(loss)
+                    if owner is not None:
+                        average_per_unit(trainable, owner)
                 if secure_mode:
                     noise.manual_seed(secrets.randbits(63))
                 dp_optimizer.pre_step()  # clip per example, sum, add noise, scale
@@ -164,6 +235,7 @@ def train_locally_dp(
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         steps=local_steps,
         num_examples=num_examples,
+        num_units=grouping.count,
         sample_rate=sample_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

@@ -15,6 +15,7 @@ __all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "PRIVACY_MODES", "PrivacyConfig",
 PRIVACY_MODES = ("none", "dp")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
+MAX_UNIT_ROWS = 256  # rows one patient may put in one DP step (bounds the step's memory)
 
 
 @dataclass
@@ -31,6 +32,11 @@ class PrivacyConfig:
     grad_sample_mode: str = "ew"
     secure_mode: bool = False  # Opacus noise robust to floating-point attacks (4 Gaussian draws per value)
     epsilon_tolerance: float = 0.01  # calibration stops within this much below target_epsilon
+    # The privacy unit is the patient. When a patient owns many rows (the vitals twin's windows), a
+    # sampled patient contributes up to unit_rows of them, averaged into ONE clipped gradient; a step
+    # then samples strategy.batch_size / unit_rows patients on average. Utility only: the guarantee is
+    # per patient whatever this is.
+    unit_rows: int = 8
 
 
 def validate_privacy_config(config: PrivacyConfig) -> None:
@@ -67,6 +73,8 @@ def validate_privacy_config(config: PrivacyConfig) -> None:
             f"{config.target_epsilon:g} is below the calibration tolerance {config.epsilon_tolerance:g}: no noise level can be tuned to it",
             "use a target_epsilon of at least 0.1 (typical 1-10), or lower privacy.epsilon_tolerance below it",
         )
+    if not 1 <= config.unit_rows <= MAX_UNIT_ROWS:
+        raise ConfigError("privacy.unit_rows", f"must be in [1, {MAX_UNIT_ROWS}], got {config.unit_rows}")
     if not 0 < config.epsilon_tolerance < config.target_epsilon:
         raise ConfigError(
             "privacy.epsilon_tolerance",

@@ -24,10 +24,18 @@ class SiteSplit:
     y_train: np.ndarray  # float32 [n_train]
     x_test: np.ndarray  # float32 [n_test, n_features]
     y_test: np.ndarray  # float32 [n_test]
+    # the patient of each training row, when a patient owns several rows (the vitals twin's windows):
+    # DP-SGD then protects a patient, not a row. None: one row per patient.
+    train_units: np.ndarray | None = None
 
     @property
     def num_train(self) -> int:
         return int(self.x_train.shape[0])
+
+    @property
+    def num_train_units(self) -> int:
+        """Patients in the training rows (the unit DP's sample rate and guarantee are about)."""
+        return self.num_train if self.train_units is None else len(np.unique(self.train_units))
 
     @property
     def num_test(self) -> int:

@@ -119,7 +119,8 @@ class VitalsTask(TwinTask):
             self.config.split_seed, self.config.test_fraction,
         )  # fmt: skip
 
-    def _rows(self, patients: tuple[GriddedSeries, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _rows(self, patients: tuple[GriddedSeries, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(windows, targets, the patient position of each window): DP-SGD's unit is the patient."""
         span = self.shape.window_steps + self.shape.horizon_steps
         windows = sum(max(0, (len(p.times_h) - span) // self.stride_steps + 1) for p in patients)
         size = windows * (self.shape.input_width + 2 * self.shape.target_width) * 4
@@ -130,16 +131,20 @@ class VitalsTask(TwinTask):
                 "use a coarser grid_min or a longer stride_h",
             )
         pairs = [make_windows(patient, self.shape, stride_steps=self.stride_steps) for patient in patients]
-        return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
+        units = np.concatenate([np.full(len(x), position, np.int64) for position, (x, _) in enumerate(pairs)])
+        return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]), units
+
+    def _split(self, site_id: str, train: tuple[GriddedSeries, ...], test: tuple[GriddedSeries, ...]) -> SiteSplit:
+        x_train, y_train, units = self._rows(train)
+        x_test, y_test, _ = self._rows(test)
+        return SiteSplit(site_id, x_train, y_train, x_test, y_test, train_units=units)
 
     def load_site(self, index: int) -> SiteSplit:
         ward = self.wards()[index]
-        x_train, y_train = self._rows(ward.train)
-        x_test, y_test = self._rows(ward.test)
-        return SiteSplit(self.site_ids()[index], x_train, y_train, x_test, y_test)
+        return self._split(self.site_ids()[index], ward.train, ward.test)
 
     def load_site_streams(self, path: str | Path, *, site_id: str) -> SiteSplit:
-        """A hospital's own streams (long-format .csv or FHIR R4 bundle .json), split by patient with
+        """A hospital's own streams (long-format .csv or .parquet, or a FHIR R4 bundle .json), split by patient with
         `task.test_fraction` / `task.split_seed`; `VitalsInputError` names every bad row or resource."""
         path = Path(path)
         series = read_streams(path, site_id=site_id)
@@ -147,20 +152,21 @@ class VitalsTask(TwinTask):
             raise VitalsInputError(path, [f"{len(series)} patient(s): a site needs at least 2 (one to train on, one to test)"])
         train_ids, test_ids = _split_patients(len(series), np.random.default_rng(self.config.split_seed), self.config.test_fraction)
         gridded = [grid_series(patient, grid_min=self.settings.grid_min) for patient in series]
-        x_train, y_train = self._rows(tuple(gridded[i] for i in train_ids))
-        x_test, y_test = self._rows(tuple(gridded[i] for i in test_ids))
-        if not len(x_train) or not len(x_test):
+        split = self._split(site_id, tuple(gridded[i] for i in train_ids), tuple(gridded[i] for i in test_ids))
+        if not split.num_train or not split.num_test:
             raise VitalsInputError(path, [f"the streams are too short for one {self.settings.window_h + self.settings.horizon_h:g} h window on each side"])
-        return SiteSplit(site_id, x_train, y_train, x_test, y_test)
+        return split
 
     def load_pooled(self) -> SiteSplit:
         splits = self.load_all_sites()
+        offsets = np.cumsum([0] + [split.num_train_units for split in splits])
         return SiteSplit(
             "pooled",
             np.concatenate([split.x_train for split in splits]),
             np.concatenate([split.y_train for split in splits]),
             np.concatenate([split.x_test for split in splits]),
             np.concatenate([split.y_test for split in splits]),
+            train_units=np.concatenate([split.train_units + offset for split, offset in zip(splits, offsets, strict=False)]),
         )
 
     def build_model(self) -> nn.Module:

@@ -116,7 +116,6 @@ def test_decrypted_final_aggregate_matches_the_sites_plaintext_updates(runs: dic
 
 
 def test_encrypted_run_trains_the_plaintext_model(runs: dict[str, Run]) -> None:
-    kits = _site_kits(runs["ckks"])
     ckks_average, ckks_total = _codec(runs["ckks"], "cleveland").average(runs["ckks"].final_aggregate())
     plain_average, plain_total = average_from_sum(unpack_plain(runs["plain"].final_aggregate()))
     assert ckks_total == plain_total

@@ -214,3 +214,54 @@ def test_accountant_and_mode_names_agree_between_config_and_maths():
     from medtwin.core.config import privacy as privacy_config
 
     assert privacy_math.ACCOUNTANTS == privacy_config.ACCOUNTANTS
+
+
+def one_step_update(features, labels, **change):
+    """The weight change of one noiseless DP-SGD step at learning rate 1 from zero weights."""
+    model = logistic_regression(features.shape[1])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    settings = {"local_steps": 1, "learning_rate": 1.0, "noise_multiplier": 0.0, "deterministic_for_tests": True}
+    result = train(model, features, labels, **{**settings, **change})
+    return model[0].weight.detach().reshape(-1).numpy(), result
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
+def test_a_patient_with_many_rows_moves_the_model_no_more_than_a_patient_with_one(mode):
+    """Patient 0 owns 50 copies of a row along feature 0, patient 1 one row along feature 1: as one
+    clipped gradient each, they pull the weights equally; as rows, patient 0 would pull 50 times harder."""
+    features = np.zeros((51, 13), np.float32)
+    features[:50, 0] = 10.0
+    features[50, 1] = 10.0
+    labels = np.ones(51, np.float32)
+    units = np.array([0] * 50 + [1])
+    per_patient, result = one_step_update(features, labels, units=units, unit_rows=64, batch_size=128, grad_sample_mode=mode)
+    assert (result.num_examples, result.num_units, result.sample_rate) == (51, 2, 1.0)
+    assert per_patient[0] == pytest.approx(per_patient[1], rel=1e-5) and per_patient[0] > 0
+    per_row, result = one_step_update(features, labels, batch_size=128)
+    assert result.num_units == 51
+    assert per_row[0] == pytest.approx(50 * per_row[1], rel=1e-4)
+
+
+def test_patients_are_sampled_at_units_per_step_over_patients():
+    features, labels = separable_data(num_examples=240)
+    units = np.arange(240) // 6  # 40 patients of 6 rows
+    torch.manual_seed(0)
+    model = logistic_regression(13)
+    result = train(model, features, labels, units=units, unit_rows=4, batch_size=32, local_steps=200)
+    assert (result.num_units, result.sample_rate) == (40, 8 / 40)  # 32 / 4 = 8 patients per step
+    assert 0.85 <= accuracy(model, features, labels) <= 1.0  # still learns, from patient-level gradients
+
+
+def test_a_sampled_patient_gives_at_most_unit_rows_rows_and_only_their_own():
+    from medtwin.client.privacy.dp_training import _Units
+
+    units = np.array([3, 3, 3, 3, 3, 3, 3, 3, 9, 7, 7])
+    grouping = _Units(units, len(units), unit_rows=3)
+    assert grouping.count == 3
+    rows, owner = grouping.draw(np.random.default_rng(0), sample_rate=1.0)
+    for position in np.unique(owner):
+        mine = rows[owner == position]
+        assert len(mine) <= 3 and len(set(units[mine])) == 1
+    assert sorted(set(units[rows])) == [3, 7, 9]

@@ -481,12 +481,14 @@ def test_a_site_whose_ledger_and_mark_were_both_deleted_does_not_start_over(hosp
 
 
 
-def _vitals_site(hospital: Hospital, streams: str) -> None:
+def _vitals_site(hospital: Hospital, streams: str, *, accept_vitals: dict | None = None) -> None:
     """Cleveland becomes a hospital that brings its own vital-sign streams (a long-format CSV)."""
     (hospital.root / "cleveland" / "vitals.csv").write_text(streams)
     document = yaml.safe_load(hospital.site_file.read_text())
     document["data"] = {"vitals": {"path": "vitals.csv", "test_fraction": 0.5}}
     document["accept"]["tasks"] = ["vitals"]
+    if accept_vitals is not None:
+        document["accept"]["vitals"] = accept_vitals
     hospital.site_file.write_text(yaml.safe_dump(document))
 
 
@@ -527,11 +529,36 @@ def test_a_proposal_cannot_stretch_the_vitals_window_beyond_its_bounds(hospital:
     _vitals_site(hospital, _streams(patients=4, hours=8))
     run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=100")
     status, reason = status_of(hospital.ask(text, run_id=run_id))
-    assert status == "refused:bad_proposal" and "task.vitals.window_h" in reason, (status, reason)
+    assert status == "refused:over_limit" and "accept.vitals.window_h [0.25, 24]" in reason, (status, reason)
     run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=20")  # allowed, but longer than this site's stays
     assert status_of(hospital.ask(text, run_id=run_id))[0] == "refused:data"
     run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=20", "task.vitals.horizon_h=6")  # no crash either way
     assert status_of(hospital.ask(text, run_id=run_id))[0] in ("refused:data", "refused:bad_proposal")
     run_id, text = hospital.proposal("task=vitals", "task.vitals.grid_min=1")  # a 1-minute grid would multiply the windows
     status, reason = status_of(hospital.ask(text, run_id=run_id))
-    assert status == "refused:bad_proposal" and "task.vitals.grid_min" in reason
+    assert status == "refused:over_limit" and "accept.vitals.grid_min" in reason
+
+
+def test_a_site_narrows_the_vitals_window_in_its_own_file_and_the_coordinator_cannot_widen_it(hospital: Hospital) -> None:
+    _vitals_site(hospital, _streams(patients=4, hours=8), accept_vitals={"window_h": [1, 2]})
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=3")  # within the default bound, not this site's
+    status, reason = status_of(hospital.ask(text, run_id=run_id))
+    assert status == "refused:over_limit" and "accept.vitals.window_h [1, 2]" in reason, (status, reason)
+    assert "task.vitals.window_h 3" in reason
+    run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=2", "task.vitals.horizon_h=0.5", "strategy.batch_size=8")
+    assert status_of(hospital.ask(text, run_id=run_id))[0] == "trained"
+
+
+def test_the_vitals_twin_spends_privacy_per_patient_whatever_the_proposal_says(hospital: Hospital) -> None:
+    """A patient owns dozens of windows. The coordinator cannot make each window count as a patient
+    (a tiny sample rate, a flattering epsilon): the site's ledger accounts its 2 training patients."""
+    _vitals_site(hospital, _streams(patients=4, hours=8))  # test_fraction 0.5: 2 patients train
+    spends = {}
+    for unit_rows in (8, 1):
+        run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=2", "strategy.batch_size=8", f"privacy.unit_rows={unit_rows}")
+        assert status_of(hospital.ask(text, run_id=run_id))[0] == "trained"
+        ledger = json.loads((hospital.state_dir / "privacy-ledger.json").read_text())["ledger"]
+        spends[unit_rows] = ledger["runs"][run_id]["rounds"]["1"]
+    assert spends[8]["sample_rate"] == 0.5  # 8 windows / 8 per patient = 1 patient a step, of 2
+    assert spends[1]["sample_rate"] == 1.0  # 8 patients a step asked, both taken: no amplification
+    assert spends[1]["epsilon"] > spends[8]["epsilon"]

@@ -26,6 +26,9 @@ CSV_SITE = {
 }
 
 
+VITALS_SITE = {**BUILTIN_SITE, "data": {"builtin": {"task": "vitals", "index": 0}}}
+
+
 def _site(tmp_path: Path, document: dict) -> SiteFile:
     return site_file_from_mapping(document, path=tmp_path / "site.yaml")
 
@@ -147,3 +150,50 @@ def test_an_empty_key_id_is_fine_for_plain(tmp_path: Path) -> None:
     document = yaml.safe_load(_honest_text())
     document["crypto"] = {"name": "plain", "key_id": ""}
     assert parse_proposal(yaml.safe_dump(document), _site(tmp_path, BUILTIN_SITE)).config.crypto.key_id == ""
+
+
+def _vitals_proposal(*overrides: str) -> str:
+    return config_to_yaml(compose_config(["task=vitals", "strategy.batch_size=8", "run_id=run-1", *overrides]))
+
+
+def _vitals_site(tmp_path: Path, bounds: dict) -> SiteFile:
+    return _site(tmp_path, {**VITALS_SITE, "accept": {"vitals": bounds}})
+
+
+def test_a_site_with_a_narrower_accept_vitals_refuses_what_the_default_accepts(tmp_path: Path) -> None:
+    text = _vitals_proposal("task.vitals.window_h=12")
+    assert parse_proposal(text, _site(tmp_path, VITALS_SITE)).config.task.vitals.window_h == 12.0
+    refused = _refusal(text, _vitals_site(tmp_path, {"window_h": [1, 6]}))
+    assert refused.code == "over_limit"
+    assert "task.vitals.window_h 12" in refused.reason and "accept.vitals.window_h [1, 6]" in refused.reason
+    accepted = parse_proposal(_vitals_proposal("task.vitals.window_h=6"), _vitals_site(tmp_path, {"window_h": [1, 6]}))
+    assert accepted.config.task.vitals.window_h == 6.0  # the bound is inclusive
+
+
+def test_a_site_may_widen_accept_vitals_beyond_the_default(tmp_path: Path) -> None:
+    text = _vitals_proposal("task.vitals.horizon_h=8")
+    refused = _refusal(text, _site(tmp_path, VITALS_SITE))
+    assert refused.code == "over_limit" and "accept.vitals.horizon_h [0.25, 6]" in refused.reason
+    assert parse_proposal(text, _vitals_site(tmp_path, {"horizon_h": [0.25, 12]})).config.task.vitals.horizon_h == 8.0
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("task.vitals.grid_min=1", "grid_min"), ("task.vitals.window_h=100", "window_h"),
+     ("task.vitals.horizon_h=0.1", "horizon_h"), ("task.vitals.stride_h=48", "stride_h")],
+)  # fmt: skip
+def test_every_vitals_window_setting_is_held_to_the_sites_default_bound(tmp_path: Path, override: str, key: str) -> None:
+    refused = _refusal(_vitals_proposal(override), _site(tmp_path, VITALS_SITE))
+    assert refused.code == "over_limit" and f"accept.vitals.{key}" in refused.reason
+
+
+def test_the_sites_bound_applies_to_a_window_the_proposal_leaves_out(tmp_path: Path) -> None:
+    document = yaml.safe_load(_vitals_proposal())
+    del document["task"]["vitals"]  # the site's own default window (3 h) is still held to its bound
+    refused = _refusal(yaml.safe_dump(document), _vitals_site(tmp_path, {"window_h": [4, 6]}))
+    assert refused.code == "over_limit" and "accept.vitals.window_h [4, 6]" in refused.reason
+
+
+def test_a_vitals_window_of_the_wrong_type_is_a_bad_proposal(tmp_path: Path) -> None:
+    refused = _refusal(_vitals_proposal().replace("window_h: 3.0", "window_h: [3]"), _site(tmp_path, VITALS_SITE))
+    assert refused.code == "bad_proposal" and "task.vitals.window_h" in refused.reason

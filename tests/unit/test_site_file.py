@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medtwin.client.site_file import SiteFileError, load_site_file
+from medtwin.client.site_file import DEFAULT_VITALS_WINDOW_BOUNDS, SiteFileError, load_site_file
 
 VALID = {
     "site_id": "cleveland",
@@ -59,6 +59,33 @@ def test_no_interpolation_is_resolved_in_a_site_file(tmp_path: Path, monkeypatch
     monkeypatch.setenv("MEDTWIN_SECRET", "s3cret")
     site = load_site_file(_write(tmp_path, {**VALID, "state_dir": "${oc.env:MEDTWIN_SECRET}"}))
     assert "s3cret" not in str(site.state_dir) and site.state_dir.name == "${oc.env:MEDTWIN_SECRET}"
+
+
+def test_the_vitals_window_bounds_default_and_come_from_the_site_file(tmp_path: Path) -> None:
+    assert load_site_file(_write(tmp_path, VALID)).accept.vitals == DEFAULT_VITALS_WINDOW_BOUNDS
+    assert DEFAULT_VITALS_WINDOW_BOUNDS.window_h == (0.25, 24.0) and DEFAULT_VITALS_WINDOW_BOUNDS.grid_min == (5.0, 240.0)
+    site = load_site_file(_write(tmp_path, {**VALID, "accept": {"vitals": {"window_h": [1, 6], "grid_min": ["1e1", 60]}}}))
+    assert site.accept.vitals.window_h == (1.0, 6.0) and site.accept.vitals.grid_min == (10.0, 60.0)
+    assert site.accept.vitals.horizon_h == DEFAULT_VITALS_WINDOW_BOUNDS.horizon_h  # a bound left out keeps its default
+
+
+@pytest.mark.parametrize(
+    ("vitals", "expected"),
+    [
+        ({"window_h": [5]}, "`accept.vitals.window_h` must be [min, max] with 0 < min <= max, got [5]"),
+        ({"window_h": [10, 5]}, "`accept.vitals.window_h` must be [min, max] with 0 < min <= max, got [10, 5]"),
+        ({"stride_h": "x"}, "`accept.vitals.stride_h` must be [min, max]"),
+        ({"grid_min": [0, 60]}, "`accept.vitals.grid_min` must be [min, max]"),
+        ({"horizon_h": [1, float("inf")]}, "`accept.vitals.horizon_h` must be [min, max]"),
+        ({"horizon_h": [True, 2]}, "`accept.vitals.horizon_h` must be [min, max]"),
+        ({"window_hours": [1, 6]}, "unknown key `accept.vitals.window_hours`"),
+        ("x", "`accept.vitals` must be a mapping"),
+    ],
+)
+def test_a_malformed_accept_vitals_is_a_site_file_error_naming_the_key(tmp_path: Path, vitals: object, expected: str) -> None:
+    with pytest.raises(SiteFileError) as caught:
+        load_site_file(_write(tmp_path, {**VALID, "accept": {"vitals": vitals}}))
+    assert expected in str(caught.value)
 
 
 def test_kit_and_state_must_be_different_folders(tmp_path: Path) -> None:

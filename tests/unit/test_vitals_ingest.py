@@ -1,13 +1,18 @@
-"""A site's own long-format vital-sign CSV: every broken row named, nothing kept from a broken file."""
+"""A site's own vital-sign streams (long-format CSV or Parquet, FHIR bundles): every broken row named, nothing kept from a broken file."""
 
 from __future__ import annotations
 
+import csv
+import io
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from medtwin.core.tasks.vitals.ingest import VitalsCsvError, read_long_csv
+from medtwin.core.tasks.vitals.ingest import VitalsCsvError, VitalsInputError, VitalsParquetError, read_long_csv, read_streams
 from medtwin.core.tasks.vitals.windows import grid_series
 
 GOOD = """patient_id,timestamp,signal,value
@@ -160,3 +165,84 @@ def test_fhir_skips_retracted_readings_resolves_full_urls_and_refuses_negative_o
     assert list(patient.values[:, 0]) == [80, 84]  # the retracted 190 is not a reading
     with pytest.raises(VitalsInputError, match="oxygen flow -2"):
         read_fhir_bundle(bundle(tmp_path, [observation("o4", "p1", "2026-03-01T08:00:00Z", "3151-8", -2, "L/min")]), site_id="ward-x")
+
+
+def parquet(tmp_path: Path, columns: dict[str, pa.Array | list]) -> Path:
+    path = tmp_path / "vitals.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def csv_columns(text: str) -> dict[str, list[str]]:
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return {column: [row[column] for row in rows] for column in ("patient_id", "timestamp", "signal", "value")}
+
+
+def assert_same_series(read: list, expected: list) -> None:
+    assert [p.patient_id for p in read] == [p.patient_id for p in expected] and len(read) == len(expected)
+    for mine, theirs in zip(read, expected):
+        assert (mine.site_id, mine.admit_clock_h) == (theirs.site_id, theirs.admit_clock_h)
+        np.testing.assert_array_equal(mine.times_h, theirs.times_h)
+        np.testing.assert_array_equal(mine.values, theirs.values)  # NaN where the CSV has no reading, too
+        assert list(mine.on_oxygen) == list(theirs.on_oxygen) and list(mine.alert) == list(theirs.alert)
+
+
+def test_a_parquet_file_gives_the_series_of_its_csv_with_text_or_typed_columns(tmp_path: Path) -> None:
+    expected = read_long_csv(write(tmp_path, GOOD), site_id="ward-x")
+    assert_same_series(read_streams(parquet(tmp_path, csv_columns(GOOD)), site_id="ward-x"), expected)  # all text, avpu included
+    numeric = GOOD.replace("p1,2026-03-01T08:40:00,avpu,C\n", "")  # a numeric value column holds no avpu letters
+    zoned = numeric.replace(":00,", ":00+00:00,")
+    columns = csv_columns(numeric)
+    typed = {
+        "patient_id": columns["patient_id"],
+        "timestamp": pa.array(  # UTC nanoseconds: the 123 ns past each reading's second are not its time
+            [int(datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp()) * 10**9 + 123 for t in columns["timestamp"]],
+            pa.timestamp("ns", tz="UTC"),
+        ),
+        "signal": pa.array(columns["signal"]).dictionary_encode(),  # a pandas categorical
+        "value": pa.array([float(v) for v in columns["value"]], pa.float32()),  # o2 1.0 is 1, temp 37.9 stays 37.9
+    }
+    assert_same_series(read_streams(parquet(tmp_path, typed), site_id="ward-x"), read_long_csv(write(tmp_path, zoned), site_id="ward-x"))
+
+
+def test_every_broken_parquet_row_is_named_with_its_row_and_column_and_nothing_is_read(tmp_path: Path) -> None:
+    columns = csv_columns(GOOD.replace("p1,2026-03-01T08:40:00,avpu,C\n", ""))  # rows 1-6
+    broken = [("p3", "yesterday", "hr", 80.0), ("p3", "2026-03-01T08:00:00", "heart", 80.0),
+              ("p3", "2026-03-01T08:00:00", "temp", 98.6), ("p3", "2026-03-01T08:00:00", "hr", None)]  # fmt: skip
+    for row in broken:
+        for column, cell in zip(columns, row):
+            columns[column].append(cell)
+    columns["value"] = pa.array([None if v is None else float(v) for v in columns["value"]], pa.float64())
+    with pytest.raises(VitalsParquetError) as raised:
+        read_streams(parquet(tmp_path, columns), site_id="ward-x")
+    problems = raised.value.problems
+    assert len(problems) == 4
+    assert problems[0].startswith("row 7, column timestamp: 'yesterday' is not an ISO 8601")
+    assert problems[1].startswith("row 8, column signal: unknown signal 'heart'")
+    assert problems[2].startswith("row 9, column value: temp 98.6 is outside") and "°F" in problems[2]
+    assert problems[3] == "row 10, column value: empty — every hr reading needs its value"
+    assert str(raised.value).startswith(f"{tmp_path / 'vitals.parquet'}: 4 problem(s); nothing from this file is used")
+
+
+def test_a_parquet_file_without_the_columns_or_their_types_is_refused_up_front(tmp_path: Path) -> None:
+    columns = csv_columns(GOOD)
+    with pytest.raises(VitalsParquetError, match=r"lacks column\(s\) signal; expected patient_id,timestamp,signal,value \(it has patient_id, timestamp, value\)"):
+        read_streams(parquet(tmp_path, {name: cells for name, cells in columns.items() if name != "signal"}), site_id="ward-x")
+    unreadable = dict(columns, value=pa.array([True] * len(columns["value"])), timestamp=pa.array([[1]] * len(columns["value"])))
+    with pytest.raises(VitalsParquetError) as raised:
+        read_streams(parquet(tmp_path, unreadable), site_id="ward-x")
+    timestamp, value = raised.value.problems  # every column named at once
+    assert timestamp.startswith("column timestamp: type list<") and "cannot be read" in timestamp and "ISO 8601 text" in timestamp
+    assert value == "column value: type bool cannot be read as readings; write numbers, or text (avpu values are text: A, C, V, P, U)"
+
+
+def test_a_file_named_parquet_that_is_not_one_or_of_an_unknown_type_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "vitals.parquet").write_text(GOOD)  # a CSV renamed
+    with pytest.raises(VitalsParquetError, match="not a Parquet file") as raised:
+        read_streams(tmp_path / "vitals.parquet", site_id="ward-x")
+    assert str(raised.value).startswith(str(tmp_path / "vitals.parquet")) and "p1" not in str(raised.value)
+    with pytest.raises(VitalsParquetError, match="cannot read it: No such file"):
+        read_streams(tmp_path / "missing.parquet", site_id="ward-x")
+    (tmp_path / "vitals.txt").write_text(GOOD)
+    with pytest.raises(VitalsInputError, match=r"unknown file type \('.txt'\); give long-format .csv or .parquet"):
+        read_streams(tmp_path / "vitals.txt", site_id="ward-x")

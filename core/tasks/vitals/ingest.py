@@ -1,4 +1,4 @@
-"""A site's own vital-sign streams: long-format CSV, validated before anything uses it.
+"""A site's own vital-sign streams — long-format CSV or Parquet, or a FHIR R4 bundle — validated before use.
 
     patient_id,timestamp,signal,value
     p-0001,2026-03-01T08:00:00,hr,82
@@ -7,10 +7,15 @@
     p-0001,2026-03-01T08:15:00,avpu,A        # consciousness: A, C, V, P or U
 
 Signals: hr, rr, spo2, sbp, temp, activity (units as in `UNITS`), o2, avpu. Timestamps are ISO 8601
-(a timezone, if any, must be the same for a patient). Every problem is collected — file, row,
-column, the value and the fix — and reported together (`VitalsCsvError`); nothing is returned from
-a file with a problem. Readings of one patient need not share a cadence: they become one series on
-the union of their times, NaN where a signal was not read, and `windows.grid_series` keeps the gaps.
+(a timezone, if any, must be the same for a patient). A Parquet file has the same four columns
+(timestamps a timestamp type, with or without a zone, or ISO text; values numbers or text, as avpu
+is) and each of its rows meets exactly the checks of a CSV row (`parquet_rows` renders its cells as
+the CSV's text). A CSV's rows are numbered as lines (the header is row 1), a Parquet file's from 1.
+Every problem is collected — file, row, column, the value and the fix — and reported together
+(`VitalsCsvError`, `VitalsParquetError`); nothing is returned from a file with a problem. Readings
+of one patient need not share a cadence: they become one series on the union of their times, NaN
+where a signal was not read, and `windows.grid_series` keeps the gaps. `read_streams` picks the
+reader by suffix: `.csv`, `.parquet` or `.json` (FHIR R4).
 """
 
 from __future__ import annotations
@@ -25,7 +30,17 @@ import numpy as np
 from ...errors import MedtwinError
 from .generator import SIGNALS, PatientSeries
 
-__all__ = ["LOINC", "PLAUSIBLE_RANGE", "VitalsCsvError", "VitalsInputError", "read_fhir_bundle", "read_long_csv", "read_streams"]
+__all__ = [
+    "LOINC",
+    "PLAUSIBLE_RANGE",
+    "VitalsCsvError",
+    "VitalsInputError",
+    "VitalsParquetError",
+    "read_fhir_bundle",
+    "read_long_csv",
+    "read_long_parquet",
+    "read_streams",
+]
 
 COLUMNS = ("patient_id", "timestamp", "signal", "value")
 # physiologically possible (not normal) values; outside = a unit mix-up or a broken sensor, refused
@@ -54,6 +69,10 @@ class VitalsInputError(MedtwinError):
 
 class VitalsCsvError(VitalsInputError):
     """Problems of a long-format CSV file."""
+
+
+class VitalsParquetError(VitalsInputError):
+    """Problems of a long-format Parquet file."""
 
 
 @dataclass
@@ -111,9 +130,7 @@ def read_long_csv(path: str | Path, *, site_id: str) -> list[PatientSeries]:
             if missing:
                 raise VitalsCsvError(path, [f"header lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}"])
             for row_number, row in enumerate(reader, start=2):
-                reading = _parse_row(row, row_number, problems)
-                if reading is not None:
-                    _add(patients, reading, f"row {row_number}", problems)
+                _add_row(row, row_number, patients, problems)
     except UnicodeDecodeError as error:
         raise VitalsCsvError(path, [f"row {row_number + 1}: not UTF-8 text (byte {error.start}); save the file as UTF-8"]) from None
     except csv.Error as error:
@@ -122,6 +139,64 @@ def read_long_csv(path: str | Path, *, site_id: str) -> list[PatientSeries]:
         return _finish(path, patients, problems, site_id)
     except VitalsInputError as error:
         raise VitalsCsvError(path, error.problems) from None
+
+
+def read_long_parquet(path: str | Path, *, site_id: str) -> list[PatientSeries]:
+    """Every patient's series from one long-format Parquet file, each row checked as a CSV row is,
+    or `VitalsParquetError` naming each bad row and column (or what keeps the file from being read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .parquet_rows import batches, column_type_problems, text_rows
+
+    path = Path(path)
+    problems: list[str] = []
+    patients: dict[str, _Patient] = {}
+    try:
+        handle = path.open("rb")
+    except OSError as error:
+        raise VitalsParquetError(path, [f"cannot read it: {error.strerror or error}"]) from None
+    with handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except pa.ArrowException as error:
+            fix = "write it with pyarrow's or pandas' to_parquet, or give the rows as a .csv file"
+            raise VitalsParquetError(path, [f"not a Parquet file ({_first_line(error)}); {fix}"]) from None
+        names = parquet.schema_arrow.names
+        missing = [column for column in COLUMNS if column not in names]
+        if missing:
+            found = ", ".join(names[:20]) or "none"
+            raise VitalsParquetError(path, [f"lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)} (it has {found})"])
+        unreadable = column_type_problems(parquet.schema_arrow)
+        if unreadable:
+            raise VitalsParquetError(path, unreadable)
+        pending, first_row = batches(parquet), 1
+        while True:
+            try:
+                rows = text_rows(next(pending))
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError, OverflowError, ValueError) as error:
+                fix = "a damaged file (write it again), or a time outside the years 1–9999"
+                raise VitalsParquetError(path, [f"row {first_row} onwards: cannot be read ({_first_line(error)}); {fix}"]) from None
+            for row_number, row in enumerate(rows, start=first_row):
+                _add_row(row, row_number, patients, problems)
+            first_row += len(rows)
+    try:
+        return _finish(path, patients, problems, site_id)
+    except VitalsInputError as error:
+        raise VitalsParquetError(path, error.problems) from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _add_row(row: dict[str, str | None], number: int, patients: dict[str, _Patient], problems: list[str]) -> None:
+    """Check one long-format row — a CSV's or a Parquet file's, alike — and file its reading if it has no problem."""
+    reading = _parse_row(row, number, problems)
+    if reading is not None:
+        _add(patients, reading, f"row {number}", problems)
 
 
 def _check_value(signal: str, value: float, where: str, raw: object) -> str | None:
@@ -148,7 +223,12 @@ def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> 
         found.append(f"{where}, column timestamp: {raw_time!r} is not an ISO 8601 date and time (e.g. 2026-03-01T08:00:00)")
         when = datetime.min
     value: float | bool = 0.0
-    if signal == "o2":
+    known = (*SIGNALS, "o2", "avpu")
+    if signal not in known:
+        found.append(f"{where}, column signal: unknown signal {signal!r}; known: {', '.join(known)}")
+    elif not raw_value:
+        found.append(f"{where}, column value: empty — every {signal} reading needs its value")
+    elif signal == "o2":
         if raw_value not in ("0", "1"):
             found.append(f"{where}, column value: o2 must be 1 (on supplemental oxygen) or 0, got {raw_value!r}")
         value = raw_value == "1"
@@ -156,7 +236,7 @@ def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> 
         if raw_value.upper() not in ("A", "C", "V", "P", "U"):
             found.append(f"{where}, column value: avpu must be one of A, C, V, P, U, got {raw_value!r}")
         value = raw_value.upper() == "A"
-    elif signal in SIGNALS:
+    else:
         try:
             value = float(raw_value)
         except ValueError:
@@ -165,9 +245,6 @@ def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> 
             problem = _check_value(signal, value, f"{where}, column value", raw_value)
             if problem:
                 found.append(problem)
-    else:
-        known = ", ".join((*SIGNALS, "o2", "avpu"))
-        found.append(f"{where}, column signal: unknown signal {signal!r}; known: {known}")
     problems.extend(found)
     return None if found else (patient_id, when, signal, value)
 
@@ -295,8 +372,15 @@ def _codes(element: object) -> set[str]:
     return {str(c.code) for c in coding if getattr(c, "system", "") in ("http://loinc.org", None) and c.code}
 
 
+READERS = {".csv": read_long_csv, ".parquet": read_long_parquet, ".json": read_fhir_bundle}  # by file suffix
+
+
 def read_streams(path: str | Path, *, site_id: str) -> list[PatientSeries]:
-    """A site's streams by file type: a FHIR R4 bundle (`.json`) or a long-format CSV (anything else)."""
-    reader = read_fhir_bundle if Path(path).suffix.lower() == ".json" else read_long_csv
+    """A site's streams by file type: long-format `.csv` or `.parquet`, or a FHIR R4 bundle `.json`."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        kind = repr(path.suffix) if path.suffix else "no suffix"
+        raise VitalsInputError(path, [f"unknown file type ({kind}); give long-format .csv or .parquet, or a FHIR R4 bundle .json"])
     return reader(path, site_id=site_id)
 

@@ -1,5 +1,5 @@
 """The vital-signs twin as a real federation: four generated wards in Flower's simulation engine (Ray),
-DP-SGD at every site, the twin's page in the report."""
+per-patient DP-SGD at every site, CKKS-encrypted aggregation, the twin's page in the report."""
 
 from __future__ import annotations
 
@@ -13,20 +13,27 @@ from medtwin.core.config import compose_config
 pytestmark = pytest.mark.slow
 
 
-def test_a_federated_vitals_twin_trains_with_dp_and_reports_its_bedside_page(tmp_path: Path) -> None:
+def test_a_federated_vitals_twin_trains_with_dp_and_ckks_and_reports_its_bedside_page(tmp_path: Path) -> None:
+    from medtwin.core.tasks import get_task
+    from medtwin.experiments.federation_setup import site_state_dir
     from medtwin.experiments.simulate import simulate
 
     config = compose_config([
         "task=vitals", "strategy=fedavg_vitals", "task.vitals.patients_per_site=16", "task.vitals.hours=24", "federation.num_rounds=4",
-        "privacy=dp", "privacy.target_epsilon=3.0", "baselines.enabled=false", f"runs_dir={tmp_path}", "progress=false",
+        "privacy=dp", "privacy.target_epsilon=10.0", "crypto=ckks", "baselines.enabled=false", f"runs_dir={tmp_path}", "progress=false",
     ])  # fmt: skip
     run = simulate(config)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 4 and summary["sites"] == ["ward-a", "ward-b", "ward-c", "ward-d"]
-    assert all(0 < values["epsilon"] <= 3.0 for values in summary["privacy"].values())
+    assert summary["crypto"]["scheme"] == "ckks"
+    assert all(0 < values["epsilon"] <= 10.0 for values in summary["privacy"].values())
+    patients = get_task(config.task).load_site(0).num_train_units  # 11 of the ward's 16: the DP unit
+    ledger = json.loads((site_state_dir(config, "ward-a") / "privacy-ledger.json").read_text())["ledger"]
+    assert {spend["sample_rate"] for spend in ledger["runs"][config.run_id]["rounds"].values()} == {(64 / 8) / patients}
     evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"evaluate"' in line]
     maes = [record["pooled"]["mae"] for record in evaluations]
-    assert len(maes) >= 2 and maes[-1] < 0.9 * maes[0], maes  # the forecast improves round by round
+    # 11 training patients a ward under per-patient DP: the noise is large (BENCHMARKS.md), the trend still down
+    assert len(maes) == 4 and maes[-1] < maes[0], maes
     pooled = summary["final_metrics"]["pooled"]
     assert 0.5 < pooled["coverage"] <= 1.0 and {"mae_hr", "naive_mae"} <= set(pooled)
     twin = summary["twin"]

@@ -17,7 +17,8 @@ from medtwin.core.config import compose_config
 from medtwin.core.errors import ConfigError
 from medtwin.core.tasks import VitalsTask, get_task
 from medtwin.core.tasks.vitals import generate_patient, site_profiles
-from medtwin.core.tasks.vitals.detection import alert_starts, calibrate_threshold, cell_labels, score_detectors
+from medtwin.core.tasks.vitals.bootstrap import detection_intervals
+from medtwin.core.tasks.vitals.detection import alert_starts, calibrate_threshold, cell_labels, detector_outcomes, score_detectors
 from medtwin.core.tasks.vitals.twin import PatientTwin
 from medtwin.core.tasks.vitals.windows import WindowShape, grid_series, make_windows
 
@@ -114,6 +115,10 @@ def test_the_twin_warns_earlier_than_news2_on_held_out_patients(task: VitalsTask
     assert twin_report.median_lead_h is not None and news2_report.median_lead_h is not None
     assert twin_report.median_lead_h > news2_report.median_lead_h + 0.25, reports  # earlier than the guideline's trigger
     assert twin_report.false_alarms_per_patient_day <= 1.5 and news2_report.threshold == 5.0
+    intervals = detection_intervals(detector_outcomes(test, twin_threshold=threshold, warning_h=4.0, after_h=2.0), resamples=200, seed=0)
+    twin_auroc = intervals.detectors[0].auroc  # patient-level bootstrap on the same held-out patients
+    assert twin_auroc.estimate == pytest.approx(twin_report.auroc) and twin_auroc.low < twin_report.auroc < twin_auroc.high
+    assert intervals.used + intervals.skipped == 200 and twin_auroc.resamples_used == intervals.used > 150
 
 
 def test_bad_vitals_settings_name_their_key() -> None:

@@ -4,11 +4,12 @@ Per grid cell a detector gives a score; a cell is positive when the patient's la
 within the next `warning_h` hours or began at most `after_h` ago (cells later in an episode are
 left out: the patient is known to be ill by then). AUROC and AUPRC are over the same cells for
 every detector — those the twin can judge (scikit-learn; cells of one patient are correlated, so
-read them with the episode counts). An alert is a run of cells at or above the detector's
-threshold; it sounds when the run begins and again every 2 h while it lasts. An episode is
-detected when an alert is active anywhere in its positive window, and its lead time is the labelled
-onset minus the first such cell (positive = before onset); a false alarm is an alarm sounding in a
-negative cell, counted per patient-day of negative cells.
+read them with the episode counts and with the patient-level bootstrap intervals of `bootstrap`).
+An alert is a run of cells at or above the detector's threshold; it sounds when the run begins and
+again every 2 h while it lasts. An episode is detected when an alert is active anywhere in its
+positive window, and its lead time is the labelled onset minus the first such cell (positive =
+before onset); a false alarm is an alarm sounding in a negative cell, counted per patient-day of
+negative cells. `detector_outcomes` keeps all of this patient by patient; a report sums it.
 
 Detectors: the twin's smoothed deviation score (threshold calibrated on separate calibration
 patients to a false-alarm budget), NEWS2 (threshold 5, the RCP's urgent-response trigger; and at
@@ -29,9 +30,11 @@ from .twin import TwinTrace
 __all__ = [
     "NEWS2_TRIGGER",
     "DetectionReport",
+    "DetectorOutcomes",
     "alert_starts",
     "calibrate_threshold",
     "cell_labels",
+    "detector_outcomes",
     "news2_score_of",
     "score_detectors",
     "twin_score",
@@ -78,38 +81,72 @@ def alert_starts(score: np.ndarray, threshold: float, *, rearm_steps: int = REAR
     return np.array(fires, dtype=np.int64)
 
 
+def _step_h(trace: TwinTrace) -> float:
+    return float(trace.times_h[1] - trace.times_h[0]) if len(trace.times_h) > 1 else 0.0
+
+
 def _patient_days(traces: Sequence[TwinTrace], labels: Sequence[np.ndarray]) -> float:
-    total_h = 0.0
-    for trace, label in zip(traces, labels, strict=True):
-        step_h = float(trace.times_h[1] - trace.times_h[0]) if len(trace.times_h) > 1 else 0.0
-        total_h += step_h * float((label == 0).sum())
+    total_h = sum(_step_h(trace) * float((label == 0).sum()) for trace, label in zip(traces, labels, strict=True))
     return max(total_h / 24.0, 1e-9)
 
 
-def _report(
+@dataclass(frozen=True, eq=False)
+class DetectorOutcomes:
+    """One detector's results patient by patient: what a report sums over the patients, and what a
+    patient-level bootstrap (`bootstrap.detection_intervals`) draws patients from."""
+
+    detector: str
+    threshold: float
+    cell_patient: np.ndarray  # [C] index of the patient of each judged cell
+    cell_label: np.ndarray  # [C] 1 = positive, 0 = negative
+    cell_score: np.ndarray  # [C]
+    false_alarms: np.ndarray  # [P] alarms sounding in the patient's negative cells
+    negative_days: np.ndarray  # [P] days of the patient's negative cells
+    has_episode: np.ndarray  # [P] a labelled onset with positive cells
+    lead_h: np.ndarray  # [P] labelled onset minus the first alerted positive cell; NaN = no episode or missed
+
+    @property
+    def num_patients(self) -> int:
+        return len(self.lead_h)
+
+    def report(self) -> DetectionReport:
+        two_classes = len(np.unique(self.cell_label)) == 2
+        leads = self.lead_h[np.isfinite(self.lead_h)]
+        return DetectionReport(
+            detector=self.detector,
+            threshold=self.threshold,
+            auroc=float(roc_auc_score(self.cell_label, self.cell_score)) if two_classes else float("nan"),
+            auprc=float(average_precision_score(self.cell_label, self.cell_score)) if two_classes else float("nan"),
+            episodes=int(self.has_episode.sum()),
+            detected=len(leads),
+            median_lead_h=float(np.median(leads)) if len(leads) else None,
+            false_alarms_per_patient_day=float(self.false_alarms.sum()) / max(float(self.negative_days.sum()), 1e-9),
+        )
+
+
+def _outcomes(
     name: str, threshold: float, scores: Sequence[np.ndarray], traces: Sequence[TwinTrace], labels: Sequence[np.ndarray],
     judged: Sequence[np.ndarray],
-) -> DetectionReport:  # fmt: skip
-    cells = np.concatenate(judged)
-    y, s = np.concatenate(labels)[cells], np.concatenate(scores)[cells]
-    two_classes = len(np.unique(y)) == 2
-    false_alarms, leads, episodes = 0, [], 0
+) -> DetectorOutcomes:  # fmt: skip
+    false_alarms, negative_days, has_episode, lead_h = [], [], [], []
     for score, trace, label in zip(scores, traces, labels, strict=True):
-        false_alarms += int((label[alert_starts(score, threshold)] == 0).sum())
-        if trace.onset_h is not None and (label == 1).any():
-            episodes += 1
-            warned = np.flatnonzero((label == 1) & (np.nan_to_num(score, nan=-np.inf) >= threshold))
-            if len(warned):  # an alert active in the warning window counts, whenever it began
-                leads.append(trace.onset_h - float(trace.times_h[warned[0]]))
-    return DetectionReport(
+        false_alarms.append(int((label[alert_starts(score, threshold)] == 0).sum()))
+        negative_days.append(_step_h(trace) * float((label == 0).sum()) / 24.0)
+        episode = trace.onset_h is not None and bool((label == 1).any())
+        # an alert active in the warning window counts, whenever it began
+        warned = np.flatnonzero((label == 1) & (np.nan_to_num(score, nan=-np.inf) >= threshold))
+        has_episode.append(episode)
+        lead_h.append(trace.onset_h - float(trace.times_h[warned[0]]) if episode and len(warned) else np.nan)
+    return DetectorOutcomes(
         detector=name,
         threshold=float(threshold),
-        auroc=float(roc_auc_score(y, s)) if two_classes else float("nan"),
-        auprc=float(average_precision_score(y, s)) if two_classes else float("nan"),
-        episodes=episodes,
-        detected=len(leads),
-        median_lead_h=float(np.median(leads)) if leads else None,
-        false_alarms_per_patient_day=false_alarms / _patient_days(traces, labels),
+        cell_patient=np.concatenate([np.full(int(cells.sum()), patient) for patient, cells in enumerate(judged)]),
+        cell_label=np.concatenate([label[cells] for label, cells in zip(labels, judged, strict=True)]),
+        cell_score=np.concatenate([score[cells] for score, cells in zip(scores, judged, strict=True)]),
+        false_alarms=np.array(false_alarms, dtype=np.int64),
+        negative_days=np.array(negative_days, dtype=np.float64),
+        has_episode=np.array(has_episode, dtype=bool),
+        lead_h=np.array(lead_h, dtype=np.float64),
     )
 
 
@@ -141,20 +178,30 @@ def calibrate_threshold(
     return float(finite.max()) + 1.0
 
 
-def score_detectors(
+def detector_outcomes(
     traces: Sequence[TwinTrace], *, twin_threshold: float, warning_h: float, after_h: float, news2_matched_threshold: float | None = None
-) -> list[DetectionReport]:
+) -> list[DetectorOutcomes]:
     """Every detector on the same cells: those the twin can judge (a full window behind them) and not left out."""
     labels = _labels(traces, warning_h, after_h)
     judged = [(label >= 0) & np.isfinite(t.score) for t, label in zip(traces, labels, strict=True)]
     twin = [t.score for t in traces]
     news2 = [np.where(np.isfinite(t.score), t.news2, np.nan) for t in traces]
     hybrid = [np.fmax(t.score / twin_threshold, t.news2 / NEWS2_TRIGGER) for t in traces]
-    reports = [
-        _report("twin", twin_threshold, twin, traces, labels, judged),
-        _report("news2", NEWS2_TRIGGER, news2, traces, labels, judged),
-        _report("twin+news2", 1.0, hybrid, traces, labels, judged),
+    outcomes = [
+        _outcomes("twin", twin_threshold, twin, traces, labels, judged),
+        _outcomes("news2", NEWS2_TRIGGER, news2, traces, labels, judged),
+        _outcomes("twin+news2", 1.0, hybrid, traces, labels, judged),
     ]
     if news2_matched_threshold is not None:  # NEWS2 at the twin's false-alarm budget: lead times compared fairly
-        reports.append(_report("news2 (same false-alarm budget)", news2_matched_threshold, news2, traces, labels, judged))
-    return reports
+        outcomes.append(_outcomes("news2 (same false-alarm budget)", news2_matched_threshold, news2, traces, labels, judged))
+    return outcomes
+
+
+def score_detectors(
+    traces: Sequence[TwinTrace], *, twin_threshold: float, warning_h: float, after_h: float, news2_matched_threshold: float | None = None
+) -> list[DetectionReport]:
+    """Every detector's report on the same cells (see `detector_outcomes`)."""
+    outcomes = detector_outcomes(
+        traces, twin_threshold=twin_threshold, warning_h=warning_h, after_h=after_h, news2_matched_threshold=news2_matched_threshold
+    )
+    return [outcome.report() for outcome in outcomes]

@@ -27,7 +27,7 @@ twin_app = typer.Typer(no_args_is_help=True, help="A patient's vital-signs twin:
 
 def _patient(csv_path: Path | None, patient_id: str | None, generated: str | None, task):  # noqa: ANN001, ANN202
     from medtwin.core.tasks.vitals import generate_patient
-    from medtwin.core.tasks.vitals.ingest import read_streams
+    from medtwin.core.tasks.vitals.ingest import patient_key, read_streams
 
     if (csv_path is None) == (generated is None):
         raise typer.BadParameter("give the stream as --csv FILE --patient ID, or --generated WARD:INDEX[:episode]")
@@ -38,9 +38,9 @@ def _patient(csv_path: Path | None, patient_id: str | None, generated: str | Non
             raise typer.BadParameter(f"--generated {generated!r}: use WARD:INDEX[:episode] with WARD one of {', '.join(profiles)}")
         return generate_patient(profiles[parts[0]], int(parts[1]), seed=task.config.split_seed, has_episode=parts[2:] == ["episode"])
     patients = {patient.patient_id: patient for patient in read_streams(csv_path, site_id="bedside")}
-    if patient_id not in patients:
+    if patient_key(patient_id or "") not in patients:
         raise typer.BadParameter(f"--patient {patient_id!r} is not in {csv_path}; patients there: {', '.join(sorted(patients)[:20])}")
-    return patients[patient_id]
+    return patients[patient_key(patient_id or "")]
 
 
 @twin_app.command("follow")

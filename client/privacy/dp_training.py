@@ -105,7 +105,7 @@ class _Units:
                 raise ValueError(f"units has {len(units)} entries for {num_rows} rows")
             order = np.argsort(units, kind="stable")
             boundaries = np.flatnonzero(np.diff(units[order])) + 1
-            self.rows = np.split(order, boundaries)
+            self.rows = np.split(order, boundaries) if len(units) else []
             self.count = len(self.rows)
         self.unit_rows = unit_rows
 

@@ -14,6 +14,7 @@ units over every observed target (the ranking metric); `mae_<signal>` in the sig
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -72,7 +73,7 @@ def _wards(num_sites: int, patients: int, hours: float, grid_min: float, seed: i
     wards = []
     for index, profile in enumerate(site_profiles(num_sites, num_patients=patients, hours=hours)):
         series = generate_site(profile, seed=seed)
-        train_ids, test_ids = _split_patients(len(series), np.random.default_rng([seed, index]), test_fraction)
+        train_ids, test_ids = _split_patients([patient.patient_id for patient in series], seed, test_fraction)
         gridded = [grid_series(patient, grid_min=grid_min) for patient in series]
         wards.append(
             _Ward(
@@ -84,11 +85,21 @@ def _wards(num_sites: int, patients: int, hours: float, grid_min: float, seed: i
     return tuple(wards)
 
 
-def _split_patients(count: int, rng: np.random.Generator, test_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, test) patient indices, each in order: `test_fraction` of the patients held out, at least one on each side."""
-    order = rng.permutation(count)
-    test_count = min(count - 1, max(1, round(test_fraction * count)))
-    return sorted(order[test_count:].tolist()), sorted(order[:test_count].tolist())
+def _split_patients(patient_ids: list[str], seed: int, test_fraction: float) -> tuple[list[int], list[int]]:
+    """(train, test) patient indices, each in order. A patient's side comes from a keyed hash of their
+    own id alone, so adding or removing one patient never moves another between train and test (DP's
+    neighbouring data sets stay neighbours). About `test_fraction` are held out; if a side would be
+    empty, the patient whose hash is nearest the cut changes side."""
+    draws = [
+        int.from_bytes(hashlib.sha256(f"medtwin/vitals-split/v1\x00{seed}\x00{patient_id}".encode()).digest()[:8], "big") / 2**64
+        for patient_id in patient_ids
+    ]
+    test = {index for index, draw in enumerate(draws) if draw < test_fraction}
+    if len(patient_ids) >= 2 and not test:
+        test = {min(range(len(draws)), key=lambda index: draws[index])}
+    if len(patient_ids) >= 2 and len(test) == len(patient_ids):
+        test.discard(max(range(len(draws)), key=lambda index: draws[index]))
+    return [i for i in range(len(patient_ids)) if i not in test], sorted(test)
 
 
 @register_task("vitals")
@@ -137,7 +148,8 @@ class VitalsTask(TwinTask):
     def _split(self, site_id: str, train: tuple[GriddedSeries, ...], test: tuple[GriddedSeries, ...]) -> SiteSplit:
         x_train, y_train, units = self._rows(train)
         x_test, y_test, _ = self._rows(test)
-        return SiteSplit(site_id, x_train, y_train, x_test, y_test, train_units=units)
+        dense = np.unique(units, return_inverse=True)[1].astype(np.int64)  # 0..k-1: a patient without windows leaves no gap
+        return SiteSplit(site_id, x_train, y_train, x_test, y_test, train_units=dense)
 
     def load_site(self, index: int) -> SiteSplit:
         ward = self.wards()[index]
@@ -150,7 +162,7 @@ class VitalsTask(TwinTask):
         series = read_streams(path, site_id=site_id)
         if len(series) < 2:
             raise VitalsInputError(path, [f"{len(series)} patient(s): a site needs at least 2 (one to train on, one to test)"])
-        train_ids, test_ids = _split_patients(len(series), np.random.default_rng(self.config.split_seed), self.config.test_fraction)
+        train_ids, test_ids = _split_patients([patient.patient_id for patient in series], self.config.split_seed, self.config.test_fraction)
         gridded = [grid_series(patient, grid_min=self.settings.grid_min) for patient in series]
         split = self._split(site_id, tuple(gridded[i] for i in train_ids), tuple(gridded[i] for i in test_ids))
         if not split.num_train or not split.num_test:

@@ -265,3 +265,25 @@ def test_a_sampled_patient_gives_at_most_unit_rows_rows_and_only_their_own():
         mine = rows[owner == position]
         assert len(mine) <= 3 and len(set(units[mine])) == 1
     assert sorted(set(units[rows])) == [3, 7, 9]
+
+
+def test_pooled_vitals_rows_never_merge_patients_of_two_sites():
+    """A training patient with no window must leave no gap in `train_units`: otherwise pooling offsets
+    by the patient count would put two hospitals' patients in one DP unit."""
+    import dataclasses
+
+    from medtwin.core.config import TaskConfig
+    from medtwin.core.config.task import VitalsConfig
+    from medtwin.core.tasks import get_task
+
+    task = get_task(TaskConfig(name="vitals", num_sites=2, vitals=VitalsConfig(patients_per_site=8)))
+    wards = task.wards()
+    first = wards[0].train[0]
+    too_short = dataclasses.replace(first, times_h=first.times_h[:2], values=first.values[:2], on_oxygen=first.on_oxygen[:2], alert=first.alert[:2])
+    splits = [task._split("a", (too_short, *wards[0].train[1:]), wards[0].test), task._split("b", wards[1].train, wards[1].test)]
+    task.load_all_sites = lambda: splits
+    pooled = task.load_pooled()
+    first_site_rows = splits[0].num_train
+    shared = set(pooled.train_units[:first_site_rows].tolist()) & set(pooled.train_units[first_site_rows:].tolist())
+    assert not shared, f"unit ids {sorted(shared)} hold patients of both sites"
+    assert pooled.num_train_units == splits[0].num_train_units + splits[1].num_train_units

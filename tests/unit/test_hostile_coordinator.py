@@ -551,14 +551,18 @@ def test_a_site_narrows_the_vitals_window_in_its_own_file_and_the_coordinator_ca
 
 def test_the_vitals_twin_spends_privacy_per_patient_whatever_the_proposal_says(hospital: Hospital) -> None:
     """A patient owns dozens of windows. The coordinator cannot make each window count as a patient
-    (a tiny sample rate, a flattering epsilon): the site's ledger accounts its 2 training patients."""
-    _vitals_site(hospital, _streams(patients=4, hours=8))  # test_fraction 0.5: 2 patients train
+    (a tiny sample rate, a flattering epsilon): the site's ledger accounts its training patients."""
+    from medtwin.core.tasks.vitals_task import _split_patients
+
+    _vitals_site(hospital, _streams(patients=6, hours=8))
+    patients = len(_split_patients([f"p{index}" for index in range(6)], 43, 0.5)[0])  # the site file's split (seed 43)
+    assert 2 <= patients <= 5
     spends = {}
     for unit_rows in (8, 1):
         run_id, text = hospital.proposal("task=vitals", "task.vitals.window_h=2", "strategy.batch_size=8", f"privacy.unit_rows={unit_rows}")
         assert status_of(hospital.ask(text, run_id=run_id))[0] == "trained"
         ledger = json.loads((hospital.state_dir / "privacy-ledger.json").read_text())["ledger"]
         spends[unit_rows] = ledger["runs"][run_id]["rounds"]["1"]
-    assert spends[8]["sample_rate"] == 0.5  # 8 windows / 8 per patient = 1 patient a step, of 2
-    assert spends[1]["sample_rate"] == 1.0  # 8 patients a step asked, both taken: no amplification
+    assert spends[8]["sample_rate"] == 1 / patients  # 8 windows / 8 per patient = 1 patient a step (of ~60 windows)
+    assert spends[1]["sample_rate"] == 1.0  # 8 patients a step asked, all taken: no amplification
     assert spends[1]["epsilon"] > spends[8]["epsilon"]

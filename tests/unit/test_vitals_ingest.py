@@ -246,3 +246,19 @@ def test_a_file_named_parquet_that_is_not_one_or_of_an_unknown_type_is_refused(t
     (tmp_path / "vitals.txt").write_text(GOOD)
     with pytest.raises(VitalsInputError, match=r"unknown file type \('.txt'\); give long-format .csv or .parquet"):
         read_streams(tmp_path / "vitals.txt", site_id="ward-x")
+
+
+def test_one_person_spelled_two_ways_is_one_patient(tmp_path: Path) -> None:
+    """DP's unit is the person: ids differing only in case, width or spaces must not become two units."""
+    from medtwin.core.tasks.vitals.ingest import patient_key
+
+    assert patient_key(" P-0001 ") == patient_key("p-0001") == patient_key("Ｐ-0001")  # full-width P
+    path = tmp_path / "streams.csv"
+    path.write_text(
+        "patient_id,timestamp,signal,value\n"
+        "P-0001,2026-03-01T08:00:00,hr,82\n"
+        "p-0001,2026-03-01T08:15:00,hr,84\n"
+        " p-0001,2026-03-01T08:30:00,rr,16\n"
+    )
+    (series,) = read_streams(path, site_id="s")
+    assert series.patient_id == "p-0001" and len(series.times_h) == 3

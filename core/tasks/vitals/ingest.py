@@ -16,11 +16,16 @@ Every problem is collected — file, row, column, the value and the fix — and 
 of one patient need not share a cadence: they become one series on the union of their times, NaN
 where a signal was not read, and `windows.grid_series` keeps the gaps. `read_streams` picks the
 reader by suffix: `.csv`, `.parquet` or `.json` (FHIR R4).
+
+`patient_id` must name the PERSON, not the stay or encounter: differential privacy protects one
+unit, and a person under two ids is two units. Ids are compared after `patient_key` (Unicode NFKC,
+trimmed, case-folded; a FHIR `Patient/<id>/_history/<n>` is `Patient/<id>`).
 """
 
 from __future__ import annotations
 
 import csv
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +41,7 @@ __all__ = [
     "VitalsCsvError",
     "VitalsInputError",
     "VitalsParquetError",
+    "patient_key",
     "read_fhir_bundle",
     "read_long_csv",
     "read_long_parquet",
@@ -207,8 +213,14 @@ def _check_value(signal: str, value: float, where: str, raw: object) -> str | No
     return None
 
 
+def patient_key(raw: str) -> str:
+    """The id a patient is known by here: Unicode-normalised (NFKC), trimmed, case-folded. Ids that differ
+    only in spelling are one patient — DP's unit is the person, and merging is the safe direction."""
+    return unicodedata.normalize("NFKC", raw).strip().casefold()
+
+
 def _parse_row(row: dict[str, str | None], number: int, problems: list[str]) -> tuple[str, datetime, str, float | bool] | None:
-    patient_id = (row.get("patient_id") or "").strip()
+    patient_id = patient_key(row.get("patient_id") or "")
     signal = (row.get("signal") or "").strip().lower()
     raw_time, raw_value = (row.get("timestamp") or "").strip(), (row.get("value") or "").strip()
     where = f"row {number}"
@@ -324,7 +336,7 @@ def _observation_readings(
     observation: object, where: str, problems: list[str], full_urls: dict[str, str]
 ) -> list[tuple[str, datetime, str, float | bool]]:
     subject = getattr(getattr(observation, "subject", None), "reference", None) or ""
-    subject = full_urls.get(subject, subject)
+    subject = full_urls.get(subject, subject).split("/_history/")[0]  # a versioned reference is the same patient
     when = getattr(observation, "effectiveDateTime", None)
     found: list[str] = []
     if not subject.startswith("Patient/") or not subject.removeprefix("Patient/"):
@@ -356,13 +368,13 @@ def _observation_readings(
             if not 0.0 <= value <= 60.0:
                 found.append(f"{part_where}: inhaled oxygen flow {quantity.value} L/min is outside 0–60")
                 continue
-            readings.append((subject.removeprefix("Patient/"), when, "o2", value > 0))
+            readings.append((patient_key(subject.removeprefix("Patient/")), when, "o2", value > 0))
             continue
         problem = _check_value(signal, value, part_where, quantity.value)
         if problem:
             found.append(problem)
             continue
-        readings.append((subject.removeprefix("Patient/"), when, signal, value))
+        readings.append((patient_key(subject.removeprefix("Patient/")), when, signal, value))
     problems.extend(found)
     return [] if found else readings
 

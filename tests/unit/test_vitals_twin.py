@@ -66,7 +66,7 @@ def test_gaps_stay_gaps_on_the_grid_and_in_the_windows() -> None:
 def test_the_twin_forecasts_held_out_patients_better_than_their_last_reading(task: VitalsTask, model: torch.nn.Module) -> None:
     pooled = task.load_pooled()
     metrics = task.evaluate(model, pooled.x_test, pooled.y_test)
-    assert metrics["mae"] < 0.99 * metrics["naive_mae"], metrics  # generated vitals persist: last reading is a strong baseline
+    assert metrics["mae"] < 0.97 * metrics["naive_mae"], metrics
     assert 0.75 < metrics["coverage"] < 0.99  # the 90 % band is roughly calibrated
     assert 2.0 < metrics["mae_hr"] < 8.0 and metrics["mae_temp"] < 0.3  # beats/min, °C
 
@@ -169,3 +169,11 @@ def test_adding_a_patient_moves_no_other_patient_between_train_and_test() -> Non
         assert after - {new_id} == before
     assert _split_patients(ids, 4, 0.3)[1] != test  # the seed matters
     assert _split_patients(["only-a", "only-b"], 3, 0.0)[1] and _split_patients(["only-a", "only-b"], 3, 1.0)[0]  # both sides non-empty
+
+
+def test_an_untrained_twin_forecasts_each_vitals_last_reading(task: VitalsTask) -> None:
+    """The mean is persistence plus a learned correction that starts at zero: DP noise on a few
+    hundred patients can cost the correction, not the forecast itself."""
+    pooled = task.load_pooled()
+    metrics = task.evaluate(task.build_model(), pooled.x_test, pooled.y_test)
+    assert metrics["mae"] == pytest.approx(metrics["naive_mae"], rel=1e-6)

@@ -5,6 +5,11 @@ signal per grid cell). Output: for each forecast cell and vital, a mean and a lo
 Gaussian forecast whose ±1.645 σ is the twin's 90 % band. Conv1d, ReLU and Linear only: Opacus
 computes per-sample gradients for all of them, so the twin trains with DP-SGD like every task.
 
+The mean is a correction to persistence: the model adds its forecast to each vital's last observed
+reading in the window (the naive forecast), and the head's mean outputs start at zero. An
+untrained — or heavily DP-noised — twin therefore starts at the naive forecast and learns only the
+departures from it, which is what per-patient DP on a few hundred patients can afford to learn.
+
 The loss is the Gaussian negative log-likelihood over the observed targets only (missing future
 readings carry no error), so the model learns both the trajectory and how sure it can be.
 """
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from .generator import SIGNALS
-from .windows import WindowShape
+from .windows import FORECAST_INDEX, WindowShape
 
 __all__ = ["LOG_VARIANCE_RANGE", "GaussianForecastLoss", "VitalsForecaster", "split_output"]
 
@@ -45,12 +50,27 @@ class VitalsForecaster(nn.Module):
             nn.ReLU(),
         )
         self.head = nn.Linear(HIDDEN_CHANNELS * 2 + channels, 2 * shape.target_width)
+        with torch.no_grad():  # the mean starts as persistence exactly
+            self.head.weight[: shape.target_width].zero_()
+            self.head.bias[: shape.target_width].zero_()
+        self.register_buffer("forecast_index", torch.as_tensor(FORECAST_INDEX), persistent=False)
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         cells = window.reshape(-1, self.shape.window_steps, 2 * len(SIGNALS))
         hidden = self.features(cells.transpose(1, 2))  # [B, C, window_steps]
         summary = torch.cat([hidden[:, :, -1], hidden.mean(dim=2), cells[:, -1, :]], dim=1)  # last cell, trend, last reading
-        return self.head(summary)
+        output = self.head(summary)
+        persistence = self.last_readings(cells).repeat(1, self.shape.horizon_steps)  # [B, target_width]
+        return torch.cat([output[:, : self.shape.target_width] + persistence, output[:, self.shape.target_width :]], dim=1)
+
+    def last_readings(self, cells: torch.Tensor) -> torch.Tensor:
+        """Each forecast vital's last observed value in the window (0, the reference centre, if never seen)."""
+        values = cells[:, :, : len(SIGNALS)].index_select(2, self.forecast_index)
+        seen = cells[:, :, len(SIGNALS) :].index_select(2, self.forecast_index) > 0.5
+        last = torch.zeros_like(values[:, 0])
+        for step in range(self.shape.window_steps):  # later readings overwrite earlier ones
+            last = torch.where(seen[:, step], values[:, step], last)
+        return last
 
 
 class GaussianForecastLoss(nn.Module):

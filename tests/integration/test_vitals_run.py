@@ -19,7 +19,7 @@ def test_a_federated_vitals_twin_trains_with_dp_and_ckks_and_reports_its_bedside
     from medtwin.experiments.simulate import simulate
 
     config = compose_config([
-        "task=vitals", "strategy=fedavg_vitals", "task.vitals.patients_per_site=16", "task.vitals.hours=24", "federation.num_rounds=4",
+        "task=vitals", "strategy=fedavg_vitals", "strategy.local_steps=40", "task.vitals.patients_per_site=16", "task.vitals.hours=24", "federation.num_rounds=4",
         "privacy=dp", "privacy.target_epsilon=10.0", "crypto=ckks", "baselines.enabled=false", f"runs_dir={tmp_path}", "progress=false",
     ])  # fmt: skip
     run = simulate(config)

@@ -104,12 +104,12 @@ def verify_certificate(
 
 
 def check_decoded_sum(verified: VerifiedAggregate, average: np.ndarray, total_examples: float, *, error_bound: float) -> None:
-    """The site's own sum must count the claimed examples (a site that encrypted another count than it
+    """The site's own sum must count the claimed examples (a site that packed another count than it
     signed makes every honest site refuse the round) and hold finite weights; else refuse it."""
     if abs(total_examples - verified.claimed_examples) > 0.5 + error_bound:
         raise AggregateRefused(
             f"the certified updates sum to {total_examples:.1f} examples but their sites claim "
-            f"{verified.claimed_examples}: a participant encrypted another count than it signed"
+            f"{verified.claimed_examples}: a participant packed another count than it signed"
         )
     if not np.all(np.isfinite(average)):
         raise AggregateRefused("the sum of the certified updates holds non-finite weights")

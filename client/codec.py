@@ -15,22 +15,18 @@ from flwr.app import ArrayRecord
 from medtwin.core.he import HeContext, decrypt_average, encrypt_update, sum_encrypted
 from medtwin.core.he.params import average_error_bound, decryption_error_bound
 from medtwin.core.identity import load_site_he_context
-from medtwin.core.protocol import (
-    average_from_sum,
-    chunks_to_record,
-    pack_plain_update,
-    record_to_chunks,
-    sum_plain_updates,
-    unpack_plain,
-)
+from medtwin.core.plain_payload import average_from_sum, pack_plain_update, sum_plain_updates
+from medtwin.core.protocol import chunks_to_record, record_to_chunks
 from medtwin.core.rundir import atomic_write_bytes
 
 
 class PlainSiteCodec:
+    """Sends the site's float32 weights and count; sums certified updates in float64 (core/plain_payload.py)."""
+
     scheme = "plain"
 
     def average(self, aggregate: ArrayRecord) -> tuple[np.ndarray, float]:
-        return average_from_sum(unpack_plain(aggregate))
+        return average_from_sum(aggregate)
 
     def error_bound(self, *, total_examples: float) -> float:
         return 0.0
@@ -39,7 +35,7 @@ class PlainSiteCodec:
         return 0.0
 
     def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
-        """The site's own sum of certified updates (same payload format as the coordinator's)."""
+        """The site's own sum of certified updates: the coordinator's function, so the same bits."""
         return sum_plain_updates(list(updates))
 
     def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str) -> ArrayRecord:

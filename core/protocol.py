@@ -1,9 +1,9 @@
-"""What travels in Flower messages between coordinator and sites: record names and the plain payload.
+"""What travels in Flower messages between coordinator and sites: record names, claims, certificates.
 
-A site's update is the vector [n_i * w_i ..., n_i] (weights times its sample count, then the count).
-The coordinator only ever sums updates; sites divide the sum by its last entry to get the average.
-With `crypto=plain` the vector travels as one float64 array; encrypted schemes replace the payload
-with ciphertext chunks but keep the same meaning.
+A site's update contributes n_i * w_i (its weights times its sample count) and n_i to a sum; the
+coordinator only ever sums updates, and sites divide a sum by its count to get the average. With
+`crypto=plain` an update carries the site's float32 weights and integer count, and summing forms the
+products in float64 (core/plain_payload.py); CKKS encrypts [n_i * w_i ..., n_i] as ciphertext chunks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .identity.errors import SignatureError
@@ -26,34 +25,6 @@ SITE = "medtwin.site"  # ConfigRecord: site_id, status, reason
 METRICS = "medtwin.metrics"  # MetricRecord: training or evaluation metrics
 CERTIFICATE = "medtwin.certificate"  # ConfigRecord: the signed claims behind the AGGREGATE (see RoundCertificate)
 CERTIFIED_PREFIX = "medtwin.certified."  # ArrayRecords: the certified updates themselves, so each site sums them
-
-PLAIN_PAYLOAD = "payload"
-
-
-def pack_plain_update(weights: np.ndarray, *, num_examples: int) -> ArrayRecord:
-    payload = np.append(weights.astype(np.float64) * num_examples, float(num_examples))
-    return ArrayRecord({PLAIN_PAYLOAD: Array(payload)})
-
-
-def unpack_plain(record: ArrayRecord) -> np.ndarray:
-    return record[PLAIN_PAYLOAD].numpy()
-
-
-def sum_plain_updates(records: list[ArrayRecord]) -> ArrayRecord:
-    """The coordinator's plaintext aggregation: an element-wise sum; shapes must agree."""
-    vectors = [unpack_plain(record) for record in records]
-    shapes = {vector.shape for vector in vectors}
-    if len(shapes) != 1:
-        raise ValueError(f"updates disagree on shape: {sorted(shapes)}")
-    return ArrayRecord({PLAIN_PAYLOAD: Array(np.sum(vectors, axis=0))})
-
-
-def average_from_sum(summed: np.ndarray) -> tuple[np.ndarray, float]:
-    """Sites' view of an aggregate: (average weights, total examples)."""
-    total_examples = float(summed[-1])
-    if total_examples <= 0:
-        raise ValueError(f"aggregate carries a non-positive example count {total_examples}")
-    return summed[:-1] / total_examples, total_examples
 
 
 def instruction(*, run_id: str, server_round: int, phase: str) -> ConfigRecord:

@@ -2,6 +2,11 @@
 
     python -m medtwin.experiments.bench_he_round [--sites 4 8] [--hidden 512 128] [--features 64]
                                                  [--local-steps 100] [--batch-size 32] [--rounds 3]
+                                                 [--tasks ...] [--wire-only] [--out .medtwin/bench/he_round.json]
+
+First, in the same run, the bytes on the wire (`bench_he_wire`): uplink and downlink per parameter
+÷ float32 for every shipped task's model and this MLP (with the first `--sites`). Then the rounds.
+Both are printed and written to `--out` as JSON.
 
 A round is built from the pieces the real round loop runs, in the same order:
 
@@ -15,8 +20,8 @@ Sites work in parallel in a real federation, so the round time is the critical p
 site's decode + train + pack, the coordinator's serial work, the slowest site's decode. Sites are
 timed one after another here (2 shared cores), each on its own synthetic data (64 features,
 `--local-steps` x `--batch-size` rows, a random linear rule). Network transfer is not timed; the
-bytes column says how much one site uploads (the aggregate sent back has the same size).
-"plain" is crypto=plain (float64 sums; signed and verified like every update); "ckks" uses the project's crypto=ckks
+bytes column says how much one site uploads (the aggregate sent back is about twice that under CKKS).
+"plain" is crypto=plain (float32 updates, float64 sums; signed and verified like every update); "ckks" uses the project's crypto=ckks
 defaults (configs/crypto/ckks.yaml, max_total_examples = 2 x the sites' rows as in simulation).
 Times are medians over `--rounds` timed rounds after one warm-up round.
 """
@@ -24,11 +29,12 @@ Times are medians over `--rounds` timed rounds after one warm-up round.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,6 +59,8 @@ from medtwin.core.identity import (
 )
 from medtwin.core.model_vector import model_to_vector, vector_to_model
 from medtwin.core.protocol import payload_sha256, record_bytes, site_reply_record
+from medtwin.core.rundir import atomic_write_text
+from medtwin.experiments.bench_he_wire import add_wire_arguments, print_wire_table, wire_rows
 from medtwin.server.aggregation import Aggregator, CkksAggregator, PlainAggregator, SiteUpdate
 from medtwin.server.verifier import ReplyVerifier
 
@@ -279,8 +287,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    add_wire_arguments(parser)
+    parser.add_argument("--wire-only", action="store_true", help="measure bytes on the wire only, no timed rounds")
+    parser.add_argument("--out", type=Path, default=Path(".medtwin/bench/he_round.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as each site does (client/app.py)
+    wire = wire_rows(
+        tasks=args.tasks, features=args.features, hidden=tuple(args.hidden), sites=args.sites[0],
+        rows_per_site=args.local_steps * args.batch_size,
+    )  # fmt: skip
+    print_wire_table(wire)
+    results: dict = {"wire": [row.to_dict() for row in wire], "rounds": []}
+    if args.wire_only:
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return
     rows = [
         bench(
             sites=sites, features=args.features, hidden=tuple(args.hidden), local_steps=args.local_steps,
@@ -309,11 +330,28 @@ def main(argv: list[str] | None = None) -> None:
             f"N={p.poly_modulus_degree} {list(p.coeff_mod_bit_sizes)} 2^{p.scale_bits}, {p.num_ciphertexts} ciphertexts, "
             f"full-scale bound {p.predicted_error_bound:.1e} (|w| <= {p.max_abs_weight_bound:g}, sum n <= {p.max_total_examples})"
         )
+    plain_ratio = first.plain.upload_bytes / first.num_parameters / 4
     print(
-        "plain bytes/param/4 = 2.00 (float64). coord s = plain/ckks coordinator time (checks, artifacts, sum). "
+        f"plain bytes/param/4 = {plain_ratio:.2f} (float32 weights + an 8-byte count). "
+        "coord s = plain/ckks coordinator time (checks, artifacts, sum). "
         "1-host ratio: every site's work on one machine, one after another. rel err: max |decrypted - exact "
         "average| / max |weight| (CKKS); the parameters' bound is relative to full scale."
     )
+    results["rounds"] = [
+        {
+            "sites": row.sites,
+            "num_parameters": row.num_parameters,
+            "round_ratio": row.ratio,
+            "uplink_ratio": row.bytes_per_parameter_over_4,
+            "plain_uplink_ratio": row.plain.upload_bytes / row.num_parameters / 4,
+            "plain": asdict(row.plain) | {"round_s": row.plain.round_s},
+            "ckks": asdict(row.ckks) | {"round_s": row.ckks.round_s},
+            "parameters": row.parameters.to_dict(),
+        }
+        for row in rows
+    ]
+    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Who sent an update, and whether it may count (signatures, replays, unknown sites), is the
 `ReplyVerifier`'s job, the same for every scheme. An aggregator sees only updates whose claims
-verified, and checks what is specific to its payload: `PlainAggregator` a finite float64 vector
-of the federation's shape ending in the signed example count; `CkksAggregator` ciphertext chunks
+verified, and checks what is specific to its payload: `PlainAggregator` finite float32 weights of
+the federation's size and the signed example count; `CkksAggregator` ciphertext chunks
 that load under the federation's public CKKS context (it holds no key and cannot read them).
 `check` never stores anything; `accept` records an update as part of the round.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 from flwr.app import ArrayRecord
 
 from medtwin.core.errors import MedtwinError
@@ -25,7 +24,8 @@ from medtwin.core.he import (
     sum_loaded,
 )
 from medtwin.core.identity import ReplyClaim
-from medtwin.core.protocol import PLAIN_PAYLOAD, chunks_to_record, record_to_chunks, sum_plain_updates
+from medtwin.core.plain_payload import PLAIN_PAYLOAD, PlainPayloadError, read_plain_update, sum_plain_updates
+from medtwin.core.protocol import chunks_to_record, record_to_chunks
 
 CHUNK_NAME = "chunk-{:05d}"
 
@@ -84,7 +84,7 @@ class Aggregator(Protocol):
 
 
 class PlainAggregator:
-    """Plaintext sum of [n_i * w_i ..., n_i] float64 vectors (crypto=plain)."""
+    """Plaintext sum of updates (crypto=plain): float32 weights and integer counts in, float64 Σ n_i·w_i out."""
 
     scheme = "plain"
 
@@ -92,30 +92,17 @@ class PlainAggregator:
         self.expected_shape: tuple[int, ...] | None = None  # pinned by the first accepted update
 
     def check(self, update: SiteUpdate) -> Problem | None:
-        record = update.record
-        if sorted(record) != [PLAIN_PAYLOAD]:
-            return "malformed_update", f"update holds arrays {sorted(record)[:4]}, expected only {PLAIN_PAYLOAD!r}"
-        array = record[PLAIN_PAYLOAD]
-        if array.dtype != "float64":
-            return "malformed_update", f"update payload has dtype {array.dtype!r:.40}, expected 'float64'"
-        shape = tuple(array.shape)
-        if len(shape) != 1 or shape[0] < 2:
-            return "malformed_update", f"update payload has shape {shape!r:.60}, expected a vector [n*w..., n]"
+        try:
+            payload = read_plain_update(update.record)
+        except PlainPayloadError as error:
+            return "malformed_update", str(error)
+        shape = payload.weights.shape
         if self.expected_shape is not None and shape != self.expected_shape:
             return "shape_mismatch", f"update shape {shape} differs from the federation's {self.expected_shape}"
-        try:
-            vector = array.numpy()
-        except (ValueError, TypeError, OSError, EOFError) as error:
-            return "malformed_update", f"update payload does not decode as {shape} float64 ({error})"
-        if vector.dtype != np.float64 or vector.shape != shape:
-            return "malformed_update", f"update payload decodes as {vector.dtype} {vector.shape}, expected float64 {shape}"
-        if not np.all(np.isfinite(vector)):
-            return "malformed_update", f"update payload holds {int(np.sum(~np.isfinite(vector)))} NaN/inf value(s)"
-        count = float(vector[-1])
-        if count <= 0 or not count.is_integer() or int(count) != update.num_examples:
+        if payload.num_examples != update.num_examples:
             return (
                 "malformed_update",
-                f"update's example count {count!r} is not the positive integer {update.num_examples} its claim signs",
+                f"update's example count {payload.num_examples} is not the {update.num_examples} its claim signs",
             )
         return None
 
@@ -127,7 +114,7 @@ class PlainAggregator:
         return sum_plain_updates([update.record for update in updates])
 
     def describe(self) -> dict:
-        return {"scheme": self.scheme, "parameters": {"dtype": "float64"}}
+        return {"scheme": self.scheme, "parameters": {"update_dtype": "float32", "sum_dtype": "float64"}}
 
     def sum_error_bound(self, num_updates: int) -> float:
         return 0.0

@@ -1,6 +1,6 @@
 """Schema of the `crypto/` config group (how updates travel and are aggregated).
 
-`plain` sends [n_i * w_i ..., n_i] in the clear; `ckks` encrypts it with CKKS (TenSEAL) so the
+`plain` sends [n_i * w_i ..., n_i] in the clear; `ckks` encrypts it with CKKS (SEAL via tenseal.sealapi) so the
 coordinator only ever adds ciphertexts. Zeros and empty lists mean "choose automatically"
 (`medtwin.core.he.choose_ckks_parameters`, which also rejects insecure or imprecise choices).
 """
@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 @dataclass
 class CryptoConfig:
     name: str = "plain"  # plain | ckks
-    # CKKS ring dimension N (slots = N / 2); 0 = the smallest secure N meeting the precision target
+    # CKKS ring dimension N (N / 2 complex slots, N reals); 0 = the secure N with the smallest updates
+    # that meets the precision target
     poly_modulus_degree: int = 0
-    # bit sizes of the coefficient-modulus primes, the last one is SEAL's special prime; [] = auto
+    # bit sizes of the coefficient-modulus primes; [] = auto (one prime: addition needs no key switching);
+    # with several primes the last one is SEAL's special prime
     coeff_mod_bit_sizes: list[int] = field(default_factory=list)
     scale_bits: int = 0  # CKKS scale 2^scale_bits; 0 = the largest that cannot overflow
     # precision target: max error of an averaged weight relative to `max_abs_weight_bound`,

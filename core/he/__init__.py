@@ -1,8 +1,9 @@
-"""CKKS (TenSEAL) encrypted aggregation: parameter choice and checks, contexts, the update codec.
+"""CKKS encrypted aggregation (SEAL via `tenseal.sealapi`): parameter choice and checks, contexts, the codec.
 
-Sites pack [n_i * w_i ..., n_i], encrypt it with the federation's secret context and sign its
-digest; the coordinator adds ciphertexts with a public context (no keys at all); sites decrypt
-the sum and divide by its last entry. `params` is pure maths (no TenSEAL import).
+Sites pack [n_i * w_i ..., n_i], encrypt it with the federation's secret key (seeded ciphertexts,
+two reals per complex slot) and sign its digest; the coordinator adds ciphertexts with a public
+context (encryption parameters only, no key at all); sites decrypt the sum and divide by its last
+entry. `params` is pure maths (no TenSEAL import).
 """
 
 from .codec import check_update_chunks, load_update_chunks, sum_loaded, decrypt_average, decrypt_sum, encrypt_update, sum_encrypted, update_digest
@@ -30,6 +31,7 @@ from .params import (
     choose_ckks_parameters,
     ckks_parameters_from_config,
     decryption_error_bound,
+    estimated_update_bytes,
     max_coeff_modulus_bits,
 )
 
@@ -56,6 +58,7 @@ __all__ = [
     "decrypt_sum",
     "decryption_error_bound",
     "encrypt_update",
+    "estimated_update_bytes",
     "load_context",
     "max_coeff_modulus_bits",
     "serialize_public_context",

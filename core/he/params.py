@@ -1,19 +1,25 @@
 """CKKS parameter choice and checks for addition-only aggregation — pure maths, no TenSEAL.
 
 What sites encrypt is the packed vector [n_i * w_i ..., n_i]; the coordinator only adds, so no
-multiplicative depth is needed: one data prime q0 holds the values, and SEAL's special prime (the
-last one) only has to exist. The trade-offs, measured with TenSEAL 0.3.18 (docs in FIELD-NOTES):
+multiplicative depth and no key switching are needed: one prime q0 holds the values (SEAL accepts a
+single prime when no keys other than the secret key exist). The trade-offs, measured with SEAL 4.1
+through `tenseal.sealapi` (FIELD-NOTES, "Smaller CKKS ciphertexts"):
 
-* Wire size. A ciphertext has 2 polynomials of N coefficients mod q0 in N/2 slots, i.e. 4
-  coefficients per packed value, independent of N. TenSEAL stores each coefficient as a uint64 and
-  compresses with zstd, which works byte-wise: q0 of 17-24 bits costs ~3 bytes per coefficient
-  (bytes/param / 4 ~ 3.3), 25-32 bits ~4 bytes (~4.1-4.3), 40 bits ~6. So q0 is picked as the
-  largest size of the cheapest byte class that meets the precision target (extra bits are free).
-* Noise. Sites hold the secret key, so they encrypt symmetrically: the fresh error in a slot is
-  Gaussian with std sqrt(N/2 * (sigma^2 + 1/12)) in units of the scale (sigma = 3.2, SEAL's error
-  std; 1/12 from rounding the encoding) — measured within 2 % at N = 2048, 4096, 8192. Public-key
-  encryption would add ~3 bits. A sum of k updates has sqrt(k) times that std; the bound uses a
-  Gaussian tail over every slot of the model with failure probability 2^-40.
+* Wire size. Sites encrypt with the secret key and send SEAL's *seeded* form: the uniform half of
+  the ciphertext is replaced by its seed, leaving one polynomial of N coefficients mod q0. Complex
+  packing puts two reals in each of the N/2 slots, so a ciphertext carries N reals — about one
+  coefficient per packed value, whatever N. SEAL stores each coefficient as a uint64 and compresses
+  with zstd, byte-wise: q0 <= 24 bits costs ~3.4 bytes per coefficient (0.85x float32), 25-32 bits
+  ~4.2 (1.04-1.06x), 33-40 bits ~6. So q0 is the largest size of the cheapest byte class that meets
+  the precision target (extra bits are free), and among the secure (N, q0) that meet it the one with
+  the fewest estimated bytes wins: small models get the smallest ring (one ciphertext of N reals),
+  large ones the fewest ciphertexts. The sum the coordinator returns is a normal ciphertext (two
+  polynomials): about twice the upload.
+* Noise. The fresh error of one real (real or imaginary part of a slot) is Gaussian with std
+  sqrt(N/2 * (sigma^2 + 1/12)) in units of the scale (sigma = 3.2, SEAL's error std; 1/12 from
+  rounding the encoding) — measured 1.2-1.5 % above that at N = 1024, 2048, 4096 with complex
+  packing (NOISE_SAFETY_FACTOR covers it). A sum of k updates has sqrt(k) times that std; the bound
+  uses a Gaussian tail over every packed real of the model with failure probability 2^-40.
 * Fixed point. CKKS stores round(value * 2^scale_bits) mod q0, so the largest packed sum
   (full scale: max_total_examples * max_abs_weight_bound) times 2^scale_bits must stay below
   q0 / 2; one more bit of headroom lets sites detect a total count over its bound instead of
@@ -21,6 +27,9 @@ last one) only has to exist. The trade-offs, measured with TenSEAL 0.3.18 (docs 
   full scale as the weight slots (the codec divides it out). The relative error at full scale is
   then about 2 * noise / 2^(q0 - 2), whatever the bounds; data far below full scale (fewer
   examples, smaller weights) lose precision proportionally, so set the bounds close to reality.
+
+Explicit `coeff_mod_bit_sizes` with several primes still work: SEAL then treats the last one as
+its special prime and the ciphertexts live under the others.
 """
 
 from __future__ import annotations
@@ -37,13 +46,16 @@ if TYPE_CHECKING:
 # HomomorphicEncryption.org standard (ternary secret): max total coefficient-modulus bits per N.
 # These are SEAL's CoeffModulus::MaxBitCount values.
 SECURITY_TABLE_BITS: dict[int, dict[int, int]] = {
-    128: {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881},
-    192: {2048: 37, 4096: 75, 8192: 152, 16384: 305, 32768: 611},
-    256: {2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
+    128: {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881},
+    192: {1024: 19, 2048: 37, 4096: 75, 8192: 152, 16384: 305, 32768: 611},
+    256: {1024: 14, 2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
 }
 MAX_PRIME_BITS = 60  # SEAL's limit per prime
-MIN_SPECIAL_PRIME_BITS = 20  # plenty of NTT-friendly primes exist at this size for every N here
 DATA_PRIME_BIT_CLASSES = (24, 32, 40, 48, 56, 60)  # largest q0 of each zstd byte class
+# bytes per coefficient of a seeded ciphertext for a prime up to each class's size (SEAL 4.1, zstd,
+# measured at N = 2048/4096 including the seed and SEAL's header); only used to rank candidates
+SEEDED_BYTES_PER_COEFFICIENT = {24: 3.4, 32: 4.2, 40: 6.1, 48: 6.9, 56: 7.7, 60: 8.1}
+CHUNK_OVERHEAD_BYTES = 64  # medtwin's chunk header and SEAL's ciphertext metadata, per ciphertext
 ERROR_STD = 3.2  # SEAL's standard deviation of the RLWE error
 NOISE_SAFETY_FACTOR = 1.05  # measured std was up to 1.5 % above the model
 FAILURE_PROBABILITY_LOG2 = -40  # chance that any slot of a sum exceeds the bound
@@ -57,7 +69,7 @@ class CkksParameters:
     poly_modulus_degree: int
     coeff_mod_bit_sizes: tuple[int, ...]
     scale_bits: int
-    slots: int
+    slots: int  # complex CKKS slots per ciphertext (N / 2); each packs two reals
     num_ciphertexts: int
     predicted_error_bound: float  # max error of an averaged weight / max_abs_weight_bound, at full scale
     num_parameters: int
@@ -67,9 +79,18 @@ class CkksParameters:
     security_level: int = 128
 
     @property
+    def data_prime_bit_sizes(self) -> tuple[int, ...]:
+        """The primes the ciphertexts live under: the only one, or every prime but SEAL's special one."""
+        return data_primes(self.coeff_mod_bit_sizes)
+
+    @property
     def data_bits(self) -> int:
-        """Bits of the modulus the ciphertexts live under (every prime but SEAL's special one)."""
-        return sum(self.coeff_mod_bit_sizes[:-1])
+        return sum(self.data_prime_bit_sizes)
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        """Reals one ciphertext carries: the real and imaginary part of every slot."""
+        return 2 * self.slots
 
     @property
     def full_scale(self) -> float:
@@ -86,6 +107,20 @@ class CkksParameters:
         fields = dict(data)
         fields["coeff_mod_bit_sizes"] = tuple(int(bits) for bits in fields["coeff_mod_bit_sizes"])
         return cls(**fields)
+
+
+def data_primes(coeff_mod_bit_sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """A single prime is both key and data modulus; with several, SEAL keeps the last for key switching."""
+    return tuple(coeff_mod_bit_sizes[:1] if len(coeff_mod_bit_sizes) == 1 else coeff_mod_bit_sizes[:-1])
+
+
+def estimated_update_bytes(params: CkksParameters) -> float:
+    """Estimated wire size of one site's seeded update (the returned sum is about twice this)."""
+    per_coefficient = sum(
+        SEEDED_BYTES_PER_COEFFICIENT[min((size for size in DATA_PRIME_BIT_CLASSES if size >= bits), default=MAX_PRIME_BITS)]
+        for bits in params.data_prime_bit_sizes
+    )
+    return params.num_ciphertexts * (params.poly_modulus_degree * per_coefficient + CHUNK_OVERHEAD_BYTES)
 
 
 def max_coeff_modulus_bits(poly_modulus_degree: int, *, security_level: int = 128) -> int:
@@ -109,16 +144,16 @@ def fresh_noise_std(poly_modulus_degree: int) -> float:
     return NOISE_SAFETY_FACTOR * math.sqrt(poly_modulus_degree / 2 * (ERROR_STD**2 + 1 / 12))
 
 
-def tail_multiplier(total_slots: int) -> float:
-    """t such that P(any of `total_slots` Gaussians exceeds t std) <= 2^FAILURE_PROBABILITY_LOG2."""
-    log_failures = math.log(2 * max(total_slots, 1)) - FAILURE_PROBABILITY_LOG2 * math.log(2)
+def tail_multiplier(total_values: int) -> float:
+    """t such that P(any of `total_values` Gaussians exceeds t std) <= 2^FAILURE_PROBABILITY_LOG2."""
+    log_failures = math.log(2 * max(total_values, 1)) - FAILURE_PROBABILITY_LOG2 * math.log(2)
     return math.sqrt(2 * log_failures)
 
 
 def decryption_error_bound(params: CkksParameters, num_sites: int) -> float:
-    """Bound on |decrypted sum - exact sum| in any slot, in value units, for `num_sites` updates."""
-    total_slots = params.num_ciphertexts * params.slots
-    integer_bound = tail_multiplier(total_slots) * math.sqrt(num_sites) * fresh_noise_std(params.poly_modulus_degree)
+    """Bound on |decrypted sum - exact sum| of any packed value, in value units, for `num_sites` updates."""
+    total_values = params.num_ciphertexts * params.values_per_ciphertext
+    integer_bound = tail_multiplier(total_values) * math.sqrt(num_sites) * fresh_noise_std(params.poly_modulus_degree)
     return integer_bound / 2.0**params.scale_bits
 
 
@@ -153,7 +188,8 @@ def choose_ckks_parameters(
     coeff_mod_bit_sizes: tuple[int, ...] | list[int] = (),
     scale_bits: int = 0,
 ) -> CkksParameters:
-    """The smallest secure parameter set meeting the precision target for a sum of `num_sites` updates.
+    """The secure parameter set with the smallest updates that meets the precision target for a sum of
+    `num_sites` updates (ties: fewer ciphertexts, then the smaller ring).
 
     Zero / empty arguments are chosen; given ones are kept and checked. Raises
     `InsecureParametersError` or `ImpreciseParametersError` (naming the crypto.* key) if no set fits.
@@ -177,6 +213,7 @@ def choose_ckks_parameters(
         build_parameters(poly_modulus_degree=degree, coeff_mod_bit_sizes=bit_sizes, scale_bits=scale_bits, **common)
         for degree in degrees
         for bit_sizes in _candidate_bit_sizes(
+            degree,
             max_coeff_modulus_bits(degree, security_level=security_level),
             tuple(coeff_mod_bit_sizes),
             skip_insecure=not poly_modulus_degree,
@@ -192,16 +229,16 @@ def choose_ckks_parameters(
             )
         raise InsecureParametersError(
             "crypto.poly_modulus_degree",
-            f"{poly_modulus_degree} leaves no room for a {DATA_PRIME_BIT_CLASSES[0]}-bit data prime and a "
-            f"{MIN_SPECIAL_PRIME_BITS}-bit special prime at {security_level}-bit security",
+            f"{poly_modulus_degree} leaves no room for a prime of {min_prime_bits(poly_modulus_degree)} bits or more "
+            f"at {security_level}-bit security",
             "use a larger crypto.poly_modulus_degree, or 0 to choose automatically",
         )
-    # smallest N first (least noise); for each N the cheapest byte class first
     usable = [params for params in candidates if params.scale_bits >= 1 and _overflow_bits(params) <= 0]
-    for params in usable:
-        if params.predicted_error_bound <= max_relative_error:
-            check_ckks_parameters(params, max_relative_error=max_relative_error)
-            return params
+    precise = [params for params in usable if params.predicted_error_bound <= max_relative_error]
+    if precise:
+        best = min(precise, key=lambda params: (estimated_update_bytes(params), params.num_ciphertexts, params.poly_modulus_degree))
+        check_ckks_parameters(best, max_relative_error=max_relative_error)
+        return best
     closest = min(usable, key=lambda params: params.predicted_error_bound) if usable else candidates[0]
     check_ckks_parameters(closest, max_relative_error=max_relative_error)  # raises, naming the key
     raise ImpreciseParametersError("crypto.max_relative_error", f"no parameter set meets {max_relative_error:g}")
@@ -221,14 +258,14 @@ def build_parameters(
     """Assemble a parameter set (scale_bits 0 = automatic) with its predicted error; no checks."""
     bit_sizes = tuple(int(bits) for bits in coeff_mod_bit_sizes)
     full_scale = max_total_examples * max_abs_weight_bound
-    scale = scale_bits or auto_scale_bits(data_bits=sum(bit_sizes[:-1]), full_scale=full_scale)
+    scale = scale_bits or auto_scale_bits(data_bits=sum(data_primes(bit_sizes)), full_scale=full_scale)
     slots = poly_modulus_degree // 2
     draft = CkksParameters(
         poly_modulus_degree=poly_modulus_degree,
         coeff_mod_bit_sizes=bit_sizes,
         scale_bits=scale,
         slots=slots,
-        num_ciphertexts=math.ceil((num_parameters + 1) / slots),
+        num_ciphertexts=math.ceil((num_parameters + 1) / (2 * slots)),
         predicted_error_bound=math.inf,
         num_parameters=num_parameters,
         num_sites=num_sites,
@@ -256,15 +293,19 @@ def check_ckks_parameters(params: CkksParameters, *, max_relative_error: float) 
     _raise_all(ImpreciseParametersError, _precision_problems(params, max_relative_error))
 
 
-def _candidate_bit_sizes(budget: int, fixed: tuple[int, ...], *, skip_insecure: bool) -> list[tuple[int, ...]]:
+def _candidate_bit_sizes(
+    degree: int, budget: int, fixed: tuple[int, ...], *, skip_insecure: bool
+) -> list[tuple[int, ...]]:
+    """Given primes, or one prime per byte class: the largest size of the class that is secure for N."""
     if fixed:
         return [] if skip_insecure and sum(fixed) > budget else [fixed]
-    candidates = []
-    for data_bits in DATA_PRIME_BIT_CLASSES:
-        special_bits = min(data_bits, budget - data_bits, MAX_PRIME_BITS)
-        if special_bits >= MIN_SPECIAL_PRIME_BITS:
-            candidates.append((data_bits, special_bits))
-    return candidates
+    sizes = {min(bits, budget, MAX_PRIME_BITS) for bits in DATA_PRIME_BIT_CLASSES}
+    return [(bits,) for bits in sorted(sizes) if bits >= min_prime_bits(degree)]
+
+
+def min_prime_bits(poly_modulus_degree: int) -> int:
+    """Smallest prime size accepted for ring N (NTT primes are 1 mod 2N, with room for several)."""
+    return int(math.log2(2 * poly_modulus_degree)) + 2
 
 
 def _overflow_bits(params: CkksParameters) -> float:
@@ -287,9 +328,9 @@ def _shape_problems(params: CkksParameters) -> list[tuple[str, str, str]]:
     key = "crypto.coeff_mod_bit_sizes"
     bit_sizes = list(params.coeff_mod_bit_sizes)
     problems = []
-    if len(bit_sizes) < 2:
-        problems.append((key, f"{bit_sizes} needs at least a data prime and SEAL's special prime", "e.g. [32, 22]"))
-    min_bits = int(math.log2(2 * params.poly_modulus_degree)) + 2
+    if not bit_sizes:
+        problems.append((key, "[] names no prime (the automatic choice fills it in)", "e.g. [32], or [] for automatic"))
+    min_bits = min_prime_bits(params.poly_modulus_degree)
     for bits in bit_sizes:
         if not min_bits <= bits <= MAX_PRIME_BITS:
             problems.append(

@@ -18,7 +18,8 @@ from medtwin.client.codec import CkksSiteCodec
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, compose_config
 from medtwin.core.he import SECURITY_TABLE_BITS
-from medtwin.core.protocol import average_from_sum, record_from_bytes, unpack_plain
+from medtwin.core.plain_payload import average_from_sum
+from medtwin.core.protocol import record_from_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +118,7 @@ def test_decrypted_final_aggregate_matches_the_sites_plaintext_updates(runs: dic
 
 def test_encrypted_run_trains_the_plaintext_model(runs: dict[str, Run]) -> None:
     ckks_average, ckks_total = _codec(runs["ckks"], "cleveland").average(runs["ckks"].final_aggregate())
-    plain_average, plain_total = average_from_sum(unpack_plain(runs["plain"].final_aggregate()))
+    plain_average, plain_total = average_from_sum(runs["plain"].final_aggregate())
     assert ckks_total == plain_total
     np.testing.assert_allclose(ckks_average, plain_average, rtol=0, atol=1e-3)
 

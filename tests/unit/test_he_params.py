@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from medtwin.core.he.params import (
     choose_ckks_parameters,
     ckks_parameters_from_config,
     decryption_error_bound,
+    estimated_update_bytes,
 )
 
 PARAMS_SOURCE = Path(__file__).resolve().parents[2] / "core" / "he" / "params.py"
@@ -31,7 +33,7 @@ def test_params_module_is_pure() -> None:
 
 
 def test_security_table_is_the_he_standard() -> None:
-    assert SECURITY_TABLE_BITS[128] == {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+    assert SECURITY_TABLE_BITS[128] == {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
 @pytest.mark.parametrize("num_parameters", [1, 1_000, 5_000, 100_000, 3_000_000])
@@ -46,21 +48,41 @@ def test_chosen_parameters_are_secure_precise_and_cover_the_model(
     assert sum(params.coeff_mod_bit_sizes) <= SECURITY_TABLE_BITS[128][params.poly_modulus_degree]
     assert all(bits <= 60 for bits in params.coeff_mod_bit_sizes)
     assert params.predicted_error_bound <= max_relative_error
-    assert params.slots == params.poly_modulus_degree // 2
-    assert params.num_ciphertexts * params.slots >= num_parameters + 1  # weights + the count slot
-    assert (params.num_ciphertexts - 1) * params.slots < num_parameters + 1  # no wasted ciphertext
+    assert params.slots == params.poly_modulus_degree // 2 and params.values_per_ciphertext == 2 * params.slots
+    assert params.coeff_mod_bit_sizes == params.data_prime_bit_sizes  # one prime: no key switching, no special prime
+    capacity = params.values_per_ciphertext  # two reals per complex slot
+    assert params.num_ciphertexts * capacity >= num_parameters + 1  # weights + the count slot
+    assert (params.num_ciphertexts - 1) * capacity < num_parameters + 1  # no wasted ciphertext
     # the largest packed sum times the scale stays below q0 / 4 (one bit of headroom)
     assert params.full_scale * 2.0**params.scale_bits <= 2.0 ** (params.data_bits - 2)
     check_ckks_parameters(params, max_relative_error=max_relative_error)
 
 
-def test_choice_prefers_the_cheapest_byte_class_and_the_smallest_ring() -> None:
+def test_choice_prefers_the_cheapest_byte_class_and_the_fewest_bytes() -> None:
     loose = choose_ckks_parameters(num_parameters=100_000, num_sites=2, max_relative_error=2e-3)
     default = choose_ckks_parameters(num_parameters=100_000, num_sites=8, max_relative_error=1e-5)
     tight = choose_ckks_parameters(num_parameters=100_000, num_sites=8, max_relative_error=1e-7)
-    assert loose.coeff_mod_bit_sizes[0] == 24 and loose.poly_modulus_degree == 2048
-    assert default.coeff_mod_bit_sizes[0] == 32 and default.poly_modulus_degree == 2048
-    assert tight.coeff_mod_bit_sizes[0] == 40 and tight.poly_modulus_degree == 4096
+    assert loose.coeff_mod_bit_sizes == (24,) and loose.poly_modulus_degree == 2048
+    assert default.coeff_mod_bit_sizes == (32,) and default.poly_modulus_degree == 2048
+    # one 40-bit prime fits N = 2048 (two primes did not): same bytes as N = 4096, less noise
+    assert tight.coeff_mod_bit_sizes == (40,) and tight.poly_modulus_degree == 2048
+    assert estimated_update_bytes(loose) < estimated_update_bytes(default) < estimated_update_bytes(tight)
+
+
+def test_small_models_get_the_smallest_secure_ring() -> None:
+    """One ciphertext either way, so the smaller ring halves the bytes when it meets the target."""
+    loose = choose_ckks_parameters(num_parameters=14, num_sites=4, max_relative_error=1e-3, max_total_examples=1000)
+    default = choose_ckks_parameters(num_parameters=14, num_sites=4, max_relative_error=1e-5, max_total_examples=1000)
+    assert (loose.poly_modulus_degree, loose.coeff_mod_bit_sizes, loose.num_ciphertexts) == (1024, (24,), 1)
+    assert (default.poly_modulus_degree, default.coeff_mod_bit_sizes, default.num_ciphertexts) == (2048, (32,), 1)
+    assert sum(loose.coeff_mod_bit_sizes) <= SECURITY_TABLE_BITS[128][1024]
+
+
+def test_large_models_meet_the_wire_target_at_the_default_precision() -> None:
+    """Estimated upload / float32 (the HE benchmark measures the real one): <= 1.1 once ciphertexts are full."""
+    for num_parameters in (10_000, 100_000, 1_000_000):
+        params = choose_ckks_parameters(num_parameters=num_parameters, num_sites=4)
+        assert estimated_update_bytes(params) / (4 * num_parameters) <= 1.1
 
 
 def test_more_sites_mean_a_larger_error_bound() -> None:
@@ -83,7 +105,7 @@ def test_insecure_parameters_are_rejected_naming_key_value_and_limit() -> None:
 
 def test_unknown_ring_and_security_level_are_insecure() -> None:
     with pytest.raises(InsecureParametersError, match="crypto.poly_modulus_degree"):
-        choose_ckks_parameters(num_parameters=100, num_sites=2, poly_modulus_degree=1024)
+        choose_ckks_parameters(num_parameters=100, num_sites=2, poly_modulus_degree=512)
     with pytest.raises(InsecureParametersError, match="crypto.security_level"):
         choose_ckks_parameters(num_parameters=100, num_sites=2, security_level=80)
 
@@ -118,11 +140,13 @@ def test_malformed_targets_and_primes_are_config_errors() -> None:
     with pytest.raises(CkksParameterError, match="crypto.max_abs_weight_bound"):
         choose_ckks_parameters(num_parameters=10, num_sites=2, max_abs_weight_bound=0)
     params = build_parameters(
-        poly_modulus_degree=4096, coeff_mod_bit_sizes=(40,), scale_bits=10, num_parameters=10, num_sites=2,
+        poly_modulus_degree=4096, coeff_mod_bit_sizes=(40, 8), scale_bits=10, num_parameters=10, num_sites=2,
         max_abs_weight_bound=1.0, max_total_examples=100,
     )
-    with pytest.raises(CkksParameterError, match="special prime"):
+    with pytest.raises(CkksParameterError, match=r"prime size 8 in \[40, 8\] is outside \[15, 60\]"):
         check_ckks_parameters(params, max_relative_error=1e-3)
+    with pytest.raises(CkksParameterError, match="names no prime"):
+        check_ckks_parameters(replace(params, coeff_mod_bit_sizes=()), max_relative_error=1e-3)
 
 
 def test_average_error_bound_shrinks_with_more_examples() -> None:

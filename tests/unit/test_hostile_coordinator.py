@@ -32,6 +32,7 @@ from medtwin.core.identity import (
     sign_claim,
     verify_claim,
 )
+from medtwin.core.plain_payload import average_from_sum, pack_plain_update, read_plain_update, sum_plain_updates
 from medtwin.core.protocol import (
     AGGREGATE,
     CERTIFICATE,
@@ -42,7 +43,6 @@ from medtwin.core.protocol import (
     RoundCertificate,
     claim_from_site_record,
     instruction,
-    pack_plain_update,
     payload_sha256,
 )
 from medtwin.core.runconfig import CONFIG_YAML_KEY
@@ -231,8 +231,6 @@ def _peer_update(hospital: Hospital, site_id: str, *, run_id: str, server_round:
 
 
 def _sum_records(records: list) -> object:
-    from medtwin.core.protocol import sum_plain_updates
-
     return sum_plain_updates(records)
 
 
@@ -254,12 +252,11 @@ def _expected_metrics(hospital: Hospital, summed) -> dict[str, float]:
     """What cleveland's test set says about the model a sum of updates encodes (computed here, independently)."""
     from medtwin.core.config import TaskConfig
     from medtwin.core.model_vector import vector_to_model
-    from medtwin.core.protocol import average_from_sum, unpack_plain
     from medtwin.core.tasks import get_task
 
     task = get_task(TaskConfig(name="fed_heart_disease"))
     model = task.build_model()
-    vector_to_model(model, average_from_sum(unpack_plain(summed))[0])
+    vector_to_model(model, average_from_sum(summed)[0])
     data = task.load_site(0)
     return task.evaluate(model, data.x_test, data.y_test)
 
@@ -271,9 +268,7 @@ def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: 
     hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
     swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
     honest = _sum_records([hungarian, swiss])
-    from medtwin.core.protocol import pack_plain_update, unpack_plain
-
-    scaled_single = pack_plain_update(unpack_plain(hungarian)[:-1] / 180, num_examples=260)  # hungarian alone, count fixed
+    scaled_single = pack_plain_update(read_plain_update(hungarian).weights, num_examples=260)  # hungarian alone, count fixed
     claims = [hungarian_claim, swiss_claim]
     dominant, dominant_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=5_000_000)
     refused = {
@@ -512,8 +507,8 @@ def test_a_hospital_trains_the_vitals_twin_on_its_own_streams_with_the_proposals
     def parameters(*overrides: str) -> int:
         return sum(p.numel() for p in get_task(compose_config(["task=vitals", *overrides]).task).build_model().parameters())
 
-    sent = sum(array.numpy().size for array in reply.content.array_records[UPDATE].values())
-    assert sent - parameters("task.vitals.horizon_h=0.5") in (0, 1)  # the proposal's horizon shaped the model...
+    sent = read_plain_update(reply.content.array_records[UPDATE]).weights.size
+    assert sent == parameters("task.vitals.horizon_h=0.5")  # the proposal's horizon shaped the model...
     assert parameters("task.vitals.horizon_h=0.5") != parameters()
     assert claim_from_site_record(reply.content.config_records[SITE])[0].num_examples > 0  # ...the site's streams fed it
 

@@ -26,17 +26,16 @@ from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.errors import ConfigError
 from medtwin.core.identity import FederationManifest, ReplyClaim, SiteEntry, sign_claim, verify_claim
 from medtwin.core.identity.keys import raw_public_bytes
+from medtwin.core.plain_payload import PLAIN_PAYLOAD, pack_plain_update
 from medtwin.core.protocol import (
     AGGREGATE,
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
-    PLAIN_PAYLOAD,
     SITE,
     UPDATE,
     RoundCertificate,
     metrics_sha256,
-    pack_plain_update,
     payload_sha256,
     site_reply_record,
 )
@@ -316,30 +315,31 @@ def digest_mismatch(message: Message, hostile: Hostile) -> list[Message]:
     return [_reply(message, {UPDATE: other, SITE: _signed(claim)})]
 
 
-def _payload(message: Message, payload: np.ndarray) -> list[Message]:
-    """A correctly signed reply carrying `payload` (its digest is signed: only its content is wrong)."""
-    record = ArrayRecord({PLAIN_PAYLOAD: Array(payload)})
+def _payload(message: Message, record: ArrayRecord) -> list[Message]:
+    """A correctly signed reply carrying `record` (its digest is signed: only its content is wrong)."""
     _, claim = _update(message, "beta")
     claim = replace(claim, payload_sha256=payload_sha256(record))
     return [_reply(message, {UPDATE: record, SITE: _signed(claim)})]
 
 
-def float32_payload(message: Message, hostile: Hostile) -> list[Message]:
-    return _payload(message, pack_plain_update(_weights("beta", 1), num_examples=COUNTS["beta"])[PLAIN_PAYLOAD].numpy().astype(np.float32))
+def float64_payload(message: Message, hostile: Hostile) -> list[Message]:
+    """The float64 vector [n*w..., n] earlier versions sent (np.save format)."""
+    legacy = np.append(_weights("beta", 1) * COUNTS["beta"], float(COUNTS["beta"]))
+    return _payload(message, ArrayRecord({PLAIN_PAYLOAD: Array(legacy)}))
 
 
 def int_payload(message: Message, hostile: Hostile) -> list[Message]:
-    return _payload(message, np.array([1, 2, 3, 4, 5, COUNTS["beta"]], dtype=np.int64))
+    return _payload(message, ArrayRecord({PLAIN_PAYLOAD: Array(np.array([1, 2, 3, 4, 5, COUNTS["beta"]], dtype=np.int64))}))
 
 
 def nan_payload(message: Message, hostile: Hostile) -> list[Message]:
-    payload = np.append(_weights("beta", 1) * COUNTS["beta"], float(COUNTS["beta"]))
-    payload[2] = np.nan
-    return _payload(message, payload)
+    weights = _weights("beta", 1)
+    weights[2] = np.nan
+    return _payload(message, pack_plain_update(weights, num_examples=COUNTS["beta"]))
 
 
 def wrong_count(message: Message, hostile: Hostile) -> list[Message]:
-    return _payload(message, np.append(_weights("beta", 1) * COUNTS["beta"], 10_000.0))  # claim says 25
+    return _payload(message, pack_plain_update(_weights("beta", 1), num_examples=10_000))  # claim says 25
 
 
 def huge_count(message: Message, hostile: Hostile) -> list[Message]:
@@ -355,7 +355,7 @@ def huge_count(message: Message, hostile: Hostile) -> list[Message]:
 
 
 def wrong_shape(message: Message, hostile: Hostile) -> list[Message]:
-    return _payload(message, np.append(np.ones(NUM_WEIGHTS + 3), float(COUNTS["beta"])))
+    return _payload(message, pack_plain_update(np.ones(NUM_WEIGHTS + 3), num_examples=COUNTS["beta"]))
 
 
 def missing_site_record(message: Message, hostile: Hostile) -> list[Message]:
@@ -442,7 +442,7 @@ TRAIN_ATTACKS: dict[str, tuple[Behaviour, int, str, str]] = {
     "replay-of-earlier-round": (_in_round(2, replay_of_round_1), 2, "beta", "replay"),
     "unknown-site": (_in_round(1, unknown_site), 1, "node-2", "unknown_site"),
     "digest-mismatch": (_in_round(1, digest_mismatch), 1, "beta", "digest_mismatch"),
-    "float32-payload": (_in_round(1, float32_payload), 1, "beta", "malformed_update"),
+    "float64-payload": (_in_round(1, float64_payload), 1, "beta", "malformed_update"),
     "int-payload": (_in_round(1, int_payload), 1, "beta", "malformed_update"),
     "nan-in-payload": (_in_round(1, nan_payload), 1, "beta", "malformed_update"),
     "count-not-the-claimed": (_in_round(1, wrong_count), 1, "beta", "malformed_update"),

@@ -110,7 +110,7 @@ def test_the_coordinators_public_context_holds_no_secret_key(distribution: HeKey
     public_bytes = distribution.public_context_path.read_bytes()
     public = load_context(public_bytes, expected_kind="public")
     assert not public.is_private and public.key_id.hex() == distribution.key_id
-    assert not public.tenseal_context.is_private()
+    assert public.secret_key is None
     with pytest.raises(HeContextError, match="expected a secret HE context"):
         load_context(public_bytes, expected_kind="secret")
 

@@ -13,18 +13,22 @@ from torch import nn
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.identity import ReplyClaim
 from medtwin.core.model_vector import count_parameters, model_to_vector, vector_to_model
-from medtwin.core.protocol import (
+from medtwin.core.plain_payload import (
     PLAIN_PAYLOAD,
+    PLAIN_SUM_STYPE,
+    PLAIN_UPDATE_STYPE,
     average_from_sum,
+    pack_plain_update,
+    read_plain_update,
+    sum_plain_updates,
+)
+from medtwin.core.protocol import (
     chunks_to_record,
     metrics_sha256,
-    pack_plain_update,
     payload_sha256,
     record_bytes,
     record_from_bytes,
     record_to_chunks,
-    sum_plain_updates,
-    unpack_plain,
 )
 from medtwin.server.aggregation import PlainAggregator, SiteUpdate
 from medtwin.server.loop import pooled_metrics, site_error_reason
@@ -35,8 +39,8 @@ def test_sum_of_packed_updates_gives_the_weighted_average() -> None:
     weights = [rng.normal(size=7) for _ in range(3)]
     counts = [10, 30, 60]
     records = [pack_plain_update(w, num_examples=n) for w, n in zip(weights, counts)]
-    average, total = average_from_sum(unpack_plain(sum_plain_updates(records)))
-    expected = sum(w * n for w, n in zip(weights, counts)) / sum(counts)
+    average, total = average_from_sum(sum_plain_updates(records))
+    expected = sum(w.astype(np.float32).astype(np.float64) * n for w, n in zip(weights, counts)) / sum(counts)
     assert total == 100
     np.testing.assert_allclose(average, expected, rtol=1e-12)
 
@@ -59,26 +63,41 @@ def test_shape_mismatch_is_rejected_by_the_aggregator() -> None:
     assert aggregator.check(bad)[0] == "shape_mismatch"
 
 
+def _raw_update(
+    weights: object, count: int = 3, *, dtype: str = "<f4", stype: str = PLAIN_UPDATE_STYPE, shape: tuple | None = None, tail: bytes = b""
+) -> ArrayRecord:
+    """A plain record laid out by hand: 8-byte count, then `weights` as `dtype` (fields overridable)."""
+    values = np.asarray(weights, dtype=dtype)
+    data = np.array([count], dtype="<u8").tobytes() + values.tobytes() + tail
+    array = Array(dtype=values.dtype.name, shape=shape if shape is not None else (values.size,), stype=stype, data=data)
+    return ArrayRecord({PLAIN_PAYLOAD: array})
+
+
 @pytest.mark.parametrize(
-    "payload",
+    "record",
     [
-        np.array([1.0, 2.0, 3.0], dtype=np.float32),
-        np.array([1, 2, 3], dtype=np.int64),
-        np.array([1.0, np.nan, 3.0]),
-        np.array([1.0, np.inf, 3.0]),
-        np.array([1.0, 2.0, 2.5]),  # the count is not an integer
-        np.array([1.0, 2.0, 0.0]),  # nor positive
-        np.array([1.0, 2.0, 4.0]),  # nor the claimed 3
-        np.zeros((2, 3)),
-        np.array([3.0]),
+        ArrayRecord({PLAIN_PAYLOAD: Array(np.array([1.0, 2.0, 3.0]))}),  # earlier versions' float64 [n*w..., n]
+        _raw_update([1.0, 2.0], dtype="<f8"),
+        _raw_update([1, 2], dtype="<i4"),
+        _raw_update([1.0, np.nan]),
+        _raw_update([1.0, np.inf]),
+        _raw_update([1.0, 2.0], count=0),
+        _raw_update([1.0, 2.0], count=4),
+        _raw_update([1.0, 2.0], tail=b"\x00"),
+        _raw_update([1.0, 2.0, 3.0, 4.0], shape=(2, 2)),
+        _raw_update([]),
+        _raw_update([1.0, 2.0], stype=PLAIN_SUM_STYPE, dtype="<f8"),
     ],
-    ids=["float32", "int64", "nan", "inf", "fractional-count", "zero-count", "count-not-claimed", "matrix", "count-only"],
+    ids=[
+        "numpy-float64", "float64", "int32", "nan", "inf", "zero-count", "count-not-claimed", "trailing-byte",
+        "matrix", "no-weights", "a-sum",
+    ],
 )
-def test_plain_aggregator_refuses_malformed_payloads(payload: np.ndarray) -> None:
-    update = _plain_update("a", ArrayRecord({PLAIN_PAYLOAD: Array(payload)}), num_examples=3)
+def test_plain_aggregator_refuses_malformed_payloads(record: ArrayRecord) -> None:
+    update = _plain_update("a", record, num_examples=3)
     problem = PlainAggregator().check(update)
     assert problem is not None and problem[0] == "malformed_update", problem
-    assert PlainAggregator().check(_plain_update("a", pack_plain_update(np.ones(2), num_examples=3), num_examples=3)) is None
+    assert PlainAggregator().check(_plain_update("a", _raw_update([1.0, 2.0]), num_examples=3)) is None
 
 
 def test_plain_aggregator_refuses_foreign_arrays() -> None:
@@ -101,7 +120,8 @@ def test_payload_digest_is_the_artifact_key(tmp_path) -> None:
 
 def test_payload_bytes_round_trip() -> None:
     record = pack_plain_update(np.arange(5.0), num_examples=3)
-    assert np.array_equal(unpack_plain(record_from_bytes(record_bytes(record))), unpack_plain(record))
+    restored = read_plain_update(record_from_bytes(record_bytes(record)))
+    assert np.array_equal(restored.weights, read_plain_update(record).weights) and restored.num_examples == 3
     chunks = [b"\x00\x01ciphertext", b"second"]
     assert record_to_chunks(record_from_bytes(record_bytes(chunks_to_record(chunks)))) == chunks
 

@@ -65,9 +65,10 @@ class CkksSiteCodec:
         return average_error_bound(parameters, num_sites=parameters.num_sites, total_examples=total_examples)
 
     def count_error_bound(self) -> float:
-        """Bound on the absolute error of any decrypted sum slot, the example count included."""
+        """Bound on the absolute error of the decrypted example count: the count slot holds B * sum n_i
+        (B = max_abs_weight_bound, the weights' full scale), so its error is the slot's bound over B."""
         parameters = self.context.parameters
-        return decryption_error_bound(parameters, parameters.num_sites)
+        return decryption_error_bound(parameters, parameters.num_sites) / parameters.max_abs_weight_bound
 
     def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
         """The site's own homomorphic sum of certified updates (chunks from another key set are refused)."""

@@ -154,6 +154,7 @@ def _load_update(
     packed_length = params.num_parameters + 1
     # a sum is two polynomials of N uint64 coefficients per data prime; SEAL's zstd only shrinks them
     max_chunk_bytes = CHUNK_HEADER.size + 2 * 8 * params.poly_modulus_degree * len(params.data_prime_bit_sizes) + SEAL_SLACK_BYTES
+    max_object_bytes = max_chunk_bytes - CHUNK_HEADER.size  # inflated, too: SEAL's zstd only shrinks
     ciphertexts = []
     for index, chunk in enumerate(chunks):
         if not CHUNK_HEADER.size <= len(chunk) <= max_chunk_bytes:
@@ -181,7 +182,7 @@ def _load_update(
             )
         ciphertext = sealapi.Ciphertext()
         try:
-            seal_load(lambda path: ciphertext.load(context.seal_context, path), chunk[CHUNK_HEADER.size :])
+            seal_load(lambda path: ciphertext.load(context.seal_context, path), chunk[CHUNK_HEADER.size :], max_object_bytes=max_object_bytes)
         except (RuntimeError, ValueError, OverflowError, IndexError, MemoryError) as error:
             raise CiphertextMismatchError(
                 f"{where}, chunk {index}: SEAL refused the ciphertext ({error}) — made with other CKKS "

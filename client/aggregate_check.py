@@ -103,9 +103,12 @@ def verify_certificate(
     )
 
 
-def check_decoded_sum(verified: VerifiedAggregate, average: np.ndarray, total_examples: float, *, error_bound: float) -> None:
+def check_decoded_sum(
+    verified: VerifiedAggregate, average: np.ndarray, total_examples: float, *, error_bound: float, max_abs_average: float = np.inf
+) -> None:
     """The site's own sum must count the claimed examples (a site that packed another count than it
-    signed makes every honest site refuse the round) and hold finite weights; else refuse it."""
+    signed makes every honest site refuse the round) and hold finite weights within the scheme's range
+    (an encrypted sum past it has wrapped: a participant packed weights beyond the bound); else refuse it."""
     if abs(total_examples - verified.claimed_examples) > 0.5 + error_bound:
         raise AggregateRefused(
             f"the certified updates sum to {total_examples:.1f} examples but their sites claim "
@@ -113,3 +116,9 @@ def check_decoded_sum(verified: VerifiedAggregate, average: np.ndarray, total_ex
         )
     if not np.all(np.isfinite(average)):
         raise AggregateRefused("the sum of the certified updates holds non-finite weights")
+    largest = float(np.max(np.abs(average), initial=0.0))
+    if largest > max_abs_average:
+        raise AggregateRefused(
+            f"the certified updates average to a weight of {largest:.3g}, beyond the {max_abs_average:.3g} an honest sum "
+            "can reach: a participant packed weights past crypto.max_abs_weight_bound"
+        )

@@ -110,7 +110,10 @@ def current_model(site: Site, message: Message, *, certificate_round: int) -> tu
         average, total_examples = site.codec.average(site.codec.sum(verified.updates))
     except (MedtwinError, ValueError) as error:  # e.g. ciphertexts of another key set, a count <= 0
         raise AggregateRefused(f"the certified updates do not sum to a usable model ({str(error)[:200]})") from None
-    check_decoded_sum(verified, average, total_examples, error_bound=site.codec.count_error_bound())
+    check_decoded_sum(
+        verified, average, total_examples, error_bound=site.codec.count_error_bound(),
+        max_abs_average=site.codec.max_abs_average(total_examples=total_examples),
+    )  # fmt: skip
     if average.size != model_to_vector(model).size:
         raise AggregateRefused(f"the certified sum holds {average.size} weights, this task's model {model_to_vector(model).size}")
     vector_to_model(model, average)

@@ -6,6 +6,7 @@ Codecs only encode and decode; the site signs what leaves it (client/app.py) for
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class PlainSiteCodec:
 
     def count_error_bound(self) -> float:
         return 0.0
+
+    def max_abs_average(self, *, total_examples: float) -> float:
+        return math.inf  # plain sums cannot wrap
 
     def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
         """The site's own sum of certified updates: the coordinator's function, so the same bits."""
@@ -63,6 +67,11 @@ class CkksSiteCodec:
         """Bound on |decrypted average - exact average| of any weight (sums over at most num_sites sites)."""
         parameters = self.context.parameters
         return average_error_bound(parameters, num_sites=parameters.num_sites, total_examples=total_examples)
+
+    def max_abs_average(self, *, total_examples: float) -> float:
+        """Largest |average weight| an honest sum can decrypt to: every site encodes |w| <= B, so more
+        means a participant packed values past B and the sum wrapped modulo the ciphertext's prime."""
+        return self.context.parameters.max_abs_weight_bound + self.error_bound(total_examples=total_examples)
 
     def count_error_bound(self) -> float:
         """Bound on the absolute error of the decrypted example count: the count slot holds B * sum n_i

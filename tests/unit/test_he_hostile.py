@@ -132,3 +132,21 @@ def test_a_site_that_packs_one_more_example_than_it_signs_is_caught(
         check_decoded_sum(
             verified, average, total, error_bound=codec.count_error_bound()
         )
+
+
+def test_an_average_past_the_weight_bound_is_refused(tmp_path: Path) -> None:
+    """Every honest site encodes |w| <= B, so an encrypted sum averaging past B (+ its error) has wrapped
+    modulo the prime: a key-holding participant packed values beyond the bound. Honest sites refuse it."""
+    params = choose_ckks_parameters(num_parameters=14, num_sites=2, max_abs_weight_bound=4.0, max_total_examples=1000)
+    secret = create_secret_context(params)
+    codec = CkksSiteCodec(secret, kit_dir=tmp_path)
+    honest = encrypt_update(secret, np.full(14, 3.9), 300)
+    verified = VerifiedAggregate(server_round=1, aggregate_sha256="", participants=("a", "b"), claimed_examples=600)
+    average, total = decrypt_average(secret, sum_encrypted(secret, [honest, honest]), 14)
+    limit = codec.max_abs_average(total_examples=total)
+    assert 4.0 <= limit < 4.01
+    check_decoded_sum(verified, average, total, error_bound=codec.count_error_bound(), max_abs_average=limit)  # honest: accepted
+    wrapped = average.copy()
+    wrapped[3] = -4.2
+    with pytest.raises(AggregateRefused, match="max_abs_weight_bound"):
+        check_decoded_sum(verified, wrapped, total, error_bound=codec.count_error_bound(), max_abs_average=limit)

@@ -1,8 +1,18 @@
 """How a site releases evaluation metrics, as its site file says: exact, rounded, or DP-noised.
 
-`dp` adds Laplace noise to each bounded metric (values in [0, 1] that are means over the test
-rows: sensitivity 1/n) with the release's ε split evenly across them; unbounded metrics (MSE, MAE)
-are withheld under `dp`. The ε is reserved in the site's budget ledger before anything leaves.
+`exact` releases every metric the task computed; `rounded` rounds every metric but `n` to
+`evaluation.decimals`; a metric undefined on the site's split (NaN, e.g. AUROC on a one-class test
+split) is released under no policy. `dp` releases only
+`DP_RELEASED_METRICS`, each with Laplace noise of sensitivity 1/n (a mean over the test rows of a
+value in [0, 1]) and the release's ε split evenly across them; everything else is withheld. The ε is
+reserved in the site's budget ledger before anything leaves.
+
+`DP_RELEASED_METRICS` is accuracy alone, on purpose. AUROC, AUPRC, sensitivity and specificity are
+not means over all rows: one patient moves them by up to 1/(rows of the smaller class), which is
+not public, so a 1/n sensitivity would understate their noise. Brier is a mean over rows (1/n
+would be right) but adding it splits the same ε across two metrics, doubling accuracy's noise;
+ECE is not a row mean, and MSE, MAE, RMSE and R² are unbounded. Releasing any of them under DP needs its
+own sensitivity analysis first.
 """
 
 from __future__ import annotations
@@ -14,19 +24,24 @@ import numpy as np
 
 from .site_file import EvaluationPolicy
 
-__all__ = ["BOUNDED_METRICS", "release_metrics"]
+__all__ = ["DP_RELEASED_METRICS", "release_metrics"]
 
-BOUNDED_METRICS = ("accuracy", "auroc", "auprc", "brier")
+DP_RELEASED_METRICS = ("accuracy",)
 
 
 def release_metrics(metrics: dict[str, float], policy: EvaluationPolicy) -> dict[str, float]:
-    """The metrics as released; `n` (the test-set size) is public, like the training-set size."""
+    """The metrics as released; `n` (the test-set size) is public, like the training-set size.
+
+    A metric undefined on this site's split (NaN, e.g. AUROC when the test rows hold one class) is
+    not released under any policy: the coordinator accepts finite numbers only.
+    """
+    metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
     if policy.release == "exact":
-        return dict(metrics)
+        return metrics
     if policy.release == "rounded":
         return {name: value if name == "n" else round(value, policy.decimals) for name, value in metrics.items()}
     count = max(float(metrics.get("n", 0.0)), 1.0)
-    bounded = [name for name in BOUNDED_METRICS if name in metrics and math.isfinite(metrics[name])]
+    bounded = [name for name in DP_RELEASED_METRICS if name in metrics]
     if not bounded:
         return {"n": metrics.get("n", 0.0)}
     epsilon_each = policy.epsilon_per_release / len(bounded)

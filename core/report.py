@@ -17,10 +17,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .pooled_metrics import SITE_LEVEL_METRICS, WEIGHTED_SITE_MEAN_PREFIX, pooled_name  # noqa: E402
 
 _MARKDOWN_SPECIAL = frozenset("\\`*[]|~$")  # always escaped; `_` only where it could start or end emphasis
 _HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 MAX_REASON_CHARACTERS = 300
+# the metrics tasks compute (core/tasks/metrics.py), in reading order; only these get the clinical table
+CLINICAL_METRICS = ("accuracy", "auroc", "auprc", "brier", "ece", "sensitivity", "specificity", "mse", "rmse", "mae", "r2")
 
 
 def markdown_text(value: object, *, max_characters: int | None = None) -> str:
@@ -126,9 +129,10 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
         shown_site = markdown_text(site, max_characters=128)
         lines.append(f"| {shown_site} | {_fmt(values.get(metric))} | {_fmt(int(values.get('n', 0)))} |")
     pooled = final.get("pooled", {})
-    lines.append(f"| **all sites (pooled)** | **{_fmt(pooled.get(metric))}** | {_fmt(int(pooled.get('n', 0)))} |")
+    lines.append(f"| **all sites (pooled)** | **{_fmt(pooled.get(pooled_name(metric)))}** | {_fmt(int(pooled.get('n', 0)))} |")
     if has_plot:
         lines += ["", f"![{shown_metric} per round]({plot_name})"]
+    lines += _clinical_table(final, threshold=summary.get("decision_threshold", 0.5))
     baselines = summary.get("baselines")
     if baselines:
         lines += ["", "## Baselines (same protocol, same test splits)", ""]
@@ -191,6 +195,36 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
     return "\n".join(lines) + "\n"
 
 
+def _clinical_table(final: dict[str, Any], *, threshold: float) -> list[str]:
+    """Every clinical metric the sites released, per site, and each one's pooled figure named for what it is."""
+    site_values = final.get("sites", {})
+    pooled = final.get("pooled", {})
+    shown = [name for name in CLINICAL_METRICS if any(name in values for values in site_values.values())]
+    if len(shown) < 2:
+        return []
+    lines = ["", "## All metrics of the federated model", "", f"| site | {' | '.join(shown)} |", "|---|" + "---|" * len(shown)]
+    for site, values in site_values.items():
+        lines.append(f"| {markdown_text(site, max_characters=128)} | {' | '.join(_fmt(values.get(name)) for name in shown)} |")
+    pooled_cells = [
+        _fmt(pooled.get(pooled_name(name))) + (" †" if name in SITE_LEVEL_METRICS and pooled_name(name) in pooled else "")
+        for name in shown
+    ]
+    lines.append(f"| **all sites (pooled)** | {' | '.join(pooled_cells)} |")
+    notes = []
+    if any(name in SITE_LEVEL_METRICS for name in shown):
+        notes.append(
+            "† not the metric on the union of the test sets (sites never share patient-level scores): the "
+            f"test-row-weighted mean of the site values, `{WEIGHTED_SITE_MEAN_PREFIX}<metric>` in summary.json. "
+            "The other pooled cells are exact on the union (row means weighted by test rows; RMSE from the pooled MSE)."
+        )
+    if "sensitivity" in shown or "specificity" in shown:
+        notes.append(f"Sensitivity and specificity call a row positive at score >= {_fmt(float(threshold))} (`task.decision_threshold`).")
+    if "ece" in shown:
+        notes.append("ECE: 10 equal-width probability bins.")
+    notes.append("A blank (—) is a metric a site withheld (its release policy) or that is undefined on its split.")
+    return lines + ["", " ".join(notes)]
+
+
 def ordered_rows(rows: dict[str, Any]) -> list[tuple[str, Any]]:
     """Baseline rows in reading order: each site alone, pooled, then federated."""
     rank = {"pooled": 1, "federated": 2}
@@ -227,4 +261,15 @@ def _baseline_table(baselines: dict[str, Any], metric: str) -> list[str]:
         "`pooled_test` is the union of test splits under pooled-train normalisation (FLamby's pooled test set); "
         "`mean_of_sites` is the plain mean of the site columns.",
     ]
+    return lines + _pooled_test_metrics_table(baselines.get("pooled_test_metrics") or {})
+
+
+def _pooled_test_metrics_table(models: dict[str, Any]) -> list[str]:
+    """Every model's every metric on `pooled_test` (exact: the simulation harness holds all the rows)."""
+    shown = [name for name in CLINICAL_METRICS if any(name in values for values in models.values())]
+    if len(shown) < 2:
+        return []
+    lines = ["", "All metrics on `pooled_test`:", "", f"| model | {' | '.join(shown)} |", "|---|" + "---|" * len(shown)]
+    for name, values in ordered_rows(models):
+        lines.append(f"| {markdown_text(name, max_characters=128)} | {' | '.join(_fmt(values.get(metric)) for metric in shown)} |")
     return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,22 +42,28 @@ def _train_baseline(task: TwinTask, config: MedtwinConfig, split: SiteSplit) -> 
 
 
 def compute_baselines(config: MedtwinConfig) -> dict[str, Any]:
+    """Each site alone and the pooled model: the primary metric everywhere (`rows`), and every metric
+    on the pooled test set (`pooled_test_metrics`: exact there, the harness holds every row)."""
     task = get_task(config.task)
     sites = task.load_all_sites()
     pooled = task.load_pooled()
-    rows = {f"local:{site.site_id}": score_everywhere(task, _train_baseline(task, config, site), sites, pooled) for site in sites}
-    rows["pooled"] = score_everywhere(task, _train_baseline(task, config, pooled), sites, pooled)
+    models = {f"local:{site.site_id}": _train_baseline(task, config, site) for site in sites}
+    models["pooled"] = _train_baseline(task, config, pooled)
+    rows = {name: score_everywhere(task, model, sites, pooled) for name, model in models.items()}
+    pooled_test_metrics = {name: task.evaluate(model, pooled.x_test, pooled.y_test) for name, model in models.items()}
     columns = [site.site_id for site in sites] + ["pooled_test", "mean_of_sites"]
-    return {"metric": task.primary_metric, "columns": columns, "rows": rows}
+    return {"metric": task.primary_metric, "columns": columns, "rows": rows, "pooled_test_metrics": pooled_test_metrics}
 
 
-def final_model_evaluator(config: MedtwinConfig):
-    """Scores the federated model's plaintext weights like the baselines (simulation only)."""
+def final_model_evaluator(config: MedtwinConfig) -> Callable[[np.ndarray], tuple[dict[str, float], dict[str, float]]]:
+    """Scores the federated model's plaintext weights like the baselines (simulation only): its row of
+    the baseline table, and every metric on the pooled test set."""
     task = get_task(config.task)
     sites = task.load_all_sites()
     pooled = task.load_pooled()
 
-    def evaluate(weights: np.ndarray) -> dict[str, float]:
-        return score_everywhere(task, task.model_with_weights(weights, seed=config.seed), sites, pooled)
+    def evaluate(weights: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+        model = task.model_with_weights(weights, seed=config.seed)
+        return score_everywhere(task, model, sites, pooled), task.evaluate(model, pooled.x_test, pooled.y_test)
 
     return evaluate

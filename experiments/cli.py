@@ -16,7 +16,8 @@ from rich.table import Table
 
 from medtwin.core.config import compose_config
 from medtwin.core.errors import MedtwinError
-from medtwin.core.report import ordered_rows
+from medtwin.core.pooled_metrics import SITE_LEVEL_METRICS, pooled_name
+from medtwin.core.report import CLINICAL_METRICS, ordered_rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -46,13 +47,21 @@ def setup_logging(verbose: bool) -> None:
 def print_summary(run_path: Path) -> None:
     summary = json.loads((run_path / "summary.json").read_text())
     metric = summary["primary_metric"]
-    table = Table(title=f"federated model, {metric} per site")
+    sites = summary["final_metrics"]["sites"]
+    shown = [metric] + [name for name in CLINICAL_METRICS if name != metric and any(name in values for values in sites.values())]
+    table = Table(title=f"federated model per site (ranked by {metric})")
     table.add_column("site")
-    table.add_column(metric, justify="right")
-    for site, values in summary["final_metrics"]["sites"].items():
-        table.add_row(site, f"{values[metric]:.4f}")
+    for name in shown:
+        table.add_column(name, justify="right")
+    for site, values in sites.items():
+        table.add_row(site, *(_cell(values.get(name)) for name in shown))
     pooled = summary["final_metrics"]["pooled"]
-    table.add_row("[bold]pooled", f"[bold]{pooled.get(metric, float('nan')):.4f}")
+    table.add_row(
+        "[bold]pooled",
+        *(f"[bold]{_cell(pooled.get(pooled_name(name)))}" + (" †" if name in SITE_LEVEL_METRICS else "") for name in shown),
+    )
+    if any(name in SITE_LEVEL_METRICS for name in shown):
+        table.caption = "† test-row-weighted mean of the site values, not the metric on the union of test sets"
     console.print(table)
     if summary.get("baselines"):
         baselines = summary["baselines"]
@@ -64,6 +73,10 @@ def print_summary(run_path: Path) -> None:
             comparison.add_row(name, *(f"{row[column]:.3f}" for column in baselines["columns"]))
         console.print(comparison)
     console.print(f"run directory: [bold]{run_path}[/bold] (report.md, summary.json, metrics.jsonl)")
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _run(overrides: list[str], verbose: bool, *, resume: str = "") -> Path:
@@ -80,6 +93,19 @@ def _run(overrides: list[str], verbose: bool, *, resume: str = "") -> Path:
     return run_path
 
 
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def _multirun(arguments: list[str], *, resume: str) -> None:
+    """`medtwin run -m ...`: a Hydra sweep, by the `@hydra.main` entry (experiments/run.py)."""
+    if resume:
+        raise typer.BadParameter("--resume continues one run; resume a sweep's run with `medtwin run --resume <run-id> runs_dir=<its job folder> ...`")
+    from .run import main as hydra_main
+
+    sys.argv = ["medtwin run", *arguments]  # Hydra reads its command line from sys.argv
+    hydra_main()
+
+
 @app.command(context_settings=EXTRA_ARGS)
 def run(
     context: typer.Context,
@@ -92,7 +118,11 @@ def run(
     public_context: Annotated[Path | None, typer.Option("--public-context", help="deployment, crypto=ckks: the steward's public context")] = None,
 ) -> None:
     """Run a federation: simulated from configs/ with Hydra overrides (e.g. `task=breast_cancer strategy=fedprox`),
-    or, with --federation and --proposal, on the coordinator's SuperLink with the hospitals' SuperNodes."""
+    or, with --federation and --proposal, on the coordinator's SuperLink with the hospitals' SuperNodes.
+    With `-m` a Hydra sweep (e.g. `-m privacy.target_epsilon=1,3 seed=42,43`), one run per point; see experiments/run.py."""
+    if federation is None and MULTIRUN_FLAGS & set(context.args):
+        _multirun(list(context.args), resume=resume)
+        return
     if federation is None:
         _run(list(context.args), verbose, resume=resume)
         return

@@ -185,7 +185,9 @@ def add_simulation_findings(
     if config.crypto.name == "ckks":
         summary["crypto"]["max_decryption_error"] = measured_decryption_error(run_dir, federation, average)
     if baselines is not None:
-        baselines["rows"]["federated"] = final_model_evaluator(config)(average)
+        row, pooled_test_metrics = final_model_evaluator(config)(average)
+        baselines["rows"]["federated"] = row
+        baselines.setdefault("pooled_test_metrics", {})["federated"] = pooled_test_metrics
         summary["baselines"] = baselines
     task = get_task(config.task)
     if isinstance(task, VitalsTask):  # the twin at one test patient's bedside, with the federated model

@@ -367,6 +367,7 @@ def build_summary(
         "task": config.task.name,
         "strategy": config.strategy.name,
         "primary_metric": primary_metric,
+        "decision_threshold": config.task.decision_threshold,  # binary: sensitivity/specificity cut-off
         "rounds_completed": result.rounds_completed,
         "sites": sorted(set(result.sites.values())),
         "final_metrics": {"sites": result.final_site_metrics, "pooled": result.final_pooled_metrics},

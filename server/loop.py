@@ -51,6 +51,7 @@ from medtwin.core.protocol import (
     record_bytes,
     record_from_bytes,
 )
+from medtwin.core.pooled_metrics import pool_site_metrics
 from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
@@ -106,18 +107,8 @@ def site_error_reason(reason: str) -> str:
 
 
 def pooled_metrics(site_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Example-weighted mean of every metric over sites: the metric on the union of their test sets."""
-    counted = {site: metrics for site, metrics in site_metrics.items() if metrics.get("n", 0.0) > 0}
-    total = sum(metrics["n"] for metrics in counted.values())
-    if total <= 0:
-        return {}
-    names = {name for metrics in counted.values() for name in metrics if name != "n"}
-    pooled = {
-        name: sum(metrics[name] * metrics["n"] for metrics in counted.values() if name in metrics) / total
-        for name in sorted(names)
-    }
-    pooled["n"] = total
-    return pooled
+    """One figure per metric over all sites, named for what it is (see `core/pooled_metrics.py`)."""
+    return pool_site_metrics(site_metrics)
 
 
 def shared_metrics(record: object) -> dict[str, float]:

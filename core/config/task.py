@@ -59,6 +59,9 @@ class TaskConfig:
     num_sites: int = 4
     test_fraction: float = 0.34
     split_seed: int = 43
+    # binary tasks: a test row is called positive when its score >= this (sensitivity, specificity);
+    # accuracy stays at 0.5, FLamby's definition
+    decision_threshold: float = 0.5
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     csv: CsvSchemaConfig | None = None
     vitals: VitalsConfig | None = None

@@ -39,6 +39,11 @@ def validate_config(config: MedtwinConfig) -> None:
         raise ConfigError("task.num_sites", f"must be >= 1, got {config.task.num_sites}")
     if not 0 < config.task.test_fraction < 1:
         raise ConfigError("task.test_fraction", f"must be in (0, 1), got {config.task.test_fraction}")
+    if not 0 < config.task.decision_threshold < 1:
+        raise ConfigError(
+            "task.decision_threshold", f"must be in (0, 1) (a probability cut-off), got {config.task.decision_threshold}",
+            "set e.g. task.decision_threshold=0.5",
+        )
     federation = config.federation
     if federation.num_rounds < 1:
         raise ConfigError("federation.num_rounds", f"must be >= 1, got {federation.num_rounds}")

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import TaskConfig
 from ..errors import UnknownTaskError
 from ..model_vector import vector_to_model
+from .metrics import binary_metrics, regression_metrics
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,13 @@ class TwinTask(ABC):
         """Loss on the model's output, e.g. BCELoss on sigmoid probabilities."""
 
     def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Metrics of `model` on (x, y); every metric is a mean over rows, with `n` the row count."""
+        """Metrics of `model` on (x, y) (see `metrics.py`), with `n` the row count."""
         model.eval()
         with torch.no_grad():
             output = model(torch.from_numpy(x)).reshape(-1).numpy()
         if self.kind == "binary":
-            accuracy = float(np.mean((output >= 0.5) == (y >= 0.5))) if len(y) else float("nan")
-            return {"accuracy": accuracy, "n": float(len(y))}
-        error = output - y
-        return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error))), "n": float(len(y))}
+            return binary_metrics(y, output, decision_threshold=self.config.decision_threshold)
+        return regression_metrics(y, output)
 
 
 TaskFactory = Callable[[TaskConfig], TwinTask]

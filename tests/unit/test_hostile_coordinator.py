@@ -289,7 +289,8 @@ def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: 
     forged = _round_records(scaled_single, claims, [hungarian, swiss])
     reply = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=forged)
     released = dict(reply.content.metric_records[METRICS])
-    assert released["accuracy"] == pytest.approx(_expected_metrics(hospital, honest)["accuracy"])
+    assert released.pop("num_parameters") > 0
+    assert released == pytest.approx(_expected_metrics(hospital, honest))  # exact: every metric, the honest sum's
     assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=_round_records(honest, claims, [hungarian, swiss])))[0] == "trained"
 
 
@@ -304,6 +305,8 @@ def test_a_second_evaluation_of_the_same_round_releases_nothing_new(hospital: Ho
     first = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra)
     claim, _ = claim_from_site_record(first.content.config_records[SITE])
     assert claim.status == "evaluated" and "accuracy" in first.content.metric_records[METRICS]
+    exact = first.content.metric_records[METRICS]  # this site file releases exact metrics: every defined one
+    assert {"auroc", "auprc", "brier", "ece", "sensitivity", "specificity"} <= set(exact)
     assert claim.aggregate_sha256 == payload_sha256(aggregate)
     again = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra)
     assert dict(again.content.config_records[SITE]) == dict(first.content.config_records[SITE])  # same signature
@@ -315,6 +318,19 @@ def test_a_second_evaluation_of_the_same_round_releases_nothing_new(hospital: Ho
 
 def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> None:
     document = yaml.safe_load(hospital.site_file.read_text())
+    document["evaluation"] = {"release": "rounded", "decimals": 2, "min_participants": 2}
+    hospital.site_file.write_text(yaml.safe_dump(document))
+    run_id, text = hospital.proposal("federation.num_rounds=2")
+    hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
+    swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
+    aggregate = _sum_records([hungarian, swiss])
+    extra = _round_records(aggregate, [hungarian_claim, swiss_claim], [hungarian, swiss])
+    rounded = dict(hospital.ask(text, phase="evaluate", run_id=run_id, extra=extra).content.metric_records[METRICS])
+    expected = _expected_metrics(hospital, aggregate)
+    assert {name: rounded[name] for name in expected} == {
+        name: value if name == "n" else round(value, 2) for name, value in expected.items()
+    }  # every clinical metric, rounded
+
     document["evaluation"] = {"release": "dp", "epsilon_per_release": 0.5, "min_participants": 2}
     hospital.site_file.write_text(yaml.safe_dump(document))
     run_id, text = hospital.proposal("federation.num_rounds=3")
@@ -329,6 +345,7 @@ def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> Non
     assert ledger["releases"][run_id]["1"]["epsilon"] == 0.5  # counted in the site's own ledger
     released = reply.content.metric_records[METRICS]
     assert 0.0 <= released["accuracy"] <= 1.0 and "n" in released
+    assert set(released) == {"accuracy", "n", "num_parameters"}  # AUROC & co. withheld: no 1/n sensitivity
 
 
 def test_under_ckks_one_sites_ciphertext_never_reaches_a_sites_decryptor(hospital: Hospital) -> None:

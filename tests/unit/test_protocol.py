@@ -144,6 +144,33 @@ def test_pooled_metrics_weight_by_test_rows() -> None:
     assert pooled == {"accuracy": 0.75, "n": 40.0}
 
 
+def test_pooled_metrics_name_what_is_not_the_metric_on_the_union() -> None:
+    """Row means pool exactly and keep their names; AUROC & co. are only a weighted mean of site values."""
+    pooled = pooled_metrics(
+        {
+            "a": {"accuracy": 1.0, "brier": 0.1, "auroc": 0.9, "sensitivity": 1.0, "n": 30.0},
+            "b": {"accuracy": 0.0, "brier": 0.5, "n": 10.0},  # AUROC undefined on b's split: not released
+        }
+    )
+    assert pooled == {
+        "accuracy": 0.75,
+        "brier": pytest.approx(0.2),
+        "row_weighted_site_mean_auroc": 0.9,  # over the sites that released it, by their rows
+        "row_weighted_site_mean_sensitivity": 1.0,
+        "n": 40.0,
+    }
+    assert "auroc" not in pooled
+
+
+def test_pooled_regression_metrics_rmse_is_the_root_of_the_pooled_mse() -> None:
+    pooled = pooled_metrics(
+        {"a": {"mse": 4.0, "rmse": 2.0, "mae": 1.0, "r2": 0.5, "n": 10.0}, "b": {"mse": 1.0, "rmse": 1.0, "mae": 2.0, "r2": 0.1, "n": 30.0}}
+    )
+    assert pooled["mse"] == pytest.approx(1.75) and pooled["rmse"] == pytest.approx(1.75**0.5)
+    assert pooled["mae"] == pytest.approx(1.75) and pooled["row_weighted_site_mean_r2"] == pytest.approx(0.2)
+    assert "r2" not in pooled
+
+
 def test_site_error_reason_keeps_the_message_only() -> None:
     wrapped = "<class 'RayTaskError'>:<'ray::run()\\nException ClientAppException occurred. Message: budget spent'>"
     assert site_error_reason(wrapped) == "budget spent"

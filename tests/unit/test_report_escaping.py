@@ -95,3 +95,18 @@ def test_a_long_reason_is_bounded(tmp_path: Path) -> None:
 )
 def test_markdown_text_escapes_markdown_and_html(raw: str, shown: str) -> None:
     assert markdown_text(raw) == shown
+
+
+def test_the_report_names_a_weighted_mean_of_site_aurocs_for_what_it_is(tmp_path: Path) -> None:
+    sites = {
+        "alpha": {"accuracy": 0.75, "auroc": 0.8, "brier": 0.2, "sensitivity": 0.6, "n": 10},
+        HOSTILE_SITE: {"accuracy": 0.5, "auroc": 0.7, "brier": 0.3, "sensitivity": 0.5, "n": 5},
+    }
+    pooled = {"accuracy": 0.6667, "brier": 0.2333, "row_weighted_site_mean_auroc": 0.7667,
+              "row_weighted_site_mean_sensitivity": 0.5667, "n": 15}  # fmt: skip
+    markdown = render_report(_summary(final_metrics={"sites": sites, "pooled": pooled}, decision_threshold=0.3), [], tmp_path)
+    assert "| site | accuracy | auroc | brier | sensitivity |" in markdown
+    assert "| **all sites (pooled)** | 0.6667 | 0.7667 † | 0.2333 | 0.5667 † |" in markdown
+    assert "`row_weighted_site_mean_<metric>` in summary.json" in markdown
+    assert "score >= 0.3000" in markdown
+    _html(markdown)  # still one well-formed table with the hostile site id in it

@@ -25,6 +25,7 @@ SITES = ["cleveland", "hungarian", "switzerland", "va"]
 TARGET_EPSILON = 1.0
 STRICT_SITE = "switzerland"
 STRICT_MAX_EPSILON = 0.5
+TRAINED = [site for site in SITES if site != STRICT_SITE]
 
 
 @dataclass(frozen=True)
@@ -67,25 +68,18 @@ def ledger(config: MedtwinConfig, site: str):
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from medtwin.experiments.simulate import simulate
-
-    config = dp_config(tmp_path_factory.mktemp("dp-run"), run_id="dp-run")
-    return Run(config=config, path=simulate(config))
-
-
-@pytest.fixture(scope="module")
-def strict_site_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """One hospital's site file allows less epsilon than the run requests (the harness writes each
-    simulated hospital's site file from configs/sites/simulation.yaml; a tmp copy overrides one site)."""
+    """One run serves every test: one hospital's site file allows less epsilon than the run requests (the
+    harness writes each simulated hospital's site file from configs/sites/simulation.yaml; a tmp copy
+    overrides one site), the other three train under DP."""
     from medtwin.experiments import simulated_sites
     from medtwin.experiments.simulate import simulate
 
-    root = tmp_path_factory.mktemp("strict-site-run")
+    root = tmp_path_factory.mktemp("dp-run")
     settings_file = root / "simulated-sites.yaml"
     document = yaml.safe_load(simulated_sites.SIMULATED_SITES.read_text(encoding="utf-8"))
     document["sites"] = {STRICT_SITE: {"privacy": {"max_epsilon": STRICT_MAX_EPSILON}}}
     settings_file.write_text(yaml.safe_dump(document), encoding="utf-8")
-    config = dp_config(root, run_id="strict-site-run")
+    config = dp_config(root, run_id="dp-run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(simulated_sites, "SIMULATED_SITES", settings_file)
         path = simulate(config)
@@ -98,8 +92,8 @@ def strict_site_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def test_summary_reports_epsilon_and_delta_per_site_within_the_target(dp_run: Run) -> None:
     summary = dp_run.summary
     privacy_config = dp_run.config.privacy
-    assert summary["rounds_completed"] == 2 and summary["rejections"] == []
-    assert sorted(summary["privacy"]) == SITES
+    assert summary["rounds_completed"] == 2 and {r["site"] for r in summary["rejections"]} == {STRICT_SITE}
+    assert sorted(summary["privacy"]) == TRAINED
     ceiling = privacy_config.target_epsilon * (1 + privacy_config.epsilon_tolerance)
     for site, spent in summary["privacy"].items():
         assert set(spent) == {"epsilon", "delta"}, site
@@ -117,13 +111,13 @@ def test_report_has_the_privacy_paragraph(dp_run: Run) -> None:
     assert "differential privacy" in summary["privacy_text"].lower()
     worst = max(spent["epsilon"] for spent in summary["privacy"].values())
     assert f"ε={worst:.2f}" in summary["privacy_text"]
-    for site in SITES:
+    for site in TRAINED:
         assert re.search(rf"\|\s*{site}\s*\|\s*{summary['privacy'][site]['epsilon']:.3f}\s*\|", report), site
 
 
 def test_metrics_carry_per_site_epsilon_that_grows_with_rounds(dp_run: Run) -> None:
     first, second = dp_run.records("train")
-    for site in SITES:
+    for site in TRAINED:
         assert 0 < first["sites"][site]["epsilon"] < second["sites"][site]["epsilon"], site
         assert second["sites"][site]["epsilon"] == dp_run.summary["privacy"][site]["epsilon"]
         # one noise multiplier per site for the whole run, calibrated to its own sample rate
@@ -136,22 +130,22 @@ def test_metrics_carry_per_site_epsilon_that_grows_with_rounds(dp_run: Run) -> N
 # -- the site's policy wins ------------------------------------------------------------------------
 
 
-def test_a_sites_policy_wins_over_the_requested_epsilon(strict_site_run: Run) -> None:
-    summary = strict_site_run.summary
-    others = [site for site in SITES if site != STRICT_SITE]
+def test_a_sites_policy_wins_over_the_requested_epsilon(dp_run: Run) -> None:
+    summary = dp_run.summary
+    others = TRAINED
     assert summary["rounds_completed"] == 2
     rejections = summary["rejections"]
     assert [(r["round"], r["site"]) for r in rejections] == [(1, STRICT_SITE), (2, STRICT_SITE)]
     for rejection in rejections:
         assert f"max_epsilon {STRICT_MAX_EPSILON}" in rejection["reason"], rejection
         assert f"requested epsilon {TARGET_EPSILON}" in rejection["reason"], rejection
-    for record in strict_site_run.records("train"):
+    for record in dp_run.records("train"):
         assert record["participants"] == others
         assert STRICT_SITE in record["rejected"] and STRICT_SITE not in record["update_sha256"]
     assert sorted(summary["privacy"]) == others
-    assert ledger(strict_site_run.config, STRICT_SITE).run("strict-site-run") is None  # refused before spending
-    assert ledger(strict_site_run.config, STRICT_SITE).spent("strict-site-run") == 0.0
-    assert ledger(strict_site_run.config, "va").spent("strict-site-run") > 0
+    assert ledger(dp_run.config, STRICT_SITE).run("dp-run") is None  # refused before spending
+    assert ledger(dp_run.config, STRICT_SITE).spent("dp-run") == 0.0
+    assert ledger(dp_run.config, "va").spent("dp-run") > 0
     assert set(summary["final_metrics"]["sites"]) == set(SITES)  # it still evaluates the shared model
 
 
@@ -164,22 +158,27 @@ def test_the_same_run_id_again_is_refused_and_a_lost_run_folder_replays_without_
     from medtwin.core.errors import ConfigError
     from medtwin.experiments.simulate import simulate
 
-    ledgers_before = {site: ledger(dp_run.config, site) for site in SITES}
+    ledgers_before = {site: ledger(dp_run.config, site) for site in TRAINED}
     spent_before = {site: book.spent("dp-run") for site, book in ledgers_before.items()}
     assert all(spent > 0 for spent in spent_before.values())
 
-    again = dp_config(Path(dp_run.config.runs_dir).parent, run_id="dp-run")  # same run id, same runs_dir
+    from medtwin.experiments import simulated_sites
+
+    root = Path(dp_run.config.runs_dir).parent
+    again = dp_config(root, run_id="dp-run")  # same run id, same runs_dir
     with pytest.raises(ConfigError, match="run dp-run already exists"):  # the coordinator uses a run id once
         simulate(again)
     # a coordinator that lost (or deleted) its run folder runs it again: every site answers each round with
     # the update it signed the first time (same run, round and starting model) — nothing is trained or spent
     run_folder = Path(dp_run.config.runs_dir) / "dp-run"
     shutil.move(str(run_folder), str(run_folder.with_name("dp-run.kept")))
-    path = simulate(again)
+    with pytest.MonkeyPatch.context() as patch:  # the same hospitals, the strict one included
+        patch.setattr(simulated_sites, "SIMULATED_SITES", root / "simulated-sites.yaml")
+        path = simulate(again)
     first = json.loads((run_folder.with_name("dp-run.kept") / "summary.json").read_text())
     assert json.loads((path / "summary.json").read_text())["final_aggregate_sha256"] == first["final_aggregate_sha256"]
 
-    for site in SITES:
+    for site in TRAINED:
         after = ledger(dp_run.config, site)
         assert after.spent("dp-run") >= spent_before[site], site
         assert after.spent("dp-run") == spent_before[site]  # nothing spent twice

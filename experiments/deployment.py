@@ -562,7 +562,7 @@ class SiteProcess:
         from medtwin.client.site_file import load_site_file  # the site's own file, read as the ClientApp reads it
 
         if not self.site_file.is_file():
-            raise DeploymentError(f"--site-file {self.site_file} does not exist; write the hospital's site file (docs/site-file.md)")
+            raise DeploymentError(f"--site-file {self.site_file} does not exist; write the hospital's site file (README: \"For a hospital: the site file decides\")")
         try:
             site = load_site_file(self.site_file)
         except MedtwinError as error:

@@ -27,10 +27,10 @@ from ..config import TaskConfig
 from ..config.task import VitalsConfig
 from ..errors import ConfigError
 from .base import SiteSplit, TwinTask, register_task
-from .vitals import MIN_HOURS_AFTER_ONSET_H, MIN_HOURS_BEFORE_ONSET_H, SIGNALS, PatientSeries, SiteProfile, generate_site, site_profiles
+from .vitals import MIN_HOURS_AFTER_ONSET_H, MIN_HOURS_BEFORE_ONSET_H, PatientSeries, SiteProfile, generate_site, site_profiles
 from .vitals.ingest import VitalsInputError, read_streams
-from .vitals.model import GaussianForecastLoss, VitalsForecaster, split_output
-from .vitals.windows import FORECAST_INDEX, FORECAST_SIGNALS, REFERENCE, GriddedSeries, WindowShape, grid_series, make_windows
+from .vitals.model import GaussianForecastLoss, VitalsForecaster, persistence_forecast, split_output
+from .vitals.windows import FORECAST_SIGNALS, REFERENCE, GriddedSeries, WindowShape, grid_series, make_windows
 
 __all__ = ["VitalsTask", "window_shape"]
 
@@ -199,7 +199,8 @@ class VitalsTask(TwinTask):
             return metrics | {"mae": float("nan"), "naive_mae": float("nan"), "coverage": float("nan")}
         error = np.abs(mean - values)
         metrics["mae"] = float(error[mask].mean())
-        metrics["naive_mae"] = float(np.abs(self._last_readings(x) - values)[mask].mean())
+        naive = persistence_forecast(torch.from_numpy(x), self.shape).numpy()  # each vital's last reading
+        metrics["naive_mae"] = float(np.abs(naive - values)[mask].mean())
         metrics["coverage"] = float((error <= BAND_Z * sigma)[mask].mean())
         per_signal = error.reshape(len(y), self.shape.horizon_steps, len(FORECAST_SIGNALS))
         signal_mask = mask.reshape(per_signal.shape)
@@ -208,14 +209,3 @@ class VitalsTask(TwinTask):
             if observed.any():
                 metrics[f"mae_{name}"] = float(per_signal[:, :, position][observed].mean() * REFERENCE[name][1])
         return metrics
-
-    def _last_readings(self, x: np.ndarray) -> np.ndarray:
-        """The naive forecast: each vital's last observed value in the window, repeated over the horizon
-        (the reference centre if the window never saw it)."""
-        cells = x.reshape(len(x), self.shape.window_steps, 2, len(SIGNALS))  # per cell: values, then masks
-        values, masks = cells[:, :, 0, FORECAST_INDEX], cells[:, :, 1, FORECAST_INDEX] > 0.5
-        last = np.zeros((len(x), len(FORECAST_SIGNALS)), np.float32)
-        for step in range(self.shape.window_steps):  # later readings overwrite earlier ones
-            last = np.where(masks[:, step], values[:, step], last)
-        return np.tile(last, (1, self.shape.horizon_steps))
-

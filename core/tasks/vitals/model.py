@@ -22,7 +22,7 @@ from torch import nn
 from .generator import SIGNALS
 from .windows import FORECAST_INDEX, WindowShape
 
-__all__ = ["LOG_VARIANCE_RANGE", "GaussianForecastLoss", "VitalsForecaster", "split_output"]
+__all__ = ["LOG_VARIANCE_RANGE", "GaussianForecastLoss", "VitalsForecaster", "persistence_forecast", "split_output"]
 
 LOG_VARIANCE_RANGE = (-6.0, 3.0)  # σ from 0.05 to 4.5 reference scales
 HIDDEN_CHANNELS = 32
@@ -53,24 +53,26 @@ class VitalsForecaster(nn.Module):
         with torch.no_grad():  # the mean starts as persistence exactly
             self.head.weight[: shape.target_width].zero_()
             self.head.bias[: shape.target_width].zero_()
-        self.register_buffer("forecast_index", torch.as_tensor(FORECAST_INDEX), persistent=False)
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         cells = window.reshape(-1, self.shape.window_steps, 2 * len(SIGNALS))
         hidden = self.features(cells.transpose(1, 2))  # [B, C, window_steps]
         summary = torch.cat([hidden[:, :, -1], hidden.mean(dim=2), cells[:, -1, :]], dim=1)  # last cell, trend, last reading
         output = self.head(summary)
-        persistence = self.last_readings(cells).repeat(1, self.shape.horizon_steps)  # [B, target_width]
+        persistence = persistence_forecast(window, self.shape)  # [B, target_width]
         return torch.cat([output[:, : self.shape.target_width] + persistence, output[:, self.shape.target_width :]], dim=1)
 
-    def last_readings(self, cells: torch.Tensor) -> torch.Tensor:
-        """Each forecast vital's last observed value in the window (0, the reference centre, if never seen)."""
-        values = cells[:, :, : len(SIGNALS)].index_select(2, self.forecast_index)
-        seen = cells[:, :, len(SIGNALS) :].index_select(2, self.forecast_index) > 0.5
-        last = torch.zeros_like(values[:, 0])
-        for step in range(self.shape.window_steps):  # later readings overwrite earlier ones
-            last = torch.where(seen[:, step], values[:, step], last)
-        return last
+
+def persistence_forecast(window: torch.Tensor, shape: WindowShape) -> torch.Tensor:
+    """The naive forecast, [B, target_width]: each vital's last observed value in the window (0, the
+    reference centre, if never seen), repeated over the horizon. The twin's mean is a correction to it."""
+    cells = window.reshape(-1, shape.window_steps, 2, len(SIGNALS))  # per cell: values, then masks
+    index = torch.as_tensor(FORECAST_INDEX)
+    values, seen = cells[:, :, 0].index_select(2, index), cells[:, :, 1].index_select(2, index) > 0.5
+    last = torch.zeros_like(values[:, 0])
+    for step in range(shape.window_steps):  # later readings overwrite earlier ones
+        last = torch.where(seen[:, step], values[:, step], last)
+    return last.repeat(1, shape.horizon_steps)
 
 
 class GaussianForecastLoss(nn.Module):

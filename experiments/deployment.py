@@ -638,7 +638,7 @@ class SiteProcess:
         flwr_home.mkdir(exist_ok=True)
         command = [  # warm_clientapp runs flower-supernode as its child, plus Flower's SuperExec with a warm executor
             sys.executable, "-m", "medtwin.experiments.warm_clientapp", "--runtime-api-address", f"127.0.0.1:{self.port}", "--",
-            str(_bin_dir() / "flower-supernode"),
+            sys.executable, "-m", "medtwin.experiments.prompt_flower",  # Flower's flower-supernode, shorter sleeps
             "--root-certificates", str(ca_cert),
             "--superlink", self.superlink_address,
             "--auth-supernode-private-key", str(key_path),

@@ -29,6 +29,7 @@ from medtwin.core.runconfig import config_from_run_config
 from medtwin.server.app import RESUME_KEY, CoordinatorSetup, run_federation
 
 from .chain_wiring import ChainApprovalCheck, ChainProvenance, open_chains
+from .prompt_flower import prompt_object_pulls
 
 __all__ = ["PromptGrid", "client_app", "coordinator_provenance", "server_app", "site_approval_check"]
 
@@ -86,6 +87,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _coordinate(grid: Grid, context: Context) -> None:
+    prompt_object_pulls()  # replies are pulled as soon as they are there, not after Flower's 1 s + 2 s backoff
     run_config = dict(context.run_config)
     config = config_from_run_config(run_config)
     setup = CoordinatorSetup.from_run_config(run_config)

@@ -43,6 +43,9 @@ def _run_flwr_clientapp(arguments: list[str]) -> None:
     """The child: Flower's `flwr-clientapp` entry point, exactly as the console script runs it."""
     from flwr.supernode.cli import flwr_clientapp
 
+    from .prompt_flower import prompt_object_pulls
+
+    prompt_object_pulls()
     sys.argv = ["flwr-clientapp", *arguments]
     flwr_clientapp()
 

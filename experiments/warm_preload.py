@@ -7,12 +7,17 @@ running) the code it started with until it is restarted, so an approval of the n
 cover old code.
 """
 
+import encodings.cp437  # noqa: F401 - zipfile reads the FAB's names with it
+
+import eth_hash.backends.pycryptodome  # noqa: F401 - web3's keccak backend, chosen at its first hash
 import flwr.supernode.cli  # noqa: F401 - the flwr-clientapp entry point
 import flwr.supernode.runtime.run_clientapp  # noqa: F401
-import torch._dynamo  # noqa: F401 - torch.optim imports it lazily at the first optimizer: ~4 s per message otherwise
-import vyper  # noqa: F401 - the chain reader checks the compiler version of the contracts it loads
-
+import h11  # noqa: F401
+import httpcore  # noqa: F401 - httpx imports its transport at the first Runtime API client: ~0.3 s per message otherwise
 import medtwin.experiments.flower_apps  # noqa: F401 - the ClientApp and everything it imports
+import torch._dynamo  # noqa: F401 - torch.optim imports it lazily at the first optimizer: ~4 s per message otherwise
+import torch.nn.utils._per_sample_grad  # noqa: F401 - per-sample gradients of DP training
+import vyper  # noqa: F401 - the chain reader checks the compiler version of the contracts it loads
 from medtwin.core.hashing import code_hash
 
 CODE_HASH = code_hash()  # lru_cached: the children inherit this value

@@ -105,3 +105,14 @@ def test_a_stored_noise_calibration_the_accountant_cannot_evaluate_is_recomputed
         path.write_text(json.dumps({json.dumps(parameters, sort_keys=True): damaged}))
         monkeypatch.setattr(accounting, "_CALIBRATED", {})
         assert accounting.calibrate_noise_multiplier_stored(path, **parameters) == expected, damaged
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[(1.1, 0.02, 100)] * 4, [(0.7, 0.05, 30), (1.3, 0.01, 200), (0.7, 0.05, 5)], [(2.0, 0.5, 1)], [(0.9, 0.003, 10_000)]],
+)
+def test_history_epsilon_is_exactly_opacus_rdp_accountant(history):
+    """The per-(noise, rate) RDP memo must give Opacus's RDPAccountant's epsilon bit for bit."""
+    reference = RDPAccountant()
+    reference.history = privacy_math.merge_history(history)
+    assert history_epsilon(history=history, target_delta=1e-5) == float(reference.get_epsilon(delta=1e-5))

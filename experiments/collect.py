@@ -5,8 +5,9 @@ A sweep folder (from `python -m medtwin.experiments.run -m ...`) holds one folde
 Jobs whose overrides differ only in `seed` form one setting; each setting becomes one row with the
 mean ± sample std over its seeds of the pooled primary metric and of ε (the most spent by any site).
 
-Writes, into the sweep folder (or --out): results.csv, results.md, utility_per_round.png and, when ε
-varies across settings, utility_vs_epsilon.png.
+Writes, into the sweep folder (or --out): results.csv, results.md, utility_per_round.png,
+cost_per_round.png (bytes of a site's update and seconds per round by setting, coloured by crypto
+scheme) and, when ε varies across settings, utility_vs_epsilon.png.
 """
 
 from __future__ import annotations
@@ -244,6 +245,58 @@ def plot_utility_vs_epsilon(jobs: Sequence[Job], path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What one setting pays per round (means over its seeds): one site's update on the wire, wall time."""
+
+    label: str
+    scheme: str
+    update_bytes: float
+    round_time_s: float
+
+
+def cost_by_setting(jobs: Sequence[Job]) -> list[Cost]:
+    """One `Cost` per setting, labelled by its swept values, with its crypto scheme (plain, ckks, ...)."""
+    keys = swept_keys(jobs)
+    return [
+        Cost(
+            label=_label(keys, setting),
+            scheme=str(members[0].summary["crypto"].get("scheme", "?")),
+            update_bytes=mean_std([job.update_bytes for job in members])[0],
+            round_time_s=mean_std([job.round_time_s for job in members])[0],
+        )
+        for setting, members in group_by_setting(jobs).items()
+    ]
+
+
+def plot_cost_per_round(jobs: Sequence[Job], path: Path) -> None:
+    """Bytes of one site's update and wall time per round, one bar per setting, coloured by crypto scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = cost_by_setting(jobs)
+    schemes = sorted({cost.scheme for cost in costs})
+    colours = {scheme: plt.get_cmap("tab10")(index) for index, scheme in enumerate(schemes)}
+    figure, (bytes_axes, time_axes) = plt.subplots(1, 2, figsize=(10, max(3.0, 0.4 * len(costs) + 1.5)))
+    positions = np.arange(len(costs))
+    for axes, values, unit in (
+        (bytes_axes, [cost.update_bytes / 1024 for cost in costs], "KiB per site update per round"),
+        (time_axes, [cost.round_time_s for cost in costs], "seconds per round"),
+    ):
+        axes.barh(positions, np.nan_to_num(values), color=[colours[cost.scheme] for cost in costs])
+        axes.set_xlabel(unit)
+        axes.set_yticks(positions, [cost.label for cost in costs], fontsize="small")
+        axes.invert_yaxis()
+    time_axes.set_yticks(positions, [""] * len(costs))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[scheme]) for scheme in schemes]
+    figure.legend(handles, [f"crypto={scheme}" for scheme in schemes], loc="upper right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def collect(sweep_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write the sweep's table (CSV, markdown) and plots; returns the files written."""
     jobs = read_sweep(sweep_dir)
@@ -252,12 +305,13 @@ def collect(sweep_dir: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir = out_dir or sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = results_rows(jobs)
-    written = [out_dir / "results.csv", out_dir / "results.md", out_dir / "utility_per_round.png"]
+    written = [out_dir / "results.csv", out_dir / "results.md", out_dir / "utility_per_round.png", out_dir / "cost_per_round.png"]
     write_csv(rows, written[0])
     fixed = sorted({f"{k}={v}" for job in jobs for k, v in job.overrides.items() if k not in swept_keys(jobs) and k != SEED_KEY})
     title = f"# Sweep {sweep_dir.name}: {len(jobs)} run(s), {len(rows)} setting(s)\n\nFixed: `{' '.join(fixed) or '(defaults)'}`\n\n"
     written[1].write_text(title + markdown_table(rows), encoding="utf-8")
     plot_utility_per_round(jobs, written[2])
+    plot_cost_per_round(jobs, written[3])
     if plot_utility_vs_epsilon(jobs, out_dir / "utility_vs_epsilon.png"):
         written.append(out_dir / "utility_vs_epsilon.png")
     return written

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from medtwin.experiments.collect import collect, markdown_table, parse_overrides, read_sweep, results_rows, swept_keys
+from medtwin.experiments.collect import collect, cost_by_setting, markdown_table, parse_overrides, read_sweep, results_rows, swept_keys
 
 
-def write_job(sweep: Path, num: int, *, epsilon: float, seed: int, accuracy: list[float]) -> None:
+def write_job(
+    sweep: Path, num: int, *, epsilon: float, seed: int, accuracy: list[float], crypto: str = "plain", bytes_per_parameter: float = 4.0
+) -> None:
     """A job folder as Hydra + `simulate` leave it: .hydra/overrides.yaml beside <run_id>/summary.json."""
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
-    overrides = [f"privacy.target_epsilon={epsilon}", f"seed={seed}", "task=breast_cancer", "privacy=dp"]
+    overrides = [f"privacy.target_epsilon={epsilon}", f"seed={seed}", "task=breast_cancer", "privacy=dp", f"crypto={crypto}"]
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {line}\n" for line in overrides))
     run = job / f"run-{num}"
     run.mkdir()
@@ -25,7 +27,7 @@ def write_job(sweep: Path, num: int, *, epsilon: float, seed: int, accuracy: lis
         "seed": seed,
         "final_metrics": {"pooled": {"accuracy": accuracy[-1], "n": 100.0}, "sites": {}},
         "privacy": {"a": {"epsilon": epsilon * 0.9, "delta": 1e-5}, "b": {"epsilon": epsilon * 0.99, "delta": 1e-5}},
-        "crypto": {"scheme": "plain", "bytes_per_parameter": 4.0, "num_parameters": 10},
+        "crypto": {"scheme": crypto, "bytes_per_parameter": bytes_per_parameter, "num_parameters": 10},
         "round_time_s": [1.0, 3.0],
     }
     (run / "summary.json").write_text(json.dumps(summary))
@@ -67,7 +69,9 @@ def test_one_row_per_setting_with_mean_and_std_over_seeds(sweep: Path) -> None:
 
 def test_collect_writes_table_and_plots(sweep: Path) -> None:
     written = collect(sweep)
-    assert {path.name for path in written} == {"results.csv", "results.md", "utility_per_round.png", "utility_vs_epsilon.png"}
+    assert {path.name for path in written} == {
+        "results.csv", "results.md", "utility_per_round.png", "cost_per_round.png", "utility_vs_epsilon.png"
+    }  # fmt: skip
     with (sweep / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
     assert all(path.stat().st_size > 1000 for path in written if path.suffix == ".png")
@@ -83,3 +87,14 @@ def test_no_epsilon_plot_without_dp(tmp_path: Path) -> None:
 def test_a_folder_that_is_not_a_sweep_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no job folders"):
         collect(tmp_path)
+
+
+def test_cost_per_round_by_crypto_setting(tmp_path: Path) -> None:
+    for num, (crypto, seed, bytes_per_parameter) in enumerate([("plain", 42, 4.0), ("plain", 43, 4.0), ("ckks", 42, 8.5), ("ckks", 43, 8.5)]):
+        write_job(tmp_path, num, epsilon=1.0, seed=seed, accuracy=[0.5], crypto=crypto, bytes_per_parameter=bytes_per_parameter)
+    costs = {cost.scheme: cost for cost in cost_by_setting(read_sweep(tmp_path))}
+    assert costs["ckks"].label == "crypto=ckks" and costs["plain"].label == "crypto=plain"
+    assert (costs["ckks"].update_bytes, costs["plain"].update_bytes) == (85.0, 40.0)
+    assert costs["ckks"].round_time_s == pytest.approx(2.0)
+    written = {path.name: path for path in collect(tmp_path)}
+    assert written["cost_per_round.png"].stat().st_size > 1000

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.table import Table
-
 from medtwin.core.config import compose_config
 from medtwin.core.errors import MedtwinError
 from medtwin.core.pooled_metrics import SITE_LEVEL_METRICS, pooled_name
 from medtwin.core.report import CLINICAL_METRICS, ordered_rows
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .tracking import check_tracking, track
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -85,10 +86,12 @@ def _run(overrides: list[str], verbose: bool, *, resume: str = "") -> Path:
     setup_logging(verbose)
     try:
         config = compose_config(overrides + ([f"run_id={resume}"] if resume else []))
+        check_tracking(config)
         run_path = simulate(config, resume=bool(resume))
     except MedtwinError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from error
+    track(run_path)
     print_summary(run_path)
     return run_path
 
@@ -138,6 +141,7 @@ def run(
     except MedtwinError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from error
+    track(run_path)
     print_summary(run_path)
 
 
@@ -176,7 +180,12 @@ def demo(
 
 def register_admin_commands() -> None:
     from .cli_admin import audit_app, chain_app, model_app, provision_command, site_app
-    from .cli_deploy import coordinator_app, propose_command, site_start_command, site_stop_command
+    from .cli_deploy import (
+        coordinator_app,
+        propose_command,
+        site_start_command,
+        site_stop_command,
+    )
     from .cli_federation import federation_app
     from .cli_site import site_approve_command
 

@@ -20,11 +20,17 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from medtwin.core.config import MedtwinConfig
+from medtwin.core.config.compose import (
+    CONFIG_MODULE,
+    check_override,
+    register_schemas,
+    to_config,
+)
+from medtwin.core.rundir import RunDirectory
 from omegaconf import DictConfig
 
-from medtwin.core.config import MedtwinConfig
-from medtwin.core.config.compose import CONFIG_MODULE, check_override, register_schemas, to_config
-from medtwin.core.rundir import RunDirectory
+from .tracking import check_tracking, track
 
 logger = logging.getLogger("medtwin")
 
@@ -59,7 +65,10 @@ def main(cfg: DictConfig) -> float:
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    run_path = simulate(job_config(cfg))
+    config = job_config(cfg)
+    check_tracking(config)
+    run_path = simulate(config)
+    track(run_path)
     result = primary_result(run_path)
     logger.info("run directory %s: pooled %s", run_path, result)
     return result

@@ -24,6 +24,15 @@ class BaselineConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Optional experiment tracking (the researcher's side; sites never read it): after a run, its
+    config, per-round and final metrics and report go to a local MLflow store (experiments/tracking.py)."""
+
+    mlflow_uri: str = ""  # empty: off. A local store: `sqlite:///path/mlflow.db` or a path ending in .db
+    experiment: str = "medtwin"
+
+
+@dataclass
 class MedtwinConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -39,3 +48,4 @@ class MedtwinConfig:
     sites_dir: str = ""
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     progress: bool = True  # live progress display
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

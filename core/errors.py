@@ -18,6 +18,24 @@ class ConfigError(MedtwinError):
         super().__init__(message)
 
 
+class ConfigErrors(ConfigError):
+    """Several config values are wrong together; each `ConfigError` names its own key and fix."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = list(errors)
+        self.key = ", ".join(error.key for error in self.errors)
+        lines = "\n".join(f"  - {error}" for error in self.errors)
+        MedtwinError.__init__(self, f"{len(self.errors)} config problem(s), nothing was started:\n{lines}")
+
+
+def raise_config_errors(errors: list[ConfigError]) -> None:
+    """Raise the one error, or all of them together; nothing when the list is empty."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+
+
 class DataValidationError(MedtwinError):
     """Site data failed validation; carries every problem found, not just the first."""
 

@@ -20,7 +20,7 @@ from medtwin.core.ids import ensure_id
 from medtwin.core.protocol import record_from_bytes
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
-from medtwin.core.tasks import CsvTask, VitalsTask, get_task
+from medtwin.core.tasks import VitalsTask, check_task_data, get_task
 from medtwin.core.tasks.vitals.page import TWIN_PAGE, twin_page
 from medtwin.server.app import build_server_app, check_new_run, make_run_id
 
@@ -55,9 +55,8 @@ def simulate(config: MedtwinConfig, *, resume: bool = False) -> Path:
         config.run_id = make_run_id(config)
     if not resume:
         check_new_run(config.runs_dir, config.run_id)  # before any party is prepared
-    task = get_task(config.task)
-    if isinstance(task, CsvTask):  # every hospital's file, before anything starts (not inside Ray, round after round)
-        task.validate_all_sites()
+    # every site's split (the partition, each CSV file) once, before anything starts: not once per site inside Ray
+    check_task_data(config.task)
     setup = prepare_parties(config, resume=resume)
     provenance = connect_chains(config, setup)
     baselines = None

@@ -11,6 +11,7 @@ from .csv_task import CsvTask, resolve_site_file
 from .csv_validation import CsvProblem, CsvValidationError, ValidatedTable, validate_site_csv
 from .fed_heart_disease import FedHeartDiseaseTask
 from .partition import PARTITION_SCHEMES, partition_indices
+from .preflight import check_task_data
 from .sklearn_tasks import BreastCancerTask, DiabetesProgressionTask
 from .vitals_task import VitalsTask
 
@@ -26,6 +27,7 @@ __all__ = [
     "TwinTask",
     "ValidatedTable",
     "VitalsTask",
+    "check_task_data",
     "get_task",
     "partition_indices",
     "register_task",

@@ -101,6 +101,7 @@ class CsvTask(TwinTask):
             binary=self.kind == "binary",
             test_fraction=self.schema.test_fraction,
             seed=self.config.split_seed,
+            test_fraction_key="task.csv.test_fraction",
         )
 
     def load_site_file(self, path: str | Path, *, site_id: str) -> SiteSplit:

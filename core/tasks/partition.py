@@ -15,14 +15,17 @@ together cover every row, and gives each site at least `min_samples_per_site` ro
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, raise_config_errors
 
-__all__ = ["PARTITION_SCHEMES", "label_groups", "partition_indices"]
+__all__ = ["PARTITION_SCHEMES", "label_groups", "partition_indices", "partition_problems"]
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 MAX_DIRICHLET_DRAWS = 1000
+MIN_ROWS_PER_SITE = 2  # one train and one test row
 MAX_CLASS_LEVELS = 20  # integer labels with more distinct values than this are treated as regression
 
 
@@ -62,26 +65,46 @@ def label_groups(labels: np.ndarray, *, num_bins: int) -> np.ndarray:
     return np.digitize(labels, inner_edges)
 
 
+def partition_problems(
+    num_rows: int, num_sites: int, scheme: str, alpha: float, sigma: float, min_samples: int
+) -> list[ConfigError]:
+    """Every reason these settings cannot split `num_rows` rows, each naming its `task.*` key and fix."""
+    problems = []
+    if scheme not in PARTITION_SCHEMES:
+        problems.append(ConfigError("task.partition.scheme", f"unknown scheme {scheme!r}", f"use one of {PARTITION_SCHEMES}"))
+    if num_sites < 1:
+        problems.append(ConfigError("task.num_sites", f"must be >= 1, got {num_sites}"))
+    elif num_sites * MIN_ROWS_PER_SITE > num_rows:
+        problems.append(ConfigError(
+            "task.num_sites",
+            f"{num_sites} sites cannot share {num_rows} rows: each needs at least {MIN_ROWS_PER_SITE} (a train and a test row)",
+            f"set task.num_sites <= {num_rows // MIN_ROWS_PER_SITE}",
+        ))  # fmt: skip
+    if min_samples < 0:
+        problems.append(ConfigError("task.partition.min_samples_per_site", f"must be >= 0, got {min_samples}"))
+    elif num_sites >= 1 and num_sites * min_samples > num_rows:
+        problems.append(ConfigError(
+            "task.partition.min_samples_per_site",
+            f"{num_sites} sites x {min_samples} rows each needs {num_sites * min_samples} rows, the dataset has {num_rows}",
+            f"lower task.partition.min_samples_per_site to <= {num_rows // num_sites} or task.num_sites",
+        ))  # fmt: skip
+    if scheme == "dirichlet" and not (alpha > 0 and math.isfinite(alpha)):
+        problems.append(ConfigError(
+            "task.partition.dirichlet_alpha", f"must be a finite number > 0, got {alpha}",
+            "set e.g. task.partition.dirichlet_alpha=0.5 (smaller = more label skew)",
+        ))  # fmt: skip
+    if scheme == "quantity" and not (sigma >= 0 and math.isfinite(sigma)):
+        problems.append(ConfigError(
+            "task.partition.quantity_sigma", f"must be a finite number >= 0, got {sigma}",
+            "set e.g. task.partition.quantity_sigma=1.0 (0 = equal sizes)",
+        ))  # fmt: skip
+    return problems
+
+
 def _check_arguments(
     num_rows: int, num_sites: int, scheme: str, alpha: float, sigma: float, min_samples: int
 ) -> None:
-    if scheme not in PARTITION_SCHEMES:
-        raise ConfigError("task.partition.scheme", f"unknown scheme {scheme!r}", f"use one of {PARTITION_SCHEMES}")
-    if num_sites < 1:
-        raise ConfigError("task.num_sites", f"must be >= 1, got {num_sites}")
-    if min_samples < 0:
-        raise ConfigError("task.partition.min_samples_per_site", f"must be >= 0, got {min_samples}")
-    if scheme == "dirichlet" and not alpha > 0:
-        raise ConfigError("task.partition.dirichlet_alpha", f"must be > 0, got {alpha}")
-    if scheme == "quantity" and not sigma >= 0:
-        raise ConfigError("task.partition.quantity_sigma", f"must be >= 0, got {sigma}")
-    if num_sites * min_samples > num_rows:
-        raise ConfigError(
-            "task.partition.min_samples_per_site",
-            f"{num_sites} sites x {min_samples} rows each needs {num_sites * min_samples} rows, "
-            f"the dataset has {num_rows}",
-            f"lower task.partition.min_samples_per_site to <= {num_rows // num_sites} or task.num_sites",
-        )
+    raise_config_errors(partition_problems(num_rows, num_sites, scheme, alpha, sigma, min_samples))
 
 
 def _quantity_skew(

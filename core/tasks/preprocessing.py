@@ -8,12 +8,14 @@ plus a small epsilon added to the std.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from ..errors import ConfigError
 from .base import SiteSplit
 
 __all__ = [
@@ -69,9 +71,29 @@ def stratify_labels(labels: np.ndarray, *, min_per_class: int = 3) -> np.ndarray
 
 
 def split_train_test(
-    num_rows: int, *, test_fraction: float, seed: int, stratify: np.ndarray | None
+    num_rows: int,
+    *,
+    test_fraction: float,
+    seed: int,
+    stratify: np.ndarray | None,
+    site_id: str = "",
+    test_fraction_key: str = "task.test_fraction",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of (train, test), each in ascending (file) order, as FLamby keeps them."""
+    """Row indices of (train, test), each in ascending (file) order, as FLamby keeps them.
+
+    A split that would leave a side empty is a `ConfigError` naming `test_fraction_key`; when the test
+    (or train) side is too small to hold every class, the split is not stratified (sklearn would refuse)."""
+    num_test = math.ceil(test_fraction * num_rows)  # sklearn's rounding of a fractional test_size
+    if not 1 <= num_test <= num_rows - 1:
+        where = f"site {site_id!r}" if site_id else "a site"
+        raise ConfigError(
+            test_fraction_key,
+            f"{test_fraction} of {where}'s {num_rows} rows leaves {num_test} test and {num_rows - num_test} train rows",
+            f"each side needs a row: set {test_fraction_key} so that 1 <= ceil(fraction x {num_rows}) <= {num_rows - 1}, "
+            "or give every site more rows (fewer task.num_sites, a larger task.partition.min_samples_per_site)",
+        )
+    if stratify is not None and min(num_test, num_rows - num_test) < len(np.unique(stratify)):
+        stratify = None
     train_index, test_index = train_test_split(
         np.arange(num_rows), test_size=test_fraction, random_state=seed, shuffle=True, stratify=stratify
     )
@@ -89,13 +111,21 @@ def impute_with_train_mean(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.
 
 
 def raw_site_split(
-    site_id: str, features: np.ndarray, labels: np.ndarray, *, binary: bool, test_fraction: float, seed: int
+    site_id: str,
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    binary: bool,
+    test_fraction: float,
+    seed: int,
+    test_fraction_key: str = "task.test_fraction",
 ) -> SiteSplit:
     """One site's rows split into train/test, NOT yet imputed or normalised (float64 inside)."""
     stratify = stratify_labels(labels) if binary else None
     train_index, test_index = split_train_test(
-        features.shape[0], test_fraction=test_fraction, seed=seed, stratify=stratify
-    )
+        features.shape[0], test_fraction=test_fraction, seed=seed, stratify=stratify, site_id=site_id,
+        test_fraction_key=test_fraction_key,
+    )  # fmt: skip
     return SiteSplit(
         site_id=site_id,
         x_train=np.asarray(features[train_index], dtype=np.float64),

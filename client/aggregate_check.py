@@ -36,6 +36,8 @@ class VerifiedAggregate:
     participants: tuple[str, ...]
     claimed_examples: int
     updates: tuple[ArrayRecord, ...] = ()  # the certified updates, each matching its signed digest
+    started_from: tuple[str, ...] = ()  # per update: the shared state its site says it trained from
+    global_state_sha256: str = ""  # the site's shared state after this round's step (client/global_state.py)
 
 
 def verify_certificate(
@@ -100,6 +102,7 @@ def verify_certificate(
         participants=tuple(sorted(participants)),
         claimed_examples=sum(participants.values()),
         updates=tuple(by_digest[claim.payload_sha256] for claim, _ in certificate.claims),
+        started_from=tuple(claim.aggregate_sha256 for claim, _ in certificate.claims),
     )
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +47,12 @@ from medtwin.core.runconfig import CONFIG_YAML_KEY
 from medtwin.core.tasks.vitals.ingest import VitalsInputError
 
 from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
+from .global_state import GlobalState, GlobalStateStore, SharedStateRefused, advance_global_state, initial_global_state
 from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, dp_units_per_step, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
 from .release import release_metrics
 from .reply_store import ReplyStore
+from .server_optimizer import ServerOptimizerSettings
 from .site import Site, dataset_manifest_hash, load_site
 from .site_file import SiteFile, load_site_file
 from .site_state import EvaluationRegister, SiteApprovals
@@ -116,8 +119,22 @@ def current_model(site: Site, message: Message, *, certificate_round: int) -> tu
     )  # fmt: skip
     if average.size != model_to_vector(model).size:
         raise AggregateRefused(f"the certified sum holds {average.size} weights, this task's model {model_to_vector(model).size}")
-    vector_to_model(model, average)
-    return model, verified
+    try:  # the server optimiser's step (identity for FedAvg), from state this site derived itself
+        state = advance_global_state(
+            GlobalStateStore(site.file.state_dir, site.proposal.run_id), initial=initial_state(site, model),
+            server_round=certificate_round, average=average, inputs_sha256=starting_point(verified),
+            started_from=verified.started_from,
+        )  # fmt: skip
+    except SharedStateRefused as refused:
+        raise RoundRefused(f"refused:{refused.code}", refused.reason) from None
+    vector_to_model(model, state.weights)
+    return model, replace(verified, global_state_sha256=state.sha256)
+
+
+def initial_state(site: Site, model: torch.nn.Module) -> GlobalState:
+    """S_0 of the run's server optimiser: `model` must be the fresh `initial_model`."""
+    settings = ServerOptimizerSettings.from_strategy(site.config.strategy)
+    return initial_global_state(run_id=site.proposal.run_id, settings=settings, weights=model_to_vector(model))
 
 
 def _erased_ledger_problem(site: Site, ledger: BudgetLedger, approval_check: RunApprovalCheck | None) -> str | None:
@@ -278,6 +295,7 @@ def starting_point(verified: VerifiedAggregate | None) -> str:
 def train_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
     model, verified = current_model(site, message, certificate_round=server_round - 1)
     started_from = starting_point(verified)
+    trained_from_state = verified.global_state_sha256 if verified is not None else initial_state(site, model).sha256
     replies = ReplyStore(site.file.state_dir)
     if (sent := replies.load(site.proposal.run_id, "train", server_round, started_from=started_from)) is not None:
         logger.info("site %s: round %d from this aggregate was trained already; resending that reply", site.site_id, server_round)
@@ -296,6 +314,7 @@ def train_phase(site: Site, message: Message, server_round: int, approval_check:
         delta=float(delta),
         dataset_manifest=dataset_manifest_hash(site),
         status="trained",
+        aggregate_sha256=trained_from_state,  # an update names the shared state it was trained from
     )
     content = RecordDict(
         {

@@ -10,7 +10,8 @@ A path the site would use (`task.csv.site_files`) is refused: the site's data co
 
     run_id, seed
     task.name, task.csv.{features, target, task_type, hidden_units}
-    strategy.{name, proximal_mu, local_steps, batch_size, optimizer, learning_rate}
+    strategy.{name, proximal_mu, local_steps, batch_size, optimizer, learning_rate,
+              server_optimizer, server_learning_rate, server_momentum, beta_1, beta_2, tau}
     federation.{num_rounds, min_sites}
     privacy.{name, target_epsilon, target_delta, max_grad_norm, accountant, grad_sample_mode,
              secure_mode, epsilon_tolerance, unit_rows}
@@ -35,7 +36,7 @@ from medtwin.core.config import (
 )
 from medtwin.core.config.privacy import validate_privacy_config
 from medtwin.core.config.task import VitalsConfig
-from medtwin.core.config.validate import OPTIMIZERS, STRATEGIES
+from medtwin.core.config.validate import OPTIMIZERS, STRATEGIES, server_optimizer_problem
 from medtwin.core.errors import ConfigError
 from medtwin.core.hashing import config_hash
 from medtwin.core.ids import check_id
@@ -288,6 +289,12 @@ def _strategy(fields: _Fields, site: SiteFile) -> StrategyConfig:
         batch_size=fields.get("strategy.batch_size", int, 1, minimum=1),
         optimizer=fields.get("strategy.optimizer", str, "sgd"),
         learning_rate=fields.get("strategy.learning_rate", float, 0.001),
+        server_optimizer=fields.get("strategy.server_optimizer", str, "none"),
+        server_learning_rate=fields.get("strategy.server_learning_rate", float, 1.0),
+        server_momentum=fields.get("strategy.server_momentum", float, 0.0),
+        beta_1=fields.get("strategy.beta_1", float, 0.9),
+        beta_2=fields.get("strategy.beta_2", float, 0.99),
+        tau=fields.get("strategy.tau", float, 0.001),
     )
     if strategy.name not in STRATEGIES or strategy.optimizer not in OPTIMIZERS or not strategy.learning_rate > 0:
         raise ProposalRefused(
@@ -295,7 +302,22 @@ def _strategy(fields: _Fields, site: SiteFile) -> StrategyConfig:
             f"proposal strategy {strategy.name!r} / optimizer {strategy.optimizer!r} / learning_rate "
             f"{strategy.learning_rate} is not one this site runs ({STRATEGIES}, {OPTIMIZERS}, lr > 0)",
         )
+    problem = server_optimizer_problem(strategy)
+    if problem:
+        raise ProposalRefused("bad_proposal", f"proposal {problem[0]}: {problem[1]}")
     accept = site.accept
+    if strategy.server_optimizer not in accept.server_optimizers:
+        raise ProposalRefused(
+            "not_accepted",
+            f"proposal strategy.server_optimizer {strategy.server_optimizer!r} is not in this site's "
+            f"accept.server_optimizers {list(accept.server_optimizers)}",
+        )
+    if strategy.server_optimizer != "none" and strategy.server_learning_rate > accept.max_server_learning_rate:
+        raise ProposalRefused(
+            "over_limit",
+            f"proposal strategy.server_learning_rate {strategy.server_learning_rate:g} exceeds this site's "
+            f"accept.max_server_learning_rate {accept.max_server_learning_rate:g}",
+        )
     if strategy.local_steps > accept.max_local_steps:
         raise ProposalRefused(
             "over_limit",

@@ -14,6 +14,8 @@
       max_local_steps: 2000
       min_batch_size: 1
       max_batch_size: 1024
+      server_optimizers: [none, adam, yogi, avgm]   # steps this site applies to the average (default all)
+      max_server_learning_rate: 1.0                 # the largest server step size it accepts
       vitals:                         # [min, max] a proposal's vitals window may take (defaults shown)
         grid_min: [5, 240]            # minutes
         window_h: [0.25, 24]          # hours of history the twin sees
@@ -51,6 +53,7 @@ import yaml
 
 from medtwin.core.config import CsvColumnConfig, CsvSchemaConfig, PartitionConfig, TaskConfig
 from medtwin.core.config.task import VitalsConfig
+from medtwin.core.config.validate import SERVER_OPTIMIZERS
 from medtwin.core.errors import MedtwinError
 from medtwin.core.ids import check_id
 from medtwin.core.tasks import registered_tasks
@@ -108,6 +111,8 @@ class AcceptPolicy:
     min_batch_size: int = 1
     max_batch_size: int = 1024
     vitals: VitalsWindowBounds = DEFAULT_VITALS_WINDOW_BOUNDS
+    server_optimizers: tuple[str, ...] = SERVER_OPTIMIZERS
+    max_server_learning_rate: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -347,7 +352,10 @@ def _generated_wards(reader: _Reader, wards: dict) -> VitalsConfig:
 
 
 def _accept(reader: _Reader, accept: dict, *, default_task: str) -> AcceptPolicy:
-    allowed = {"tasks", "crypto", "max_rounds", "max_local_steps", "min_batch_size", "max_batch_size", "vitals"}
+    allowed = {
+        "tasks", "crypto", "max_rounds", "max_local_steps", "min_batch_size", "max_batch_size", "vitals",
+        "server_optimizers", "max_server_learning_rate",
+    }  # fmt: skip
     reader.unknown(accept, allowed, "accept.")
     tasks = accept.get("tasks", [default_task])
     crypto = accept.get("crypto", list(CRYPTO_SCHEMES))
@@ -357,6 +365,10 @@ def _accept(reader: _Reader, accept: dict, *, default_task: str) -> AcceptPolicy
     if not isinstance(crypto, list) or not set(crypto) <= set(CRYPTO_SCHEMES):
         reader.problems.append(f"`accept.crypto` must be a list drawn from {CRYPTO_SCHEMES}, got {crypto!r}")
         crypto = []
+    server_optimizers = accept.get("server_optimizers", list(SERVER_OPTIMIZERS))
+    if not isinstance(server_optimizers, list) or not set(server_optimizers) <= set(SERVER_OPTIMIZERS):
+        reader.problems.append(f"`accept.server_optimizers` must be a list drawn from {SERVER_OPTIMIZERS}, got {server_optimizers!r}")
+        server_optimizers = []
     policy = AcceptPolicy(
         tasks=tuple(tasks),
         crypto=tuple(crypto),
@@ -365,6 +377,8 @@ def _accept(reader: _Reader, accept: dict, *, default_task: str) -> AcceptPolicy
         min_batch_size=reader.value(accept, "min_batch_size", int, 1, prefix="accept.", minimum=1),
         max_batch_size=reader.value(accept, "max_batch_size", int, 1024, prefix="accept.", minimum=1),
         vitals=_vitals_bounds(reader, reader.section(accept, "vitals", prefix="accept.")),
+        server_optimizers=tuple(server_optimizers),
+        max_server_learning_rate=reader.value(accept, "max_server_learning_rate", float, 1.0, prefix="accept.", minimum=0.0),
     )
     return policy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from ..errors import ConfigError
@@ -9,9 +10,11 @@ from ..ids import ensure_id
 from .chain import validate_chain_config
 from .privacy import validate_privacy_config
 from .root import MedtwinConfig
+from .strategy import StrategyConfig
 
 STRATEGIES = ("fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("none", "adam", "yogi", "avgm")
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 
 
@@ -31,6 +34,9 @@ def validate_config(config: MedtwinConfig) -> None:
         raise ConfigError("strategy.batch_size", f"must be >= 1, got {strategy.batch_size}")
     if strategy.proximal_mu < 0:
         raise ConfigError("strategy.proximal_mu", f"must be >= 0, got {strategy.proximal_mu}")
+    problem = server_optimizer_problem(strategy)
+    if problem:
+        raise ConfigError(*problem)
     if config.task.partition.scheme not in PARTITION_SCHEMES:
         raise ConfigError(
             "task.partition.scheme", f"unknown scheme {config.task.partition.scheme!r}", f"use one of {PARTITION_SCHEMES}"
@@ -63,6 +69,28 @@ def validate_config(config: MedtwinConfig) -> None:
     validate_privacy_config(config.privacy)
     validate_chain_config(config.chain)
     validate_crypto(config)
+
+
+def server_optimizer_problem(strategy: StrategyConfig) -> tuple[str, str, str] | None:
+    """(config key, what is wrong, how to fix it) of the first bad server-optimiser setting, else None.
+    Shared by config load and by a site reading a proposal (client/proposal.py)."""
+    if strategy.server_optimizer not in SERVER_OPTIMIZERS:
+        return (
+            "strategy.server_optimizer", f"unknown server optimiser {strategy.server_optimizer!r}",
+            f"use one of {SERVER_OPTIMIZERS} (or strategy=fedadam / fedyogi / fedavgm)",
+        )  # fmt: skip
+    checks = (
+        ("server_learning_rate", 0.0 < strategy.server_learning_rate <= 10.0, "in (0, 10]"),
+        ("server_momentum", 0.0 <= strategy.server_momentum < 1.0, "in [0, 1)"),
+        ("beta_1", 0.0 <= strategy.beta_1 < 1.0, "in [0, 1)"),
+        ("beta_2", 0.0 <= strategy.beta_2 < 1.0, "in [0, 1)"),
+        ("tau", 0.0 < strategy.tau <= 1.0, "in (0, 1]"),
+    )
+    for key, holds, bounds in checks:
+        value = getattr(strategy, key)
+        if not (math.isfinite(value) and holds):
+            return f"strategy.{key}", f"must be {bounds}, got {value}", f"set strategy.{key} within {bounds}"
+    return None
 
 
 def validate_crypto(config: MedtwinConfig) -> None:

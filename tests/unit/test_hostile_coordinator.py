@@ -578,3 +578,55 @@ def test_the_vitals_twin_spends_privacy_per_patient_whatever_the_proposal_says(h
     assert spends[8]["sample_rate"] == 1 / patients  # 8 windows / 8 per patient = 1 patient a step (of ~60 windows)
     assert spends[1]["sample_rate"] == 1.0  # 8 patients a step asked, all taken: no amplification
     assert spends[1]["epsilon"] > spends[8]["epsilon"]
+
+
+def test_under_fedadam_the_site_applies_the_step_from_its_own_state_and_refuses_a_mixed_or_skipped_history(hospital: Hospital) -> None:
+    """The coordinator only sums: the site evaluates and trains from the Adam step it applied itself to the
+    average, from state it holds; peers' updates must name that state, and a skipped round is refused."""
+    from medtwin.client.app import initial_model
+    from medtwin.client.global_state import initial_global_state
+    from medtwin.client.server_optimizer import OptimizerMoments, ServerOptimizerSettings, server_step
+    from medtwin.core.config import TaskConfig
+    from medtwin.core.model_vector import model_to_vector, vector_to_model
+    from medtwin.core.tasks import get_task
+
+    run_id, text = hospital.proposal("strategy=fedadam", "strategy.local_steps=4", "strategy.batch_size=8", "federation.num_rounds=3")
+    settings = ServerOptimizerSettings.from_strategy(compose_config(["strategy=fedadam"]).strategy)
+    task = get_task(TaskConfig(name="fed_heart_disease"))
+    start = initial_global_state(run_id=run_id, settings=settings, weights=model_to_vector(initial_model(task, seed=42)))
+    trained = hospital.ask(text, run_id=run_id, server_round=1)
+    claim, _ = claim_from_site_record(trained.content.config_records[SITE])
+    assert claim.status == "trained" and claim.aggregate_sha256 == start.sha256  # it names the state it trained from
+
+    def peers(started_from: str, *, run_id: str = run_id, server_round: int = 1) -> tuple[dict, object]:
+        records, claims = [], []
+        for site_id, count in (("hungarian", 180), ("switzerland", 80)):
+            record, (peer_claim, _) = _peer_update(hospital, site_id, run_id=run_id, server_round=server_round, num_examples=count)
+            peer_claim = replace(peer_claim, aggregate_sha256=started_from)
+            records.append(record)
+            claims.append((peer_claim, hospital.sign_peer(site_id, peer_claim)))
+        return _round_records(_sum_records(records), claims, records), _sum_records(records)
+
+    honest, summed = peers(start.sha256)
+    reply = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=honest)
+    assert status_of(reply)[0] == "evaluated"
+    stepped, _ = server_step(
+        settings, weights=start.weights, moments=OptimizerMoments.zeros(start.weights.size), average=average_from_sum(summed)[0], server_round=1
+    )  # fmt: skip
+    model = task.build_model()
+    vector_to_model(model, stepped)
+    data = task.load_site(0)
+    expected = task.evaluate(model, data.x_test, data.y_test)
+    released = reply.content.metric_records[METRICS]
+    assert released["accuracy"] == pytest.approx(expected["accuracy"])  # the Adam step's model, not the bare average
+    assert _expected_metrics(hospital, summed)["brier"] != pytest.approx(expected["brier"])
+    assert status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=honest))[0] == "trained"
+
+    # a new run: updates that name no state (or another one) are not stepped from; nor is a round this site never saw
+    fresh_run, fresh_text = hospital.proposal("strategy=fedadam", "strategy.local_steps=4", "strategy.batch_size=8", "federation.num_rounds=3")
+    unanchored, _ = peers("", run_id=fresh_run)
+    status, reason = status_of(hospital.ask(fresh_text, run_id=fresh_run, server_round=2, extra=unanchored))
+    assert status == "refused:state_mismatch", (status, reason)
+    round_two, _ = peers(start.sha256, run_id=fresh_run, server_round=2)
+    status, reason = status_of(hospital.ask(fresh_text, run_id=fresh_run, server_round=3, extra=round_two))
+    assert status == "refused:missing_state" and "round 1" in reason, (status, reason)

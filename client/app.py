@@ -35,10 +35,11 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    SCORE_HISTOGRAM,
     SITE,
     UPDATE,
     certified_records,
-    metrics_sha256,
+    evaluation_sha256,
     payload_sha256,
     site_reply_record,
 )
@@ -50,7 +51,7 @@ from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_
 from .global_state import GlobalState, GlobalStateStore, SharedStateRefused, advance_global_state, initial_global_state
 from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, dp_units_per_step, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
-from .release import release_metrics
+from .release import release_metrics, release_score_histogram
 from .reply_store import ReplyStore
 from .server_optimizer import ServerOptimizerSettings
 from .site import Site, dataset_manifest_hash, load_site
@@ -364,6 +365,8 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
             raise RoundRefused("refused:budget", str(error)) from None
     metrics = site.task.evaluate(model, site.data.x_test, site.data.y_test)
     released = release_metrics({key: float(value) for key, value in metrics.items()}, policy)
+    histogram = release_score_histogram(site.task.score_histogram(model, site.data.x_test, site.data.y_test), policy)
+    histogram_values = histogram.to_values() if histogram is not None else None
     released["num_parameters"] = float(model_to_vector(model).size)
     if site.codec.scheme != "plain":
         released["he_error_bound"] = site.codec.error_bound(total_examples=verified.claimed_examples)
@@ -372,7 +375,7 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
         run_id=site.proposal.run_id,
         server_round=server_round,
         site_id=site.site_id,
-        payload_sha256=metrics_sha256(released),
+        payload_sha256=evaluation_sha256(released, histogram_values),  # the histogram is signed with the metrics
         epsilon=policy.epsilon_per_release if policy.release == "dp" else 0.0,
         status="evaluated",
         aggregate_sha256=verified.aggregate_sha256,
@@ -380,6 +383,8 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
     content = RecordDict(
         {SITE: site_reply_record(claim, sign_claim(site.kit.signing_key, claim)), METRICS: MetricRecord(released)}
     )
+    if histogram_values is not None:
+        content[SCORE_HISTOGRAM] = MetricRecord(histogram_values)
     replies.save(site.proposal.run_id, "evaluate", server_round, started_from=started_from, content=content)
     return Message(content=content, reply_to=message)
 

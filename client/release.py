@@ -13,6 +13,15 @@ not public, so a 1/n sensitivity would understate their noise. Brier is a mean o
 would be right) but adding it splits the same ε across two metrics, doubling accuracy's noise;
 ECE is not a row mean, and MSE, MAE, RMSE and R² are unbounded. Releasing any of them under DP needs its
 own sensitivity analysis first.
+
+A binary site's per-class score histogram (core/score_histogram.py: its test rows counted per label in
+1000 score bins, with each bin's score sum) lets the coordinator compute AUROC, AUPRC and ECE on the
+union of all sites' test sets. `exact` releases it as computed, `rounded` with each bin's score sum
+rounded to `evaluation.decimals` (the counts are integers already). `dp` withholds it: the counts
+place every test patient's label and score to 0.001, one patient moves two counts by one, and
+noising 2000 counts with the release's ε would leave the figures meaningless at hospital test-set
+sizes (and a noisy count can be negative or fractional, which the coordinator refuses). Releasing it
+under DP needs its own mechanism (e.g. a coarser histogram with its own ε), not this one.
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ import secrets
 
 import numpy as np
 
+from medtwin.core.score_histogram import ScoreHistogram
+
 from .site_file import EvaluationPolicy
 
-__all__ = ["DP_RELEASED_METRICS", "release_metrics"]
+__all__ = ["DP_RELEASED_METRICS", "release_metrics", "release_score_histogram"]
 
 DP_RELEASED_METRICS = ("accuracy",)
 
@@ -51,3 +62,12 @@ def release_metrics(metrics: dict[str, float], policy: EvaluationPolicy) -> dict
         noisy = metrics[name] + generator.laplace(0.0, 1.0 / (count * epsilon_each))
         released[name] = round(float(min(1.0, max(0.0, noisy))), policy.decimals)
     return released
+
+
+def release_score_histogram(histogram: ScoreHistogram | None, policy: EvaluationPolicy) -> ScoreHistogram | None:
+    """The score histogram as released under `policy` (see the module docstring), or None if withheld."""
+    if histogram is None or policy.release == "dp":
+        return None
+    if policy.release == "rounded":
+        return histogram.rounded(policy.decimals)
+    return histogram

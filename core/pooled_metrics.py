@@ -13,21 +13,36 @@ count `n`. What that allows differs by metric, and a pooled figure's name says w
 
 A metric a site did not release (withheld under `dp`, or undefined on its split, like AUROC on a
 one-class test split) is pooled over the sites that released it, weighted by their rows only.
+
+AUROC, AUPRC and ECE on the union of the test sets come from the sites' per-class score histograms
+(core/score_histogram.py), summed bin by bin: `histogram_pooled_auroc`, `histogram_pooled_auprc`,
+`histogram_pooled_ece`, with `histogram_pooled_auroc_max_error` (how far the exact AUROC on the union
+can be from the histogram figure) and `histogram_pooled_n` (the test rows the histograms cover: sites
+under `dp` withhold theirs). The name says how the figure was made — from binned scores, not from the
+rows themselves — and never collides with the row-weighted site means, which are still reported: the
+two answer different questions (the model on all patients vs the typical site).
 """
 
 from __future__ import annotations
 
 import math
 
+from .score_histogram import ScoreHistogram, pool_histograms
+
 __all__ = [
+    "HISTOGRAM_POOLED_METRICS",
+    "HISTOGRAM_POOLED_PREFIX",
     "SITE_LEVEL_METRICS",
     "WEIGHTED_SITE_MEAN_PREFIX",
+    "histogram_pooled_metrics",
     "pool_site_metrics",
     "pooled_name",
 ]
 
 SITE_LEVEL_METRICS = frozenset({"auroc", "auprc", "ece", "sensitivity", "specificity", "r2"})
 WEIGHTED_SITE_MEAN_PREFIX = "row_weighted_site_mean_"
+HISTOGRAM_POOLED_PREFIX = "histogram_pooled_"
+HISTOGRAM_POOLED_METRICS = ("auroc", "auprc", "ece")
 
 
 def pooled_name(metric: str) -> str:
@@ -52,3 +67,13 @@ def pool_site_metrics(site_metrics: dict[str, dict[str, float]]) -> dict[str, fl
         pooled["rmse"] = math.sqrt(max(pooled["mse"], 0.0))
     pooled["n"] = total
     return dict(sorted(pooled.items()))
+
+
+def histogram_pooled_metrics(histograms: dict[str, ScoreHistogram]) -> tuple[dict[str, float], ScoreHistogram | None]:
+    """(figures named `histogram_pooled_<metric>`, the summed histogram) from the sites' verified
+    histograms; a figure undefined on the union (AUROC with one class) is left out."""
+    pooled = pool_histograms(histograms[site] for site in sorted(histograms))
+    if pooled is None or pooled.rows == 0:
+        return {}, None
+    figures = pooled.metrics() | {"n": float(pooled.rows)}
+    return {HISTOGRAM_POOLED_PREFIX + name: value for name, value in sorted(figures.items()) if math.isfinite(value)}, pooled

@@ -23,6 +23,7 @@ AGGREGATE = "medtwin.aggregate"  # ArrayRecord: summed payload of the previous r
 UPDATE = "medtwin.update"  # ArrayRecord: a site's payload
 SITE = "medtwin.site"  # ConfigRecord: site_id, status, reason
 METRICS = "medtwin.metrics"  # MetricRecord: training or evaluation metrics
+SCORE_HISTOGRAM = "medtwin.score_histogram"  # MetricRecord: a binary site's per-class score histogram (core/score_histogram.py)
 CERTIFICATE = "medtwin.certificate"  # ConfigRecord: the signed claims behind the AGGREGATE (see RoundCertificate)
 CERTIFIED_PREFIX = "medtwin.certified."  # ArrayRecords: the certified updates themselves, so each site sums them
 
@@ -85,6 +86,16 @@ def payload_sha256(record: ArrayRecord) -> str:
 def metrics_sha256(metrics: dict[str, float]) -> str:
     """Hex sha256 of an evaluation's metrics as canonical JSON: what a site signs in an "evaluate" claim."""
     return hashlib.sha256(json.dumps(metrics, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def evaluation_sha256(metrics: dict[str, float], score_histogram: dict[str, list] | None = None) -> str:
+    """Hex sha256 of what an evaluation reply releases: its metrics and, when it sends one, its score
+    histogram (the SCORE_HISTOGRAM record's lists), as canonical JSON. Without a histogram this is
+    `metrics_sha256(metrics)`, so a reply that carries none is signed as before."""
+    if score_histogram is None:
+        return metrics_sha256(metrics)
+    document = {"metrics": metrics, "score_histogram": score_histogram}
+    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 MAX_CLAIM_JSON = 4096

@@ -17,7 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .pooled_metrics import SITE_LEVEL_METRICS, WEIGHTED_SITE_MEAN_PREFIX, pooled_name  # noqa: E402
+from .pooled_metrics import HISTOGRAM_POOLED_PREFIX, SITE_LEVEL_METRICS, WEIGHTED_SITE_MEAN_PREFIX, pooled_name  # noqa: E402
+from .reliability_plot import RELIABILITY_PLOT, histogram_from_summary, plot_reliability  # noqa: E402
+from .score_histogram import SCORE_HISTOGRAM_BINS  # noqa: E402
 
 _MARKDOWN_SPECIAL = frozenset("\\`*[]|~$")  # always escaped; `_` only where it could start or end emphasis
 _HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
@@ -133,6 +135,7 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], run_pa
     if has_plot:
         lines += ["", f"![{shown_metric} per round]({plot_name})"]
     lines += _clinical_table(final, threshold=summary.get("decision_threshold", 0.5))
+    lines += _histogram_section(final, run_path)
     baselines = summary.get("baselines")
     if baselines:
         lines += ["", "## Baselines (same protocol, same test splits)", ""]
@@ -216,6 +219,7 @@ def _clinical_table(final: dict[str, Any], *, threshold: float) -> list[str]:
             "† not the metric on the union of the test sets (sites never share patient-level scores): the "
             f"test-row-weighted mean of the site values, `{WEIGHTED_SITE_MEAN_PREFIX}<metric>` in summary.json. "
             "The other pooled cells are exact on the union (row means weighted by test rows; RMSE from the pooled MSE)."
+            + (" AUROC, AUPRC and ECE on the union: next section." if HISTOGRAM_POOLED_PREFIX + "n" in pooled else "")
         )
     if "sensitivity" in shown or "specificity" in shown:
         notes.append(f"Sensitivity and specificity call a row positive at score >= {_fmt(float(threshold))} (`task.decision_threshold`).")
@@ -223,6 +227,42 @@ def _clinical_table(final: dict[str, Any], *, threshold: float) -> list[str]:
         notes.append("ECE: 10 equal-width probability bins.")
     notes.append("A blank (—) is a metric a site withheld (its release policy) or that is undefined on its split.")
     return lines + ["", " ".join(notes)]
+
+
+def _histogram_section(final: dict[str, Any], run_path: Path) -> list[str]:
+    """AUROC, AUPRC and ECE on the union of the test sets, from the sites' summed score histograms, and
+    the reliability diagram (written next to the report)."""
+    pooled = final.get("pooled", {})
+    covered = pooled.get(HISTOGRAM_POOLED_PREFIX + "n")
+    if not isinstance(covered, int | float):
+        return []
+    max_error = pooled.get(HISTOGRAM_POOLED_PREFIX + "auroc_max_error")
+    lines = [
+        "",
+        "## The federated model on all sites' test rows together",
+        "",
+        "| metric | all sites' test rows | name in summary.json |",
+        "|---|---|---|",
+    ]
+    for name in ("auroc", "auprc", "ece"):
+        key = HISTOGRAM_POOLED_PREFIX + name
+        if key in pooled:
+            lines.append(f"| {name} | {_fmt(pooled[key])} | `{key}` |")
+    total = pooled.get("n")
+    lines += [
+        "",
+        f"From the sites' per-class score histograms ({SCORE_HISTOGRAM_BINS} equal-width score bins, summed over "
+        f"sites; no patient's score left a site) over {_fmt(int(covered))} of {_fmt(int(total)) if isinstance(total, int | float) else '?'} "
+        "test rows (a site releasing under `dp` withholds its histogram)."
+        + (f" The exact AUROC on these rows is within ±{_fmt(float(max_error))} of the figure (rows sharing a bin count as ties)."
+           if isinstance(max_error, float) else "")
+        + " ECE is exact (10 bins, per-bin score sums).",
+    ]  # fmt: skip
+    histogram = histogram_from_summary(final.get("pooled_score_histogram"))
+    if histogram is not None:
+        plot_reliability(histogram, run_path / RELIABILITY_PLOT)
+        lines += ["", f"![reliability of the federated model on all sites' test rows]({RELIABILITY_PLOT})"]
+    return lines
 
 
 def ordered_rows(rows: dict[str, Any]) -> list[tuple[str, Any]]:

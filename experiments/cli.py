@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from medtwin.core.config import compose_config
 from medtwin.core.errors import MedtwinError
-from medtwin.core.pooled_metrics import SITE_LEVEL_METRICS, pooled_name
+from medtwin.core.pooled_metrics import HISTOGRAM_POOLED_METRICS, HISTOGRAM_POOLED_PREFIX, SITE_LEVEL_METRICS, pooled_name
 from medtwin.core.report import CLINICAL_METRICS, ordered_rows
 from rich.console import Console
 from rich.logging import RichHandler
@@ -61,8 +61,14 @@ def print_summary(run_path: Path) -> None:
         "[bold]pooled",
         *(f"[bold]{_cell(pooled.get(pooled_name(name)))}" + (" †" if name in SITE_LEVEL_METRICS else "") for name in shown),
     )
+    union = [HISTOGRAM_POOLED_PREFIX + name if name in HISTOGRAM_POOLED_METRICS else "" for name in shown]
+    if any(key in pooled for key in union):
+        table.add_row("[bold]all test rows ‡", *(f"[bold]{_cell(pooled[key])}" if key in pooled else "" for key in union))
     if any(name in SITE_LEVEL_METRICS for name in shown):
-        table.caption = "† test-row-weighted mean of the site values, not the metric on the union of test sets"
+        table.caption = "† test-row-weighted mean of the site values, not the metric on the union of test sets" + (
+            "; ‡ on the union, from the sites' score histograms (histogram_pooled_<metric> in summary.json)"
+            if any(key in pooled for key in union) else ""
+        )
     console.print(table)
     if summary.get("baselines"):
         baselines = summary["baselines"]

@@ -370,7 +370,12 @@ def build_summary(
         "decision_threshold": config.task.decision_threshold,  # binary: sensitivity/specificity cut-off
         "rounds_completed": result.rounds_completed,
         "sites": sorted(set(result.sites.values())),
-        "final_metrics": {"sites": result.final_site_metrics, "pooled": result.final_pooled_metrics},
+        "final_metrics": {
+            "sites": result.final_site_metrics,
+            "pooled": result.final_pooled_metrics,
+            # the sites' score histograms summed: what the histogram_pooled_* figures and the reliability plot come from
+            "pooled_score_histogram": result.final_score_histogram.to_values() if result.final_score_histogram else None,
+        },
         "privacy": result.privacy,
         "privacy_text": privacy_paragraph(config, result.privacy),
         "crypto": crypto,

@@ -84,6 +84,7 @@ class RoundCheckpoint:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     final_site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     final_pooled_metrics: dict[str, float] = field(default_factory=dict)
+    final_score_histogram: dict[str, tuple] | None = None  # ScoreHistogram fields of the last evaluation's pooled histogram
     sites: dict[int, str] = field(default_factory=dict)  # node id -> verified site id
     accepted_payloads: dict[str, tuple[int, str]] = field(default_factory=dict)  # update digest -> (round, site)
 
@@ -135,6 +136,7 @@ class RoundCheckpoint:
                     str(site): {str(k): float(v) for k, v in metrics.items()} for site, metrics in values["final_site_metrics"].items()
                 },
                 final_pooled_metrics={str(k): float(v) for k, v in values["final_pooled_metrics"].items()},
+                final_score_histogram=_score_histogram(values.get("final_score_histogram")),
                 sites={int(node_id): str(site) for node_id, site in values["sites"].items()},
                 accepted_payloads={
                     str(digest): (int(server_round), str(site)) for digest, (server_round, site) in values["accepted_payloads"].items()
@@ -235,3 +237,17 @@ def load_latest_checkpoint(folder: Path | str) -> RoundCheckpoint | None:
     if not rounds:
         return None
     return load_checkpoint(rounds[-1][1])
+
+
+def _score_histogram(values: Any) -> dict[str, tuple] | None:
+    """The pooled score histogram a checkpoint kept (absent in checkpoints written before histograms)."""
+    if values is None:
+        return None
+    histogram = {
+        "negatives": tuple(int(count) for count in values["negatives"]),
+        "positives": tuple(int(count) for count in values["positives"]),
+        "score_sums": tuple(float(total) for total in values["score_sums"]),
+    }
+    if len({len(column) for column in histogram.values()}) != 1:
+        raise ValueError("final_score_histogram columns differ in length")
+    return histogram

@@ -41,18 +41,20 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    SCORE_HISTOGRAM,
     SITE,
     UPDATE,
     RoundCertificate,
     certified_record_name,
+    evaluation_sha256,
     instruction,
-    metrics_sha256,
     payload_sha256,
     record_bytes,
     record_from_bytes,
 )
-from medtwin.core.pooled_metrics import pool_site_metrics
+from medtwin.core.pooled_metrics import histogram_pooled_metrics, pool_site_metrics
 from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
+from medtwin.core.score_histogram import ScoreHistogram, ScoreHistogramError
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
 from .checkpoint import CheckpointError, RoundCheckpoint, save_checkpoint
@@ -71,6 +73,7 @@ class LoopResult:
     sites: dict[int, str] = field(default_factory=dict)  # node id -> verified site id
     final_site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     final_pooled_metrics: dict[str, float] = field(default_factory=dict)
+    final_score_histogram: ScoreHistogram | None = None  # the sites' score histograms summed (last evaluation)
     aggregate: ArrayRecord | None = None
     certificate: RoundCertificate | None = None  # the signed claims behind `aggregate`
     rejections: list[Rejection] = field(default_factory=list)
@@ -208,6 +211,8 @@ class RoundLoop:
         result.sites = dict(checkpoint.sites)
         result.final_site_metrics = {site: dict(metrics) for site, metrics in checkpoint.final_site_metrics.items()}
         result.final_pooled_metrics = dict(checkpoint.final_pooled_metrics)
+        if checkpoint.final_score_histogram is not None:
+            result.final_score_histogram = ScoreHistogram(**checkpoint.final_score_histogram)
         result.rejections = [Rejection(**rejection) for rejection in checkpoint.rejections]
         result.update_bytes = checkpoint.update_bytes
         result.accepted_updates = checkpoint.accepted_updates
@@ -246,6 +251,7 @@ class RoundLoop:
             privacy={site: dict(spent) for site, spent in result.privacy.items()},
             final_site_metrics={site: dict(metrics) for site, metrics in result.final_site_metrics.items()},
             final_pooled_metrics=dict(result.final_pooled_metrics),
+            final_score_histogram=result.final_score_histogram.to_values() if result.final_score_histogram else None,
             sites=dict(result.sites),
             accepted_payloads=dict(self.verifier.payloads),
         )
@@ -579,19 +585,26 @@ class RoundLoop:
 
     def read_evaluation(
         self, reply: Message, server_round: int, aggregate_sha256: str
-    ) -> tuple[VerifiedClaim, dict[str, float] | Rejection]:
+    ) -> tuple[VerifiedClaim, dict[str, float] | Rejection, ScoreHistogram | None]:
         """An evaluation reply about `aggregate_sha256`, verified: its claim, then its metrics or its signed
-        refusal. Raises `ReplyRejected` (or anything else) for a reply that must not count; stores nothing.
+        refusal, then its score histogram if it sent one. Raises `ReplyRejected` (or anything else) for a
+        reply that must not count — a malformed histogram drops the site's whole evaluation, as a malformed
+        metric does; stores nothing.
         """
         node_id = self.node_of(reply)
         site_record = self._site_record(reply)
         metrics = dict(reply.content[METRICS].items()) if METRICS in reply.content else None
+        histogram = dict(reply.content[SCORE_HISTOGRAM].items()) if SCORE_HISTOGRAM in reply.content else None
+        try:
+            signed_digest = evaluation_sha256(metrics, histogram) if metrics is not None else ""
+        except (TypeError, ValueError):  # not JSON numbers: only a record of another type carries bytes
+            raise ReplyRejected("malformed_histogram", "the score histogram is not lists of numbers") from None
         verified = self.verifier.verify(
             site_record,
             node_id=node_id,
             kind="evaluate",
             server_round=server_round,
-            payload_sha256=metrics_sha256(metrics) if metrics is not None else "",
+            payload_sha256=signed_digest,
             aggregate_sha256=aggregate_sha256,
         )
         claim = verified.claim
@@ -599,10 +612,17 @@ class RoundLoop:
             if claim.status == "evaluated":
                 raise ReplyRejected("malformed_reply", "claims an evaluation but sent no metrics", site_id=claim.site_id)
             reason = safe_text(site_record.get("reason", ""), limit=300)  # type: ignore[attr-defined]
-            return verified, Rejection(claim.site_id, node_id, reason, server_round, site_refusal_code(claim.status, "no_metrics"))
+            refusal = Rejection(claim.site_id, node_id, reason, server_round, site_refusal_code(claim.status, "no_metrics"))
+            return verified, refusal, None
         if claim.status != "evaluated":
             raise ReplyRejected("malformed_reply", f"an evaluation with status {claim.status!r:.40}", site_id=claim.site_id)
-        return verified, evaluation_metrics(metrics, site_id=claim.site_id)
+        values = evaluation_metrics(metrics, site_id=claim.site_id)
+        if histogram is None:
+            return verified, values, None
+        try:
+            return verified, values, ScoreHistogram.checked(histogram, rows=values.get("n", -1.0))
+        except ScoreHistogramError as error:
+            raise ReplyRejected("malformed_histogram", str(error), site_id=claim.site_id) from None
 
     def evaluate_round(self, server_round: int, node_ids: list[int]) -> None:
         started = time.monotonic()
@@ -610,11 +630,12 @@ class RoundLoop:
         missed = self.close_phase(server_round, "evaluate", node_ids, replies)
         aggregate_sha256 = self.result.aggregate_digests[-1] if self.result.aggregate_digests else ""
         site_metrics: dict[str, dict[str, float]] = {}
+        histograms: dict[str, ScoreHistogram] = {}
         error_bounds: list[float] = []
         rejected: list[Rejection] = []
         for reply in replies:
             try:
-                verified, metrics = self.read_evaluation(reply, server_round, aggregate_sha256)
+                verified, metrics, histogram = self.read_evaluation(reply, server_round, aggregate_sha256)
             except Exception as error:  # noqa: BLE001 — nothing a site sends may stop the round
                 rejected.append(self._rejection(reply, server_round, error))
                 continue
@@ -628,15 +649,19 @@ class RoundLoop:
             if bound is not None:
                 error_bounds.append(bound)
             site_metrics[site_id] = metrics
+            if histogram is not None:
+                histograms[site_id] = histogram
         for rejection in rejected:
             logger.warning(
                 "round %d: evaluation from %s dropped (%s): %s", server_round, rejection.site_id, rejection.code, rejection.reason
             )
-        pooled = pooled_metrics(site_metrics)
+        histogram_figures, pooled_histogram = histogram_pooled_metrics(histograms)
+        pooled = dict(sorted((pooled_metrics(site_metrics) | histogram_figures).items()))
         if error_bounds:
             self.result.he_error_bounds.append(max(error_bounds))
         self.result.final_site_metrics = dict(sorted(site_metrics.items()))
         self.result.final_pooled_metrics = pooled
+        self.result.final_score_histogram = pooled_histogram
         self.on_record(
             {
                 "round": server_round,

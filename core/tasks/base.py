@@ -13,6 +13,7 @@ from torch import nn
 from ..config import TaskConfig
 from ..errors import UnknownTaskError
 from ..model_vector import vector_to_model
+from ..score_histogram import ScoreHistogram
 from .metrics import binary_metrics, regression_metrics
 
 
@@ -84,14 +85,26 @@ class TwinTask(ABC):
     def loss_fn(self) -> nn.Module:
         """Loss on the model's output, e.g. BCELoss on sigmoid probabilities."""
 
-    def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Metrics of `model` on (x, y) (see `metrics.py`), with `n` the row count."""
+    def predict(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        """The model's output on rows `x`, one value a row (binary: the probability of label 1)."""
         model.eval()
         with torch.no_grad():
-            output = model(torch.from_numpy(x)).reshape(-1).numpy()
+            return model(torch.from_numpy(x)).reshape(-1).numpy()
+
+    def evaluate(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Metrics of `model` on (x, y) (see `metrics.py`), with `n` the row count."""
+        output = self.predict(model, x)
         if self.kind == "binary":
             return binary_metrics(y, output, decision_threshold=self.config.decision_threshold)
         return regression_metrics(y, output)
+
+
+    def score_histogram(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> ScoreHistogram | None:
+        """A binary task's per-class histogram of `model`'s scores on (x, y) (core/score_histogram.py);
+        None for other tasks."""
+        if self.kind != "binary":
+            return None
+        return ScoreHistogram.of_scores(y, self.predict(model, x))
 
 
 TaskFactory = Callable[[TaskConfig], TwinTask]

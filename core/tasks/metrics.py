@@ -33,6 +33,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from ..score_histogram import CALIBRATION_BINS
+
 __all__ = [
     "BINARY_METRICS",
     "CALIBRATION_BINS",
@@ -42,7 +44,6 @@ __all__ = [
     "regression_metrics",
 ]
 
-CALIBRATION_BINS = 10
 BINARY_METRICS = ("accuracy", "auroc", "auprc", "brier", "ece", "sensitivity", "specificity")
 REGRESSION_METRICS = ("mse", "rmse", "mae", "r2")
 NAN = float("nan")

@@ -38,10 +38,12 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    SCORE_HISTOGRAM,
     SITE,
     UPDATE,
     RoundCertificate,
     claim_from_site_record,
+    evaluation_sha256,
     instruction,
     payload_sha256,
 )
@@ -261,6 +263,24 @@ def _expected_metrics(hospital: Hospital, summed) -> dict[str, float]:
     return task.evaluate(model, data.x_test, data.y_test)
 
 
+def _expected_histogram(summed) -> dict[str, list]:
+    """cleveland's per-class score histogram of that model, from the scores computed here."""
+    import torch
+
+    from medtwin.core.config import TaskConfig
+    from medtwin.core.model_vector import vector_to_model
+    from medtwin.core.score_histogram import ScoreHistogram
+    from medtwin.core.tasks import get_task
+
+    task = get_task(TaskConfig(name="fed_heart_disease"))
+    model = task.build_model()
+    vector_to_model(model, average_from_sum(summed)[0])
+    data = task.load_site(0)
+    with torch.no_grad():
+        scores = model.eval()(torch.from_numpy(data.x_test)).reshape(-1).numpy()
+    return ScoreHistogram.of_scores(data.y_test, scores).to_values()
+
+
 def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: Hospital) -> None:
     """The site sums the certified updates itself: one site's update (scaled to the claimed count), a
     made-up probe model or a partial sum never reaches its model, whatever the coordinator calls the aggregate."""
@@ -308,9 +328,13 @@ def test_a_second_evaluation_of_the_same_round_releases_nothing_new(hospital: Ho
     exact = first.content.metric_records[METRICS]  # this site file releases exact metrics: every defined one
     assert {"auroc", "auprc", "brier", "ece", "sensitivity", "specificity"} <= set(exact)
     assert claim.aggregate_sha256 == payload_sha256(aggregate)
+    histogram = dict(first.content.metric_records[SCORE_HISTOGRAM])  # exact: the score histogram too, signed
+    assert histogram == _expected_histogram(aggregate) and sum(histogram["negatives"] + histogram["positives"]) == exact["n"]
+    assert claim.payload_sha256 == evaluation_sha256(dict(exact), histogram)
     again = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra)
     assert dict(again.content.config_records[SITE]) == dict(first.content.config_records[SITE])  # same signature
     assert dict(again.content.metric_records[METRICS]) == dict(first.content.metric_records[METRICS])
+    assert dict(again.content.metric_records[SCORE_HISTOGRAM]) == histogram
     hungarian_2, hungarian_2_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=170)
     other = _round_records(_sum_records([hungarian_2, swiss]), [hungarian_2_claim, swiss_claim], [hungarian_2, swiss])
     assert status_of(hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=other))[0] == "refused:already_evaluated"
@@ -325,11 +349,14 @@ def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> Non
     swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
     aggregate = _sum_records([hungarian, swiss])
     extra = _round_records(aggregate, [hungarian_claim, swiss_claim], [hungarian, swiss])
-    rounded = dict(hospital.ask(text, phase="evaluate", run_id=run_id, extra=extra).content.metric_records[METRICS])
+    rounded_reply = hospital.ask(text, phase="evaluate", run_id=run_id, extra=extra)
+    rounded = dict(rounded_reply.content.metric_records[METRICS])
     expected = _expected_metrics(hospital, aggregate)
     assert {name: rounded[name] for name in expected} == {
         name: value if name == "n" else round(value, 2) for name, value in expected.items()
     }  # every clinical metric, rounded
+    histogram, exact_histogram = dict(rounded_reply.content.metric_records[SCORE_HISTOGRAM]), _expected_histogram(aggregate)
+    assert histogram == exact_histogram | {"score_sums": [round(total, 2) for total in exact_histogram["score_sums"]]}
 
     document["evaluation"] = {"release": "dp", "epsilon_per_release": 0.5, "min_participants": 2}
     hospital.site_file.write_text(yaml.safe_dump(document))
@@ -346,6 +373,7 @@ def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> Non
     released = reply.content.metric_records[METRICS]
     assert 0.0 <= released["accuracy"] <= 1.0 and "n" in released
     assert set(released) == {"accuracy", "n", "num_parameters"}  # AUROC & co. withheld: no 1/n sensitivity
+    assert SCORE_HISTOGRAM not in reply.content  # and no score histogram (client/release.py says why)
 
 
 def test_under_ckks_one_sites_ciphertext_never_reaches_a_sites_decryptor(hospital: Hospital) -> None:

@@ -32,9 +32,11 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    SCORE_HISTOGRAM,
     SITE,
     UPDATE,
     RoundCertificate,
+    evaluation_sha256,
     metrics_sha256,
     payload_sha256,
     site_reply_record,
@@ -556,7 +558,55 @@ def evaluation_unsigned(message: Message, hostile: Hostile) -> list[Message]:
     return [_reply(message, {SITE: ConfigRecord({"site_id": "beta", "status": "evaluated"}), METRICS: MetricRecord(_metrics("beta"))})]
 
 
+def _histogram(site: str, *, extra_negatives: int = 0) -> dict[str, list]:
+    """A score histogram of `site`'s test rows (3 positives near 0.8, the rest near 0.1), as a site sends it."""
+    rows = int(_metrics(site)["n"])
+    negatives, positives, sums = [0] * 1000, [0] * 1000, [0.0] * 1000
+    negatives[100], positives[800] = rows - 3 + extra_negatives, 3
+    sums[100], sums[800] = 0.1005 * negatives[100], 0.8005 * 3
+    return {"negatives": negatives, "positives": positives, "score_sums": sums}
+
+
+def _with_histogram(message: Message, sent: dict[str, Any], *, signed: dict[str, list] | None = None) -> list[Message]:
+    """beta's evaluation carrying `sent` as its histogram, its claim signing `signed` (default: what it sent)."""
+    metrics, claim = _evaluation(message, "beta")
+    claim = replace(claim, payload_sha256=evaluation_sha256(metrics, sent if signed is None else signed))
+    return [_reply(message, {SITE: _signed(claim), METRICS: MetricRecord(metrics), SCORE_HISTOGRAM: MetricRecord(sent)})]
+
+
+def _histogram_changed(change: Callable[[dict[str, list]], None]) -> Behaviour:
+    def attack(message: Message, hostile: Hostile) -> list[Message]:
+        histogram = _histogram("beta")
+        change(histogram)
+        return _with_histogram(message, histogram)
+
+    return attack
+
+
+def histogram_not_the_signed(message: Message, hostile: Hostile) -> list[Message]:
+    return _with_histogram(message, _histogram("beta"), signed=_histogram("beta", extra_negatives=1))
+
+
+def histogram_beside_metrics_signed_alone(message: Message, hostile: Hostile) -> list[Message]:
+    metrics, claim = _evaluation(message, "beta")  # signs metrics_sha256(metrics) only
+    return [_reply(message, {SITE: _signed(claim), METRICS: MetricRecord(metrics), SCORE_HISTOGRAM: MetricRecord(_histogram("beta"))})]
+
+
+def histogram_of_bytes(message: Message, hostile: Hostile) -> list[Message]:
+    metrics, claim = _evaluation(message, "beta")
+    blob = ConfigRecord({"negatives": b"\x00" * 64})
+    return [_reply(message, {SITE: _signed(claim), METRICS: MetricRecord(metrics), SCORE_HISTOGRAM: blob})]
+
+
 EVALUATION_ATTACKS: dict[str, tuple[Behaviour, str]] = {
+    "histogram-counts-past-n": (_histogram_changed(lambda h: h["negatives"].__setitem__(100, h["negatives"][100] + 5)), "malformed_histogram"),
+    "histogram-negative-count": (_histogram_changed(lambda h: h["negatives"].__setitem__(5, -4)), "malformed_histogram"),
+    "histogram-nan-sum": (_histogram_changed(lambda h: h["score_sums"].__setitem__(100, float("nan"))), "malformed_histogram"),
+    "histogram-short": (_histogram_changed(lambda h: h["positives"].pop()), "malformed_histogram"),
+    "histogram-sum-off-its-bin": (_histogram_changed(lambda h: h["score_sums"].__setitem__(100, 9.0)), "malformed_histogram"),
+    "histogram-not-the-signed": (histogram_not_the_signed, "digest_mismatch"),
+    "histogram-unsigned": (histogram_beside_metrics_signed_alone, "digest_mismatch"),
+    "histogram-of-bytes": (histogram_of_bytes, "malformed_histogram"),
     "no-metrics": (evaluation_without_metrics, "digest_mismatch"),  # it signed metrics it did not send
     "no-metrics-unsigned": (evaluation_without_metrics_or_claim, "unsigned"),
     "signed-refusal": (evaluation_refused, "refused:already_evaluated"),
@@ -577,6 +627,21 @@ def test_hostile_evaluation_is_dropped_and_logged(case: str, default_config, tmp
     assert set(record["sites"]) == {"alpha"}
     assert record["pooled"]["n"] == 10.0 and np.isfinite(record["pooled"]["accuracy"])
     assert set(run.evaluate_record(2)["sites"]) == {"alpha", "beta"}  # beta's later honest evaluation counts
+
+
+def test_honest_histograms_are_pooled_into_union_figures(default_config, tmp_path: Path) -> None:
+    def beta_sends_histograms(message: Message, hostile: Hostile) -> list[Message]:
+        if message.metadata.message_type == "evaluate":
+            return _with_histogram(message, _histogram("beta"))
+        return honest(message, "beta")
+
+    run = _run(beta_sends_histograms, default_config, tmp_path)
+    pooled = run.evaluate_record(NUM_ROUNDS)["pooled"]
+    assert run.evaluate_record(NUM_ROUNDS)["rejected"] == {}
+    assert pooled["n"] == 21.0 and pooled["histogram_pooled_n"] == 11.0  # alpha sent none: the figures cover beta's rows
+    assert pooled["histogram_pooled_auroc"] == 1.0 and pooled["histogram_pooled_auprc"] == 1.0
+    assert pooled["histogram_pooled_ece"] == pytest.approx((8 * 0.1005 + 3 * (1 - 0.8005)) / 11)
+    assert run.loop.result.final_score_histogram.to_values() == _histogram("beta")
 
 
 # --- what the coordinator sends: certificates and min_sites ------------------------------------------------

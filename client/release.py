@@ -18,7 +18,7 @@ A binary site's per-class score histogram (core/score_histogram.py: its test row
 1000 score bins, with each bin's score sum) lets the coordinator compute AUROC, AUPRC and ECE on the
 union of all sites' test sets. `exact` releases it as computed, `rounded` with each bin's score sum
 rounded to `evaluation.decimals` (the counts are integers already). `dp` withholds it: the counts
-place every test patient's label and score to 0.001, one patient moves two counts by one, and
+place every test patient's label and score to 0.001, one patient moves up to two counts by one, and
 noising 2000 counts with the release's ε would leave the figures meaningless at hospital test-set
 sizes (and a noisy count can be negative or fractional, which the coordinator refuses). Releasing it
 under DP needs its own mechanism (e.g. a coarser histogram with its own ε), not this one.

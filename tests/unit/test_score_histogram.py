@@ -230,3 +230,21 @@ def test_a_checkpoint_keeps_the_pooled_histogram_for_the_resumed_run(tmp_path: P
     assert ScoreHistogram(**restored.final_score_histogram) == histogram
     without = load_checkpoint(save_checkpoint(tmp_path / "old", RoundCheckpoint(**{**vars(checkpoint), "final_score_histogram": None})))
     assert without.final_score_histogram is None
+
+
+def test_the_histogram_record_crosses_flowers_wire_format_unchanged() -> None:
+    """Deployment serialises a reply's RecordDict to protobuf (simulation passes it in memory): the
+    histogram must come back with the same ints and floats, so the signed digest still matches."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    from medtwin.core.protocol import METRICS, SCORE_HISTOGRAM
+
+    labels, scores = _sites("informative", seed=7)[0]
+    metrics = {"accuracy": 0.75, "n": float(len(labels))}
+    values = ScoreHistogram.of_scores(labels, scores).to_values()
+    sent = RecordDict({METRICS: MetricRecord(metrics), SCORE_HISTOGRAM: MetricRecord(values)})
+    received = recorddict_from_proto(recorddict_to_proto(sent))
+    histogram = dict(received[SCORE_HISTOGRAM].items())
+    assert histogram == values and all(type(count) is int for count in histogram["negatives"])
+    assert evaluation_sha256(dict(received[METRICS].items()), histogram) == evaluation_sha256(metrics, values)

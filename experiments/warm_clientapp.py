@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import hashlib
 import importlib
 import multiprocessing
 import os
@@ -28,10 +29,13 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
-__all__ = ["PRELOAD", "ForkServerExecutor", "main"]
+from medtwin.core.rundir import atomic_write_text
+
+__all__ = ["PRELOAD", "ForkServerExecutor", "install_each_fab_once", "main"]
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -39,13 +43,35 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PRELOAD = ("medtwin.experiments.warm_preload",)
 
 
+def install_each_fab_once(install: Callable[..., Path], marks: Path) -> Callable[..., Path]:
+    """Flower's `install_from_fab`, run once per FAB: every ClientApp process unzips and re-hashes the
+    whole FAB (~0.4 s) before finding it installed already. The first successful install of a FAB leaves
+    a mark named by the SHA-256 of its full bytes; a later process with the same bytes skips the work."""
+
+    def install_once(fab_file: bytes | Path, install_dir: Path | None = None, skip_prompt: bool = False) -> Path:
+        if not isinstance(fab_file, bytes):
+            return install(fab_file, install_dir, skip_prompt)
+        mark = marks / hashlib.sha256(fab_file).hexdigest()
+        if mark.is_file() and Path(installed := mark.read_text(encoding="utf-8")).is_dir():
+            return Path(installed)
+        path = install(fab_file, install_dir, skip_prompt)
+        marks.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(mark, str(path))
+        return path
+
+    return install_once
+
+
 def _run_flwr_clientapp(arguments: list[str]) -> None:
     """The child: Flower's `flwr-clientapp` entry point, exactly as the console script runs it."""
+    from flwr.supercore.utils import get_flwr_home
     from flwr.supernode.cli import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp
 
     from .prompt_flower import prompt_object_pulls
 
     prompt_object_pulls()
+    run_clientapp.install_from_fab = install_each_fab_once(run_clientapp.install_from_fab, get_flwr_home() / "medtwin-installed-fabs")
     sys.argv = ["flwr-clientapp", *arguments]
     flwr_clientapp()
 

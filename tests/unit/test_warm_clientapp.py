@@ -75,3 +75,23 @@ def test_a_command_without_process_isolation_is_refused() -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--runtime-api-address", "127.0.0.1:9", "--", "flower-supernode", "--isolation", "subprocess"])
     assert exit_.value.code == 2
+
+
+def test_each_fab_is_installed_once_per_site(tmp_path: Path) -> None:
+    from medtwin.experiments.warm_clientapp import install_each_fab_once
+
+    installs: list[bytes] = []
+
+    def flower_install(fab: bytes, install_dir=None, skip_prompt=False) -> Path:  # Flower's install_from_fab's contract
+        installs.append(fab)
+        path = tmp_path / "apps" / f"app-{len(installs)}"
+        path.mkdir(parents=True)
+        return path
+
+    install = install_each_fab_once(flower_install, tmp_path / "marks")
+    first = install(b"fab one", skip_prompt=True)
+    assert install(b"fab one", skip_prompt=True) == first and installs == [b"fab one"]  # the second process skips the unzip
+    assert install(b"fab two", skip_prompt=True) != first and installs == [b"fab one", b"fab two"]  # other bytes: installed
+    first.rmdir()  # the installed app was removed: install again rather than trust the mark
+    install(b"fab one", skip_prompt=True)
+    assert installs == [b"fab one", b"fab two", b"fab one"]

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(wildcard package-lock.json)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip || true
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,tracking]"
+	$(BIN)/pip install -q -e ".[test,tracking,sweep]"
 	# `npm install` with the committed lock (npm ci here rejects the lock for lacking other platforms' optional anvil builds)
 	if [ -f package-lock.json ]; then npm install --no-audit --no-fund --loglevel=error; fi
 	touch $(STAMP)

@@ -1,0 +1,45 @@
+"""Each task composes with its own default recipe; the sweep plugins' configs compose with our tree."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from medtwin.core.config import compose_config, register_schemas
+from medtwin.core.config.compose import CONFIG_MODULE, check_override
+
+# task option -> (local optimiser, learning rate, batch size) of its default recipe
+DEFAULT_RECIPES = {
+    "fed_heart_disease": ("sgd", 0.01, 4),  # strategy/fedavg_tuned.yaml
+    "vitals": ("adam", 0.003, 64),  # strategy/fedavg_vitals.yaml
+}
+
+
+@pytest.mark.parametrize("task", sorted(DEFAULT_RECIPES))
+def test_a_task_brings_its_own_recipe_and_strategy_still_overrides_it(task: str) -> None:
+    recipe = compose_config([f"task={task}"]).strategy
+    assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size) == DEFAULT_RECIPES[task]
+    flamby = compose_config([f"task={task}", "strategy=fedavg"]).strategy
+    assert (flamby.optimizer, flamby.learning_rate, flamby.batch_size) == ("sgd", 0.001, 4)
+    tuned_further = compose_config([f"task={task}", "strategy.learning_rate=0.5"]).strategy
+    assert (tuned_further.optimizer, tuned_further.learning_rate) == (DEFAULT_RECIPES[task][0], 0.5)
+
+
+def _hydra_config(overrides: list[str]):
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_joblib_launcher_and_recipe_search_sweeper_compose_with_our_tree() -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason='pip install -e ".[sweep]"')
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='pip install -e ".[sweep]"')
+    composed = _hydra_config(["hydra/launcher=joblib", "hydra/sweeper=recipe_search", "task=breast_cancer"])
+    assert composed.hydra.launcher._target_.endswith("JoblibLauncher")
+    sweeper = composed.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert {"strategy.optimizer", "strategy.learning_rate", "strategy.batch_size"} <= set(sweeper.params)
+    for key, space in sweeper.params.items():
+        check_override(f"{key}={space}")  # every tuned key exists in the schema

@@ -7,12 +7,15 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from medtwin.core.config import compose_config, register_schemas
-from medtwin.core.config.compose import CONFIG_MODULE, check_override
+from medtwin.core.config.compose import CONFIG_MODULE, check_override, group_options
 
 # task option -> (local optimiser, learning rate, batch size) of its default recipe
 DEFAULT_RECIPES = {
     "fed_heart_disease": ("sgd", 0.01, 4),  # strategy/fedavg_tuned.yaml
     "vitals": ("adam", 0.003, 64),  # strategy/fedavg_vitals.yaml
+    "breast_cancer": ("sgd", 0.03, 16),  # strategy/fedavg_breast_cancer.yaml
+    "diabetes_progression": ("sgd", 0.003, 4),  # strategy/fedavg_diabetes_progression.yaml
+    "csv_example": ("sgd", 0.1, 4),  # strategy/fedavg_csv_example.yaml
 }
 
 
@@ -43,3 +46,7 @@ def test_joblib_launcher_and_recipe_search_sweeper_compose_with_our_tree() -> No
     assert {"strategy.optimizer", "strategy.learning_rate", "strategy.batch_size"} <= set(sweeper.params)
     for key, space in sweeper.params.items():
         check_override(f"{key}={space}")  # every tuned key exists in the schema
+
+
+def test_every_shipped_task_has_a_default_recipe_listed_here() -> None:
+    assert set(group_options("task")) == set(DEFAULT_RECIPES)

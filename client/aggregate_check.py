@@ -50,6 +50,7 @@ def verify_certificate(
     server_round: int,
     min_participants: int,
     max_site_examples: int | None = None,
+    status: str = "trained",
 ) -> VerifiedAggregate:
     """Raise `AggregateRefused` unless the certificate vouches for exactly this aggregate of `server_round`."""
     if certificate_record is None:
@@ -74,8 +75,8 @@ def verify_certificate(
             "each signed update must come exactly once"
         )
     for claim, signature in certificate.claims:
-        if claim.kind != "update" or claim.status != "trained" or claim.run_id != run_id or claim.server_round != server_round:
-            raise AggregateRefused(f"the certificate holds a claim of {claim.site_id!r} that is not a trained update of this round")
+        if claim.kind != "update" or claim.status != status or claim.run_id != run_id or claim.server_round != server_round:
+            raise AggregateRefused(f"the certificate holds a claim of {claim.site_id!r} that is not a {status} update of this round")
         if claim.site_id not in known:
             raise AggregateRefused(f"the certificate names {claim.site_id!r}, who is not in this federation")
         if claim.site_id in participants:

@@ -37,6 +37,8 @@ from medtwin.core.protocol import (
     METRICS,
     SCORE_HISTOGRAM,
     SITE,
+    STATISTICS_ROUND,
+    STATISTICS_STATUS,
     UPDATE,
     certified_records,
     evaluation_sha256,
@@ -45,9 +47,11 @@ from medtwin.core.protocol import (
 )
 from medtwin.core.provenance import RunApprovalCheck
 from medtwin.core.runconfig import CONFIG_YAML_KEY
+from medtwin.core.tasks.federated_statistics import ImplausibleStatisticsError
 from medtwin.core.tasks.vitals.ingest import VitalsInputError
 
 from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
+from .normalization import normalised_site, pack_statistics, uses_federated_statistics
 from .global_state import GlobalState, GlobalStateStore, SharedStateRefused, advance_global_state, initial_global_state
 from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, dp_units_per_step, plan_round, reserve_round, train_locally_dp
 from .proposal import ProposalRefused
@@ -259,7 +263,8 @@ def build_client_app(
                 server_round=_safe_round(message), status=f"refused:{refused.code}", reason=refused.reason,
             )  # fmt: skip
         try:
-            server_round = _instructed_round(message, site)
+            first_round = STATISTICS_ROUND if phase is statistics_phase else 1
+            server_round = _instructed_round(message, site, first_round=first_round)
             approval_check = approval_check_for(site.file) if approval_check_for is not None else None
             approval_problem = _approval_problem(site, approval_check)
             if approval_problem:
@@ -279,6 +284,10 @@ def build_client_app(
     def evaluate(message: Message, context: Context) -> Message:
         return handle(message, context, evaluate_phase)
 
+    @app.query()
+    def statistics(message: Message, context: Context) -> Message:
+        return handle(message, context, statistics_phase)
+
     return app
 
 
@@ -294,6 +303,7 @@ def starting_point(verified: VerifiedAggregate | None) -> str:
 
 
 def train_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
+    site = normalised_site(site, message)  # federated normalisation: the certified global statistics, else as loaded
     model, verified = current_model(site, message, certificate_round=server_round - 1)
     started_from = starting_point(verified)
     trained_from_state = verified.global_state_sha256 if verified is not None else initial_state(site, model).sha256
@@ -331,6 +341,7 @@ def train_phase(site: Site, message: Message, server_round: int, approval_check:
 def evaluate_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
     if AGGREGATE not in message.content:
         raise RoundRefused("refused:no_aggregate", "an evaluation needs the round's aggregate")
+    site = normalised_site(site, message)
     model, verified = current_model(site, message, certificate_round=server_round)
     assert verified is not None
     if site.file.approvals == "chain" and approval_check is not None:
@@ -389,6 +400,39 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
     return Message(content=content, reply_to=message)
 
 
+def statistics_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
+    """Round 0 of `task.normalization=federated`: the site's signed statistics update (client/normalization.py)."""
+    if not uses_federated_statistics(site):
+        raise RoundRefused("refused:bad_instruction", "this run normalises per site (task.normalization=site): it has no statistics phase")
+    if site.config.privacy.name == "dp" or site.policy().require_dp:
+        raise RoundRefused(
+            "refused:policy", "federated statistics are exact feature sums that no DP ledger charges, and this site "
+            "requires DP (its site file: privacy.require_dp) — run with task.normalization=site",
+        )  # fmt: skip
+    replies = ReplyStore(site.file.state_dir)
+    run_id = site.proposal.run_id
+    if (sent := replies.load(run_id, "statistics", STATISTICS_ROUND, started_from="initial")) is not None:
+        return Message(content=sent, reply_to=message)  # the same statistics again: a resumed run cannot change them
+    try:
+        update, num_rows = pack_statistics(site)
+    except (ImplausibleStatisticsError, MedtwinError, ValueError) as error:
+        raise RoundRefused("refused:data", f"this site cannot encode its statistics: {str(error)[:200]}") from None
+    claim = ReplyClaim(
+        kind="update",
+        run_id=run_id,
+        server_round=STATISTICS_ROUND,
+        site_id=site.site_id,
+        payload_sha256=payload_sha256(update),
+        num_examples=int(num_rows),
+        dataset_manifest=dataset_manifest_hash(site),
+        status=STATISTICS_STATUS,
+    )
+    content = RecordDict({UPDATE: update, SITE: site_reply_record(claim, sign_claim(site.kit.signing_key, claim))})
+    replies.save(run_id, "statistics", STATISTICS_ROUND, started_from="initial", content=content)
+    logger.info("site %s sent its feature statistics", site.site_id)
+    return Message(content=content, reply_to=message)
+
+
 def refusal(message: Message, site: Site, *, server_round: int, status: str, reason: str) -> Message:
     """A signed reply without an update: the coordinator logs the reason, the round goes on without this site."""
     return signed_refusal(
@@ -402,7 +446,7 @@ def signed_refusal(
 ) -> Message:
     logger.warning("site %s refused round %d: %s", site_id, server_round, reason)
     claim = ReplyClaim(
-        kind="update" if message.metadata.message_type == "train" else "evaluate",
+        kind="evaluate" if message.metadata.message_type == "evaluate" else "update",  # train, or the statistics query
         run_id=run_id,
         server_round=server_round,
         site_id=site_id,
@@ -431,15 +475,16 @@ def _approval_problem(site: Site, approval_check: RunApprovalCheck | None) -> st
     return SiteApprovals(site.file.state_dir).problem(**binding)
 
 
-def _instructed_round(message: Message, site: Site) -> int:
+def _instructed_round(message: Message, site: Site, *, first_round: int = 1) -> int:
     order = message.content.config_records.get(INSTRUCTION) if INSTRUCTION in message.content else None
     if order is None:
         raise RoundRefused("refused:bad_instruction", "the message carries no instruction")
     run_id, server_round = order.get("run_id"), order.get("round")
     if run_id != site.proposal.run_id:
         raise RoundRefused("refused:run_mismatch", f"the instruction's run id differs from the proposal's {site.proposal.run_id!r}")
-    if isinstance(server_round, bool) or not isinstance(server_round, int) or not 1 <= server_round <= site.config.federation.num_rounds:
-        raise RoundRefused("refused:bad_instruction", f"round {server_round!r} is outside the proposal's 1..{site.config.federation.num_rounds}")
+    last_round = STATISTICS_ROUND if first_round == STATISTICS_ROUND else site.config.federation.num_rounds
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or not first_round <= server_round <= last_round:
+        raise RoundRefused("refused:bad_instruction", f"round {server_round!r} is outside this phase's {first_round}..{last_round}")
     return server_round
 
 

@@ -34,6 +34,7 @@ from medtwin.core.config import (
     PrivacyConfig,
     StrategyConfig,
 )
+from medtwin.core.config.normalization import check_normalization
 from medtwin.core.config.privacy import validate_privacy_config
 from medtwin.core.config.task import VitalsConfig
 from medtwin.core.config.validate import OPTIMIZERS, STRATEGIES, server_optimizer_problem
@@ -104,7 +105,7 @@ def parse_proposal(text: object, site: SiteFile) -> RunProposal:
     problem = check_id(run_id)
     if problem:
         raise ProposalRefused("bad_run_id", f"proposal `run_id`: {problem}")
-    task = _task(fields, site)
+    task = replace(_task(fields, site), normalization=fields.get("task.normalization", str, "site"))
     strategy = _strategy(fields, site)
     federation = FederationConfig(
         num_rounds=fields.get("federation.num_rounds", int, 1, minimum=1),
@@ -135,7 +136,29 @@ def parse_proposal(text: object, site: SiteFile) -> RunProposal:
         seed=fields.get("seed", int, 42, minimum=0, maximum=MAX_SEED),
         run_id=run_id,
     )
+    _check_normalization(fields, config, site)
     return RunProposal(run_id=run_id, config_hash=config_hash(text), config=config)
+
+
+def _check_normalization(fields: _Fields, config: MedtwinConfig, site: SiteFile) -> None:
+    """`task.normalization` as proposed, refused like at config load (e.g. `federated` with DP); with
+    `federated` a CSV site also needs the proposal's feature ranges to be its own (all sites encode against them)."""
+    mode = config.task.normalization
+    try:
+        check_normalization(config)
+    except ConfigError as error:
+        raise ProposalRefused("bad_proposal", str(error)) from None
+    if mode != "federated" or config.task.csv is None:
+        return
+    proposed = fields.raw("task.csv.features") or []
+    theirs = [(column.get("min"), column.get("max")) if isinstance(column, dict) else None for column in proposed]
+    mine = [(column.min, column.max) for column in config.task.csv.features]
+    if theirs != mine:
+        raise ProposalRefused(
+            "schema_mismatch",
+            "federated normalisation encodes every feature against the schema's min/max, and the proposal's "
+            "task.csv.features ranges differ from this site's site file",
+        )
 
 
 class _ProposalLoader(yaml.SafeLoader):

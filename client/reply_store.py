@@ -38,8 +38,8 @@ class ReplyStore:
 
     def _path(self, run_id: str, phase: str, server_round: int) -> Path:
         ensure_id(run_id, key="run_id")
-        if phase not in ("train", "evaluate"):
-            raise ValueError(f"phase must be train or evaluate, got {phase!r}")
+        if phase not in ("train", "evaluate", "statistics"):
+            raise ValueError(f"phase must be train, evaluate or statistics, got {phase!r}")
         return self.root / run_id / f"{phase}-{int(server_round):06d}.json"
 
     def save(self, run_id: str, phase: str, server_round: int, *, started_from: str, content: RecordDict) -> None:

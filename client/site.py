@@ -38,10 +38,18 @@ class Site:
     data: SiteSplit
     codec: SiteCodec
     kit: SiteKit
+    # task.normalization=federated: the rows before normalisation (float64, NaN where missing); `data` holds
+    # them too until client/normalization.py z-scores them with the certified global statistics
+    raw_data: SiteSplit | None = None
 
     @property
     def config(self):
         return self.proposal.config
+
+    @property
+    def num_parameters(self) -> int:
+        """Values in one update of this run's model (what a statistics update is padded to)."""
+        return sum(parameter.numel() for parameter in self.task.build_model().state_dict().values())
 
     @property
     def site_id(self) -> str:
@@ -96,19 +104,23 @@ def _load_site(path: str, stamp: int, proposal_text: str) -> Site:
     codec: SiteCodec = PlainSiteCodec()
     if proposal.config.crypto.name == "ckks":
         codec = CkksSiteCodec.from_kit(site_file.kit_dir, proposal.config.crypto.key_id)
-    return Site(file=site_file, proposal=proposal, task=task, data=data, codec=codec, kit=kit)
+    raw_data = data if proposal.config.task.normalization == "federated" else None
+    return Site(file=site_file, proposal=proposal, task=task, data=data, codec=codec, kit=kit, raw_data=raw_data)
 
 
 def load_site_data(site_file: SiteFile, task: TwinTask) -> SiteSplit:
+    """The site's rows, normalised with its own train statistics — or, under `task.normalization=federated`,
+    not yet normalised (client/normalization.py does it with the certified global statistics)."""
+    federated = task.config.normalization == "federated"
     if isinstance(task, CsvTask):
         assert site_file.data_path is not None
-        return task.load_site_file(site_file.data_path, site_id=site_file.site_id)
+        return task.load_site_file(site_file.data_path, site_id=site_file.site_id, normalise=not federated)
     if isinstance(task, VitalsTask) and site_file.data_path is not None:  # the hospital's own streams
         return task.load_site_streams(site_file.data_path, site_id=site_file.site_id)
     ids = task.site_ids()
     if not 0 <= site_file.builtin_index < len(ids):
         raise SiteFileError(str(site_file.path), [f"`data.builtin.index` {site_file.builtin_index} is outside 0..{len(ids) - 1}"])
-    data = task.load_site(site_file.builtin_index)
+    data = task.load_site_unnormalised(site_file.builtin_index) if federated else task.load_site(site_file.builtin_index)
     if data.site_id != site_file.site_id:
         raise SiteFileError(
             str(site_file.path),
@@ -120,7 +132,8 @@ def load_site_data(site_file: SiteFile, task: TwinTask) -> SiteSplit:
 def dataset_manifest_hash(site: Site) -> str:
     """sha256 of a manifest of the site's data (shapes + digests of its arrays): a commitment, never the data."""
     digest = hashlib.sha256(f"medtwin/dataset/v1\x00{site.file.task.name}\x00{site.site_id}".encode())
-    for array in (site.data.x_train, site.data.y_train, site.data.x_test, site.data.y_test):
+    data = site.raw_data if site.raw_data is not None else site.data  # the data, not how this run normalised it
+    for array in (data.x_train, data.y_train, data.x_test, data.y_test):
         digest.update(repr(array.shape).encode())
         digest.update(hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest())
     return digest.hexdigest()

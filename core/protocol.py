@@ -26,6 +26,13 @@ METRICS = "medtwin.metrics"  # MetricRecord: training or evaluation metrics
 SCORE_HISTOGRAM = "medtwin.score_histogram"  # MetricRecord: a binary site's per-class score histogram (core/score_histogram.py)
 CERTIFICATE = "medtwin.certificate"  # ConfigRecord: the signed claims behind the AGGREGATE (see RoundCertificate)
 CERTIFIED_PREFIX = "medtwin.certified."  # ArrayRecords: the certified updates themselves, so each site sums them
+# task.normalization=federated: the statistics phase before round 1 (core/tasks/federated_statistics.py) is a
+# "round 0" of updates with status "statistics"; its sum, certificate and certified updates ride with every later message
+STATISTICS_ROUND = 0
+STATISTICS_STATUS = "statistics"
+STATISTICS_AGGREGATE = "medtwin.statistics.aggregate"  # ArrayRecord: the summed statistics
+STATISTICS_CERTIFICATE = "medtwin.statistics.certificate"  # ConfigRecord: a RoundCertificate of round 0
+STATISTICS_CERTIFIED_PREFIX = "medtwin.statistics.certified."  # ArrayRecords: the certified statistics updates
 
 
 def instruction(*, run_id: str, server_round: int, phase: str) -> ConfigRecord:
@@ -164,11 +171,11 @@ class RoundCertificate:
         return cls(server_round=server_round, aggregate_sha256=aggregate, claims=claims)
 
 
-def certified_record_name(index: int) -> str:
-    return f"{CERTIFIED_PREFIX}{index:04d}"
+def certified_record_name(index: int, *, prefix: str = CERTIFIED_PREFIX) -> str:
+    return f"{prefix}{index:04d}"
 
 
-def certified_records(content: RecordDict) -> list[ArrayRecord]:
+def certified_records(content: RecordDict, *, prefix: str = CERTIFIED_PREFIX) -> list[ArrayRecord]:
     """The certified updates a message carries, in their order (what the certificate's claims sign)."""
-    names = sorted(name for name in content.array_records if name.startswith(CERTIFIED_PREFIX))
+    names = sorted(name for name in content.array_records if name.startswith(prefix))
     return [content.array_records[name] for name in names]

@@ -87,9 +87,14 @@ class RoundCheckpoint:
     final_score_histogram: dict[str, tuple] | None = None  # ScoreHistogram fields of the last evaluation's pooled histogram
     sites: dict[int, str] = field(default_factory=dict)  # node id -> verified site id
     accepted_payloads: dict[str, tuple[int, str]] = field(default_factory=dict)  # update digest -> (round, site)
+    # task.normalization=federated: the round-0 statistics sum (in the artifact store) and its certificate,
+    # so a resumed run sends the very statistics every site already normalised with
+    statistics_aggregate_sha256: str = ""
+    statistics_certificate: RoundCertificate | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = {item.name: getattr(self, item.name) for item in fields(self)}
+        values["statistics_certificate"] = _certificate_values(self.statistics_certificate)
         certificate = self.certificate.to_record()
         values |= {
             "format": CHECKPOINT_FORMAT,
@@ -141,6 +146,10 @@ class RoundCheckpoint:
                 accepted_payloads={
                     str(digest): (int(server_round), str(site)) for digest, (server_round, site) in values["accepted_payloads"].items()
                 },
+                statistics_aggregate_sha256=str(values.get("statistics_aggregate_sha256", "")),
+                statistics_certificate=(
+                    RoundCertificate.from_record(values["statistics_certificate"]) if values.get("statistics_certificate") else None
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError, SignatureError) as error:
             raise CheckpointError(
@@ -163,6 +172,11 @@ class RoundCheckpoint:
             problems.append("the certificate names another aggregate than the checkpoint")
         if len(self.aggregate_digests) != self.server_round or (self.aggregate_digests and self.aggregate_digests[-1] != self.aggregate_sha256):
             problems.append(f"{len(self.aggregate_digests)} aggregate digest(s) recorded for {self.server_round} round(s)")
+        statistics = self.statistics_certificate
+        if (statistics is None) != (not self.statistics_aggregate_sha256) or (
+            statistics is not None and (statistics.server_round != 0 or statistics.aggregate_sha256 != self.statistics_aggregate_sha256)
+        ):
+            problems.append("the statistics certificate and the statistics aggregate do not match")
         if self.evaluation_pending and self.phase != "train":
             problems.append("an evaluation is pending after the evaluation phase")
         if not all(math.isfinite(value) for value in (*self.round_times_s, *self.he_error_bounds, self.open_round_time_s)):
@@ -251,3 +265,10 @@ def _score_histogram(values: Any) -> dict[str, tuple] | None:
     if len({len(column) for column in histogram.values()}) != 1:
         raise ValueError("final_score_histogram columns differ in length")
     return histogram
+
+
+def _certificate_values(certificate: RoundCertificate | None) -> dict[str, Any] | None:
+    if certificate is None:
+        return None
+    record = certificate.to_record()
+    return {"round": record["round"], "aggregate_sha256": record["aggregate_sha256"], "claims": record["claims"]}

@@ -43,6 +43,11 @@ from medtwin.core.protocol import (
     METRICS,
     SCORE_HISTOGRAM,
     SITE,
+    STATISTICS_AGGREGATE,
+    STATISTICS_CERTIFICATE,
+    STATISTICS_CERTIFIED_PREFIX,
+    STATISTICS_ROUND,
+    STATISTICS_STATUS,
     UPDATE,
     RoundCertificate,
     certified_record_name,
@@ -85,6 +90,9 @@ class LoopResult:
     he_error_bounds: list[float] = field(default_factory=list)  # per evaluation: max bound sites reported
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> latest signed (epsilon, delta)
     stopped: str = ""  # why the run stopped before its last round (e.g. a chain outage past its timeout)
+    # task.normalization=federated: the sum of the sites' statistics updates (round 0) and its certificate
+    statistics_aggregate: ArrayRecord | None = None
+    statistics_certificate: RoundCertificate | None = None
 
 
 SIT_OUT_ROUNDS = 2  # rounds a node that missed a deadline skips while the SuperLink still lists it
@@ -186,6 +194,7 @@ class RoundLoop:
         self._sent_to: dict[str, int] = {}  # message id of an instruction -> its destination node
         self._certified: list[ArrayRecord] = []  # the current certificate's updates (sent with the aggregate)
         self._certified_round = -1
+        self._certified_statistics: list[ArrayRecord] | None = None  # the statistics certificate's updates
         self.resumed_from = resume_from
         if resume_from is not None:
             self._restore(resume_from)
@@ -223,6 +232,9 @@ class RoundLoop:
         result.privacy = {site: dict(spent) for site, spent in checkpoint.privacy.items()}
         self.verifier.site_of_node.update(checkpoint.sites)
         self.verifier.payloads.update(checkpoint.accepted_payloads)  # a replayed earlier update stays refused
+        if checkpoint.statistics_certificate is not None:  # the statistics every site normalised with, unchanged
+            result.statistics_aggregate = record_from_bytes(self.artifacts.get(checkpoint.statistics_aggregate_sha256))
+            result.statistics_certificate = checkpoint.statistics_certificate
 
     def checkpoint(self, server_round: int, *, phase: str, evaluation_pending: bool = False, open_round_time_s: float = 0.0) -> RoundCheckpoint:
         """The loop's state after `phase` of `server_round` (nothing is written)."""
@@ -254,6 +266,8 @@ class RoundLoop:
             final_score_histogram=result.final_score_histogram.to_values() if result.final_score_histogram else None,
             sites=dict(result.sites),
             accepted_payloads=dict(self.verifier.payloads),
+            statistics_aggregate_sha256=result.statistics_certificate.aggregate_sha256 if result.statistics_certificate else "",
+            statistics_certificate=result.statistics_certificate,
         )
 
     def save_checkpoint(self, server_round: int, *, phase: str, evaluation_pending: bool = False, open_round_time_s: float = 0.0) -> None:
@@ -273,6 +287,8 @@ class RoundLoop:
             logger.info("run %s resumes after round %d (%s phase)", self.run_id, resumed.server_round, resumed.phase)
         node_ids = self.wait_for_federation()
         logger.info("%d node(s) connected; rounds %d..%d ahead", len(node_ids), first_round, federation.num_rounds)
+        if self.config.task.normalization == "federated" and self.result.statistics_certificate is None:
+            self.statistics_phase(self.phase_nodes(STATISTICS_ROUND, phase="train"))
         if resumed is not None and resumed.evaluation_pending:
             started = time.monotonic() - resumed.open_round_time_s
             self.evaluate_round(resumed.server_round, self.phase_nodes(resumed.server_round, phase="evaluate"))
@@ -359,12 +375,18 @@ class RoundLoop:
             order = instruction(run_id=self.run_id, server_round=server_round, phase=phase)
             order["min_sites"] = self.config.federation.min_sites
             content = RecordDict({INSTRUCTION: order})
+            if self.result.statistics_aggregate is not None and self.result.statistics_certificate is not None:
+                content[STATISTICS_AGGREGATE] = self.result.statistics_aggregate
+                content[STATISTICS_CERTIFICATE] = self.result.statistics_certificate.to_record()
+                for index, record in enumerate(self.certified_statistics()):
+                    content[certified_record_name(index, prefix=STATISTICS_CERTIFIED_PREFIX)] = record
             if self.result.aggregate is not None and self.result.certificate is not None:
                 content[AGGREGATE] = self.result.aggregate
                 content[CERTIFICATE] = self.result.certificate.to_record()
                 for index, record in enumerate(self.certified_updates()):
                     content[certified_record_name(index)] = record
-            messages.append(Message(content=content, message_type=phase, dst_node_id=node_id))
+            message_type = "query" if phase == "statistics" else phase  # Flower routes a query to the ClientApp's @app.query()
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         if not messages:
             return []
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout_s))
@@ -384,6 +406,68 @@ class RoundLoop:
             ]
             self._certified_round = certificate.server_round
         return self._certified
+
+    def certified_statistics(self) -> list[ArrayRecord]:
+        """The statistics updates behind the statistics sum, in certificate order (each site sums them itself)."""
+        certificate = self.result.statistics_certificate
+        assert certificate is not None
+        if self._certified_statistics is None:
+            self._certified_statistics = [record_from_bytes(self.artifacts.get(claim.payload_sha256)) for claim, _ in certificate.claims]
+        return self._certified_statistics
+
+    def statistics_phase(self, node_ids: list[int]) -> None:
+        """Round 0 of `task.normalization=federated`: every site's signed statistics update, summed like a
+        round's updates (ciphertexts only under CKKS) and certified; the sum goes with every later message
+        and each site derives the global mean and variance from it (client/normalization.py)."""
+        started = time.monotonic()
+        server_round = STATISTICS_ROUND
+        replies = self._send(node_ids, phase="statistics", server_round=server_round)
+        accepted: list[SiteUpdate] = []
+        rejected: list[Rejection] = []
+        for reply in replies:
+            try:
+                verified, update, _ = self.read_update(reply, server_round, status=STATISTICS_STATUS)
+            except Exception as error:  # noqa: BLE001 — nothing a site sends may stop the phase
+                rejected.append(self._rejection(reply, server_round, error))
+                continue
+            self.verifier.accept(verified)
+            self.result.sites[verified.node_id] = verified.site_id
+            if isinstance(update, Rejection):
+                rejected.append(update)
+                continue
+            problem = self.admission_problem(update.site_id)
+            if problem:
+                rejected.append(Rejection(update.site_id, update.node_id, safe_text(problem[1], limit=300), server_round, problem[0]))
+                continue
+            self.aggregator.accept(update)
+            accepted.append(update)
+        missed = self.close_phase(server_round, "statistics", node_ids, replies)
+        for rejection in rejected:
+            logger.warning("statistics: %s not used (%s): %s", rejection.site_id, rejection.code, rejection.reason)
+        self.result.rejections.extend(rejected)
+        if len(accepted) < self.config.federation.min_sites:
+            raise RoundFailedError(self._failure(server_round, accepted, rejected, missed, sent=node_ids))
+        accepted.sort(key=lambda update: update.site_id)
+        update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
+        self.result.statistics_aggregate = self.aggregator.aggregate(accepted)
+        aggregate_digest = self.artifacts.put(record_bytes(self.result.statistics_aggregate), kind="aggregate")
+        self.result.statistics_certificate = RoundCertificate(
+            server_round=server_round,
+            aggregate_sha256=aggregate_digest,
+            claims=tuple((update.claim, update.signature) for update in accepted),
+        )
+        self.on_record(
+            {
+                "round": server_round,
+                "phase": "statistics",
+                "participants": [update.site_id for update in accepted],
+                "rejected": {rejection.site_id: f"{rejection.code}: {rejection.reason}" for rejection in rejected},
+                "missed": [self._label(node_id) for node_id in missed],
+                "update_sha256": update_digests,
+                "aggregate_sha256": aggregate_digest,
+                "time_s": time.monotonic() - started,
+            }
+        )
 
     def node_of(self, reply: Message) -> int:
         """The node a reply is about: its sender, or for an error reply, the node its instruction went to."""
@@ -431,7 +515,9 @@ class RoundLoop:
             raise ReplyRejected("malformed_reply", "the reply has no site record")
         return reply.content[SITE]
 
-    def read_update(self, reply: Message, server_round: int) -> tuple[VerifiedClaim, SiteUpdate | Rejection, dict[str, float]]:
+    def read_update(
+        self, reply: Message, server_round: int, *, status: str = "trained"
+    ) -> tuple[VerifiedClaim, SiteUpdate | Rejection, dict[str, float]]:
         """A train reply, verified and checked: its claim, then its update or its signed refusal, then its
         (unsigned) metrics. Raises `ReplyRejected` (or anything else) for a reply that must not count; stores nothing.
         """
@@ -449,11 +535,11 @@ class RoundLoop:
         )
         claim = verified.claim
         if record is None:
-            if claim.status == "trained":
-                raise ReplyRejected("malformed_reply", "claims to have trained but sent no update", site_id=claim.site_id)
+            if claim.status == status:
+                raise ReplyRejected("malformed_reply", f"claims status {status!r} but sent no update", site_id=claim.site_id)
             reason = safe_text(site_record.get("reason", ""), limit=300)  # type: ignore[attr-defined]
             return verified, Rejection(claim.site_id, node_id, reason, server_round, site_refusal_code(claim.status, "no_update")), {}
-        if claim.status != "trained":
+        if claim.status != status:
             raise ReplyRejected("malformed_reply", f"an update with status {claim.status!r:.40}", site_id=claim.site_id)
         limit = self.config.federation.max_site_examples
         if claim.num_examples > limit:  # a site claiming a huge count would own the weighted average

@@ -42,7 +42,9 @@ class RoundProgress:
             self.progress.stop()
 
     def record(self, record: dict) -> None:
-        if record["phase"] == "train":
+        if record["phase"] == "statistics":
+            status = f"feature statistics of {len(record['participants'])} site(s) summed"
+        elif record["phase"] == "train":
             status = f"round {record['round']}: {len(record['participants'])} site(s) aggregated"
             if record["rejected"]:
                 status += f", {len(record['rejected'])} rejected"

@@ -62,6 +62,10 @@ class TaskConfig:
     # binary tasks: a test row is called positive when its score >= this (sensitivity, specificity);
     # accuracy stays at 0.5, FLamby's definition
     decision_threshold: float = 0.5
+    # site: each site z-scores with its own train statistics (FLamby's per-centre protocol);
+    # federated: every site uses the global mean/variance of all sites' training rows, summed like
+    # updates before round 1 (core/tasks/federated_statistics.py); refused with privacy=dp
+    normalization: str = "site"
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     csv: CsvSchemaConfig | None = None
     vitals: VitalsConfig | None = None

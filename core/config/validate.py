@@ -8,6 +8,7 @@ from dataclasses import replace
 from ..errors import ConfigError
 from ..ids import ensure_id
 from .chain import validate_chain_config
+from .normalization import check_normalization
 from .privacy import validate_privacy_config
 from .root import MedtwinConfig
 from .strategy import StrategyConfig
@@ -69,6 +70,7 @@ def validate_config(config: MedtwinConfig) -> None:
     validate_privacy_config(config.privacy)
     validate_chain_config(config.chain)
     validate_crypto(config)
+    check_normalization(config)
 
 
 def server_optimizer_problem(strategy: StrategyConfig) -> tuple[str, str, str] | None:

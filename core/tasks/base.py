@@ -51,6 +51,7 @@ class TwinTask(ABC):
     kind: str  # "binary" | "regression"
     primary_metric: str  # key of `evaluate`'s result that ranks models ("accuracy", "mse")
     higher_is_better: bool
+    normalization_modes: tuple[str, ...] = ("site",)  # `task.normalization` values this task supports
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
@@ -65,6 +66,16 @@ class TwinTask(ABC):
 
     def load_all_sites(self) -> list[SiteSplit]:
         return [self.load_site(index) for index in range(len(self.site_ids()))]
+
+    def load_site_unnormalised(self, index: int) -> SiteSplit:
+        """One site's train/test rows before normalisation (float64, NaN where missing), for
+        `task.normalization=federated`; tasks that support it override this."""
+        raise NotImplementedError(f"task {self.name} has no federated normalisation")
+
+    def feature_reference(self):
+        """The public per-feature range sites encode their statistics against (a `FeatureReference`);
+        tasks that support `task.normalization=federated` override this."""
+        raise NotImplementedError(f"task {self.name} has no federated normalisation")
 
     @abstractmethod
     def load_pooled(self) -> SiteSplit:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from ..config import CsvSchemaConfig, TaskConfig
@@ -31,6 +32,7 @@ from .csv_validation import (
     encoded_feature_names,
     validate_site_csv,
 )
+from .federated_statistics import FeatureReference
 from .models import FlatBCELoss, FlatMSELoss, mlp
 from .preprocessing import pool_raw_splits, raw_site_split, standardise_split
 
@@ -51,6 +53,7 @@ def resolve_site_file(path: str | Path) -> Path:
 @register_task("csv")
 class CsvTask(TwinTask):
     name = "csv"
+    normalization_modes = ("site", "federated")
 
     def __init__(self, config: TaskConfig) -> None:
         super().__init__(config)
@@ -104,10 +107,44 @@ class CsvTask(TwinTask):
             test_fraction_key="task.csv.test_fraction",
         )
 
-    def load_site_file(self, path: str | Path, *, site_id: str) -> SiteSplit:
-        """A hospital's own file (e.g. its node_config data path), validated, split and normalised."""
+    def load_site_file(self, path: str | Path, *, site_id: str, normalise: bool = True) -> SiteSplit:
+        """A hospital's own file (e.g. its node_config data path), validated, split and (unless
+        `normalise` is False, for `task.normalization=federated`) imputed and normalised."""
         table = validate_site_csv(resolve_site_file(path), self.schema)
-        return standardise_split(self.split_table(table, site_id=site_id))
+        raw = self.split_table(table, site_id=site_id)
+        return standardise_split(raw) if normalise else raw
+
+    def load_site_unnormalised(self, index: int) -> SiteSplit:
+        if not 0 <= index < len(self.schema.site_files):
+            raise IndexError(f"site index {index} out of range 0..{len(self.schema.site_files) - 1}")
+        return self.load_site_file(self.site_file(index), site_id=self.site_ids()[index], normalise=False)
+
+    def feature_reference(self) -> FeatureReference:
+        """Each numeric column's plausible range from the schema (`min`, `max`: required for
+        `task.normalization=federated`, and every row is checked against it); bool and one-hot columns are [0, 1]."""
+        low: list[float] = []
+        high: list[float] = []
+        missing = []
+        for index, column in enumerate(self.schema.features):
+            if column.type == "category":
+                low += [0.0] * len(column.categories)
+                high += [1.0] * len(column.categories)
+            elif column.type == "bool":
+                low.append(0.0)
+                high.append(1.0)
+            elif column.min is None or column.max is None or not column.min < column.max:
+                missing.append(f"task.csv.features[{index}] ({column.name!r})")
+            else:
+                low.append(float(column.min))
+                high.append(float(column.max))
+        if missing:
+            raise ConfigError(
+                "task.normalization",
+                f"federated normalisation encodes every numeric feature against its plausible range, and {', '.join(missing)} "
+                "has no min < max",
+                "give each numeric column `min` and `max` in task.csv.features, or set task.normalization=site",
+            )
+        return FeatureReference.from_bounds(np.asarray(low), np.asarray(high))
 
     def load_site(self, index: int) -> SiteSplit:
         if not 0 <= index < len(self.schema.site_files):

@@ -23,6 +23,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes
 from torch import nn
 
 from .base import SiteSplit, TwinTask, register_task
+from .federated_statistics import FeatureReference
 from .models import FlatBCELoss, FlatMSELoss, mlp
 from .partition import partition_indices
 from .preprocessing import pool_raw_splits, raw_site_split, standardise_split
@@ -34,6 +35,7 @@ class PartitionedTask(TwinTask):
     """A pooled dataset cut into synthetic sites; subclasses supply rows, model and loss."""
 
     num_features: int
+    normalization_modes = ("site", "federated")
     _raw_splits_cache: list[SiteSplit] | None = None
 
     @abstractmethod
@@ -80,6 +82,16 @@ class PartitionedTask(TwinTask):
         if not 0 <= index < self.config.num_sites:
             raise IndexError(f"site index {index} out of range 0..{self.config.num_sites - 1}")
         return standardise_split(self.raw_splits()[index])
+
+    def load_site_unnormalised(self, index: int) -> SiteSplit:
+        if not 0 <= index < self.config.num_sites:
+            raise IndexError(f"site index {index} out of range 0..{self.config.num_sites - 1}")
+        return self.raw_splits()[index]
+
+    def feature_reference(self) -> FeatureReference:
+        """The range of every feature over the whole public dataset (what its documentation states)."""
+        features, _ = self.load_rows()
+        return FeatureReference.from_bounds(np.nanmin(features, axis=0), np.nanmax(features, axis=0))
 
     def load_pooled(self) -> SiteSplit:
         return standardise_split(pool_raw_splits(self.raw_splits()))

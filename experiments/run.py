@@ -50,9 +50,12 @@ def job_config(cfg: DictConfig) -> MedtwinConfig:
 
 
 def primary_result(run_path: Path) -> float:
-    """The pooled primary metric of a finished run (what a sweeper such as Optuna optimises)."""
+    """The primary metric of a finished run's federated model on the pooled test set (what a sweeper such
+    as Optuna optimises): with baselines, the figure their table compares with each site alone and pooled
+    training (the pooled test rows, pooled-train normalisation); without, the sites' pooled evaluation."""
     summary = RunDirectory(run_path.parent, run_path.name).read_summary()
-    value = summary["final_metrics"]["pooled"].get(summary["primary_metric"])
+    federated = summary.get("baselines", {}).get("rows", {}).get("federated")
+    value = federated["pooled_test"] if federated else summary["final_metrics"]["pooled"].get(summary["primary_metric"])
     return float(value) if value is not None else math.nan
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -50,3 +52,16 @@ def test_joblib_launcher_and_recipe_search_sweeper_compose_with_our_tree() -> No
 
 def test_every_shipped_task_has_a_default_recipe_listed_here() -> None:
     assert set(group_options("task")) == set(DEFAULT_RECIPES)
+
+
+def test_the_sweep_objective_is_the_federated_model_on_the_pooled_test_set(tmp_path) -> None:
+    from medtwin.core.rundir import RunDirectory
+    from medtwin.experiments.run import primary_result
+
+    summary_file = RunDirectory(tmp_path, "run-a").path / "summary.json"
+    summary = {"primary_metric": "accuracy", "final_metrics": {"pooled": {"accuracy": 0.78}}}
+    summary_file.write_text(json.dumps(summary))
+    assert primary_result(tmp_path / "run-a") == pytest.approx(0.78)  # no baselines: the sites' pooled evaluation
+    rows = {"federated": {"pooled_test": 0.986, "mean_of_sites": 0.75}, "pooled": {"pooled_test": 0.97}}
+    summary_file.write_text(json.dumps({**summary, "baselines": {"metric": "accuracy", "rows": rows}}))
+    assert primary_result(tmp_path / "run-a") == pytest.approx(0.986)  # the figure compared with local and pooled

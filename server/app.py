@@ -366,6 +366,7 @@ def build_summary(
         "run_id": run_id,
         "task": config.task.name,
         "strategy": config.strategy.name,
+        "server_optimizer": config.strategy.server_optimizer,  # none: FedAvg's average; adam/yogi/avgm: applied by the sites
         "primary_metric": primary_metric,
         "decision_threshold": config.task.decision_threshold,  # binary: sensitivity/specificity cut-off
         "rounds_completed": result.rounds_completed,

@@ -202,8 +202,9 @@ def recorded_noise_multipliers(run_dir: RunDirectory, site_ids: list[str]) -> li
 
 
 def final_model(run_path: Path) -> tuple[MedtwinConfig, nn.Module]:
-    """The run's config and its final model: the last aggregate, decoded as a site decodes it."""
-    from .simulate import final_average  # imports Flower; only needed once a run exists
+    """The run's config and its final model: the last aggregate, decoded as a site decodes it (and under
+    a server optimiser, stepped as the sites step it)."""
+    from .simulate import final_weights  # imports Flower; only needed once a run exists
 
     config_path = run_path / "config.yaml"
     if not (run_path / "summary.json").is_file() or not config_path.is_file():
@@ -214,8 +215,8 @@ def final_model(run_path: Path) -> tuple[MedtwinConfig, nn.Module]:
     run_dir = RunDirectory(run_path.parent, run_path.name)
     kits = {site_id: site_kit_dir(config, site_id) for site_id in task.site_ids()}
     federation = SimulatedFederation(root=run_path, kit_dirs=kits)
-    average = final_average(config, run_dir, federation, run_dir.read_summary()["final_aggregate_sha256"])
-    return config, task.model_with_weights(average, seed=config.seed)
+    weights = final_weights(config, run_dir, federation, run_dir.read_summary()["final_aggregate_sha256"])
+    return config, task.model_with_weights(weights, seed=config.seed)
 
 
 UTILITY_VIEWS = ("pooled_test", "sites_test")

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medtwin.client.app import build_client_app
+from medtwin.client.app import build_client_app, initial_model
 from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
+from medtwin.client.global_state import initial_global_state
+from medtwin.client.server_optimizer import ServerOptimizerSettings, server_step
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, config_from_yaml, config_to_yaml
 from medtwin.core.errors import ConfigError
 from medtwin.core.ids import ensure_id
+from medtwin.core.model_vector import model_to_vector
 from medtwin.core.protocol import record_from_bytes
 from medtwin.core.report import render_report
 from medtwin.core.rundir import RunDirectory, atomic_write_text
@@ -158,11 +161,35 @@ def connect_chains(config: MedtwinConfig, setup: SimulatedParties) -> ChainProve
 
 
 def final_average(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation, digest: str) -> np.ndarray:
-    """The last round's average weights, decoded by the first site's own codec."""
+    """The average weights of aggregate `digest`, decoded by the first site's own codec."""
     aggregate = record_from_bytes(ArtifactStore(run_dir.artifacts).get(digest))
     first_kit = federation.kit_dirs[get_task(config.task).site_ids()[0]]
     codec = CkksSiteCodec.from_kit(first_kit, config.crypto.key_id) if config.crypto.name == "ckks" else PlainSiteCodec()
     return codec.average(aggregate)[0]
+
+
+def final_weights(config: MedtwinConfig, run_dir: RunDirectory, federation: SimulatedFederation, digest: str) -> np.ndarray:
+    """The federated model after the last round (aggregate `digest`): its average under FedAvg; under a
+    server optimiser (strategy.server_optimizer) the model the sites stepped to, replayed here from the
+    initial model and every round's aggregate with the sites' own step (client/global_state.py)."""
+    settings = ServerOptimizerSettings.from_strategy(config.strategy)
+    if not settings.stateful:
+        return final_average(config, run_dir, federation, digest)
+    by_round = {int(record["round"]): str(record["aggregate_sha256"]) for record in run_dir.read_metrics() if record["phase"] == "train"}
+    rounds = sorted(by_round)  # a resumed run may record a round twice: its last record is the aggregate sent on
+    if rounds != list(range(1, len(rounds) + 1)) or by_round[rounds[-1]] != digest:
+        raise RuntimeError(
+            f"{run_dir.metrics_path}: the training rounds {rounds} do not lead to the final aggregate {digest[:16]}...: "
+            f"cannot replay the {settings.name} steps"
+        )
+    state = initial_global_state(
+        run_id=run_dir.run_id, settings=settings, weights=model_to_vector(initial_model(get_task(config.task), seed=config.seed))
+    )
+    weights, moments = state.weights, state.moments
+    for server_round in rounds:
+        average = final_average(config, run_dir, federation, by_round[server_round])
+        weights, moments = server_step(settings, weights=weights, moments=moments, average=average, server_round=server_round)
+    return weights
 
 
 def measured_decryption_error(run_dir: RunDirectory, federation: SimulatedFederation, average: np.ndarray) -> float:
@@ -183,14 +210,15 @@ def add_simulation_findings(
     average = final_average(config, run_dir, federation, summary["final_aggregate_sha256"])
     if config.crypto.name == "ckks":
         summary["crypto"]["max_decryption_error"] = measured_decryption_error(run_dir, federation, average)
+    weights = final_weights(config, run_dir, federation, summary["final_aggregate_sha256"])
     if baselines is not None:
-        row, pooled_test_metrics = final_model_evaluator(config)(average)
+        row, pooled_test_metrics = final_model_evaluator(config)(weights)
         baselines["rows"]["federated"] = row
         baselines.setdefault("pooled_test_metrics", {})["federated"] = pooled_test_metrics
         summary["baselines"] = baselines
     task = get_task(config.task)
     if isinstance(task, VitalsTask):  # the twin at one test patient's bedside, with the federated model
-        summary["twin"] = twin_page(task, task.model_with_weights(average, seed=config.seed), run_path / TWIN_PAGE)
+        summary["twin"] = twin_page(task, task.model_with_weights(weights, seed=config.seed), run_path / TWIN_PAGE)
     run_dir.write_summary(summary)
     atomic_write_text(run_path / "report.md", render_report(summary, run_dir.read_metrics(), run_path))
     logger.debug("summary: %s", json.dumps(summary["final_metrics"]))

@@ -332,3 +332,43 @@ def test_a_site_takes_the_proposals_server_optimiser_only_within_its_file(tmp_pa
         assert caught.value.code == code and named in caught.value.reason, (code, caught.value.reason)
     with pytest.raises(Exception, match="accept.server_optimizers"):
         site_file_from_mapping({**SITE, "accept": {"server_optimizers": ["adagrad"]}}, path=tmp_path / "site.yaml")
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm", "fedavg"])
+def test_the_harness_scores_the_model_the_sites_stepped_to_not_the_last_average(strategy: str, tmp_path: Path) -> None:
+    """The baselines' "federated" row, the pooled test figure (the sweep objective), the twin page and the
+    membership audit take the final model from `final_weights`: under a server optimiser that is every
+    round's step replayed from the initial model, as each site applied it, not the last round's average."""
+    from medtwin.client.app import initial_model
+    from medtwin.core.artifacts import ArtifactStore
+    from medtwin.core.model_vector import model_to_vector
+    from medtwin.core.plain_payload import average_from_sum, pack_plain_update, sum_plain_updates
+    from medtwin.core.protocol import record_bytes
+    from medtwin.core.rundir import RunDirectory
+    from medtwin.core.tasks import get_task
+    from medtwin.experiments.federation_setup import SimulatedFederation
+    from medtwin.experiments.simulate import final_weights
+
+    overrides = [f"strategy={strategy}"] + (["strategy.server_momentum=0.9"] if strategy == "fedavgm" else [])
+    config = compose_config(overrides)
+    run_dir = RunDirectory(tmp_path / "runs", "run-final")
+    store = ArtifactStore(run_dir.artifacts)
+    settings = ServerOptimizerSettings.from_strategy(config.strategy)
+    weights = model_to_vector(initial_model(get_task(config.task), seed=config.seed))
+    moments = OptimizerMoments.zeros(weights.size)
+    rng = np.random.default_rng(5)
+    for server_round in (1, 2, 3):
+        sent = _site_weights(rng, weights)
+        summed = sum_plain_updates([pack_plain_update(w, num_examples=n) for w, n in zip(sent, COUNTS, strict=True)])
+        digest = store.put(record_bytes(summed), kind="aggregate")
+        run_dir.append_metrics({"round": server_round, "phase": "train", "aggregate_sha256": digest})
+        average = average_from_sum(summed)[0]
+        weights, moments = server_step(settings, weights=weights, moments=moments, average=average, server_round=server_round)
+    federation = SimulatedFederation(root=tmp_path, kit_dirs={site: tmp_path / site for site in get_task(config.task).site_ids()})
+
+    final = final_weights(config, run_dir, federation, digest)
+    np.testing.assert_array_equal(final, weights)  # bit for bit the sites' model
+    if strategy != "fedavg":
+        assert not np.allclose(final, average)  # ... which is not the last round's average
+        with pytest.raises(RuntimeError, match="do not lead to the final aggregate"):  # not a history it cannot replay
+            final_weights(config, run_dir, federation, "0" * 64)

@@ -50,7 +50,8 @@ CALIBRATION_BINS = 10  # the ECE's bins, here and in core/tasks/metrics.py (whic
 FIELDS = ("negatives", "positives", "score_sums")
 NAN = float("nan")
 # a released per-bin score sum may be off its bin's range by rounding (`rounded` policy: `decimals`
-# >= 0, so at most 0.5) and float error; a sum past its range by more than this is refused
+# >= 0, so at most 0.5) and float error; a sum past its range by more than this is refused, and a sum
+# within the slack is clipped to the range: the slack is for rounding, not score mass the rows lack
 SCORE_SUM_SLACK = 0.5 + 1e-6
 
 
@@ -92,7 +93,8 @@ class ScoreHistogram:
     def checked(cls, values: Mapping[str, object], *, rows: float, num_bins: int = SCORE_HISTOGRAM_BINS) -> ScoreHistogram:
         """A histogram from untrusted `values` (a site's reply); raises `ScoreHistogramError` naming every
         problem: wrong fields or lengths, counts that are not non-negative integers or do not sum to the
-        site's released test-row count `rows`, score sums that are not finite or outside their bin's range."""
+        site's released test-row count `rows`, score sums that are not finite or outside their bin's range
+        by more than rounding explains. Each score sum is clipped to what its bin's rows can add up to."""
         if not isinstance(values, Mapping):
             raise ScoreHistogramError([f"a histogram is named lists, not {type(values).__name__}"])
         problems = []
@@ -128,10 +130,12 @@ class ScoreHistogram:
                 problems.append(f"score sum of bin {int(np.argmax(outside))} is outside what its rows' scores allow")
         if problems:
             raise ScoreHistogramError(problems)
+        # unclipped, 10 rows' empty bins could each carry ±0.5 of phantom score: ±500 over the ECE's bins
+        score_sums = np.clip(sums, in_bin * edges[:-1], in_bin * edges[1:])
         return cls(
             negatives=tuple(lists["negatives"]),
             positives=tuple(lists["positives"]),
-            score_sums=tuple(float(total) for total in lists["score_sums"]),
+            score_sums=tuple(float(total) for total in score_sums),
         )
 
     def to_values(self) -> dict[str, list[int] | list[float]]:

@@ -248,3 +248,33 @@ def test_the_histogram_record_crosses_flowers_wire_format_unchanged() -> None:
     histogram = dict(received[SCORE_HISTOGRAM].items())
     assert histogram == values and all(type(count) is int for count in histogram["negatives"])
     assert evaluation_sha256(dict(received[METRICS].items()), histogram) == evaluation_sha256(metrics, values)
+
+
+def test_a_site_moves_the_pooled_ece_no_further_than_its_own_rows_allow() -> None:
+    """A bin's score sum may be off its rows' range by rounding (the slack `checked` allows), but what
+    is pooled is clipped to that range: 10 rows with phantom score mass in the 990 bins they do not
+    fill (+0.5 or -0.5 each, inside the slack) must not move the ECE of 1010 rows by more than 10 rows can."""
+    rng = np.random.default_rng(0)
+    scores = rng.random(1000)
+    honest = ScoreHistogram.of_scores((rng.random(1000) < scores).astype(float), scores)
+    values = ScoreHistogram.of_scores(np.zeros(10), np.full(10, 0.1005)).to_values()
+    positives_per_group = np.asarray(honest.positives).reshape(10, -1).sum(axis=1)
+    sums_per_group = np.asarray(honest.score_sums).reshape(10, -1).sum(axis=1)
+    away = np.sign(sums_per_group - positives_per_group)  # push every ECE bin's gap wider
+    for index in range(SCORE_HISTOGRAM_BINS):
+        if values["negatives"][index] + values["positives"][index] == 0:
+            values["score_sums"][index] = 0.5 * (away[index // 100] or 1.0)
+    hostile = ScoreHistogram.checked(values, rows=10.0)
+    assert all(total == 0.0 for total, rows in zip(hostile.score_sums, hostile.negatives, strict=True) if rows == 0)
+    pooled = pool_histograms([honest, hostile])
+    assert abs(pooled.ece() - honest.ece()) <= 10 / 1010 + 1e-12
+    mean_score, _, _ = pooled.reliability()
+    assert np.all((mean_score >= 0.0) & (mean_score <= 1.0))
+
+
+def test_a_rounded_score_sum_is_pulled_back_into_its_bin() -> None:
+    """decimals: 0 rounds a bin of one row scored 0.5005 to 1.0 — accepted (rounding), counted as 0.501."""
+    values = ScoreHistogram.of_scores(np.array([1.0]), np.array([0.5005])).rounded(0).to_values()
+    assert max(values["score_sums"]) == 1.0
+    checked = ScoreHistogram.checked(values, rows=1.0)
+    assert max(checked.score_sums) == pytest.approx(0.501)

@@ -15,7 +15,10 @@ sum, its round-0 certificate and the certified updates with every later message.
    total (`check_decoded_sum`);
 3. refuses statistics no honest sum can give (`ImplausibleStatisticsError`: negative variance, shares
    outside [0, 1], moments beyond the reference range, non-zero padding), within the scheme's error bound;
-4. z-scores its train and test rows with the global mean and std (`standardise_with`).
+4. pins them as the run's statistics on first use (`StatisticsRegister`, in its state folder): every
+   certified subset of the sites' statistics verifies, so a later message with another set (fewer
+   sites, another round's choice) is refused with `statistics_conflict`, never normalised with;
+5. z-scores its train and test rows with the global mean and std (`standardise_with`).
 
 A coordinator that sends no statistics, another round's certificate, a tampered sum or too few
 sites makes the site refuse the round: it never trains or evaluates on statistics it did not derive.
@@ -28,6 +31,7 @@ second moment. No site's DP ledger charges them, so `federated` is refused with 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 from flwr.app import ArrayRecord, Message
@@ -40,6 +44,7 @@ from medtwin.core.protocol import (
     STATISTICS_ROUND,
     STATISTICS_STATUS,
     certified_records,
+    payload_sha256,
 )
 from medtwin.core.tasks.federated_statistics import (
     ImplausibleStatisticsError,
@@ -49,10 +54,11 @@ from medtwin.core.tasks.federated_statistics import (
 )
 from medtwin.core.tasks.preprocessing import Standardiser
 
-from .aggregate_check import AggregateRefused, check_decoded_sum, verify_certificate
+from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
 from .site import Site
+from .site_state import StatisticsRegister
 
-__all__ = ["PLAIN_TOLERANCE", "federated_standardiser", "normalised_site", "pack_statistics", "uses_federated_statistics"]
+__all__ = ["PLAIN_TOLERANCE", "StatisticsConflict", "federated_standardiser", "normalised_site", "pack_statistics", "uses_federated_statistics"]
 
 # a plain update carries float32 values in [-1, 1] (rounding <= 2^-24) summed in float64
 PLAIN_TOLERANCE = 1e-6
@@ -97,9 +103,27 @@ def federated_standardiser(site: Site, message: Message) -> Standardiser:
         max_abs_average=site.codec.max_abs_average(total_examples=total_rows),
     )  # fmt: skip
     try:
-        return standardiser_from_average(average, total_rows=total_rows, reference=site.task.feature_reference(), tolerance=tolerance)
+        standardiser = standardiser_from_average(average, total_rows=total_rows, reference=site.task.feature_reference(), tolerance=tolerance)
     except ImplausibleStatisticsError as error:
         raise AggregateRefused(f"the certified statistics are implausible: {error}") from None
+    problem = StatisticsRegister(site.file.state_dir).pin(run_id=site.proposal.run_id, statistics_sha256=statistics_sha256(verified))
+    if problem:
+        raise StatisticsConflict(problem)
+    return standardiser
+
+
+class StatisticsConflict(AggregateRefused):
+    """Validly certified statistics, but not the ones this site already normalised the run with."""
+
+    code = "refused:statistics_conflict"
+
+
+def statistics_sha256(verified: VerifiedAggregate) -> str:
+    """The statistics a site used: the certified sum's digest AND the updates it summed itself."""
+    digest = hashlib.sha256(f"medtwin/statistics/v1\x00{verified.aggregate_sha256}".encode())
+    for update in verified.updates:
+        digest.update(bytes.fromhex(payload_sha256(update)))
+    return digest.hexdigest()
 
 
 def normalised_site(site: Site, message: Message) -> Site:

@@ -5,6 +5,7 @@ written atomically, so a restart, a crash or two concurrent ClientApp processes 
 
     approvals.json    {"<run id>": {"config_hash": "...", "code_hash": "...", "approved_utc": "..."}}
     evaluations.json  {"<run id>": {"<round>": {"aggregate_sha256": "...", "evaluated_utc": "..."}}}
+    statistics.json   {"<run id>": {"statistics_sha256": "...", "pinned_utc": "..."}}
     chain-verified-approvals.json  {"<run id>": {"config_hash": "...", "code_hash": "...", "verified_at": <unix s>}}
 """
 
@@ -28,10 +29,12 @@ __all__ = [
     "EvaluationRegister",
     "SiteApprovals",
     "SiteStateError",
+    "StatisticsRegister",
 ]
 
 APPROVALS_FILE = "approvals.json"
 EVALUATIONS_FILE = "evaluations.json"
+STATISTICS_FILE = "statistics.json"
 CHAIN_VERIFIED_FILE = "chain-verified-approvals.json"
 REVERIFY_WRITE_S = 30.0  # a fresh verification is written back at most this often
 
@@ -156,4 +159,26 @@ class EvaluationRegister:
                 "aggregate_sha256": aggregate_sha256,
                 "evaluated_utc": datetime.now(UTC).isoformat(timespec="seconds"),
             }
+        return None
+
+
+class StatisticsRegister:
+    """One set of federated statistics per run at this site (task.normalization=federated): every
+    certified subset of the sites' statistics verifies, so the first set the site used is the run's."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self._state = _JsonState(Path(state_dir) / STATISTICS_FILE)
+
+    def pin(self, *, run_id: str, statistics_sha256: str) -> str | None:
+        """Record the run's statistics on first use; returns why not if the run already used others."""
+        with self._state.locked() as runs:
+            earlier = runs.get(run_id)
+            if earlier is not None:
+                if earlier.get("statistics_sha256") == statistics_sha256:
+                    return None
+                return (
+                    f"run {run_id} already normalised at this site with other statistics "
+                    f"({str(earlier.get('statistics_sha256', ''))[:16]}...): a site uses one set of federated statistics a run"
+                )
+            runs[run_id] = {"statistics_sha256": statistics_sha256, "pinned_utc": datetime.now(UTC).isoformat(timespec="seconds")}
         return None

@@ -295,3 +295,26 @@ def test_defaults_keep_per_site_normalisation_and_supported_tasks_load(default_c
     assert default_config.task.normalization == "site"
     check_normalization(compose_config(["task=diabetes_progression", "task.normalization=federated"]))
     assert compose_config(["task=fed_heart_disease"]).task.normalization == "site"
+
+
+def test_a_site_normalises_a_whole_run_with_the_first_statistics_it_used(federation: Federation) -> None:
+    """Every certified subset of the sites' statistics verifies, so a coordinator could z-score one round
+    (or one phase) with the union of three sites and the next with two: the site pins the statistics it
+    first used for the run and refuses any other set, even a validly certified one."""
+    run_id, text = federation.proposal()
+    task = load_site(federation.site_file, text).task
+    reply = federation.ask(text, run_id=run_id, message_type="query", server_round=0)
+    claim, _ = claim_from_site_record(reply.content.config_records[SITE])
+    mine = (reply.content.array_records[UPDATE], (claim, bytes(reply.content.config_records[SITE]["signature"])))
+    peers = [federation.peer_statistics(task, 1, run_id), federation.peer_statistics(task, 2, run_id)]
+    everyone, fewer = statistics_records([mine, *peers]), statistics_records([mine, peers[0]])
+    assert status_of(federation.ask(text, run_id=run_id, message_type="train", server_round=1, extra=everyone))[0] == "trained"
+    status, reason = status_of(federation.ask(text, run_id=run_id, message_type="train", server_round=1, extra=fewer))
+    assert status == "refused:statistics_conflict" and "other statistics" in reason, (status, reason)
+    assert status_of(federation.ask(text, run_id=run_id, message_type="train", server_round=1, extra=everyone))[0] == "trained"
+    other_run, other_text = federation.proposal()  # another run pins its own
+    mine_there = federation.ask(other_text, run_id=other_run, message_type="query", server_round=0)
+    claim, _ = claim_from_site_record(mine_there.content.config_records[SITE])
+    signed = (mine_there.content.array_records[UPDATE], (claim, bytes(mine_there.content.config_records[SITE]["signature"])))
+    extra = statistics_records([signed, federation.peer_statistics(task, 1, other_run)])
+    assert status_of(federation.ask(other_text, run_id=other_run, message_type="train", server_round=1, extra=extra))[0] == "trained"

@@ -177,6 +177,7 @@ def run_federation(
             config_sha256=config_hash(config_yaml),
             resume_from=checkpoint,
             node_sites=setup.node_sites(),
+            task_kind=task.kind,
         )
         result = loop.run()
     summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)

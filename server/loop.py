@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -60,6 +61,7 @@ from medtwin.core.protocol import (
 from medtwin.core.pooled_metrics import histogram_pooled_metrics, pool_site_metrics
 from medtwin.core.provenance import AccessDecision, ProvenanceRecorder
 from medtwin.core.score_histogram import ScoreHistogram, ScoreHistogramError
+from medtwin.core.tasks import get_task
 
 from .aggregation import Aggregator, Rejection, SiteUpdate
 from .checkpoint import CheckpointError, RoundCheckpoint, save_checkpoint
@@ -176,8 +178,10 @@ class RoundLoop:
         config_sha256: str = "",
         resume_from: RoundCheckpoint | None = None,
         node_sites: Mapping[int, str] | None = None,
+        task_kind: str | None = None,
     ) -> None:
         self.grid = grid
+        self.task_kind = task_kind  # the run's `TwinTask.kind`; None: learnt from `config.task` when first needed
         self.node_sites = dict(node_sites or {})  # the coordinator's own registry of SuperNode keys (deployment)
         self.config = config
         self.run_id = run_id
@@ -198,6 +202,11 @@ class RoundLoop:
         self.resumed_from = resume_from
         if resume_from is not None:
             self._restore(resume_from)
+
+    @cached_property
+    def binary_task(self) -> bool:
+        """Whether the run's task is binary: only then may an evaluation carry a score histogram."""
+        return (self.task_kind or get_task(self.config.task).kind) == "binary"
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -705,6 +714,9 @@ class RoundLoop:
         values = evaluation_metrics(metrics, site_id=claim.site_id)
         if histogram is None:
             return verified, values, None
+        if not self.binary_task:
+            problem = f"a {self.config.task.name} run is not binary: it has no label-0/label-1 score histogram"
+            raise ReplyRejected("malformed_histogram", problem, site_id=claim.site_id)
         try:
             return verified, values, ScoreHistogram.checked(histogram, rows=values.get("n", -1.0))
         except ScoreHistogramError as error:

@@ -232,7 +232,7 @@ class Run:
         return next(r for r in self.records if r["phase"] == "evaluate" and r["round"] == server_round)
 
 
-def _run(behaviour: Behaviour, default_config, tmp_path: Path) -> Run:
+def _run(behaviour: Behaviour, default_config, tmp_path: Path, *, task_kind: str | None = "binary") -> Run:
     config = replace(
         default_config,
         task=replace(default_config.task, num_sites=len(NODES)),
@@ -250,6 +250,7 @@ def _run(behaviour: Behaviour, default_config, tmp_path: Path) -> Run:
         artifacts=ArtifactStore(tmp_path / "artifacts"),
         on_record=records.append,
         provenance=provenance,  # type: ignore[arg-type]
+        task_kind=task_kind,  # the real coordinator passes its task's kind (num_sites=2 is no valid fed_heart_disease)
     )
     result = loop.run()
     assert result.rounds_completed == NUM_ROUNDS
@@ -688,3 +689,21 @@ def test_decisions_reach_the_chain_as_access_decisions(default_config, tmp_path:
     assert AccessDecision("alpha", True, "ok", run.train_record(1)["update_sha256"]["alpha"]) in first
     assert AccessDecision("node-2", False, "unknown_site") in first
     assert run.loop.result.rejections[0].code == "unknown_site"
+
+
+def test_a_histogram_in_a_regression_run_is_refused(tmp_path: Path) -> None:
+    """A regression task has no label-0/label-1 rows: a site sending a histogram anyway (well formed,
+    signed) must not put an AUROC, AUPRC, ECE and reliability plot into a regression run's results."""
+    from medtwin.core.config import compose_config
+
+    def beta_sends_histograms(message: Message, hostile: Hostile) -> list[Message]:
+        if message.metadata.message_type == "evaluate":
+            return _with_histogram(message, _histogram("beta"))
+        return honest(message, "beta")
+
+    config = compose_config(["task=diabetes_progression"])
+    run = _run(beta_sends_histograms, config, tmp_path, task_kind=None)  # the loop learns "regression" from config.task
+    record = run.evaluate_record(NUM_ROUNDS)
+    assert record["rejected"]["beta"].startswith("malformed_histogram: ")
+    assert not any(name.startswith("histogram_pooled_") for name in record["pooled"])
+    assert run.loop.result.final_score_histogram is None

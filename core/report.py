@@ -252,7 +252,7 @@ def _histogram_section(final: dict[str, Any], run_path: Path) -> list[str]:
     lines += [
         "",
         f"From the sites' per-class score histograms ({SCORE_HISTOGRAM_BINS} equal-width score bins, summed over "
-        f"sites; no patient's score left a site) over {_fmt(int(covered))} of {_fmt(int(total)) if isinstance(total, int | float) else '?'} "
+        f"sites: each test row's label and score to the bin, not which patient it is) over {_fmt(int(covered))} of {_fmt(int(total)) if isinstance(total, int | float) else '?'} "
         "test rows (a site releasing under `dp` withholds its histogram)."
         + (f" The exact AUROC on these rows is within ±{_fmt(float(max_error))} of the figure (rows sharing a bin count as ties)."
            if isinstance(max_error, float) else "")

@@ -1,5 +1,6 @@
 """Per-class score histograms: how sites let the coordinator compute AUROC, AUPRC and ECE on the union
-of their test sets without any patient-level score leaving a site.
+of their test sets without sending row-level records. The counts still tell the coordinator every
+test row's label and score to the bin (0.001), only not which row is whose; see the end of this note.
 
 A binary site counts its test rows of label 0 and of label 1 in `SCORE_HISTOGRAM_BINS` equal-width
 bins of [0, 1] and sums the scores in each bin. Histograms add: the sum over sites is the histogram of

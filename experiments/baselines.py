@@ -9,9 +9,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtwin.client.normalization import PLAIN_TOLERANCE
 from medtwin.client.training import train_epochs
 from medtwin.core.config import MedtwinConfig
 from medtwin.core.tasks import SiteSplit, TwinTask, get_task
+from medtwin.core.tasks.federated_statistics import (
+    STATISTICS_PER_FEATURE,
+    standardise_with,
+    standardiser_from_average,
+    statistics_vector,
+)
+from medtwin.core.tasks.preprocessing import pool_raw_splits
 
 
 def score_everywhere(task: TwinTask, model: nn.Module, sites: list[SiteSplit], pooled: SiteSplit) -> dict[str, float]:
@@ -61,9 +69,24 @@ def final_model_evaluator(config: MedtwinConfig) -> Callable[[np.ndarray], tuple
     task = get_task(config.task)
     sites = task.load_all_sites()
     pooled = task.load_pooled()
+    if config.task.normalization == "federated":
+        sites, pooled = federated_views(task)
 
     def evaluate(weights: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
         model = task.model_with_weights(weights, seed=config.seed)
         return score_everywhere(task, model, sites, pooled), task.evaluate(model, pooled.x_test, pooled.y_test)
 
     return evaluate
+
+
+def federated_views(task: TwinTask) -> tuple[list[SiteSplit], SiteSplit]:
+    """Every site's rows and the pooled rows z-scored as the sites did under `task.normalization=federated`:
+    with the global statistics of every site's training rows, derived by the sites' own encoding and
+    checks (client/normalization.py), here from the plain sum of all sites' statistics."""
+    raw = [task.load_site_unnormalised(index) for index in range(len(task.site_ids()))]
+    reference = task.feature_reference()
+    length = STATISTICS_PER_FEATURE * reference.num_features
+    total_rows = sum(split.num_train for split in raw)
+    average = sum(statistics_vector(split.x_train, reference, length=length) * split.num_train for split in raw) / total_rows
+    standardiser = standardiser_from_average(average, total_rows=total_rows, reference=reference, tolerance=PLAIN_TOLERANCE)
+    return [standardise_with(split, standardiser) for split in raw], standardise_with(pool_raw_splits(raw), standardiser)

@@ -318,3 +318,31 @@ def test_a_site_normalises_a_whole_run_with_the_first_statistics_it_used(federat
     signed = (mine_there.content.array_records[UPDATE], (claim, bytes(mine_there.content.config_records[SITE]["signature"])))
     extra = statistics_records([signed, federation.peer_statistics(task, 1, other_run)])
     assert status_of(federation.ask(other_text, run_id=other_run, message_type="train", server_round=1, extra=extra))[0] == "trained"
+
+
+def test_the_harness_scores_the_federated_model_on_rows_normalised_as_the_sites_did() -> None:
+    """Under federated normalisation the sites trained and evaluated on rows z-scored with the union's
+    statistics: the harness's "federated" row and pooled figures must feed the model those rows, not
+    each site's own z-scores (the baselines' local models keep theirs)."""
+    import torch
+
+    from medtwin.core.model_vector import model_to_vector
+    from medtwin.experiments.baselines import final_model_evaluator
+
+    config = compose_config(["task=breast_cancer", "task.num_sites=3", "task.normalization=federated", "privacy=none"])
+    task = get_task(config.task)
+    torch.manual_seed(3)
+    weights = model_to_vector(task.build_model())
+    model = task.model_with_weights(weights, seed=config.seed)
+    raw = [task.load_site_unnormalised(index) for index in range(3)]
+    union = np.concatenate([split.x_train for split in raw])
+    mean, std = union.mean(axis=0), union.std(axis=0, ddof=1) + STD_EPSILON
+    row, pooled_metrics = final_model_evaluator(config)(weights)
+    for split in raw:
+        expected = task.evaluate(model, ((split.x_test - mean) / std).astype(np.float32), split.y_test)
+        assert row[split.site_id] == pytest.approx(expected[task.primary_metric], abs=1e-6)
+    pooled_x = np.concatenate([split.x_test for split in raw])
+    pooled_y = np.concatenate([split.y_test for split in raw])
+    assert pooled_metrics["brier"] == pytest.approx(task.evaluate(model, ((pooled_x - mean) / std).astype(np.float32), pooled_y)["brier"], abs=1e-6)
+    own = task.load_site(0)  # what the harness used before: the site's own z-scores
+    assert task.evaluate(model, own.x_test, own.y_test)["brier"] != pytest.approx(pooled_metrics["brier"], abs=1e-6)

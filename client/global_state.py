@@ -120,7 +120,7 @@ class GlobalStateStore:
                     inputs_sha256=str(meta["inputs_sha256"]),
                     previous_sha256=str(meta["previous_sha256"]),
                 )
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
             raise SharedStateRefused(
                 "state_damaged", f"this site's shared optimiser state {path} cannot be read ({type(error).__name__})"
             ) from None

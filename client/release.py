@@ -16,7 +16,9 @@ own sensitivity analysis first.
 
 A binary site's per-class score histogram (core/score_histogram.py: its test rows counted per label in
 1000 score bins, with each bin's score sum) lets the coordinator compute AUROC, AUPRC and ECE on the
-union of all sites' test sets. `exact` releases it as computed, `rounded` with each bin's score sum
+union of all sites' test sets. It is row-level: anyone who can score a known patient with the model
+reads that patient's label off the bin. So it leaves a site only if its file opts in
+(`evaluation.score_histogram: true`; off by default). Then `exact` releases it as computed, `rounded` with each bin's score sum
 rounded to `evaluation.decimals` (the counts are integers already). `dp` withholds it: the counts
 place every test patient's label and score to 0.001, one patient moves up to two counts by one, and
 noising 2000 counts with the release's ε would leave the figures meaningless at hospital test-set
@@ -66,7 +68,7 @@ def release_metrics(metrics: dict[str, float], policy: EvaluationPolicy) -> dict
 
 def release_score_histogram(histogram: ScoreHistogram | None, policy: EvaluationPolicy) -> ScoreHistogram | None:
     """The score histogram as released under `policy` (see the module docstring), or None if withheld."""
-    if histogram is None or policy.release == "dp":
+    if histogram is None or not policy.score_histogram or policy.release == "dp":
         return None
     if policy.release == "rounded":
         return histogram.rounded(policy.decimals)

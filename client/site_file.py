@@ -121,6 +121,9 @@ class EvaluationPolicy:
     decimals: int = 3
     epsilon_per_release: float = 0.1
     min_participants: int = 2
+    # per-class 1000-bin score counts of the test rows (pooled AUROC/AUPRC/ECE): they place each test
+    # row's label and score to 0.001, so a site releases them only if its file says so, never under dp
+    score_histogram: bool = False
 
 
 @dataclass(frozen=True)
@@ -421,7 +424,7 @@ def _privacy(reader: _Reader, privacy: dict, *, research: bool) -> SitePolicy:
 
 
 def _evaluation(reader: _Reader, evaluation: dict) -> EvaluationPolicy:
-    reader.unknown(evaluation, {"release", "decimals", "epsilon_per_release", "min_participants"}, "evaluation.")
+    reader.unknown(evaluation, {"release", "decimals", "epsilon_per_release", "min_participants", "score_histogram"}, "evaluation.")
     release = reader.value(evaluation, "release", str, "rounded", prefix="evaluation.")
     if release not in RELEASE_MODES:
         reader.problems.append(f"`evaluation.release` must be one of {RELEASE_MODES}, got {release!r}")
@@ -430,7 +433,10 @@ def _evaluation(reader: _Reader, evaluation: dict) -> EvaluationPolicy:
         decimals=reader.value(evaluation, "decimals", int, 3, prefix="evaluation.", minimum=0),
         epsilon_per_release=reader.value(evaluation, "epsilon_per_release", float, 0.1, prefix="evaluation."),
         min_participants=reader.value(evaluation, "min_participants", int, 2, prefix="evaluation.", minimum=1),
+        score_histogram=reader.value(evaluation, "score_histogram", bool, False, prefix="evaluation."),
     )
+    if release == "dp" and policy.score_histogram:
+        reader.problems.append("`evaluation.score_histogram: true` cannot be released under release: dp (it is row-level); set it to false")
     if release == "dp" and not policy.epsilon_per_release > 0:
         reader.problems.append("`evaluation.epsilon_per_release` must be > 0 with release: dp")
     return policy

@@ -119,7 +119,7 @@ def hospital(tmp_path: Path) -> Hospital:
                 "data": {"builtin": {"task": "fed_heart_disease", "index": 0}},
                 "accept": {"tasks": ["fed_heart_disease"], "max_rounds": 20, "max_local_steps": 100},
                 "privacy": {"max_epsilon": 3.0, "max_delta": 1e-4, "max_total_epsilon": 10.0},
-                "evaluation": {"release": "exact", "min_participants": 2},
+                "evaluation": {"release": "exact", "min_participants": 2, "score_histogram": True},
                 "approvals": "local",
                 "kit_dir": str(kits["cleveland"]),
                 "state_dir": str(state_dir),
@@ -342,7 +342,7 @@ def test_a_second_evaluation_of_the_same_round_releases_nothing_new(hospital: Ho
 
 def test_rounded_and_dp_releases_follow_the_site_file(hospital: Hospital) -> None:
     document = yaml.safe_load(hospital.site_file.read_text())
-    document["evaluation"] = {"release": "rounded", "decimals": 2, "min_participants": 2}
+    document["evaluation"] = {"release": "rounded", "decimals": 2, "min_participants": 2, "score_histogram": True}
     hospital.site_file.write_text(yaml.safe_dump(document))
     run_id, text = hospital.proposal("federation.num_rounds=2")
     hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)

@@ -164,8 +164,10 @@ def test_every_problem_is_named_at_once_and_an_honest_histogram_passes() -> None
 def test_exact_and_rounded_release_the_histogram_and_dp_withholds_it() -> None:
     labels, scores = _sites("informative", seed=4)[0]
     histogram = ScoreHistogram.of_scores(labels, scores)
-    assert release_score_histogram(histogram, EvaluationPolicy(release="exact")) == histogram
-    rounded = release_score_histogram(histogram, EvaluationPolicy(release="rounded", decimals=2))
+    assert release_score_histogram(histogram, EvaluationPolicy(release="exact")) is None  # off unless the site file opts in
+    assert release_score_histogram(histogram, EvaluationPolicy(release="rounded")) is None
+    assert release_score_histogram(histogram, EvaluationPolicy(release="exact", score_histogram=True)) == histogram
+    rounded = release_score_histogram(histogram, EvaluationPolicy(release="rounded", decimals=2, score_histogram=True))
     assert rounded is not None and rounded.negatives == histogram.negatives and rounded.positives == histogram.positives
     assert rounded.score_sums == tuple(round(total, 2) for total in histogram.score_sums) != histogram.score_sums
     ScoreHistogram.checked(rounded.to_values(), rows=float(len(labels)))  # the coordinator still accepts it
@@ -278,3 +280,24 @@ def test_a_rounded_score_sum_is_pulled_back_into_its_bin() -> None:
     assert max(values["score_sums"]) == 1.0
     checked = ScoreHistogram.checked(values, rows=1.0)
     assert max(checked.score_sums) == pytest.approx(0.501)
+
+
+def test_a_site_file_opts_in_to_the_histogram_and_never_under_dp(tmp_path) -> None:
+    """Row-level score counts leave a site only if its own file says so (default off), never with release: dp."""
+    import yaml
+
+    from medtwin.client.site_file import SiteFileError, load_site_file
+
+    def site_file(evaluation: dict):
+        path = tmp_path / "site.yaml"
+        path.write_text(yaml.safe_dump({
+            "site_id": "cleveland", "data": {"builtin": {"task": "fed_heart_disease", "index": 0}},
+            "privacy": {"max_epsilon": 3.0, "max_delta": 1e-4}, "evaluation": evaluation,
+            "kit_dir": str(tmp_path / "kit"), "state_dir": str(tmp_path / "state"),
+        }))  # fmt: skip
+        return load_site_file(path)
+
+    assert site_file({"release": "exact"}).evaluation.score_histogram is False
+    assert site_file({"release": "rounded", "score_histogram": True}).evaluation.score_histogram is True
+    with pytest.raises(SiteFileError, match="score_histogram"):
+        site_file({"release": "dp", "score_histogram": True})

@@ -712,6 +712,9 @@ class RoundLoop:
         if claim.status != "evaluated":
             raise ReplyRejected("malformed_reply", f"an evaluation with status {claim.status!r:.40}", site_id=claim.site_id)
         values = evaluation_metrics(metrics, site_id=claim.site_id)
+        if values.get("n", 0.0) > self.config.federation.max_site_examples:  # n weights every pooled figure
+            problem = f"claims {values['n']:.3g} test rows, over federation.max_site_examples={self.config.federation.max_site_examples}"
+            raise ReplyRejected("malformed_metrics", problem, site_id=claim.site_id)
         if histogram is None:
             return verified, values, None
         if not self.binary_task:

@@ -544,6 +544,12 @@ def evaluation_with_negative_count(message: Message, hostile: Hostile) -> list[M
     return [_reply(message, {SITE: _signed(claim), METRICS: MetricRecord(metrics)})]
 
 
+def evaluation_with_huge_count(message: Message, hostile: Hostile) -> list[Message]:
+    """n weights every pooled figure: 2^60 test rows would make beta's numbers everyone's."""
+    metrics, claim = _evaluation(message, "beta", {"accuracy": 1.0, "n": float(2**60)})
+    return [_reply(message, {SITE: _signed(claim), METRICS: MetricRecord(metrics)})]
+
+
 def evaluation_of_another_aggregate(message: Message, hostile: Hostile) -> list[Message]:
     metrics, claim = _evaluation(message, "beta")
     claim = replace(claim, aggregate_sha256="0" * 64)
@@ -613,6 +619,7 @@ EVALUATION_ATTACKS: dict[str, tuple[Behaviour, str]] = {
     "signed-refusal": (evaluation_refused, "refused:already_evaluated"),
     "nan-metric": (evaluation_with_nan, "malformed_metrics"),
     "negative-count": (evaluation_with_negative_count, "malformed_metrics"),
+    "count-over-max-site-examples": (evaluation_with_huge_count, "malformed_metrics"),
     "another-aggregate": (evaluation_of_another_aggregate, "wrong_aggregate"),
     "metrics-not-the-signed": (evaluation_metrics_swapped, "digest_mismatch"),
     "unsigned": (evaluation_unsigned, "unsigned"),

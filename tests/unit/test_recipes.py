@@ -50,6 +50,18 @@ def test_joblib_launcher_and_recipe_search_sweeper_compose_with_our_tree() -> No
         check_override(f"{key}={space}")  # every tuned key exists in the schema
 
 
+def test_the_ray_launcher_composes_with_jobs_that_hold_no_cpu() -> None:
+    """hydra/launcher=ray_cluster: Hydra's Ray launcher, each job a Ray task taking no CPU itself (its
+    simulation's hospitals are Ray actors on the same cluster; a job holding a CPU starves them)."""
+    import hydra_plugins.hydra_ray_launcher  # noqa: F401 - the sweep extra; a missing plugin fails here
+
+    composed = _hydra_config(["hydra/launcher=ray_cluster", "task=breast_cancer"])
+    assert composed.hydra.launcher._target_.endswith("RayLauncher")
+    assert composed.hydra.launcher.ray.remote.num_cpus == 0
+    address = _hydra_config(["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=auto"]).hydra.launcher.ray.init.address
+    assert address == "auto"  # another machine's cluster: one override
+
+
 def test_every_shipped_task_has_a_default_recipe_listed_here() -> None:
     assert set(group_options("task")) == set(DEFAULT_RECIPES)
 

@@ -600,6 +600,13 @@ class RoundLoop:
                 metrics |= self.result.privacy[update.site_id]
             site_metrics[update.site_id] = metrics
         missed = self.close_phase(server_round, "train", node_ids, replies)
+        for update in self.off_state_updates(accepted):
+            accepted.remove(update)
+            site_metrics.pop(update.site_id, None)
+            self.result.accepted_updates -= 1
+            self.result.update_bytes -= sum(len(array.data) for array in update.record.values())
+            reason = f"trained from state {update.claim.aggregate_sha256[:16]!r:.20}..., not the state most sites trained from"
+            rejected.append(Rejection(update.site_id, update.node_id, reason, server_round, "state_mismatch"))
         for rejection in rejected:
             logger.warning(
                 "round %d: update from %s not used (%s): %s", server_round, rejection.site_id, rejection.code, rejection.reason
@@ -632,6 +639,19 @@ class RoundLoop:
                 "time_s": time.monotonic() - started,
             }
         )
+
+    def off_state_updates(self, accepted: list[SiteUpdate]) -> list[SiteUpdate]:
+        """Under a server optimiser every update names the optimiser state it was trained from, and sites
+        step only a round whose certified updates all name theirs: one site naming another state would
+        make every honest site refuse the round. Keep the largest group (ties: the smaller digest, so
+        every coordinator decides alike); the others are returned to be refused as `state_mismatch`."""
+        if self.config.strategy.server_optimizer == "none" or not accepted:
+            return []
+        groups: dict[str, list[SiteUpdate]] = {}
+        for update in accepted:
+            groups.setdefault(update.claim.aggregate_sha256, []).append(update)
+        kept = min(groups, key=lambda state: (-len(groups[state]), state))
+        return [update for update in accepted if update.claim.aggregate_sha256 != kept]
 
     def _failure(
         self, server_round: int, accepted: list[SiteUpdate], rejected: list[Rejection], missed: list[int], *, sent: list[int]

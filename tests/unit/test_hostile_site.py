@@ -714,3 +714,33 @@ def test_a_histogram_in_a_regression_run_is_refused(tmp_path: Path) -> None:
     assert record["rejected"]["beta"].startswith("malformed_histogram: ")
     assert not any(name.startswith("histogram_pooled_") for name in record["pooled"])
     assert run.loop.result.final_score_histogram is None
+
+
+def update_from_another_state(message: Message, hostile: Hostile) -> list[Message]:
+    """Under a server optimiser a claim names the state it trained from (aggregate_sha256): beta names
+    one no honest site has, which would make every honest site refuse to step the round."""
+    if message.metadata.message_type != "train":
+        return honest(message, "beta")
+    record, claim = _update(message, "beta")
+    return [_reply(message, {UPDATE: record, SITE: _signed(replace(claim, aggregate_sha256="f" * 64))})]
+
+
+def test_under_a_server_optimiser_an_update_from_another_state_is_refused_not_certified(default_config, tmp_path: Path) -> None:
+    adam = replace(default_config, strategy=replace(default_config.strategy, server_optimizer="adam"))
+    run = _run(update_from_another_state, adam, tmp_path)
+    record = run.train_record(1)
+    assert record["participants"] == ["alpha"] and record["rejected"]["beta"].startswith("state_mismatch: ")
+    assert [claim.site_id for claim, _ in run.loop.result.certificate.claims] == ["alpha"]  # the sites see alpha's only
+    fedavg = _run(update_from_another_state, default_config, tmp_path / "fedavg")
+    assert fedavg.train_record(1)["participants"] == ["alpha", "beta"]  # FedAvg: no state, nothing to disagree on
+
+
+def test_the_largest_group_of_one_state_is_kept_whatever_the_arrival_order(default_config) -> None:
+    from types import SimpleNamespace
+
+    adam = replace(default_config, strategy=replace(default_config.strategy, server_optimizer="adam"))
+    updates = [SimpleNamespace(claim=SimpleNamespace(aggregate_sha256=state)) for state in ("b", "a", "b", "c", "b")]
+    off = RoundLoop.off_state_updates(SimpleNamespace(config=adam), updates)  # type: ignore[arg-type]
+    assert [update.claim.aggregate_sha256 for update in off] == ["a", "c"]
+    tie = [SimpleNamespace(claim=SimpleNamespace(aggregate_sha256=state)) for state in ("d", "c")]
+    assert [u.claim.aggregate_sha256 for u in RoundLoop.off_state_updates(SimpleNamespace(config=adam), tie)] == ["d"]  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ TINY = [
     "task.num_sites=2",
     "federation=quick",
     "federation.num_rounds=1",
+    "strategy.local_steps=10",
     "baselines.enabled=false",
     "progress=false",
     "crypto=plain",

@@ -1,4 +1,4 @@
-"""A 2-point Hydra multirun (`python -m medtwin.experiments.run -m`) on the tiniest preset, then the collector.
+"""A 2-point Hydra multirun (`python -m medtwin.experiments.run -m`, joblib launcher) on the tiniest preset, then the collector.
 
 One round of breast cancer on 2 sites, DP at ε 1 and 8, no baselines: the same `simulate` as `medtwin
 run`, one job folder per point under the sweep folder, and a results table with one row per ε."""
@@ -31,7 +31,10 @@ TINY = [
 
 def test_multirun_then_collect(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "medtwin.experiments.run", "-m", *TINY, "privacy.target_epsilon=1,8", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable, "-m", "medtwin.experiments.run", "-m", *TINY, "privacy.target_epsilon=1,8", f"hydra.sweep.dir={sweep}",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",  # the local parallel launcher: both jobs at once
+    ]  # fmt: skip
     finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
 

@@ -424,6 +424,19 @@ class RoundLoop:
             self._certified_statistics = [record_from_bytes(self.artifacts.get(claim.payload_sha256)) for claim, _ in certificate.claims]
         return self._certified_statistics
 
+    def sum_and_certify(self, server_round: int, accepted: list[SiteUpdate]) -> tuple[dict[str, str], ArrayRecord, RoundCertificate]:
+        """Store each accepted update (sorted by site), their sum and the certificate of their signed claims:
+        (update digests by site, the sum, its certificate) — the same for a training round and round 0's statistics."""
+        accepted.sort(key=lambda update: update.site_id)
+        update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
+        aggregate = self.aggregator.aggregate(accepted)
+        certificate = RoundCertificate(
+            server_round=server_round,
+            aggregate_sha256=self.artifacts.put(record_bytes(aggregate), kind="aggregate"),
+            claims=tuple((update.claim, update.signature) for update in accepted),
+        )
+        return update_digests, aggregate, certificate
+
     def statistics_phase(self, node_ids: list[int]) -> None:
         """Round 0 of `task.normalization=federated`: every site's signed statistics update, summed like a
         round's updates (ciphertexts only under CKKS) and certified; the sum goes with every later message
@@ -456,15 +469,8 @@ class RoundLoop:
         self.result.rejections.extend(rejected)
         if len(accepted) < self.config.federation.min_sites:
             raise RoundFailedError(self._failure(server_round, accepted, rejected, missed, sent=node_ids))
-        accepted.sort(key=lambda update: update.site_id)
-        update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
-        self.result.statistics_aggregate = self.aggregator.aggregate(accepted)
-        aggregate_digest = self.artifacts.put(record_bytes(self.result.statistics_aggregate), kind="aggregate")
-        self.result.statistics_certificate = RoundCertificate(
-            server_round=server_round,
-            aggregate_sha256=aggregate_digest,
-            claims=tuple((update.claim, update.signature) for update in accepted),
-        )
+        update_digests, self.result.statistics_aggregate, self.result.statistics_certificate = self.sum_and_certify(server_round, accepted)
+        aggregate_digest = self.result.statistics_certificate.aggregate_sha256
         self.on_record(
             {
                 "round": server_round,
@@ -614,16 +620,9 @@ class RoundLoop:
         self.result.rejections.extend(rejected)
         if len(accepted) < self.config.federation.min_sites:
             raise RoundFailedError(self._failure(server_round, accepted, rejected, missed, sent=node_ids))
-        accepted.sort(key=lambda update: update.site_id)
-        update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
-        self.result.aggregate = self.aggregator.aggregate(accepted)
-        aggregate_digest = self.artifacts.put(record_bytes(self.result.aggregate), kind="aggregate")
+        update_digests, self.result.aggregate, self.result.certificate = self.sum_and_certify(server_round, accepted)
+        aggregate_digest = self.result.certificate.aggregate_sha256
         self.result.aggregate_digests.append(aggregate_digest)
-        self.result.certificate = RoundCertificate(
-            server_round=server_round,
-            aggregate_sha256=aggregate_digest,
-            claims=tuple((update.claim, update.signature) for update in accepted),
-        )
         chain = self.close_round_on_chain(server_round, accepted, rejected, update_digests, aggregate_digest)
         self.on_record(
             {

@@ -191,12 +191,18 @@ def _label(keys: Sequence[str], setting: Sequence[str], *, without: str = "") ->
     return ", ".join(f"{key}={value}" for key, value in zip(keys, setting) if key != without) or "all"
 
 
-def plot_utility_per_round(jobs: Sequence[Job], path: Path) -> None:
-    """Pooled primary metric after each round, mean over seeds, one line per setting."""
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, headless, imported only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_utility_per_round(jobs: Sequence[Job], path: Path) -> None:
+    """Pooled primary metric after each round, mean over seeds, one line per setting."""
+    plt = _pyplot()
 
     keys = swept_keys(jobs)
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -216,10 +222,7 @@ def plot_utility_per_round(jobs: Sequence[Job], path: Path) -> None:
 
 def plot_utility_vs_epsilon(jobs: Sequence[Job], path: Path) -> bool:
     """Pooled primary metric against ε spent (mean ± std over seeds); False (no file) if ε does not vary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     keys = swept_keys(jobs)
     points: dict[str, list[tuple[float, float, float, float]]] = {}
@@ -271,10 +274,7 @@ def cost_by_setting(jobs: Sequence[Job]) -> list[Cost]:
 
 def plot_cost_per_round(jobs: Sequence[Job], path: Path) -> None:
     """Bytes of one site's update and wall time per round, one bar per setting, coloured by crypto scheme."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     costs = cost_by_setting(jobs)
     schemes = sorted({cost.scheme for cost in costs})

@@ -135,6 +135,9 @@ class ProcessTree:
             owners = {
                 pid for pid, known in self._seen.items() if pid in stats and stats[pid].start_ticks == known.start_ticks
             }
+            for pid in owners:  # seen between fork and exec it bore its parent's name: keep the one it runs as
+                if stats[pid].name != self._seen[pid].name:
+                    self._seen[pid] = ProcessId(pid, stats[pid].start_ticks, stats[pid].name)
             changed = True
             while changed:
                 changed = False

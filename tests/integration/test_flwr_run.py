@@ -117,6 +117,20 @@ def test_process_tree_stops_a_detached_grandchild(tmp_path: Path) -> None:
     assert not grandchild.is_alive() and root.returncode is not None
 
 
+def test_process_tree_names_a_process_by_what_it_execs(tmp_path: Path) -> None:
+    """Ray forks and then execs raylet: a scan between the two sees the parent's name, a later one must not keep it."""
+    root = subprocess.Popen(["bash", "-c", "sleep 0.5; exec sleep 120"], start_new_session=True)
+    tree = ProcessTree(root, scan_interval_s=0.1)
+    try:
+        assert {process.name for process in tree.seen if process.pid == root.pid} == {"bash"}
+        deadline = time.monotonic() + 10
+        while {process.name for process in tree.seen if process.pid == root.pid} != {"sleep"}:
+            assert time.monotonic() < deadline, tree.seen
+            time.sleep(0.1)
+    finally:
+        assert tree.stop(grace_s=5.0) == []
+
+
 def test_app_bundle_leaves_out_environments_and_run_outputs() -> None:
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.constant import FAB_MAX_SIZE

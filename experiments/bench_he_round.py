@@ -1,47 +1,65 @@
-"""Benchmark: what CKKS costs a whole federated round, for a ~100k-parameter model and 4 / 8 sites.
+"""Benchmark: what CKKS costs a whole federated round, and the chains' share of it, measured side by side.
 
-    python -m medtwin.experiments.bench_he_round [--sites 4 8] [--hidden 512 128] [--features 64]
-                                                 [--local-steps 100] [--batch-size 32] [--rounds 3]
-                                                 [--tasks ...] [--wire-only] [--out .medtwin/bench/he_round.json]
+    python -m medtwin.experiments.bench_he_round [--task mlp|vitals] [--sites 4 8] [--hidden 512 128]
+                                                 [--features 64] [--local-steps 100] [--batch-size 32]
+                                                 [--rounds 3] [--chain none|anvil] [--tasks ...]
+                                                 [--wire-only] [--out .medtwin/bench/he_round.json]
 
 First, in the same run, the bytes on the wire (`bench_he_wire`): uplink and downlink per parameter
 ÷ float32 for every shipped task's model and this MLP (with the first `--sites`). Then the rounds.
 Both are printed and written to `--out` as JSON.
 
-A round is built from the pieces the real round loop runs, in the same order:
+The workload: `--task mlp` (default) is a ~100k-parameter MLP on synthetic data (`--features`,
+`--hidden`; each site `--local-steps` SGD steps of `--batch-size` at 0.01 over as many rows);
+`--task vitals` is the vital-signs twin with its shipped recipe (configs/task/vitals.yaml, strategy
+fedavg_vitals: 100 Adam steps of 64 windows per site) on its generated wards (its own site count;
+`--sites`, `--local-steps` and `--batch-size` do not apply).
 
-    site         decode the previous aggregate (decrypt with CKKS) -> local training (`train_locally`,
-                 SGD, `--local-steps` steps of `--batch-size`) -> pack (encrypt + sign + keep own update)
-    coordinator  for each update: verify the signed claim, check (payload / ciphertext shape) + store it as an
-                 artifact; sum (CKKS: public context only); store the aggregate
-    site         decode the new aggregate for the evaluation phase
+A round is built from the pieces the real round loop runs (server/loop.py, client/app.py), in order:
 
-Sites work in parallel in a real federation, so the round time is the critical path: the slowest
-site's decode + train + pack, the coordinator's serial work, the slowest site's decode. Sites are
-timed one after another here (2 shared cores), each on its own synthetic data (64 features,
-`--local-steps` x `--batch-size` rows, a random linear rule). Network transfer is not timed; the
-bytes column says how much one site uploads (the aggregate sent back is about twice that under CKKS).
-"plain" is crypto=plain (float32 updates, float64 sums; signed and verified like every update); "ckks" uses the project's crypto=ckks
-defaults (configs/crypto/ckks.yaml, max_total_examples = 2 x the sites' rows as in simulation).
-Times are medians over `--rounds` timed rounds after one warm-up round.
+    site         [chain: its approval of the run] -> take the previous round's certified updates
+                 (verify the certificate, sum them itself, decrypt under CKKS) -> local training
+                 (`train_locally`) -> pack (encrypt + sign, with its dataset manifest)
+    coordinator  for each update: verify the signed claim, check its payload / ciphertext shape,
+                 [chain: the site's admission]; store every update, sum (CKKS: public context only),
+                 store the aggregate and certify it; [chain: decisions + dataset commitments + anchor]
+    site         [chain: its approval, the aggregate's anchor] -> take the certified updates again
+                 (verify, sum, decrypt) -> evaluate on its test split
+
+The [chain] steps run with `--chain anvil` only: the real calls against two local anvil nodes
+(started in a temporary folder, stopped by PID), the coordinator's session and, for the sites,
+read-only sessions as in a simulation (bench_round_chain.py).
+
+Sites work in parallel in a real federation, so the round time is the critical path: per step the
+slowest site, plus the coordinator's serial work. Sites are timed one after another here (2 shared
+cores). Network transfer is not timed; the bytes column says how much one site uploads.
+"plain" is crypto=plain (float32 updates, float64 sums; signed and verified like every update);
+"ckks" uses the project's crypto=ckks defaults (configs/crypto/ckks.yaml, max_total_examples = 2 x the
+sites' rows as in simulation). Both federations share the sites' identities, data and chains, and their
+rounds are interleaved (plain, ckks, then ckks, plain, ...) so machine load hits both alike. Times are
+medians over `--rounds` timed rounds after one warm-up round each.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
-from torch import nn
+from flwr.app import ArrayRecord
 
+from medtwin.client.aggregate_check import check_decoded_sum, verify_certificate
 from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
 from medtwin.client.training import train_locally
 from medtwin.core.artifacts import ArtifactStore
@@ -58,34 +76,51 @@ from medtwin.core.identity import (
     steward_generate_he_keys,
 )
 from medtwin.core.model_vector import model_to_vector, vector_to_model
-from medtwin.core.protocol import payload_sha256, record_bytes, site_reply_record
+from medtwin.core.protocol import RoundCertificate, payload_sha256, record_bytes, site_reply_record
 from medtwin.core.rundir import atomic_write_text
 from medtwin.experiments.bench_he_wire import add_wire_arguments, print_wire_table, wire_rows
+from medtwin.experiments.bench_round_chain import Chains, RunChain, anvil_chains
+from medtwin.experiments.bench_round_workloads import Workload, mlp_workload, task_workload
 from medtwin.server.aggregation import Aggregator, CkksAggregator, PlainAggregator, SiteUpdate
 from medtwin.server.verifier import ReplyVerifier
 
-RUN_ID = "bench-he-round"
+SCHEMES = ("plain", "ckks")
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class RoundTiming:
-    decode_s: float  # slowest site: decode the previous aggregate (train phase)
+    decode_s: float  # slowest site: verify, sum and decode the previous round's certified updates (train phase)
     train_s: float  # slowest site: local training
     pack_s: float  # slowest site: pack (CKKS: encrypt, sign, keep its plaintext update)
-    coordinator_s: float  # check + store every update, sum, store the aggregate
-    evaluate_decode_s: float  # slowest site: decode the new aggregate (evaluation phase)
+    coordinator_s: float  # verify + check + store every update, sum, store and certify the aggregate
+    evaluate_decode_s: float  # slowest site: verify, sum and decode the new aggregate (evaluation phase)
+    evaluate_s: float  # slowest site: the model's metrics on its test split
     one_machine_s: float  # everything one after another (one host simulating every site)
     upload_bytes: int  # one site's update payload
     relative_error: float = 0.0  # max |decoded average - exact average| / max |exact average|
+    site_chain_s: float = 0.0  # slowest site: its approval check before training
+    coordinator_chain_s: float = 0.0  # admissions of every update + the round's writes (decisions, anchor)
+    evaluate_chain_s: float = 0.0  # slowest site: its approval and the aggregate's anchor before evaluating
+
+    @property
+    def chain_s(self) -> float:
+        return self.site_chain_s + self.coordinator_chain_s + self.evaluate_chain_s
 
     @property
     def round_s(self) -> float:
-        return self.decode_s + self.train_s + self.pack_s + self.coordinator_s + self.evaluate_decode_s
+        return (
+            self.decode_s + self.train_s + self.pack_s + self.coordinator_s + self.evaluate_decode_s + self.evaluate_s
+            + self.chain_s
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"round_s": self.round_s, "chain_s": self.chain_s, "chain_share": self.chain_s / self.round_s}
 
 
 @dataclass(frozen=True)
 class Row:
+    workload: str
     sites: int
     num_parameters: int
     plain: RoundTiming
@@ -101,196 +136,309 @@ class Row:
         return self.ckks.upload_bytes / self.num_parameters / 4
 
 
-def build_model(*, features: int, hidden: tuple[int, ...]) -> nn.Module:
-    layers: list[nn.Module] = []
-    width = features
-    for size in hidden:
-        layers += [nn.Linear(width, size), nn.ReLU()]
-        width = size
-    layers.append(nn.Linear(width, 1))
-    return nn.Sequential(*layers)
-
-
 def _timed(action: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     result = action()
     return time.perf_counter() - start, result
 
 
-def _site_data(index: int, *, rows: int, features: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([7, index])
-    x = rng.normal(0.0, 1.0, (rows, features)).astype(np.float32)
-    rule = np.random.default_rng(7).normal(0.0, 1.0, features)
-    y = (x @ rule + rng.normal(0.0, 0.5, rows) > 0).astype(np.float32)
-    return x, y
-
-
-def _federation(root: Path, *, scheme: str, sites: int, num_parameters: int, rows_per_site: int):
+@dataclass
+class Federation:
     """Every site makes its own identity, the admin provisions from public files; CKKS keys from site 0."""
-    site_ids = [f"site{index}" for index in range(sites)]
-    kit_dirs = {site_id: root / site_id / "kit" for site_id in site_ids}
-    public_files = [init_site_identity(kit_dirs[site_id], site_id=site_id) for site_id in site_ids]
-    admin = provision_federation(root / "admin", federation_name="bench", site_public_files=public_files)
-    kits = [join_federation(kit_dirs[site_id], admin.manifest_path) for site_id in site_ids]
-    if scheme != "ckks":
-        return site_ids, kits, [PlainSiteCodec() for _ in site_ids], PlainAggregator, admin.manifest, None
-    crypto = compose_config(["crypto=ckks"]).crypto
-    crypto = replace(crypto, max_total_examples=2 * rows_per_site * sites)
-    parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=sites)
-    distribution = steward_generate_he_keys(kit_dirs[site_ids[0]], parameters, outbox_dir=root / "outbox")
-    for site_id, envelope in distribution.envelope_paths.items():
-        install_he_secret(kit_dirs[site_id], envelope)
-    codecs = [CkksSiteCodec.from_kit(kit_dirs[site_id], distribution.key_id) for site_id in site_ids]
 
-    def make_aggregator() -> Aggregator:
-        return CkksAggregator.from_files(public_context_path=str(distribution.public_context_path))
+    site_ids: list[str]
+    kits: list[SiteKit]
+    kit_dirs: dict[str, Path]
+    state_dirs: dict[str, Path]
+    codecs: dict[str, list]  # scheme -> one codec per site
+    aggregators: dict[str, Callable[[], Aggregator]]
+    parameters: CkksParameters
 
-    return site_ids, kits, codecs, make_aggregator, admin.manifest, parameters
+    @classmethod
+    def create(cls, root: Path, *, sites: int, num_parameters: int, max_total_examples: int) -> Federation:
+        site_ids = [f"site{index}-of-{sites}" for index in range(sites)]  # one anvil pair serves every size
+        kit_dirs = {site_id: root / site_id / "kit" for site_id in site_ids}
+        public_files = [init_site_identity(kit_dirs[site_id], site_id=site_id) for site_id in site_ids]
+        admin = provision_federation(root / "admin", federation_name="bench", site_public_files=public_files)
+        kits = [join_federation(kit_dirs[site_id], admin.manifest_path) for site_id in site_ids]
+        crypto = replace(compose_config(["crypto=ckks"]).crypto, max_total_examples=max_total_examples)
+        parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=sites)
+        distribution = steward_generate_he_keys(kit_dirs[site_ids[0]], parameters, outbox_dir=root / "outbox")
+        for site_id, envelope in distribution.envelope_paths.items():
+            install_he_secret(kit_dirs[site_id], envelope)
+
+        def ckks_aggregator() -> Aggregator:
+            return CkksAggregator.from_files(public_context_path=str(distribution.public_context_path))
+
+        return cls(
+            site_ids=site_ids, kits=kits, kit_dirs=kit_dirs,
+            state_dirs={site_id: root / site_id / "state" for site_id in site_ids},
+            codecs={
+                "plain": [PlainSiteCodec() for _ in site_ids],
+                "ckks": [CkksSiteCodec.from_kit(kit_dirs[site_id], distribution.key_id) for site_id in site_ids],
+            },
+            aggregators={"plain": PlainAggregator, "ckks": ckks_aggregator},
+            parameters=parameters,
+        )  # fmt: skip
 
 
-def _signed_update(codec, kit: SiteKit, weights: np.ndarray, *, num_examples: int, server_round: int):
-    """What a site sends: the packed payload and its signed claim (both schemes are signed)."""
-    record = codec.pack(weights, num_examples=num_examples, run_id=RUN_ID)
-    claim = ReplyClaim(
-        kind="update", run_id=RUN_ID, server_round=server_round, site_id=kit.site_id,
-        payload_sha256=payload_sha256(record), num_examples=int(num_examples), status="trained",
-    )  # fmt: skip
-    return record, site_reply_record(claim, sign_claim(kit.signing_key, claim))
+def _dataset_manifest(x: np.ndarray, y: np.ndarray) -> str:
+    digest = hashlib.sha256(b"medtwin-bench/dataset\x00")
+    for array in (x, y):
+        digest.update(hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest())
+    return digest.hexdigest()
 
 
-def run_rounds(
-    *,
-    scheme: str,
-    sites: int,
-    features: int,
-    hidden: tuple[int, ...],
-    local_steps: int,
-    batch_size: int,
-    rounds: int,
-    workdir: Path,
-) -> tuple[RoundTiming, CkksParameters | None, int]:
-    """Warm-up round + `rounds` timed rounds; returns the median timing, the CKKS parameters, model size."""
-    torch.manual_seed(0)
-    initial = model_to_vector(build_model(features=features, hidden=hidden))
-    num_parameters = int(initial.size)
-    rows = local_steps * batch_size
-    data = [_site_data(index, rows=rows, features=features) for index in range(sites)]
-    site_ids, kits, codecs, make_aggregator, manifest, parameters = _federation(
-        workdir, scheme=scheme, sites=sites, num_parameters=num_parameters, rows_per_site=rows
-    )
-    aggregator = make_aggregator()
-    verifier = ReplyVerifier(manifest, run_id=RUN_ID)
-    artifacts = ArtifactStore(workdir / "artifacts")
-    aggregate = None
-    timings = []
-    for server_round in range(1, rounds + 2):
-        decode, train, pack, evaluate, updates, weighted = [], [], [], [], [], []
-        for index, codec in enumerate(codecs):
-            model = build_model(features=features, hidden=hidden)
-            if aggregate is None:
+@dataclass(frozen=True)
+class Certified:
+    """What the coordinator sends with an aggregate: its certificate and the certified updates."""
+
+    server_round: int
+    aggregate: ArrayRecord
+    certificate: RoundCertificate
+    updates: list[ArrayRecord]
+
+
+class SchemeRounds:
+    """One scheme's federated run, a round at a time, with its own run id, aggregator and artifacts."""
+
+    def __init__(self, scheme: str, workload: Workload, federation: Federation, *, workdir: Path, chains: Chains | None):
+        self.scheme, self.workload, self.federation = scheme, workload, federation
+        self.run_id = f"bench-he-round-{scheme}-{workload.sites}"
+        self.codecs = federation.codecs[scheme]
+        self.aggregator = federation.aggregators[scheme]()
+        self.verifier = ReplyVerifier(federation.kits[0].manifest, run_id=self.run_id)
+        self.artifacts = ArtifactStore(workdir / scheme / "artifacts")
+        torch.manual_seed(0)
+        self.initial = model_to_vector(workload.build_model())
+        self.manifests = {site_id: _dataset_manifest(*workload.train[index]) for index, site_id in enumerate(federation.site_ids)}
+        self.previous: Certified | None = None
+        self.chain = (
+            RunChain(
+                chains, run_id=self.run_id, task=workload.name, manifest=federation.kits[0].manifest,
+                site_kits=federation.kit_dirs, site_state_dirs={s: d / scheme for s, d in federation.state_dirs.items()},
+                artifacts_root=self.artifacts.root,
+                he_parameters=federation.parameters.to_dict() if scheme == "ckks" else {},
+            )
+            if chains is not None else None
+        )  # fmt: skip
+
+    def _site_average(self, index: int, certified: Certified) -> np.ndarray:
+        """What a site does with an aggregate (client/app.py `current_model`): verify, sum the certified updates itself, decode."""
+        kit, codec = self.federation.kits[index], self.codecs[index]
+        verified = verify_certificate(
+            certified.certificate.to_record(), certified.aggregate, certified.updates, manifest=kit.manifest,
+            run_id=self.run_id, server_round=certified.server_round, min_participants=self.workload.sites,
+        )  # fmt: skip
+        average, total_examples = codec.average(codec.sum(verified.updates))
+        check_decoded_sum(
+            verified, average, total_examples, error_bound=codec.count_error_bound(),
+            max_abs_average=codec.max_abs_average(total_examples=total_examples),
+        )  # fmt: skip
+        return average
+
+    def _signed_update(self, index: int, weights: np.ndarray, *, num_examples: int, server_round: int):
+        """What a site sends: the packed payload and its signed claim (both schemes are signed)."""
+        kit = self.federation.kits[index]
+        record = self.codecs[index].pack(weights, num_examples=num_examples, run_id=self.run_id)
+        claim = ReplyClaim(
+            kind="update", run_id=self.run_id, server_round=server_round, site_id=kit.site_id,
+            payload_sha256=payload_sha256(record), num_examples=int(num_examples),
+            dataset_manifest=self.manifests[kit.site_id], status="trained",
+        )  # fmt: skip
+        return record, site_reply_record(claim, sign_claim(kit.signing_key, claim))
+
+    def _coordinate(self, server_round: int, replies: list) -> tuple[Certified, float]:
+        """The coordinator's round: (the certified aggregate, seconds of it spent on chain calls)."""
+        chain_s = 0.0
+        accepted = []
+        for node_id, record, site_record in replies:
+            verified = self.verifier.verify(
+                site_record, node_id=node_id, kind="update", server_round=server_round, payload_sha256=payload_sha256(record)
+            )
+            update = SiteUpdate(node_id=node_id, record=record, claim=verified.claim, signature=verified.signature)
+            problem = self.aggregator.check(update)
+            if problem:
+                raise RuntimeError(f"benchmark update rejected: {problem}")
+            if self.chain is not None:
+                chain_s += self.chain.admission_s(update.site_id)
+            self.verifier.accept(verified)
+            self.aggregator.accept(update)
+            accepted.append(update)
+        # as the round loop's sum_and_certify: store each update (sorted by site), the sum, certify
+        accepted.sort(key=lambda update: update.site_id)
+        digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
+        aggregate = self.aggregator.aggregate(accepted)
+        certificate = RoundCertificate(
+            server_round=server_round,
+            aggregate_sha256=self.artifacts.put(record_bytes(aggregate), kind="aggregate"),
+            claims=tuple((update.claim, update.signature) for update in accepted),
+        )
+        if self.chain is not None:
+            chain_s += self.chain.close_round_s(
+                server_round=server_round, update_digests=digests, aggregate_digest=certificate.aggregate_sha256,
+                dataset_manifests={update.site_id: update.claim.dataset_manifest for update in accepted},
+                he_error_bound=self.aggregator.sum_error_bound(len(accepted)),
+            )  # fmt: skip
+        return Certified(server_round, aggregate, certificate, [update.record for update in accepted]), chain_s
+
+    def run_round(self, server_round: int) -> RoundTiming:
+        workload, site_ids = self.workload, self.federation.site_ids
+        site_chain, decode, train, pack, replies, weighted = [], [], [], [], [], []
+        for index, site_id in enumerate(site_ids):
+            site_chain.append(self.chain.site_train_checks_s(site_id) if self.chain is not None else 0.0)
+            model = workload.build_model()
+            if self.previous is None:
                 decode.append(0.0)
-                vector_to_model(model, initial)
+                vector_to_model(model, self.initial)
             else:
-                seconds, (average, _) = _timed(lambda: codec.average(aggregate))
+                seconds, average = _timed(lambda: self._site_average(index, self.previous))
                 decode.append(seconds)
                 vector_to_model(model, average)
-            x, y = data[index]
+            x, y = workload.train[index]
             seconds, result = _timed(
                 lambda: train_locally(
-                    model, x, y, loss_fn=nn.BCEWithLogitsLoss(), local_steps=local_steps, batch_size=batch_size,
-                    optimizer_name="sgd", learning_rate=0.01, seed=server_round * 1000 + index,
+                    model, x, y, loss_fn=workload.loss_fn(), local_steps=workload.local_steps, batch_size=workload.batch_size,
+                    optimizer_name=workload.optimizer, learning_rate=workload.learning_rate, seed=server_round * 1000 + index,
                 )
-            )
+            )  # fmt: skip
             train.append(seconds)
+            weights = model_to_vector(model)
             seconds, (record, site_record) = _timed(
-                lambda: _signed_update(
-                    codec, kits[index], model_to_vector(model), num_examples=result.num_examples, server_round=server_round
-                )
+                lambda: self._signed_update(index, weights, num_examples=result.num_examples, server_round=server_round)
             )
             pack.append(seconds)
-            weighted.append((model_to_vector(model) * result.num_examples, result.num_examples))
-            updates.append((index + 1, record, site_record))
+            weighted.append((weights.astype(np.float64) * result.num_examples, result.num_examples))
+            replies.append((index + 1, record, site_record))
 
-        def coordinate():
-            accepted = []
-            for node_id, record, site_record in updates:
-                verified = verifier.verify(
-                    site_record, node_id=node_id, kind="update", server_round=server_round, payload_sha256=payload_sha256(record)
-                )
-                update = SiteUpdate(node_id=node_id, record=record, claim=verified.claim, signature=verified.signature)
-                problem = aggregator.check(update)
-                if problem:
-                    raise RuntimeError(f"benchmark update rejected: {problem}")
-                aggregator.accept(update)
-                verifier.accept(verified)
-                artifacts.put(record_bytes(record), kind="update")
-                accepted.append(update)
-            summed = aggregator.aggregate(accepted)
-            artifacts.put(record_bytes(summed), kind="aggregate")
-            return summed
+        started = time.perf_counter()
+        certified, coordinator_chain_s = self._coordinate(server_round, replies)
+        coordinator_s = time.perf_counter() - started - coordinator_chain_s
+        self.previous = certified
 
-        coordinator_s, aggregate = _timed(coordinate)
         exact = sum(vector for vector, _ in weighted) / sum(count for _, count in weighted)
-        errors = []
-        for codec in codecs:
-            seconds, (average, _) = _timed(lambda: codec.average(aggregate))
-            evaluate.append(seconds)
+        evaluate_chain, evaluate_decode, evaluate, errors = [], [], [], []
+        for index, site_id in enumerate(site_ids):
+            evaluate_chain.append(
+                self.chain.site_evaluate_checks_s(site_id, server_round=server_round, aggregate_sha256=certified.certificate.aggregate_sha256)
+                if self.chain is not None else 0.0
+            )  # fmt: skip
+            seconds, average = _timed(lambda: self._site_average(index, certified))
+            evaluate_decode.append(seconds)
             errors.append(float(np.max(np.abs(average - exact)) / np.max(np.abs(exact))))
-        timing = RoundTiming(
+            model = workload.build_model()
+            vector_to_model(model, average)
+            seconds, _ = _timed(lambda: workload.evaluate(model, *workload.test[index]))
+            evaluate.append(seconds)
+        every = (site_chain, decode, train, pack, evaluate_chain, evaluate_decode, evaluate)
+        return RoundTiming(
             decode_s=max(decode),
             train_s=max(train),
             pack_s=max(pack),
             coordinator_s=coordinator_s,
-            evaluate_decode_s=max(evaluate),
-            one_machine_s=sum(decode) + sum(train) + sum(pack) + coordinator_s + sum(evaluate),
-            upload_bytes=sum(len(array.data) for array in updates[0][1].values()),
+            evaluate_decode_s=max(evaluate_decode),
+            evaluate_s=max(evaluate),
+            one_machine_s=sum(sum(times) for times in every) + coordinator_s + coordinator_chain_s,
+            upload_bytes=sum(len(array.data) for array in replies[0][1].values()),
             relative_error=max(errors),
+            site_chain_s=max(site_chain),
+            coordinator_chain_s=coordinator_chain_s,
+            evaluate_chain_s=max(evaluate_chain),
         )
-        if server_round > 1:  # round 1 has no aggregate to decode and warms caches up
-            timings.append(timing)
-    return _median_timing(timings), parameters, num_parameters
 
 
 def _median_timing(timings: list[RoundTiming]) -> RoundTiming:
-    def median(name: str) -> float:
-        return statistics.median(getattr(timing, name) for timing in timings)
-
+    fields = [name for name in RoundTiming.__dataclass_fields__ if name.endswith("_s")]
+    medians = {name: statistics.median(getattr(timing, name) for timing in timings) for name in fields}
     return RoundTiming(
-        decode_s=median("decode_s"),
-        train_s=median("train_s"),
-        pack_s=median("pack_s"),
-        coordinator_s=median("coordinator_s"),
-        evaluate_decode_s=median("evaluate_decode_s"),
-        one_machine_s=median("one_machine_s"),
-        upload_bytes=timings[-1].upload_bytes,
-        relative_error=max(timing.relative_error for timing in timings),
+        **medians, upload_bytes=timings[-1].upload_bytes, relative_error=max(timing.relative_error for timing in timings)
     )
 
 
-def bench(*, sites: int, features: int, hidden: tuple[int, ...], local_steps: int, batch_size: int, rounds: int) -> Row:
-    common = {
-        "sites": sites, "features": features, "hidden": hidden, "local_steps": local_steps,
-        "batch_size": batch_size, "rounds": rounds,
+def bench(workload: Workload, *, rounds: int, chains: Chains | None, workdir: Path) -> Row:
+    """Both schemes over the same sites, data and chains; a warm-up round each, then `rounds` interleaved rounds."""
+    torch.manual_seed(0)
+    num_parameters = int(model_to_vector(workload.build_model()).size)
+    federation = Federation.create(
+        workdir / "federation", sites=workload.sites, num_parameters=num_parameters, max_total_examples=workload.max_total_examples
+    )
+    runs = {scheme: SchemeRounds(scheme, workload, federation, workdir=workdir, chains=chains) for scheme in SCHEMES}
+    timings: dict[str, list[RoundTiming]] = {scheme: [] for scheme in SCHEMES}
+    for server_round in range(1, rounds + 2):
+        order = SCHEMES if server_round % 2 else SCHEMES[::-1]
+        for scheme in order:
+            timing = runs[scheme].run_round(server_round)
+            if server_round > 1:  # round 1 has no aggregate to decode and warms caches up
+                timings[scheme].append(timing)
+    return Row(
+        workload=workload.name, sites=workload.sites, num_parameters=num_parameters,
+        plain=_median_timing(timings["plain"]), ckks=_median_timing(timings["ckks"]), parameters=federation.parameters,
+    )  # fmt: skip
+
+
+def print_rounds(rows: list[Row], *, rounds: int, chain: str) -> None:
+    print(f"One federated round, {rows[0].workload}; medians of {rounds} interleaved rounds; chain={chain}")
+    header = (
+        f"{'sites':>5} {'params':>7} {'plain round s':>13} {'enc round s':>11} {'ratio':>6} {'bytes/param/4':>13} "
+        f"{'train s':>7} {'enc+sign s':>10} {'coord s':>14} {'decode s':>14} {'chain s':>7} {'chain share':>13} "
+        f"{'1-host ratio':>12} {'rel err':>7}  CKKS parameters"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        p, plain, ckks = row.parameters, row.plain, row.ckks
+        print(
+            f"{row.sites:>5} {row.num_parameters:>7} {plain.round_s:>13.3f} {ckks.round_s:>11.3f} {row.ratio:>6.2f} "
+            f"{row.bytes_per_parameter_over_4:>13.2f} {ckks.train_s:>7.3f} {ckks.pack_s:>10.3f} "
+            f"{plain.coordinator_s:>6.3f}/{ckks.coordinator_s:<7.3f} {plain.decode_s:>6.3f}/{ckks.decode_s:<7.3f} "
+            f"{ckks.chain_s:>7.3f} {plain.chain_s / plain.round_s:>6.1%}/{ckks.chain_s / ckks.round_s:<6.1%} "
+            f"{ckks.one_machine_s / plain.one_machine_s:>12.2f} {ckks.relative_error:>7.1e}  "
+            f"N={p.poly_modulus_degree} {list(p.coeff_mod_bit_sizes)} 2^{p.scale_bits}, {p.num_ciphertexts} ciphertexts, "
+            f"full-scale bound {p.predicted_error_bound:.1e} (|w| <= {p.max_abs_weight_bound:g}, sum n <= {p.max_total_examples})"
+        )
+    plain_ratio = rows[0].plain.upload_bytes / rows[0].num_parameters / 4
+    print(
+        f"plain bytes/param/4 = {plain_ratio:.2f} (float32 weights + an 8-byte count). "
+        "coord s and decode s = plain/ckks (coordinator: checks, artifacts, sum, certificate; decode: a site's "
+        "certificate check, own sum and decryption of the certified updates). chain s = the ckks round's chain calls "
+        "(slowest site's reads + coordinator's admissions and writes); chain share = chain s / round s, plain/ckks. "
+        "1-host ratio: every site's work on one machine, one after another. rel err: max |decrypted - exact "
+        "average| / max |weight| (CKKS); the parameters' bound is relative to full scale."
+    )
+
+
+def row_to_dict(row: Row) -> dict:
+    return {
+        "workload": row.workload,
+        "sites": row.sites,
+        "num_parameters": row.num_parameters,
+        "round_ratio": row.ratio,
+        "chain_share_plain": row.plain.chain_s / row.plain.round_s,
+        "chain_share_ckks": row.ckks.chain_s / row.ckks.round_s,
+        "uplink_ratio": row.bytes_per_parameter_over_4,
+        "plain_uplink_ratio": row.plain.upload_bytes / row.num_parameters / 4,
+        "plain": row.plain.to_dict(),
+        "ckks": row.ckks.to_dict(),
+        "parameters": row.parameters.to_dict(),
     }
-    with tempfile.TemporaryDirectory(prefix="medtwin-bench-he-") as tmp:
-        plain, _, num_parameters = run_rounds(scheme="plain", workdir=Path(tmp) / "plain", **common)
-        ckks, parameters, _ = run_rounds(scheme="ckks", workdir=Path(tmp) / "ckks", **common)
-    assert parameters is not None
-    return Row(sites=sites, num_parameters=num_parameters, plain=plain, ckks=ckks, parameters=parameters)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sites", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--task", choices=("mlp", "vitals"), default="mlp", help="the workload (see above)")
+    parser.add_argument("--sites", type=int, nargs="+", default=[4, 8], help="mlp only: one row per federation size")
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--hidden", type=int, nargs="+", default=[512, 128])
-    parser.add_argument("--local-steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--local-steps", type=int, default=100, help="mlp only")
+    parser.add_argument("--batch-size", type=int, default=32, help="mlp only")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chain", choices=("none", "anvil"), default="none", help="anvil: time the round's real chain calls too")
     add_wire_arguments(parser)
     parser.add_argument("--wire-only", action="store_true", help="measure bytes on the wire only, no timed rounds")
     parser.add_argument("--out", type=Path, default=Path(".medtwin/bench/he_round.json"))
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds is {args.rounds}; time at least one round after the warm-up (e.g. --rounds 3)")
     torch.set_num_threads(1)  # as each site does (client/app.py)
     wire = wire_rows(
         tasks=args.tasks, features=args.features, hidden=tuple(args.hidden), sites=args.sites[0],
@@ -302,54 +450,29 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
         print(f"wrote {args.out}")
         return
-    rows = [
-        bench(
-            sites=sites, features=args.features, hidden=tuple(args.hidden), local_steps=args.local_steps,
-            batch_size=args.batch_size, rounds=args.rounds,
-        )
-        for sites in args.sites
-    ]
-    first = rows[0]
-    print(
-        f"One federated round, {first.num_parameters} parameters (MLP {args.features}-{'-'.join(map(str, args.hidden))}-1), "
-        f"{args.local_steps} SGD steps of {args.batch_size} per site; medians of {args.rounds} rounds"
-    )
-    header = (
-        f"{'sites':>5} {'plain round s':>13} {'enc round s':>11} {'ratio':>6} {'bytes/param/4':>13} "
-        f"{'train s':>7} {'enc+sign s':>10} {'coord s':>14} {'decrypt s':>9} {'1-host ratio':>12} {'rel err':>7}  CKKS parameters"
-    )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        p = row.parameters
-        print(
-            f"{row.sites:>5} {row.plain.round_s:>13.3f} {row.ckks.round_s:>11.3f} {row.ratio:>6.2f} "
-            f"{row.bytes_per_parameter_over_4:>13.2f} {row.ckks.train_s:>7.3f} {row.ckks.pack_s:>10.3f} "
-            f"{row.plain.coordinator_s:>6.3f}/{row.ckks.coordinator_s:<7.3f} {row.ckks.evaluate_decode_s:>9.3f} "
-            f"{row.ckks.one_machine_s / row.plain.one_machine_s:>12.2f} {row.ckks.relative_error:>7.1e}  "
-            f"N={p.poly_modulus_degree} {list(p.coeff_mod_bit_sizes)} 2^{p.scale_bits}, {p.num_ciphertexts} ciphertexts, "
-            f"full-scale bound {p.predicted_error_bound:.1e} (|w| <= {p.max_abs_weight_bound:g}, sum n <= {p.max_total_examples})"
-        )
-    plain_ratio = first.plain.upload_bytes / first.num_parameters / 4
-    print(
-        f"plain bytes/param/4 = {plain_ratio:.2f} (float32 weights + an 8-byte count). "
-        "coord s = plain/ckks coordinator time (checks, artifacts, sum). "
-        "1-host ratio: every site's work on one machine, one after another. rel err: max |decrypted - exact "
-        "average| / max |weight| (CKKS); the parameters' bound is relative to full scale."
-    )
-    results["rounds"] = [
-        {
-            "sites": row.sites,
-            "num_parameters": row.num_parameters,
-            "round_ratio": row.ratio,
-            "uplink_ratio": row.bytes_per_parameter_over_4,
-            "plain_uplink_ratio": row.plain.upload_bytes / row.num_parameters / 4,
-            "plain": asdict(row.plain) | {"round_s": row.plain.round_s},
-            "ckks": asdict(row.ckks) | {"round_s": row.ckks.round_s},
-            "parameters": row.parameters.to_dict(),
-        }
-        for row in rows
-    ]
+    load_before = os.getloadavg()
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medtwin-bench-he-")))
+        chains = stack.enter_context(anvil_chains(scratch)) if args.chain == "anvil" else None
+        if args.task == "vitals":
+            workloads = [task_workload("vitals")]
+        else:
+            workloads = [
+                mlp_workload(sites=sites, features=args.features, hidden=tuple(args.hidden), local_steps=args.local_steps, batch_size=args.batch_size)
+                for sites in args.sites
+            ]  # fmt: skip
+        rows = [
+            bench(workload, rounds=args.rounds, chains=chains, workdir=scratch / f"sites-{workload.sites}") for workload in workloads
+        ]
+    load_after = os.getloadavg()
+    print_rounds(rows, rounds=args.rounds, chain=args.chain)
+    print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")  # fmt: skip
+    results["rounds"] = [row_to_dict(row) for row in rows]
+    results["settings"] = {
+        "task": args.task, "chain": args.chain, "rounds": args.rounds, "interleaved": True,
+        "load_average_before": list(load_before), "load_average_after": list(load_after),
+    }  # fmt: skip
     atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -118,7 +118,7 @@ def task_parameters(task_name: str) -> CkksParameters:
 
 
 def mlp_parameters(*, features: int, hidden: tuple[int, ...], sites: int, rows_per_site: int) -> CkksParameters:
-    from medtwin.experiments.bench_he_round import build_model
+    from medtwin.experiments.bench_round_workloads import build_model
 
     torch.manual_seed(0)
     num_parameters = int(model_to_vector(build_model(features=features, hidden=hidden)).size)

@@ -1,0 +1,130 @@
+"""The chain work of one federated round, for `bench_he_round --chain anvil`: the real calls, timed.
+
+What a round asks of the chains (see server/loop.py, client/app.py, experiments/chain_wiring.py):
+
+    site, train phase        its approval of (run, config, code) on the auth chain (`ChainApprovalCheck.problem`)
+    coordinator, per update  the site's admission on the auth chain (`ChainProvenance.admission_problem`)
+    coordinator, close       one auth tx of the round's decisions, the dataset commitments when they change,
+                             one data tx anchoring the round (`ChainProvenance.close_round`)
+    site, evaluate phase     its approval again, and the aggregate's anchor on the data chain
+
+`anvil_chains` starts two local anvil nodes in a scratch folder and always stops them by PID.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtwin.chain import ChainSession, chain_down, chain_up, open_session
+from medtwin.chain.backends import free_port
+from medtwin.core.config.chain import ChainConfig
+from medtwin.core.hashing import code_hash, config_hash
+from medtwin.core.identity import FederationManifest
+from medtwin.core.provenance import AccessDecision, RunDescription
+from medtwin.experiments.chain_wiring import ChainApprovalCheck, ChainProvenance, enrol_federation
+
+
+class ChainRefusal(RuntimeError):
+    """A chain check said no: the benchmark's federation is wired wrong, and its figures would be too."""
+
+
+@dataclass(frozen=True)
+class Chains:
+    session: ChainSession  # the coordinator's
+    state_dir: Path  # where sites reconnect read-only from, as in a simulation
+
+
+@contextmanager
+def anvil_chains(scratch: Path) -> Iterator[Chains]:
+    """Both anvil nodes in `scratch`, contracts deployed; stopped by PID on the way out, failure or not."""
+    state_dir = scratch / "chain"
+    config = ChainConfig(name="anvil", auth_port=free_port(), data_port=free_port())
+    try:
+        chain_up(config, state_dir)
+        yield Chains(session=open_session(config, state_dir=state_dir), state_dir=state_dir)
+    finally:
+        chain_down(state_dir)
+
+
+class RunChain:
+    """One run's chain calls, each returning the seconds it took (and raising `ChainRefusal` on a no)."""
+
+    def __init__(
+        self,
+        chains: Chains,
+        *,
+        run_id: str,
+        task: str,
+        manifest: FederationManifest,
+        site_kits: Mapping[str, Path],
+        site_state_dirs: Mapping[str, Path],
+        artifacts_root: Path,
+        he_parameters: Mapping[str, object],
+    ) -> None:
+        self.run_id = run_id
+        proposal_text = f"benchmark run {run_id} of task {task}\n"
+        self._binding = {"run_id": run_id, "config_hash": config_hash(proposal_text), "code_hash": code_hash()}
+        enrol_federation(chains.session, manifest, run_id=run_id, proposal_text=proposal_text, site_kits=site_kits)
+        self._provenance = ChainProvenance(session=chains.session, artifacts_root=artifacts_root, manifest=manifest)
+        self._provenance.start_run(
+            RunDescription(run_id=run_id, task=task, config_yaml=proposal_text, dp_parameters={}, he_parameters=dict(he_parameters))
+        )
+        self._site_checks = {
+            site_id: ChainApprovalCheck(state_dir=str(chains.state_dir), site_state_dir=str(state_dir))
+            for site_id, state_dir in site_state_dirs.items()
+        }
+
+    def site_train_checks_s(self, site_id: str) -> float:
+        """A site's check before it trains: its approval of this run's config and code."""
+        started = time.perf_counter()
+        self._refuse_on(self._site_checks[site_id].problem(site_id=site_id, **self._binding))
+        return time.perf_counter() - started
+
+    def site_evaluate_checks_s(self, site_id: str, *, server_round: int, aggregate_sha256: str) -> float:
+        """A site's checks before it evaluates: its approval, and the aggregate's anchor on the data chain."""
+        started = time.perf_counter()
+        check = self._site_checks[site_id]
+        self._refuse_on(check.problem(site_id=site_id, **self._binding))
+        self._refuse_on(check.aggregate_problem(run_id=self.run_id, server_round=server_round, aggregate_sha256=aggregate_sha256))
+        return time.perf_counter() - started
+
+    def admission_s(self, site_id: str) -> float:
+        """The coordinator's check of one update's site on the auth chain."""
+        started = time.perf_counter()
+        self._refuse_on(self._provenance.admission_problem(site_id=site_id, run_id=self.run_id))
+        return time.perf_counter() - started
+
+    def close_round_s(
+        self,
+        *,
+        server_round: int,
+        update_digests: Mapping[str, str],
+        aggregate_digest: str,
+        dataset_manifests: Mapping[str, str],
+        he_error_bound: float,
+    ) -> float:
+        """The coordinator's writes closing a round: decisions (auth), dataset commitments and anchor (data)."""
+        started = time.perf_counter()
+        receipts = self._provenance.close_round(
+            run_id=self.run_id,
+            server_round=server_round,
+            decisions=[AccessDecision(site_id, True, "ok", digest) for site_id, digest in update_digests.items()],
+            update_digests=update_digests,
+            aggregate_digest=aggregate_digest,
+            dataset_manifests=dataset_manifests,
+            epsilon_by_site={},
+            he_error_bound=he_error_bound,
+        )
+        seconds = time.perf_counter() - started
+        if receipts["auth_tx"] != "mined" or receipts["anchor_tx"] != "mined":
+            raise ChainRefusal(f"round {server_round} of {self.run_id} was not written to the chains: {receipts}")
+        return seconds
+
+    @staticmethod
+    def _refuse_on(problem: str | None) -> None:
+        if problem:
+            raise ChainRefusal(problem)

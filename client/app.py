@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 
 from medtwin.core.errors import MedtwinError
 from medtwin.core.hashing import code_hash
+from medtwin.core.he import site_precision_problem
 from medtwin.core.identity import ReplyClaim, SiteKit, load_site_kit, sign_claim
 from medtwin.core.ids import check_id
 from medtwin.core.model_vector import model_to_vector, vector_to_model
@@ -51,9 +52,19 @@ from medtwin.core.tasks.federated_statistics import ImplausibleStatisticsError
 from medtwin.core.tasks.vitals.ingest import VitalsInputError
 
 from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
+from .codec import CkksSiteCodec
 from .normalization import normalised_site, pack_statistics, uses_federated_statistics
 from .global_state import GlobalState, GlobalStateStore, SharedStateRefused, advance_global_state, initial_global_state
-from .privacy import BudgetLedger, PrivacyError, RoundAlreadyTrainedError, dp_units_per_step, plan_round, reserve_round, train_locally_dp
+from .privacy import (
+    BudgetLedger,
+    PrivacyError,
+    RoundAlreadyTrainedError,
+    RoundPrivacyPlan,
+    dp_units_per_step,
+    plan_round,
+    reserve_round,
+    train_locally_dp,
+)
 from .proposal import ProposalRefused
 from .release import release_metrics, release_score_histogram
 from .reply_store import ReplyStore
@@ -201,6 +212,9 @@ def train_round(
     )
     if not plan.allowed:
         raise RoundRefused(f"refused:{plan.refusal or 'policy'}", plan.reason)
+    precision_problem = _he_precision_problem(site, plan, proximal_mu=common["proximal_mu"])
+    if precision_problem:  # before any budget is spent
+        raise RoundRefused("refused:he_precision", precision_problem)
     try:
         epsilon = reserve_round(ledger=ledger, plan=plan)  # check and spend under one lock, before training
     except RoundAlreadyTrainedError as error:
@@ -223,6 +237,22 @@ def train_round(
         raise RuntimeError(f"trained at sample rate {result.sample_rate}, planned {plan.sample_rate}")
     # the training loss is not DP-protected: it stays at the site
     return result, epsilon, plan.target_delta, {"noise_multiplier": plan.noise_multiplier}
+
+
+def _he_precision_problem(site: Site, plan: RoundPrivacyPlan, *, proximal_mu: float) -> str:
+    """Does the run's CKKS key set round the average finer than 1 % of this site's own DP noise (or the
+    default precision)? Only checked where that noise is linear in the update (plain SGD)."""
+    if not isinstance(site.codec, CkksSiteCodec) or site.config.strategy.optimizer != "sgd":
+        return ""
+    return site_precision_problem(
+        site.codec.context.parameters,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=max(1, round(plan.sample_rate * site.data.num_train_units)),  # as train_locally_dp divides
+        learning_rate=site.config.strategy.learning_rate,
+        local_steps=plan.steps,
+        proximal_mu=proximal_mu,
+    )
 
 
 def build_client_app(

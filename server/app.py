@@ -20,6 +20,7 @@ from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import MedtwinConfig, config_to_yaml
 from medtwin.core.errors import ConfigError
 from medtwin.core.hashing import config_hash
+from medtwin.core.he import CkksParameters, he_precision_of_run
 from medtwin.core.ids import ensure_id
 from medtwin.core.provenance import ProvenanceRecorder, RunDescription
 from medtwin.core.identity import load_manifest
@@ -136,14 +137,17 @@ def run_federation(
         ArtifactStore(run_dir.artifacts).put(config_yaml.encode("utf-8"), kind="config")  # the plan, for auditors with only the store
         recorded = set()
     task = get_task(config.task)
+    he_precision = he_precision_record(config, aggregator, grouped_by_patient=task.groups_rows_by_patient)
     if provenance is not None:
+        he_parameters = aggregator.describe()["parameters"]
         provenance.start_run(  # a resumed run is registered already: recorders skip a known run
             RunDescription(
                 run_id=run_id,
                 task=config.task.name,
                 config_yaml=config_yaml,
                 dp_parameters=_as_dict(config.privacy),
-                he_parameters=aggregator.describe()["parameters"],
+                # the precision target (and its DP noise floor) is committed with the HE parameters
+                he_parameters=he_parameters if he_precision is None else {**he_parameters, "he_precision": he_precision},
             )
         )
     logger.info(
@@ -180,7 +184,9 @@ def run_federation(
             task_kind=task.kind,
         )
         result = loop.run()
-    summary = build_summary(config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started)
+    summary = build_summary(
+        config, run_id, task.primary_metric, result, aggregator, wall_time_s=time.monotonic() - started, he_precision=he_precision
+    )
     summary["resumed_after_round"] = checkpoint.server_round if checkpoint is not None else None
     summary["stopped"] = result.stopped or None  # a stopped run is continued with --resume; it has no final model yet
     failure: Exception | None = None
@@ -354,8 +360,12 @@ def build_summary(
     aggregator: Aggregator,
     *,
     wall_time_s: float,
+    he_precision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     num_parameters = result.num_parameters
+    if he_precision is not None and he_precision["dp_noise_std"] and result.he_error_bounds:
+        # the bound the sites reported at the run's real totals (fewer examples than the full scale: larger)
+        he_precision = he_precision | {"ratio_to_noise_at_run_totals": max(result.he_error_bounds) / he_precision["dp_noise_std"]}
     crypto = aggregator.describe() | {
         "num_parameters": num_parameters,
         "bytes_per_parameter": result.update_bytes / max(1, result.accepted_updates) / max(1, num_parameters),
@@ -381,6 +391,7 @@ def build_summary(
         "privacy": result.privacy,
         "privacy_text": privacy_paragraph(config, result.privacy),
         "crypto": crypto,
+        "he_precision": he_precision,  # CKKS precision target: from the DP noise or the config (None: no CKKS)
         "chain": {"backend": config.chain.name, "chain_ids": {}, "contracts": {}, "anchors_written": 0},
         "final_aggregate_sha256": result.aggregate_digests[-1] if result.aggregate_digests else None,
         "rejections": [
@@ -390,6 +401,23 @@ def build_summary(
         "round_time_s": result.round_times_s,
         "wall_time_s": wall_time_s,
         "seed": config.seed,
+    }
+
+
+def he_precision_record(config: MedtwinConfig, aggregator: Aggregator, *, grouped_by_patient: bool) -> dict[str, Any] | None:
+    """The run's CKKS precision target against its DP noise floor, for the key set the run uses (None: no CKKS).
+    `parameters_meet_target` is False when the key set was made for a coarser target than this config derives."""
+    if aggregator.scheme != "ckks":
+        return None
+    parameters = CkksParameters.from_dict(aggregator.describe()["parameters"])
+    precision = he_precision_of_run(
+        config,
+        num_sites=parameters.num_sites,
+        max_total_examples=parameters.max_total_examples,
+        grouped_by_patient=grouped_by_patient,
+    )
+    return precision.record(parameters) | {
+        "parameters_meet_target": parameters.predicted_error_bound <= precision.max_relative_error
     }
 
 

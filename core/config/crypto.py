@@ -22,8 +22,10 @@ class CryptoConfig:
     scale_bits: int = 0  # CKKS scale 2^scale_bits; 0 = the largest that cannot overflow
     # precision target: max error of an averaged weight relative to `max_abs_weight_bound`,
     # when the sites' sample counts add up to `max_total_examples` (fixed point: smaller totals
-    # give proportionally larger relative errors; the run records the actual bound)
-    max_relative_error: float = 1e-5
+    # give proportionally larger relative errors; the run records the actual bound).
+    # 0 = automatic: under DP-SGD 1 % of the DP noise std on the average (medtwin.core.he.precision),
+    # else 1e-5. An explicit value wins where it is finer than that.
+    max_relative_error: float = 0.0
     max_abs_weight_bound: float = 4.0  # every packed weight must satisfy |w| <= this (sites check)
     max_total_examples: int = 10_000  # bound on sum n_i over all sites of one round: set it close to reality
     security_level: int = 128  # bits, HomomorphicEncryption.org standard (ternary secret)

@@ -34,8 +34,24 @@ from .params import (
     estimated_update_bytes,
     max_coeff_modulus_bits,
 )
+from .precision import (
+    HE_ERROR_TO_NOISE,
+    DpNoiseFloor,
+    HePrecision,
+    averaged_update_noise_std,
+    he_precision_for,
+    he_precision_of_run,
+    site_precision_problem,
+)
 
 __all__ = [
+    "HE_ERROR_TO_NOISE",
+    "DpNoiseFloor",
+    "HePrecision",
+    "averaged_update_noise_std",
+    "he_precision_for",
+    "he_precision_of_run",
+    "site_precision_problem",
     "SECURITY_TABLE_BITS",
     "CiphertextMismatchError",
     "CkksParameterError",

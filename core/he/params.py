@@ -60,6 +60,7 @@ ERROR_STD = 3.2  # SEAL's standard deviation of the RLWE error
 NOISE_SAFETY_FACTOR = 1.05  # measured std was up to 1.5 % above the model
 FAILURE_PROBABILITY_LOG2 = -40  # chance that any slot of a sum exceeds the bound
 HEADROOM_BITS = 1  # packed sums use at most half of the signed range of q0
+DEFAULT_MAX_RELATIVE_ERROR = 1e-5  # `crypto.max_relative_error: 0` without DP (or where no DP bound is sound)
 
 
 @dataclass(frozen=True)
@@ -383,14 +384,20 @@ def _raise_all(error_type: type[CkksParameterError], problems: list[tuple[str, s
     raise error_type(key, problem, fix)
 
 
-def ckks_parameters_from_config(config: CryptoConfig, *, num_parameters: int, num_sites: int) -> CkksParameters:
-    """`choose_ckks_parameters` driven by the `crypto/` config group (0 / [] = automatic)."""
+def ckks_parameters_from_config(
+    config: CryptoConfig, *, num_parameters: int, num_sites: int, max_relative_error: float = 0.0
+) -> CkksParameters:
+    """`choose_ckks_parameters` driven by the `crypto/` config group (0 / [] = automatic).
+
+    `max_relative_error` is the run's resolved target (`HePrecision.max_relative_error`, which under
+    DP comes from the noise); 0 = `crypto.max_relative_error`, itself 0 = the default 1e-5.
+    """
     if config.name != "ckks":
         raise CkksParameterError("crypto.name", f"is {config.name!r}, HE parameters exist only for 'ckks'", "crypto=ckks")
     return choose_ckks_parameters(
         num_parameters=num_parameters,
         num_sites=num_sites,
-        max_relative_error=config.max_relative_error,
+        max_relative_error=max_relative_error or config.max_relative_error or DEFAULT_MAX_RELATIVE_ERROR,
         max_abs_weight_bound=config.max_abs_weight_bound,
         max_total_examples=config.max_total_examples,
         security_level=config.security_level,

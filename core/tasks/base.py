@@ -52,6 +52,7 @@ class TwinTask(ABC):
     primary_metric: str  # key of `evaluate`'s result that ranks models ("accuracy", "mse")
     higher_is_better: bool
     normalization_modes: tuple[str, ...] = ("site",)  # `task.normalization` values this task supports
+    groups_rows_by_patient: bool = False  # its SiteSplits carry train_units (DP samples patients, not rows)
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config

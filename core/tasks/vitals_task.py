@@ -106,6 +106,7 @@ def _split_patients(patient_ids: list[str], seed: int, test_fraction: float) -> 
 class VitalsTask(TwinTask):
     name = "vitals"
     kind = "regression"
+    groups_rows_by_patient = True
     primary_metric = "mae"
     higher_is_better = False
 

@@ -85,6 +85,7 @@ from medtwin.server.aggregation import Aggregator, CkksAggregator, PlainAggregat
 from medtwin.server.verifier import ReplyVerifier
 
 SCHEMES = ("plain", "ckks")
+CRYPTO_STEPS = ("decode_s", "pack_s", "coordinator_s", "evaluate_decode_s")  # the steps the scheme changes
 T = TypeVar("T")
 
 
@@ -130,6 +131,11 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.ckks.round_s / self.plain.round_s
+
+    @property
+    def crypto_overhead_s(self) -> float:
+        """What CKKS adds to the steps it changes (decode, pack, coordinator, evaluation decode), training aside."""
+        return sum(getattr(self.ckks, name) - getattr(self.plain, name) for name in CRYPTO_STEPS)
 
     @property
     def bytes_per_parameter_over_4(self) -> float:
@@ -396,6 +402,11 @@ def print_rounds(rows: list[Row], *, rounds: int, chain: str) -> None:
             f"N={p.poly_modulus_degree} {list(p.coeff_mod_bit_sizes)} 2^{p.scale_bits}, {p.num_ciphertexts} ciphertexts, "
             f"full-scale bound {p.predicted_error_bound:.1e} (|w| <= {p.max_abs_weight_bound:g}, sum n <= {p.max_total_examples})"
         )
+    for row in rows:
+        print(
+            f"{row.sites} sites: CKKS adds {row.crypto_overhead_s:.3f} s to decode + pack + coordinator + evaluation decode "
+            f"= {row.crypto_overhead_s / row.plain.round_s:.1%} of the plain round (training time aside)"
+        )
     plain_ratio = rows[0].plain.upload_bytes / rows[0].num_parameters / 4
     print(
         f"plain bytes/param/4 = {plain_ratio:.2f} (float32 weights + an 8-byte count). "
@@ -413,6 +424,8 @@ def row_to_dict(row: Row) -> dict:
         "sites": row.sites,
         "num_parameters": row.num_parameters,
         "round_ratio": row.ratio,
+        "crypto_overhead_s": row.crypto_overhead_s,
+        "crypto_overhead_over_plain_round": row.crypto_overhead_s / row.plain.round_s,
         "chain_share_plain": row.plain.chain_s / row.plain.round_s,
         "chain_share_ckks": row.ckks.chain_s / row.ckks.round_s,
         "uplink_ratio": row.bytes_per_parameter_over_4,

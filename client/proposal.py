@@ -363,7 +363,7 @@ def _privacy(fields: _Fields) -> PrivacyConfig:
         target_delta=fields.get("privacy.target_delta", float, 1e-5),
         max_grad_norm=fields.get("privacy.max_grad_norm", float, 1.0),
         accountant=fields.get("privacy.accountant", str, "rdp"),
-        grad_sample_mode=fields.get("privacy.grad_sample_mode", str, "ew"),
+        grad_sample_mode=fields.get("privacy.grad_sample_mode", str, PrivacyConfig.grad_sample_mode),
         secure_mode=fields.get("privacy.secure_mode", bool, False),
         epsilon_tolerance=fields.get("privacy.epsilon_tolerance", float, 0.01),
         unit_rows=fields.get("privacy.unit_rows", int, 8),

@@ -5,10 +5,12 @@ round, FedProx optional) plus the DP knobs. Each step:
 
 1. Poisson sampling: every privacy unit joins the batch independently with probability
    `sample_rate = units per step / units` (so the batch size varies, and may be 0);
-2. Opacus computes per-row gradients (`grad_sample_mode`); `FlatDPOptimizer` (Opacus's
-   `DPOptimizer`, vectorised over parameters) clips each unit's gradient to L2 norm
-   `max_grad_norm`, sums, adds N(0, (noise_multiplier * max_grad_norm)^2) and divides by the
-   expected number of units per step;
+2. each unit's gradient is clipped to L2 norm `max_grad_norm` and the clipped gradients summed —
+   by default in closed form without per-example gradients (`grad_sample_mode=bookkeeping`,
+   `bookkeeping.BookkeepingClipper`), else from Opacus's per-row gradients (`ew`, `hooks`,
+   `functorch`) clipped by `FlatDPOptimizer` (Opacus's `DPOptimizer`, vectorised over parameters);
+   the same sum either way (tested). `FlatDPOptimizer` adds N(0, (noise_multiplier * max_grad_norm)^2)
+   and divides by the expected number of units per step;
 3. the FedProx gradient mu * (w - w_global) is added *after* noising: it depends on no example
    (only on weights that are already DP outputs), so it needs neither clipping nor noise;
 4. the wrapped torch optimizer steps.
@@ -46,6 +48,7 @@ from medtwin.client.training import make_optimizer
 from medtwin.core.config.privacy import GRAD_SAMPLE_MODES
 from medtwin.core.privacy_math import sample_rate_for
 
+from .bookkeeping import BookkeepingClipper
 from .errors import IncompatibleModelError
 from .flat_optimizer import FlatDPOptimizer
 
@@ -140,18 +143,52 @@ def _secret_or_test_seed(seed: int, *, deterministic: bool) -> int:
     return seed if deterministic else secrets.randbits(63)
 
 
-def _backward_per_example(
-    wrapped: nn.Module, loss_fn: nn.Module, features: torch.Tensor, targets: torch.Tensor, trainable: list
-) -> float | None:
-    """Forward/backward one Poisson batch so each parameter holds `grad_sample`; None if it is empty."""
-    if len(features) == 0:
-        # Still a DP step: the clipped sum is zero and the optimizer adds noise, as the accountant assumes.
-        for parameter in trainable:
-            parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
-        return None
-    loss = loss_fn(wrapped(features).reshape(-1), targets)
-    loss.backward()
-    return float(loss.detach())
+class _OpacusStep:
+    """Per-example gradients from Opacus's `GradSampleModule`; `FlatDPOptimizer.pre_step` clips them."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, dp_optimizer: FlatDPOptimizer, *, reduction: str, grad_sample_mode: str) -> None:
+        self.wrapped = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction=reduction)
+        self.loss_fn = loss_fn
+        self.trainable = dp_optimizer.params
+
+    def clipped_sum(self, features: torch.Tensor, targets: torch.Tensor, owner: np.ndarray | None) -> tuple[None, float | None]:
+        """Leave each parameter's (per-unit averaged) `grad_sample` for the optimizer; the loss, None if the batch is empty."""
+        if len(features) == 0:
+            # Still a DP step: the clipped sum is zero and the optimizer adds noise, as the accountant assumes.
+            for parameter in self.trainable:
+                parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
+            return None, None
+        loss = self.loss_fn(self.wrapped(features).reshape(-1), targets)
+        loss.backward()
+        if owner is not None:
+            average_per_unit(self.trainable, owner)
+        return None, float(loss.detach())
+
+    def close(self) -> None:
+        self.wrapped.to_standard_module()  # removes hooks and Opacus' per-parameter attributes
+
+
+class _BookkeepingStep:
+    """Clipped per-unit sums in closed form (`BookkeepingClipper`): no per-example gradient, no weight backward."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, dp_optimizer: FlatDPOptimizer, *, reduction: str, max_grad_norm: float) -> None:
+        self.model, self.loss_fn, self.reduction, self.max_grad_norm = model, loss_fn, reduction, max_grad_norm
+        self.clipper = BookkeepingClipper(model, dp_optimizer.params)
+        self.size = sum(parameter.numel() for parameter in dp_optimizer.params)
+        self.dtype = dp_optimizer.params[0].dtype
+
+    def clipped_sum(self, features: torch.Tensor, targets: torch.Tensor, owner: np.ndarray | None) -> tuple[torch.Tensor, float | None]:
+        if len(features) == 0:  # still a DP step: a zero sum that the optimizer noises
+            return torch.zeros(self.size, dtype=self.dtype), None
+        loss = self.loss_fn(self.model(features).reshape(-1), targets)
+        summed = self.clipper.clipped_sum(
+            loss, rows=len(features), owner=owner, max_grad_norm=self.max_grad_norm,
+            loss_scale=len(features) if self.reduction == "mean" else 1.0,
+        )
+        return summed, float(loss.detach())
+
+    def close(self) -> None:
+        self.clipper.close()
 
 
 def train_locally_dp(
@@ -168,7 +205,7 @@ def train_locally_dp(
     seed: int,
     noise_multiplier: float,
     max_grad_norm: float,
-    grad_sample_mode: str = "ew",
+    grad_sample_mode: str = "bookkeeping",
     secure_mode: bool = False,
     units: np.ndarray | None = None,
     unit_rows: int = 8,
@@ -194,7 +231,6 @@ def train_locally_dp(
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     global_parameters = [parameter.detach().clone() for parameter in trainable]
     optimizer = make_optimizer(model, optimizer_name=optimizer_name, learning_rate=learning_rate)
-    wrapped = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction=reduction)
     dp_optimizer = FlatDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
@@ -204,6 +240,10 @@ def train_locally_dp(
         generator=noise,
         secure_mode=secure_mode,
     )
+    if grad_sample_mode == "bookkeeping":
+        step = _BookkeepingStep(model, loss_fn, dp_optimizer, reduction=reduction, max_grad_norm=max_grad_norm)
+    else:
+        step = _OpacusStep(model, loss_fn, dp_optimizer, reduction=reduction, grad_sample_mode=grad_sample_mode)
     losses: list[float] = []
     try:
         with warnings.catch_warnings():
@@ -212,14 +252,15 @@ def train_locally_dp(
             for _ in range(local_steps):
                 index, owner = grouping.draw(sampling, sample_rate)
                 index = torch.from_numpy(index)
-                loss = _backward_per_example(wrapped, loss_fn, features[index], targets[index], trainable)
+                summed, loss = step.clipped_sum(features[index], targets[index], owner)
                 if loss is not None:
                     losses.append(loss)
-                    if owner is not None:
-                        average_per_unit(trainable, owner)
                 if secure_mode:
                     noise.manual_seed(secrets.randbits(63))
-                dp_optimizer.pre_step()  # clip per example, sum, add noise, scale
+                if summed is None:
+                    dp_optimizer.pre_step()  # clip per example, sum, add noise, scale
+                else:
+                    dp_optimizer.noise_clipped_sum(summed)
                 if proximal_mu > 0:  # data-independent: added after the noise, needs no clipping
                     for parameter, anchor in zip(trainable, global_parameters, strict=True):
                         parameter.grad.add_(parameter.detach() - anchor, alpha=proximal_mu)
@@ -227,10 +268,11 @@ def train_locally_dp(
                 dp_optimizer.zero_grad(set_to_none=True)
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
-        wrapped.to_standard_module()  # removes hooks and Opacus' per-parameter attributes
-        for parameter in model.parameters():
-            if hasattr(parameter, "summed_grad"):
-                del parameter.summed_grad
+        step.close()
+        for parameter in model.parameters():  # the DP optimizer's per-parameter attributes
+            for name in ("grad_sample", "summed_grad"):
+                if hasattr(parameter, name):
+                    delattr(parameter, name)
     return DpTrainingResult(
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         steps=local_steps,

@@ -69,6 +69,14 @@ class FlatDPOptimizer(DPOptimizer):
             p.grad = view
         _mark_as_processed(self._flat_summed)
 
+    def noise_clipped_sum(self, summed: torch.Tensor) -> None:
+        """Book-keeping clipping hands over the flat clipped per-unit sum of one batch itself: noise and
+        scale it as `pre_step` does after `clip_and_accumulate` (no accumulation over virtual steps)."""
+        self._flat_summed = summed
+        self.add_noise()
+        if self.loss_reduction == "mean":
+            self._flat_grad /= self.expected_batch_size
+
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":
             self._flat_grad /= self.expected_batch_size * self.accumulated_iterations  # views follow

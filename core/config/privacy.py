@@ -14,7 +14,7 @@ __all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "PRIVACY_MODES", "PrivacyConfig",
 
 PRIVACY_MODES = ("none", "dp")
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
+GRAD_SAMPLE_MODES = ("bookkeeping", "ew", "hooks", "functorch")
 MAX_UNIT_ROWS = 256  # rows one patient may put in one DP step (bounds the step's memory)
 
 
@@ -27,9 +27,10 @@ class PrivacyConfig:
     target_delta: float = 1e-5  # keep well below 1 / (examples at the smallest site)
     max_grad_norm: float = 1.0  # per-example L2 clipping norm C; noise std = noise_multiplier * C
     accountant: str = "rdp"  # rdp | prv (prv is tighter, needs Opacus at the site)
-    # Opacus per-example gradients: ew (PyTorch ExpandedWeights; fastest on the twin models, measured by
-    # experiments/bench_dp_step.py) | hooks (supports more layer types) | functorch (slowest)
-    grad_sample_mode: str = "ew"
+    # How each unit's gradient is clipped: bookkeeping (closed-form per-unit norms and one matmul per layer,
+    # no per-example gradients; Linear and Conv1d models; fastest, experiments/bench_dp_step.py) | Opacus's
+    # per-example gradients: ew (PyTorch ExpandedWeights) | hooks (supports more layer types) | functorch
+    grad_sample_mode: str = "bookkeeping"
     secure_mode: bool = False  # Opacus noise robust to floating-point attacks (4 Gaussian draws per value)
     epsilon_tolerance: float = 0.01  # calibration stops within this much below target_epsilon
     # The privacy unit is the patient. When a patient owns many rows (the vitals twin's windows), a

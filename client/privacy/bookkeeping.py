@@ -1,0 +1,210 @@
+"""Book-keeping DP clipping: each privacy unit's gradient norm in closed form, the clipped sum in one
+matmul per layer, and no per-example gradient ever materialised (Bu et al. 2023, "Differentially
+private optimization on large model at small cost"; the norms are ghost clipping's: Goodfellow 2015,
+Li et al. 2022).
+
+A layer z = a W^T + b is applied to *tokens*: a row's input for `nn.Linear` on [B, d] (more for
+[B, ..., d]), every output position's receptive-field patch for `nn.Conv1d`. With g_t = dℓ/dz_t of the
+token's row and w_t = 1 / (rows its unit put in the batch) (the per-unit average of user-level DP;
+1 when every row is its own unit), unit u's gradient is
+
+    ∇W_u = Σ_{t∈u} w_t g_t a_t^T        ∇b_u = Σ_{t∈u} w_t g_t
+
+One backward pass to the layers' OUTPUTS (`torch.autograd.grad`: autograd computes no weight gradient)
+gives every g_t. Then, per layer, whichever is cheaper:
+
+    ghost:        ||∇W_u||² = Σ_{t,t'∈u} (a_t·a_t')(g_t·g_t') w_t w_t'     T_u² (d_in + d_out) per unit
+    materialised: ||(w ⊙ G_u)^T A_u||²_F                                  T_u d_in d_out per unit
+
+(a Linear layer on one token per unit is ||a||² ||g||²), the clip factor over all layers jointly
+c_u = min(1, C / (||∇_u|| + 1e-6)) — Opacus's formula — and the clipped sum
+
+    Σ_u c_u ∇W_u = (c w ⊙ G)^T A      one matmul: the plain step's weight-gradient cost.
+
+The result is the flat vector Opacus's per-example clipping sums to (tested equal); noise, scaling
+and the accountant are unchanged (`FlatDPOptimizer.noise_clipped_sum`). Only `nn.Linear` and
+`nn.Conv1d` (groups 1, zero padding) carry trainable parameters in the shipped models; a model with
+any other trainable layer is refused with `IncompatibleModelError` (use grad_sample_mode=ew), as is
+an in-place operation on a layer's output or a layer called twice in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import IncompatibleModelError
+
+__all__ = ["BookkeepingClipper", "bookkeeping_problems"]
+
+_LAYERS = (nn.Linear, nn.Conv1d)
+
+
+def bookkeeping_problems(model: nn.Module) -> list[str]:
+    """Why book-keeping clipping cannot train `model` (empty: it can)."""
+    problems = []
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        own = [parameter for parameter in module.parameters(recurse=False) if parameter.requires_grad]
+        if not own:
+            continue
+        if not isinstance(module, _LAYERS):
+            problems.append(f"{name or 'model'} ({type(module).__name__}) has trainable parameters; book-keeping clips Linear and Conv1d only")
+        elif isinstance(module, nn.Conv1d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            problems.append(f"{name} (Conv1d): book-keeping needs groups=1 and integer zero padding")
+        covered.update(id(parameter) for parameter in own)
+    shared = [name for name, parameter in model.named_parameters() if parameter.requires_grad and id(parameter) not in covered]
+    problems.extend(f"parameter {name} is shared between modules" for name in shared)
+    return problems
+
+
+@dataclass
+class _Record:
+    layer: nn.Module
+    inputs: torch.Tensor  # detached
+    output: torch.Tensor  # in the graph: differentiated against
+    version: int  # the output's version counter when recorded (an in-place op would change it)
+
+
+class BookkeepingClipper:
+    """Records every trainable layer's input and output during a forward pass, then turns one loss into
+    the flat clipped per-unit gradient sum, laid out like `params` (the DP optimizer's order)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+        problems = bookkeeping_problems(model)
+        if problems:
+            raise IncompatibleModelError(problems)
+        self._layers = [
+            module for module in model.modules()
+            if isinstance(module, _LAYERS) and any(parameter.requires_grad for parameter in module.parameters(recurse=False))
+        ]
+        position = {id(parameter): index for index, parameter in enumerate(params)}
+        self._slots = {
+            id(layer): [position[id(parameter)] if parameter is not None and parameter.requires_grad else None for parameter in (layer.weight, layer.bias)]
+            for layer in self._layers
+        }
+        self._params = params
+        self._records: list[_Record] = []
+        self._handles = [layer.register_forward_hook(self._record) for layer in self._layers]
+
+    def _record(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._records.append(_Record(layer, inputs[0].detach(), output, output._version))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._records = []
+
+    def discard(self) -> None:
+        """Forget what the last forward pass recorded (an empty batch: nothing to clip)."""
+        self._records = []
+
+    def clipped_sum(self, loss: torch.Tensor, *, rows: int, owner: np.ndarray | None, max_grad_norm: float, loss_scale: float) -> torch.Tensor:
+        """Σ_u min(1, C/||∇_u||) ∇_u as one flat vector. `loss_scale` turns dloss/dz into a row's own
+        gradient (the batch size for a mean-reduced loss, 1 for a sum); `owner[i]` is row i's unit."""
+        records, self._records = self._records, []
+        self._check(records)
+        grads = torch.autograd.grad(loss, [record.output for record in records], allow_unused=True)
+        units = _Units(rows, owner, loss_scale)
+        layers = [_LayerGradient(record, grad, rows, units, self._slots[id(record.layer)]) for record, grad in zip(records, grads, strict=True)]
+        squared = sum(layer.squared for layer in layers)
+        clip = torch.clamp_max(max_grad_norm / (squared.sqrt() + 1e-6), 1.0)
+        flat = torch.empty(sum(parameter.numel() for parameter in self._params), dtype=loss.dtype)
+        pieces = torch.split(flat, [parameter.numel() for parameter in self._params])
+        for layer in layers:
+            layer.clipped_sum_into(clip, units, pieces)
+        return flat
+
+    def _check(self, records: list[_Record]) -> None:
+        seen = [id(record.layer) for record in records]
+        if sorted(seen) != sorted(id(layer) for layer in self._layers):
+            raise IncompatibleModelError(["every trainable layer must run exactly once per forward pass for book-keeping clipping"])
+        for record in records:
+            if record.output._version != record.version:
+                raise IncompatibleModelError(
+                    [f"{type(record.layer).__name__}'s output is modified in place (e.g. ReLU(inplace=True)); use inplace=False"]
+                )
+
+
+class _Units:
+    """Which rows form each privacy unit, and the weight of a row's gradient in its unit's."""
+
+    def __init__(self, rows: int, owner: np.ndarray | None, loss_scale: float) -> None:
+        self.owner = owner
+        if owner is None:  # every row is its own unit: one scalar weight
+            self.count, self.scale, self.weight, self.index = rows, float(loss_scale), None, None
+            return
+        counts = np.bincount(owner)
+        self.count, self.scale = len(counts), 1.0
+        self.weight = torch.from_numpy(loss_scale / counts[owner]).to(torch.float32)  # [rows]
+        order = np.argsort(owner, kind="stable")
+        slot = np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)  # each (sorted) row's place in its unit
+        index = np.full((self.count, int(counts.max())), rows, dtype=np.int64)  # `rows` = a zero padding row
+        index[owner[order], slot] = order
+        self.index = torch.from_numpy(index)
+        self.owner_index = torch.from_numpy(owner)
+
+    def weighted(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens if self.weight is None else tokens * self.weight[:, None, None]
+
+    def side_by_side(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, T, d] -> [units, rows of the widest unit * T, d], padded with zero rows."""
+        if self.index is None:
+            return tokens
+        padded = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])
+        return padded[self.index].flatten(1, 2)
+
+    def per_row(self, per_unit: torch.Tensor) -> torch.Tensor:
+        return per_unit if self.index is None else per_unit[self.owner_index]
+
+
+class _LayerGradient:
+    """One layer's per-unit squared norms, and its clipped sum once the clip factors are known."""
+
+    def __init__(self, record: _Record, grad: torch.Tensor | None, rows: int, units: _Units, slots: list[int | None]) -> None:
+        self.weight_slot, self.bias_slot = slots
+        inputs, outputs = _tokens(record, grad, rows)  # [rows, T, d_in], [rows, T, d_out]
+        self.inputs, self.outputs = inputs, units.weighted(outputs)
+        unit_in, unit_out = units.side_by_side(self.inputs), units.side_by_side(self.outputs)
+        tokens, d_in, d_out = unit_in.shape[1], unit_in.shape[2], unit_out.shape[2]
+        self.per_unit_bias = unit_out.sum(dim=1)  # [units, d_out]
+        squared = self.per_unit_bias.square().sum(dim=1) if self.bias_slot is not None else unit_out.new_zeros(units.count)
+        self.per_unit_weight = None
+        if self.weight_slot is not None:
+            if tokens == 1:
+                squared = squared + unit_in[:, 0].square().sum(dim=1) * unit_out[:, 0].square().sum(dim=1)
+            elif tokens * (d_in + d_out) < d_in * d_out:  # ghost: Gram matrices of each unit's tokens
+                squared = squared + (unit_in @ unit_in.transpose(1, 2) * (unit_out @ unit_out.transpose(1, 2))).sum(dim=(1, 2))
+            else:  # materialised: kept, the clipped sum is then a weighted sum of these
+                self.per_unit_weight = unit_out.transpose(1, 2) @ unit_in  # [units, d_out, d_in]
+                squared = squared + self.per_unit_weight.square().sum(dim=(1, 2))
+        self.squared = squared * units.scale**2
+
+    def clipped_sum_into(self, clip: torch.Tensor, units: _Units, pieces: tuple[torch.Tensor, ...]) -> None:
+        factor = clip * units.scale
+        if self.weight_slot is not None:
+            target = pieces[self.weight_slot].view(-1, self.inputs.shape[-1])
+            if self.per_unit_weight is not None:
+                torch.mm(factor[None], self.per_unit_weight.flatten(1), out=target.view(1, -1))
+            else:
+                scaled = (self.outputs * units.per_row(factor)[:, None, None]).flatten(0, 1)
+                torch.mm(scaled.T, self.inputs.flatten(0, 1), out=target)
+        if self.bias_slot is not None:
+            torch.mv(self.per_unit_bias.T, factor, out=pieces[self.bias_slot])
+
+
+def _tokens(record: _Record, grad: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's tokens as ([rows, T, d_in], [rows, T, d_out])."""
+    layer, inputs, output = record.layer, record.inputs, record.output
+    grad = torch.zeros_like(output) if grad is None else grad
+    if isinstance(layer, nn.Linear):
+        return inputs.reshape(rows, -1, inputs.shape[-1]), grad.reshape(rows, -1, grad.shape[-1])
+    (kernel,), (stride,), (padding,), (dilation,) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    padded = F.pad(inputs, (padding, padding))
+    patches = padded.unfold(2, dilation * (kernel - 1) + 1, stride)[..., ::dilation]  # [B, C_in, L_out, k]
+    patches = patches.permute(0, 2, 1, 3).reshape(rows, patches.shape[2], -1)  # C_in-major, like weight.view(C_out, -1)
+    return patches, grad.transpose(1, 2)

@@ -89,7 +89,13 @@ def load_site(site_file_path: str | Path, proposal_text: str) -> Site:
     return _load_site(str(path), stamp, proposal_text)
 
 
-@lru_cache(maxsize=8)
+# Sites kept per process. Deployed, a process serves one site; simulated, each Ray actor serves whichever
+# virtual sites the engine hands it, round after round, so the cache holds every site of a large run
+# rather than reloading (site file, proposal, kit, data) at every message.
+SITES_KEPT = 256
+
+
+@lru_cache(maxsize=SITES_KEPT)
 def _load_site(path: str, stamp: int, proposal_text: str) -> Site:
     site_file = load_site_file(path)
     proposal = parse_proposal(proposal_text, site_file)

@@ -177,5 +177,5 @@ def certified_record_name(index: int, *, prefix: str = CERTIFIED_PREFIX) -> str:
 
 def certified_records(content: RecordDict, *, prefix: str = CERTIFIED_PREFIX) -> list[ArrayRecord]:
     """The certified updates a message carries, in their order (what the certificate's claims sign)."""
-    names = sorted(name for name in content.array_records if name.startswith(prefix))
-    return [content.array_records[name] for name in names]
+    records = content.array_records  # Flower builds this view anew on every access: once, not once per update
+    return [records[name] for name in sorted(name for name in records if name.startswith(prefix))]

@@ -16,7 +16,9 @@ convention); the pooled view is the union of the site splits with pooled-train s
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import replace
+import threading
+from collections import OrderedDict
+from dataclasses import astuple, replace
 
 import numpy as np
 from sklearn.datasets import load_breast_cancer, load_diabetes
@@ -29,6 +31,10 @@ from .partition import partition_indices
 from .preprocessing import pool_raw_splits, raw_site_split, standardise_split
 
 __all__ = ["BreastCancerTask", "DiabetesProgressionTask", "PartitionedTask"]
+
+SPLITS_KEPT = 4  # splits kept per process (a sweep may vary the split); each is the size of its dataset
+_SPLITS: OrderedDict[tuple, list[SiteSplit]] = OrderedDict()  # (task class, split key) -> every site's rows
+_SPLITS_LOCK = threading.Lock()  # the simulation's driver reads splits from several threads
 
 
 class PartitionedTask(TwinTask):
@@ -46,33 +52,50 @@ class PartitionedTask(TwinTask):
         return [f"site{index}" for index in range(self.config.num_sites)]
 
     def raw_splits(self) -> list[SiteSplit]:
-        """Every site's train/test rows before normalisation (cached; callers get fresh arrays)."""
+        """Every site's train/test rows before normalisation: computed once per process for a split
+        (each simulated site builds its own task object, so a per-object cache would redo the whole
+        partition for every site: O(sites^2) per round). Shared arrays: callers must not write to them."""
         if self._raw_splits_cache is None:
-            features, labels = self.load_rows()
-            partition = self.config.partition
-            parts = partition_indices(
-                labels,
-                num_sites=self.config.num_sites,
-                scheme=partition.scheme,
-                seed=self.config.split_seed,
-                dirichlet_alpha=partition.dirichlet_alpha,
-                quantity_sigma=partition.quantity_sigma,
-                min_samples_per_site=partition.min_samples_per_site,
-                regression_label_bins=partition.regression_label_bins,
-            )
-            splits = [
-                raw_site_split(
-                    site_id,
-                    features[rows],
-                    labels[rows],
-                    binary=self.kind == "binary",
-                    test_fraction=self.config.test_fraction,
-                    seed=self.config.split_seed,
-                )
-                for site_id, rows in zip(self.site_ids(), parts, strict=True)
-            ]
-            self._raw_splits_cache = self.transform_targets(splits)
+            key = (type(self), *self.split_key())
+            with _SPLITS_LOCK:
+                if key not in _SPLITS:
+                    _SPLITS[key] = self.compute_raw_splits()
+                    while len(_SPLITS) > SPLITS_KEPT:
+                        _SPLITS.popitem(last=False)
+                _SPLITS.move_to_end(key)
+                self._raw_splits_cache = _SPLITS[key]
         return self._raw_splits_cache
+
+    def split_key(self) -> tuple:
+        """Everything that decides the split, as a hashable key: sites, test fraction, seed, partition."""
+        return (self.config.num_sites, self.config.test_fraction, self.config.split_seed, astuple(self.config.partition))
+
+    def compute_raw_splits(self) -> list[SiteSplit]:
+        """Partition all rows across the sites, then split each site's rows into train and test."""
+        features, labels = self.load_rows()
+        partition = self.config.partition
+        parts = partition_indices(
+            labels,
+            num_sites=self.config.num_sites,
+            scheme=partition.scheme,
+            seed=self.config.split_seed,
+            dirichlet_alpha=partition.dirichlet_alpha,
+            quantity_sigma=partition.quantity_sigma,
+            min_samples_per_site=partition.min_samples_per_site,
+            regression_label_bins=partition.regression_label_bins,
+        )
+        splits = [
+            raw_site_split(
+                site_id,
+                features[rows],
+                labels[rows],
+                binary=self.kind == "binary",
+                test_fraction=self.config.test_fraction,
+                seed=self.config.split_seed,
+            )
+            for site_id, rows in zip(self.site_ids(), parts, strict=True)
+        ]
+        return self.transform_targets(splits)
 
     def transform_targets(self, raw_splits: list[SiteSplit]) -> list[SiteSplit]:
         """Hook for a shared target scale; identity by default."""

@@ -195,10 +195,20 @@ def main(argv: list[str] | None = None) -> None:
             points.append(measure(num_sites, rounds=arguments.rounds, work_dir=Path(folder)))
             point = points[-1]
             print(f"{num_sites} sites: {point['per_site_s']:.3f} s/site, round 1 {point['round1_s']:.1f} s, {point['wall_s']:.0f} s wall", flush=True)
-        large = measure(arguments.large, rounds=3, work_dir=Path(folder)) if arguments.large else None
+        large = None
+        if arguments.large:
+            try:
+                large = measure(arguments.large, rounds=3, work_dir=Path(folder))
+            except RuntimeError as error:  # the table above still stands: record why the large run failed
+                large = {"sites": arguments.large, "error": str(error)}
+                log = next(Path(folder).glob(f"runs-{arguments.large}-*.log"), None)
+                if log is not None:
+                    large["log_tail"] = log.read_text(encoding="utf-8", errors="replace")[-3000:]
     rows = summarise(points, site_counts)
     print_table(rows)
-    if large is not None:
+    if large is not None and "error" in large:
+        print(f"{arguments.large} sites: FAILED: {large['error']}\n{large.get('log_tail', '')}")
+    elif large is not None:
         print(
             f"{arguments.large} sites, {large['rounds']} rounds: completed in {large['wall_s']:.0f} s "
             f"({large['per_site_s']:.3f} s/site a round, round 1 {large['round1_s']:.0f} s); "

@@ -225,8 +225,9 @@ def site_join_command(
     console.print(f"  CA fingerprint: {joined.ca_fingerprint}")
 
 
-@site_app.command("keygen")
+@site_app.command("keygen", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def site_keygen_command(
+    context: typer.Context,
     kit: Annotated[Path, typer.Option("--kit", help="the key steward's site kit")],
     num_parameters: Annotated[int, typer.Option("--num-parameters", help="model size the keys are for")],
     num_sites: Annotated[int, typer.Option("--num-sites")],
@@ -235,17 +236,28 @@ def site_keygen_command(
         Path | None, typer.Option("--outbox", help="where envelopes and the public context go (default: KIT/he-outbox/<key id>)")
     ] = None,
 ) -> None:
-    """Key steward: generate a new CKKS key set, wrap it for every other site, publish the public context."""
+    """Key steward: generate a new CKKS key set, wrap it for every other site, publish the public context.
+    Extra arguments are the run's overrides (task=… privacy=dp privacy.target_epsilon=3 strategy=…): under
+    DP-SGD the precision is then derived from the run's DP noise, exactly as in simulation."""
     from dataclasses import replace
 
-    from medtwin.core.he import ckks_parameters_from_config
+    from medtwin.core.he import ckks_parameters_from_config, he_precision_of_run
     from medtwin.core.identity import steward_generate_he_keys
+    from medtwin.core.tasks import get_task
 
-    crypto = replace(compose_config(["crypto=ckks"]).crypto, max_total_examples=max_total_examples)
-    parameters = ckks_parameters_from_config(crypto, num_parameters=num_parameters, num_sites=num_sites)
+    config = compose_config(["crypto=ckks", *context.args])
+    crypto = replace(config.crypto, max_total_examples=max_total_examples)
+    precision = he_precision_of_run(
+        replace(config, crypto=crypto), num_sites=num_sites, max_total_examples=max_total_examples,
+        grouped_by_patient=get_task(config.task).groups_rows_by_patient,
+    )
+    parameters = ckks_parameters_from_config(
+        crypto, num_parameters=num_parameters, num_sites=num_sites, max_relative_error=precision.max_relative_error
+    )
     with _refusals():
         distribution = steward_generate_he_keys(kit, parameters, outbox_dir=outbox)
     console.print(f"CKKS key set [bold]{distribution.key_id}[/bold]: N={parameters.poly_modulus_degree}, primes {parameters.coeff_mod_bit_sizes}")
+    console.print(f"  precision target {precision.max_relative_error:.3g} ({precision.derived_from}: {precision.reason})")
     console.print(f"  secret context kept in this kit: {distribution.secret_context_path} (0600)")
     console.print(f"  public context for the coordinator: {distribution.public_context_path}")
     for site_id, path in sorted(distribution.envelope_paths.items()):

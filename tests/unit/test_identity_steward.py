@@ -242,3 +242,32 @@ def test_installed_secret_with_loose_permissions_is_refused(small_federation: di
     result.secret_context_path.chmod(0o640)
     with pytest.raises(KitError, match="chmod 600"):
         load_site_he_context(small_federation["a"], result.key_id)
+
+
+def test_site_keygen_derives_the_precision_from_the_runs_dp_noise_like_the_simulation(tmp_path: Path) -> None:
+    """One code path: the deployed steward, given the run's overrides, picks the parameters a simulation
+    of that run would (1 % of the DP noise); without them, the configured default."""
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from medtwin.core.config import compose_config
+    from medtwin.core.he import ckks_parameters_from_config, he_precision_of_run
+    from medtwin.experiments.cli import app
+
+    _, kits = joined_kits(tmp_path, SITES, "keygen")
+    run = ["task=csv_example", "privacy=dp", "privacy.target_epsilon=1", "strategy.learning_rate=0.1"]
+    common = ["site", "keygen", "--kit", str(kits["hosp0"]), "--num-parameters", "7", "--num-sites", "3", "--max-total-examples", "400"]
+    noisy = CliRunner(env={"COLUMNS": "300"}).invoke(app, [*common, *run])
+    assert noisy.exit_code == 0, noisy.output
+    config = compose_config(["crypto=ckks", *run])
+    config = replace(config, crypto=replace(config.crypto, max_total_examples=400))
+    precision = he_precision_of_run(config, num_sites=3, max_total_examples=400, grouped_by_patient=False)
+    assert precision.derived_from == "dp" and precision.max_relative_error > 1e-5
+    expected = ckks_parameters_from_config(config.crypto, num_parameters=7, num_sites=3, max_relative_error=precision.max_relative_error)
+    assert f"N={expected.poly_modulus_degree}, primes {expected.coeff_mod_bit_sizes}" in noisy.output
+    assert f"precision target {precision.max_relative_error:.3g} (dp" in noisy.output
+    default = CliRunner(env={"COLUMNS": "300"}).invoke(app, common)
+    assert default.exit_code == 0, default.output
+    assert "precision target 1e-05 (config" in default.output
+    assert expected.poly_modulus_degree == 1024 and "N=2048" in default.output  # the DP run pays fewer bits

@@ -136,30 +136,35 @@ class _Units:
     def __init__(self, rows: int, owner: np.ndarray | None, loss_scale: float) -> None:
         self.owner = owner
         if owner is None:  # every row is its own unit: one scalar weight
-            self.count, self.scale, self.weight, self.index = rows, float(loss_scale), None, None
+            self.count, self.scale, self.weight = rows, float(loss_scale), None
             return
         counts = np.bincount(owner)
         self.count, self.scale = len(counts), 1.0
         self.weight = torch.from_numpy(loss_scale / counts[owner]).to(torch.float32)  # [rows]
+        self.owner_index = torch.from_numpy(owner)
+        if (counts == counts[0]).all() and (np.diff(owner) >= 0).all():  # units of equal size, rows in unit order (as `_Units.draw` gives them): a view
+            self.index = None
+            return
         order = np.argsort(owner, kind="stable")
         slot = np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)  # each (sorted) row's place in its unit
         index = np.full((self.count, int(counts.max())), rows, dtype=np.int64)  # `rows` = a zero padding row
         index[owner[order], slot] = order
         self.index = torch.from_numpy(index)
-        self.owner_index = torch.from_numpy(owner)
 
     def weighted(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens if self.weight is None else tokens * self.weight[:, None, None]
 
     def side_by_side(self, tokens: torch.Tensor) -> torch.Tensor:
         """[rows, T, d] -> [units, rows of the widest unit * T, d], padded with zero rows."""
-        if self.index is None:
+        if self.owner is None:
             return tokens
+        if self.index is None:  # equal runs
+            return tokens.reshape(self.count, -1, tokens.shape[-1])
         padded = torch.cat([tokens, tokens.new_zeros(1, *tokens.shape[1:])])
         return padded[self.index].flatten(1, 2)
 
     def per_row(self, per_unit: torch.Tensor) -> torch.Tensor:
-        return per_unit if self.index is None else per_unit[self.owner_index]
+        return per_unit if self.owner is None else per_unit[self.owner_index]
 
 
 class _LayerGradient:

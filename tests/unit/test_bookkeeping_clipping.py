@@ -92,12 +92,20 @@ def bookkeeping_clipped_sum(model, loss_fn, features, targets, owner, clip):
         clipper.close()
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["row units", "patients of 1-5 rows"])
+OWNERS = {
+    "row units": None,
+    "patients of 1-5 rows": np.repeat(np.arange(8), [1, 5, 2, 3, 1, 4, 3, 5]),
+    "patients of 3 rows": np.repeat(np.arange(8), 3),
+    "patients of 3 rows, shuffled": np.random.default_rng(1).permutation(np.repeat(np.arange(8), 3)),
+}
+
+
+@pytest.mark.parametrize("units", list(OWNERS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_bookkeeping_sum_equals_opacus_per_example_clipping(case, grouped):
+def test_bookkeeping_sum_equals_opacus_per_example_clipping(case, units):
     build, num_features, make_loss, target_width, clip = CASES[case]
     features, targets = batch(num_features, target_width)
-    owner = np.repeat(np.arange(8), [1, 5, 2, 3, 1, 4, 3, 5]) if grouped else None
+    owner = OWNERS[units]
     torch.manual_seed(0)
     model = build()
     expected, norms = reference_clipped_sum(model, make_loss(), features, targets, owner, clip)

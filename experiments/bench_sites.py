@@ -93,14 +93,18 @@ class MemoryWatch:
         }
 
 
-def round_costs(run_path: Path) -> dict[int, float]:
-    """Wall seconds of each round (its train and evaluate phases) from the run's metrics.jsonl."""
+def round_costs(run_path: Path) -> tuple[dict[int, float], dict[int, int]]:
+    """From the run's metrics.jsonl: wall seconds of each round (its train and evaluate phases), and the
+    number of sites whose update each round aggregated."""
     seconds: dict[int, float] = {}
+    aggregated: dict[int, int] = {}
     for line in (run_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record["phase"] in ("train", "evaluate"):
             seconds[int(record["round"])] = seconds.get(int(record["round"]), 0.0) + float(record["time_s"])
-    return seconds
+        if record["phase"] == "train":
+            aggregated[int(record["round"])] = len(record["participants"])
+    return seconds, aggregated
 
 
 def measure(num_sites: int, *, rounds: int, work_dir: Path) -> dict:
@@ -123,7 +127,7 @@ def measure(num_sites: int, *, rounds: int, work_dir: Path) -> dict:
     runs = sorted(runs_dir.glob("*/metrics.jsonl")) if runs_dir.is_dir() else []
     if returncode != 0 or not runs:
         raise RuntimeError(f"`medtwin run` at {num_sites} sites failed (exit {returncode}); its output: {log_path}")
-    seconds = round_costs(runs[0].parent)
+    seconds, aggregated = round_costs(runs[0].parent)
     later = [seconds[server_round] for server_round in sorted(seconds) if server_round >= 2]
     median_round_s = statistics.median(later) if later else seconds[1]
     return {
@@ -133,6 +137,7 @@ def measure(num_sites: int, *, rounds: int, work_dir: Path) -> dict:
         "round1_s": round(seconds[1], 3),
         "median_round_s": round(median_round_s, 3),
         "per_site_s": median_round_s / num_sites,
+        "aggregated_per_round": [aggregated[server_round] for server_round in sorted(aggregated)],
         "memory": memory,
         "run": str(runs[0].parent),
     }
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{arguments.large} sites, {large['rounds']} rounds: completed in {large['wall_s']:.0f} s "
             f"({large['per_site_s']:.3f} s/site a round, round 1 {large['round1_s']:.0f} s); "
-            f"sum VmHWM {large['memory']['sum_hwm_mib']:.0f} MiB, peak RSS {large['memory']['peak_rss_mib']:.0f} MiB"
+            f"sum VmHWM {large['memory']['sum_hwm_mib']:.0f} MiB, peak RSS {large['memory']['peak_rss_mib']:.0f} MiB; "
+            f"updates aggregated per round {large['aggregated_per_round']}"
         )
     result = {
         "command": "python -m medtwin.experiments.bench_sites " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from medtwin.core.artifacts import ArtifactStore
@@ -380,20 +380,11 @@ class RoundLoop:
 
     def _send(self, node_ids: list[int], *, phase: str, server_round: int) -> list[Message]:
         messages = []
+        shared = self._shared_records()  # the same for every site: built once a phase, not once a message
         for node_id in node_ids:
             order = instruction(run_id=self.run_id, server_round=server_round, phase=phase)
             order["min_sites"] = self.config.federation.min_sites
-            content = RecordDict({INSTRUCTION: order})
-            if self.result.statistics_aggregate is not None and self.result.statistics_certificate is not None:
-                content[STATISTICS_AGGREGATE] = self.result.statistics_aggregate
-                content[STATISTICS_CERTIFICATE] = self.result.statistics_certificate.to_record()
-                for index, record in enumerate(self.certified_statistics()):
-                    content[certified_record_name(index, prefix=STATISTICS_CERTIFIED_PREFIX)] = record
-            if self.result.aggregate is not None and self.result.certificate is not None:
-                content[AGGREGATE] = self.result.aggregate
-                content[CERTIFICATE] = self.result.certificate.to_record()
-                for index, record in enumerate(self.certified_updates()):
-                    content[certified_record_name(index)] = record
+            content = RecordDict({INSTRUCTION: order, **shared})
             message_type = "query" if phase == "statistics" else phase  # Flower routes a query to the ClientApp's @app.query()
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         if not messages:
@@ -403,6 +394,21 @@ class RoundLoop:
         # come from the SuperLink itself, and only the instruction they answer tells which node they are about
         self._sent_to = {message.metadata.message_id: message.metadata.dst_node_id for message in messages if message.metadata.message_id}
         return replies
+
+    def _shared_records(self) -> dict[str, ArrayRecord | ConfigRecord]:
+        """What every site's message of a phase carries: the certified sums, their certificates and updates."""
+        records: dict[str, ArrayRecord | ConfigRecord] = {}
+        if self.result.statistics_aggregate is not None and self.result.statistics_certificate is not None:
+            records[STATISTICS_AGGREGATE] = self.result.statistics_aggregate
+            records[STATISTICS_CERTIFICATE] = self.result.statistics_certificate.to_record()
+            for index, record in enumerate(self.certified_statistics()):
+                records[certified_record_name(index, prefix=STATISTICS_CERTIFIED_PREFIX)] = record
+        if self.result.aggregate is not None and self.result.certificate is not None:
+            records[AGGREGATE] = self.result.aggregate
+            records[CERTIFICATE] = self.result.certificate.to_record()
+            for index, record in enumerate(self.certified_updates()):
+                records[certified_record_name(index)] = record
+        return records
 
     def certified_updates(self) -> list[ArrayRecord]:
         """The updates behind the current aggregate, in certificate order: every site sums them itself, so a

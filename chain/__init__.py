@@ -49,7 +49,7 @@ from .records import (
     WriteReceipt,
 )
 from .render import access_table, lineage_table, status_table, verify_table
-from .session import ChainSession, open_readonly, open_session, open_signed_readonly
+from .session import ChainSession, open_readonly, open_session, open_signed_readonly, shared_readonly
 
 __all__ = [
     "MAX_DECISIONS_PER_TX",
@@ -107,6 +107,7 @@ __all__ = [
     "participants_hash",
     "read_deployment",
     "run_key",
+    "shared_readonly",
     "site_key",
     "status_table",
     "verify_table",

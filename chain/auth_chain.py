@@ -70,6 +70,13 @@ def decision_batch_args(decisions: Sequence[Decision], *, run_id: str, round_ind
     return [digest.digest(), run, int(round_index), actors, keys, subjects, actions, granted, reasons]
 
 
+def _approval_record(fields: Sequence[Any], *, site_id: str, run_id: str) -> ApprovalRecord | None:
+    config_hash, code_hash, approved_at, withdrawn_at = fields
+    if approved_at == 0:
+        return None
+    return ApprovalRecord(site_id, run_id, _hex(config_hash), _hex(code_hash), approved_at, withdrawn_at)
+
+
 class AuthChain(ContractGateway):
     """FederationRegistry on the auth chain. `admin`/`coordinator` may be None (read-only use)."""
 
@@ -78,6 +85,11 @@ class AuthChain(ContractGateway):
         super().__init__(*args, signers=signers, **kwargs)
         self.admin, self.coordinator = admin, coordinator
         self._site_names: dict[str, str] = {}
+        # What the registry never changes once written (register_site refuses a known key or address; nothing
+        # rewrites them): a registered site's address and its identity-key fingerprint. Revocation, approvals
+        # and withdrawals are read from the chain every time.
+        self._addresses: dict[str, str] = {}
+        self._fingerprints: dict[str, str] = {}
 
     # -- admin ---------------------------------------------------------------------------------
 
@@ -123,9 +135,22 @@ class AuthChain(ContractGateway):
     # -- reads -----------------------------------------------------------------------------------
 
     def site_address(self, site_id: str) -> str:
-        """Address registered for `site_id`, or "" if unknown."""
-        address = str(self.call("site_address", site_key(site_id)))
-        return "" if int(address, 16) == 0 else address
+        """Address registered for `site_id`, or "" if unknown (a registered address is read once: it never changes)."""
+        if site_id not in self._addresses:
+            address = str(self.call("site_address", site_key(site_id)))
+            if int(address, 16) == 0:
+                return ""
+            self._addresses[site_id] = address
+        return self._addresses[site_id]
+
+    def key_fingerprint(self, site_id: str) -> str:
+        """The identity-key fingerprint registered for `site_id` (hex), or "" if unknown; read once, it never changes."""
+        if site_id not in self._fingerprints:
+            record = self.site(site_id)
+            if record is None:
+                return ""
+            self._fingerprints[site_id] = record.key_fingerprint
+        return self._fingerprints[site_id]
 
     def site(self, site_id: str) -> SiteRecord | None:
         address = self.site_address(site_id)
@@ -157,10 +182,19 @@ class AuthChain(ContractGateway):
         address = self.site_address(site_id)
         if not address:
             return None
-        config_hash, code_hash, approved_at, withdrawn_at = self.call("approvals", address, run_key(run_id))
-        if approved_at == 0:
-            return None
-        return ApprovalRecord(site_id, run_id, _hex(config_hash), _hex(code_hash), approved_at, withdrawn_at)
+        return _approval_record(self.call("approvals", address, run_key(run_id)), site_id=site_id, run_id=run_id)
+
+    def approval_and_admission(self, *, site_id: str, run_id: str) -> tuple[ApprovalRecord | None, bool]:
+        """`approval(...)` and `is_admitted(...)` read together, in one JSON-RPC batch (a site's check per phase)."""
+        address = self.site_address(site_id)
+        if not address:
+            return None, False
+        key = run_key(run_id)
+        functions = self.contract.functions
+        fields, admitted = self.client.call_all(
+            [functions.approvals(address, key), functions.is_admitted(address, key)], what="approvals + is_admitted"
+        )
+        return _approval_record(fields, site_id=site_id, run_id=run_id), bool(admitted)
 
     def has_role(self, account: str, role: Role) -> bool:
         return bool(self.call("has_role", Web3.to_checksum_address(account), int(role)))

@@ -14,12 +14,13 @@ from typing import Any, TypeVar
 import requests
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 from eth_tester.exceptions import TransactionFailed, ValidationError
 from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFound, ProviderConnectionError, TimeExhausted, Web3RPCError
 
 from .accounts import ChainAccount
 from .compiler import CompiledContract
-from .errors import ChainRevertError, ChainUnavailableError
+from .errors import ChainError, ChainRevertError, ChainUnavailableError
 
 __all__ = ["CONNECTION_ERRORS", "ChainClient", "TxReceipt"]
 
@@ -29,6 +30,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ProviderConnectionError,
 )
 GAS_MARGIN = 1.2
+SESSION_CONSTANT_REQUESTS = {RPCEndpoint("eth_chainId")}  # the only JSON-RPC answers a session caches
 T = TypeVar("T")
 
 
@@ -61,10 +63,18 @@ class ChainClient:
         self.fixed_gas = fixed_gas
         self._chain_id: int | None = None
         self._lock = threading.Lock()
+        # next nonce per sending account, kept here after one read of the node's pending count; dropped (read
+        # again) after any failed send, and a node's "nonce too low" (another process used the account) retries once
+        self._nonces: dict[str, int] = {}
 
     @classmethod
     def http(cls, url: str, *, name: str, rpc_timeout_s: float = 10.0, tx_timeout_s: float = 60.0) -> ChainClient:
-        provider = Web3.HTTPProvider(url, request_kwargs={"timeout": rpc_timeout_s}, exception_retry_configuration=None)
+        provider = Web3.HTTPProvider(
+            url, request_kwargs={"timeout": rpc_timeout_s}, exception_retry_configuration=None,
+            # web3's validation middleware asks eth_chainId before every eth_call / estimateGas / send; a node's
+            # chain id does not change under one session (rpc: checked against chain.*_chain_id on open)
+            cache_allowed_requests=True, cacheable_requests=SESSION_CONSTANT_REQUESTS,
+        )  # fmt: skip
         return cls(Web3(provider), name=name, url=url, tx_timeout_s=tx_timeout_s)
 
     def guarded(self, action: Callable[[], T], *, what: str) -> T:
@@ -104,23 +114,56 @@ class ChainClient:
     def call(self, function: Any, *, what: str) -> Any:
         return self.guarded(lambda: function.call(), what=what)
 
+    def call_all(self, functions: list[Any], *, what: str) -> list[Any]:
+        """Several view calls in one JSON-RPC batch (one HTTP round trip); in order, decoded like `call`."""
+        if len(functions) < 2 or not isinstance(self.w3.provider, Web3.HTTPProvider):
+            return [self.call(function, what=what) for function in functions]
+
+        def read() -> list[Any]:
+            with self.w3.batch_requests() as batch:
+                for function in functions:
+                    batch.add(function)
+                return list(batch.execute())
+
+        return self.guarded(read, what=what)
+
     def transact(self, account: ChainAccount, function: Any, *, call: str) -> TxReceipt:
         """Sign and send `function` from `account`; return once mined. Raises on revert/outage."""
         with self._lock:
             return self.guarded(lambda: self._send(account, function, call), what=call)
 
     def _send(self, account: ChainAccount, function: Any, call: str) -> TxReceipt:
-        params = {"from": account.address, "chainId": self.chain_id}
-        params["nonce"] = self.w3.eth.get_transaction_count(account.address, "pending")
-        params["gas"] = self._gas(function, account)
-        transaction = function.build_transaction(params)
-        return self._submit_signed(account.sign_transaction(transaction), call)
+        remembered = account.address in self._nonces
+        try:
+            return self._send_with_nonce(account, function, call)
+        except BaseException as error:
+            self._nonces.pop(account.address, None)
+            # the node refused the remembered nonce (another process sent from this account): read it, send once more
+            if remembered and isinstance(error, Exception) and not isinstance(error, ChainError) and "nonce" in str(error).lower():
+                return self._send_with_nonce(account, function, call)
+            raise
 
-    def _gas(self, function: Any, account: ChainAccount) -> int:
+    def _send_with_nonce(self, account: ChainAccount, function: Any, call: str) -> TxReceipt:
+        nonce = self._nonces.get(account.address)
+        if nonce is None:
+            nonce = self.w3.eth.get_transaction_count(account.address, "pending")
+        # ABI-encoded once (web3 re-encodes for every estimate/call/build: the slow part of a write); the
+        # placeholder gas keeps build_transaction from estimating, the real limit comes from the preflight
+        transaction = function.build_transaction({"from": account.address, "chainId": self.chain_id, "nonce": nonce, "gas": 0})
+        transaction["gas"] = self._gas_for(transaction)
+        signed = account.sign_transaction(transaction)
+        self._nonces.pop(account.address, None)  # until this nonce is known to be used
+        receipt = self._submit_signed(signed, call)
+        self._nonces[account.address] = nonce + 1
+        return receipt
+
+    def _gas_for(self, transaction: dict[str, Any]) -> int:
+        """The gas limit; the estimate (or, with fixed gas, an eth_call) is also the preflight that surfaces a revert reason."""
+        preflight = {key: transaction[key] for key in ("from", "to", "data", "value") if key in transaction}
         if self.fixed_gas is not None:
-            function.call({"from": account.address})
+            self.w3.eth.call(preflight)
             return self.fixed_gas
-        return int(function.estimate_gas({"from": account.address}) * GAS_MARGIN) + 10_000
+        return int(self.w3.eth.estimate_gas(preflight) * GAS_MARGIN) + 10_000
 
     def _submit_signed(self, raw: bytes, call: str) -> TxReceipt:
         tx_hash = self.w3.eth.send_raw_transaction(raw)
@@ -155,6 +198,7 @@ class ChainClient:
             return str(mined["contractAddress"]), receipt
 
         with self._lock:
+            self._nonces.pop(account.address, None)
             return self.guarded(send, what=f"deploy {compiled.name}")
 
     def balance(self, address: str) -> int:

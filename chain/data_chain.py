@@ -59,6 +59,9 @@ class DataChain(ContractGateway):
         signers = tuple(account for account in (admin, coordinator) if account is not None)
         super().__init__(*args, signers=signers, **kwargs)
         self.admin, self.coordinator = admin, coordinator
+        # (run key, site key) -> manifest hash this session read on chain or mined there itself: a run's dataset
+        # commitments are written by its one coordinator (this session), so a commit is skipped without a read
+        self._datasets: dict[tuple[bytes, bytes], bytes] = {}
 
     # -- admin ---------------------------------------------------------------------------------
 
@@ -94,16 +97,24 @@ class DataChain(ContractGateway):
         if not changed:
             return None
         args = [key, list(changed), list(changed.values())]
-        return self.write(self.coordinator, "commit_datasets", args, role="coordinator")
+        receipt = self.write(self.coordinator, "commit_datasets", args, role="coordinator")
+        if receipt.mined:
+            self._datasets.update({(key, site): manifest for site, manifest in changed.items()})
+        return receipt
 
     def _known_dataset(self, key: bytes, site: bytes) -> bytes | None:
         for queued in reversed(self.queued("commit_datasets")):
             if queued[0] == key and site in queued[1]:
                 return queued[2][queued[1].index(site)]
+        if (key, site) in self._datasets:
+            return self._datasets[(key, site)]
         try:
-            return bytes(self.call("datasets", key, site))
+            known = bytes(self.call("datasets", key, site))
         except ChainError:
             return None  # unreachable: commit again, the write will be queued
+        if known != ZERO32:
+            self._datasets[(key, site)] = known
+        return known
 
     def anchor_round(self, anchor: RoundAnchor) -> WriteReceipt:
         """Anchor one round (reverts on chain if this (run, round) is already anchored)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,15 @@ from .journal import Journal, anvil_durable_block
 from .outbox import Outbox
 from .records import FlushResult, ReconcileResult
 
-__all__ = ["ChainSession", "ensure_deployed", "open_readonly", "open_session", "open_signed_readonly", "signing_accounts"]
+__all__ = [
+    "ChainSession",
+    "ensure_deployed",
+    "open_readonly",
+    "open_session",
+    "open_signed_readonly",
+    "shared_readonly",
+    "signing_accounts",
+]
 
 SITE_FUNDING_WEI = 10 * 10**18
 DEV_BACKENDS = ("embedded", "anvil")
@@ -211,6 +220,30 @@ def open_readonly(state_dir: str | os.PathLike[str], *, rpc_timeout_s: float = 1
     clients = {role: ChainClient.http(deployment.chain(role).rpc_url, name=role, rpc_timeout_s=rpc_timeout_s) for role in ("auth", "data")}
     auth, data = _gateways(clients, deployment, admin=None, coordinator=None, outbox_dir=None)
     return ChainSession(deployment.backend, auth, data, deployment, Path(state_dir))
+
+
+_shared_sessions: dict[Path, tuple[tuple[int, int, int], ChainSession]] = {}
+_shared_sessions_lock = threading.Lock()
+
+
+def shared_readonly(state_dir: str | os.PathLike[str]) -> ChainSession:
+    """The read-only session this process opened on `state_dir` before, while its deployment.json is the same
+    file unchanged (else a new one, kept for the next caller): a site's checks reuse one connection, its cached
+    chain ids and the registrations it read, instead of reconnecting per check. It holds no answer that can
+    change: approvals, revocations and anchors are read from the chain on every call."""
+    path = Path(state_dir).resolve()
+    try:
+        stat = os.stat(path / "deployment.json")
+    except FileNotFoundError:
+        return open_readonly(path)  # raises the usual "no deployment record" error
+    version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    with _shared_sessions_lock:
+        known = _shared_sessions.get(path)
+        if known is not None and known[0] == version:
+            return known[1]
+        session = open_readonly(path)
+        _shared_sessions[path] = (version, session)
+        return session
 
 
 def open_signed_readonly(chains: dict[str, dict[str, Any]], *, rpc_timeout_s: float = 10.0) -> ChainSession:

@@ -24,9 +24,9 @@ from medtwin.chain import (
     Decision,
     RunRegistration,
     build_round_anchor,
-    open_readonly,
     open_session,
     run_key,
+    shared_readonly,
 )
 from medtwin.chain.encoding import site_key
 from medtwin.chain.session import SITE_FUNDING_WEI
@@ -175,14 +175,16 @@ class ChainProvenance:
         return problem
 
     def _admission_problem(self, *, site_id: str, run_id: str) -> str | None:
-        record = self.session.auth.site(site_id)
-        if record is None:
+        # the registration (address, key fingerprint) is read once per session: the registry never rewrites it;
+        # revocation, approval and withdrawal are read on every admission (is_admitted: one eth_call)
+        fingerprint = self.session.auth.key_fingerprint(site_id)
+        if not fingerprint:
             return f"{site_id} is not registered on the authorization chain"
         if not self.session.auth.is_admitted(site_id=site_id, run_id=run_id):
             return f"{site_id} is revoked or has not approved run {run_id} on the authorization chain"
         if self.manifest is not None and site_id in self.manifest.site_ids:
             expected = _fingerprint(self.manifest.site(site_id).signing_key_fingerprint)
-            if _fingerprint(record.key_fingerprint) != expected:
+            if _fingerprint(fingerprint) != expected:
                 return f"{site_id}'s identity key differs from the fingerprint registered on the authorization chain"
         return None
 
@@ -283,6 +285,9 @@ APPROVAL_OUTAGE_GRACE_S = 900.0  # a site trusts its own approval, last seen on 
 class ChainApprovalCheck:
     """A site's checks against the chains: its approval of (config, code), and each aggregate's anchor.
 
+    Every check reads the chain (approval, revocation and anchor are never cached); the connection is the
+    process's one read-only session on `state_dir` (`shared_readonly`), not a new one per check.
+
     With `site_state_dir`, each approval seen on chain is remembered there; while the authorization
     chain is unreachable the site goes on with an approval it saw there within APPROVAL_OUTAGE_GRACE_S
     (its own approval of exactly this config and code), and refuses otherwise."""
@@ -294,9 +299,7 @@ class ChainApprovalCheck:
         binding = dict(run_id=run_id, config_hash=config_hash, code_hash=code_hash)
         verified = ChainVerifiedApprovals(self.site_state_dir) if self.site_state_dir else None
         try:
-            session = open_readonly(self.state_dir)
-            approval = session.auth.approval(site_id=site_id, run_id=run_id)
-            admitted = approval is not None and session.auth.is_admitted(site_id=site_id, run_id=run_id)
+            approval, admitted = shared_readonly(self.state_dir).auth.approval_and_admission(site_id=site_id, run_id=run_id)
         except ChainUnavailableError as error:  # the site cannot see its approval now
             age = verified.age_s(**binding) if verified is not None else None
             if age is not None and age <= APPROVAL_OUTAGE_GRACE_S:
@@ -325,7 +328,7 @@ class ChainApprovalCheck:
         """Called when this site's ledger holds no spend at all: None if the data chain agrees (no earlier
         DP run of this site), else why the site must not train on a fresh ledger."""
         try:
-            runs = open_readonly(self.state_dir).data.private_runs_of_site(site_id)
+            runs = shared_readonly(self.state_dir).data.private_runs_of_site(site_id)
         except ChainUnavailableError as error:
             return (
                 f"this site's privacy ledger {ledger_path} holds no spend, and the data chain that would show earlier "
@@ -343,7 +346,7 @@ class ChainApprovalCheck:
 
     def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
         try:
-            anchor = open_readonly(self.state_dir).data.anchor(run_id, server_round)
+            anchor = shared_readonly(self.state_dir).data.anchor(run_id, server_round)
         except ChainUnavailableError as error:  # an aggregate the site cannot see anchored is not evaluated
             return f"cannot read the data chain to check round {server_round}'s anchor ({str(error)[:200]})"
         if anchor is None:

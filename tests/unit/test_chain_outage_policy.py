@@ -112,7 +112,7 @@ def test_a_site_forgets_an_approval_the_chain_no_longer_shows(tmp_path: Path, mo
     account = session.site_account("hosp0")
     session.auth.register_site(site_id="hosp0", address=account.address, key_fingerprint=h("hosp0"))
     session.auth.approve_run(site=account, run_id=RUN, config_hash=h("c"), code_hash=h("k"))
-    monkeypatch.setattr("medtwin.experiments.chain_wiring.open_readonly", lambda state_dir: session)  # an embedded chain to read
+    monkeypatch.setattr("medtwin.experiments.chain_wiring.shared_readonly", lambda state_dir: session)  # an embedded chain to read
     site_state = tmp_path / "site-state"
     site_state.mkdir()
     check = ChainApprovalCheck(state_dir="unused", site_state_dir=str(site_state))
@@ -139,7 +139,7 @@ def test_a_site_reads_its_dp_history_from_the_data_chain(tmp_path: Path, monkeyp
         aggregate_digest=store.put(b"a", kind="aggregate"), epsilon_by_site={"hosp0": 0.7}, he_error_bound=0.0,
     )  # fmt: skip
     session.data.anchor_round(built)
-    monkeypatch.setattr("medtwin.experiments.chain_wiring.open_readonly", lambda state_dir: session)
+    monkeypatch.setattr("medtwin.experiments.chain_wiring.shared_readonly", lambda state_dir: session)
     check = ChainApprovalCheck(state_dir="unused")
     erased = check.erased_ledger_problem(site_id="hosp0", ledger_path="/srv/state/privacy-ledger.json")
     assert erased is not None and RUN in erased and "Restore both from backup" in erased

@@ -24,8 +24,11 @@ c_u = min(1, C / (||∇_u|| + 1e-6)) — Opacus's formula — and the clipped su
 The result is the flat vector Opacus's per-example clipping sums to (tested equal); noise, scaling
 and the accountant are unchanged (`FlatDPOptimizer.noise_clipped_sum`). Only `nn.Linear` and
 `nn.Conv1d` (groups 1, zero padding) carry trainable parameters in the shipped models; a model with
-any other trainable layer is refused with `IncompatibleModelError` (use grad_sample_mode=ew), as is
-an in-place operation on a layer's output or a layer called twice in one forward pass.
+any other trainable layer (subclasses included, or extra parameters on a layer) is refused with
+`IncompatibleModelError` (use grad_sample_mode=ew), as are a parameter tied between layers, an in-place
+operation on a layer's output, a layer called twice (or under torch.no_grad) in one forward pass, and a
+layer whose input does not lead with the batch dimension. Ghost Gram sums are taken in float64 (they
+cancel; float32 rounding could make a unit's norm vanish and leave it unclipped).
 """
 
 from __future__ import annotations
@@ -47,18 +50,24 @@ _LAYERS = (nn.Linear, nn.Conv1d)
 def bookkeeping_problems(model: nn.Module) -> list[str]:
     """Why book-keeping clipping cannot train `model` (empty: it can)."""
     problems = []
-    covered: set[int] = set()
+    owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
-        own = [parameter for parameter in module.parameters(recurse=False) if parameter.requires_grad]
-        if not own:
+        own = dict(module.named_parameters(recurse=False))
+        trainable = {key: parameter for key, parameter in own.items() if parameter.requires_grad}
+        if not trainable:
             continue
-        if not isinstance(module, _LAYERS):
-            problems.append(f"{name or 'model'} ({type(module).__name__}) has trainable parameters; book-keeping clips Linear and Conv1d only")
+        # exactly nn.Linear / nn.Conv1d: a subclass may override forward (the closed form would be another
+        # layer's), and a parameter besides weight and bias would get no clipped gradient at all
+        if type(module) not in _LAYERS:
+            problems.append(f"{name or 'model'} ({type(module).__name__}) has trainable parameters; book-keeping clips nn.Linear and nn.Conv1d only")
+        elif set(own) - {"weight", "bias"}:
+            problems.append(f"{name} ({type(module).__name__}) has parameters other than weight and bias: {sorted(set(own) - {'weight', 'bias'})}")
         elif isinstance(module, nn.Conv1d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
             problems.append(f"{name} (Conv1d): book-keeping needs groups=1 and integer zero padding")
-        covered.update(id(parameter) for parameter in own)
-    shared = [name for name, parameter in model.named_parameters() if parameter.requires_grad and id(parameter) not in covered]
-    problems.extend(f"parameter {name} is shared between modules" for name in shared)
+        for key, parameter in trainable.items():
+            owners.setdefault(id(parameter), []).append(f"{name}.{key}" if name else key)
+    # a tied parameter's gradient is the sum over its layers: per-layer norms would not bound it
+    problems.extend(f"parameter {' = '.join(names)} is shared between modules" for names in owners.values() if len(names) > 1)
     return problems
 
 
@@ -83,10 +92,15 @@ class BookkeepingClipper:
             if isinstance(module, _LAYERS) and any(parameter.requires_grad for parameter in module.parameters(recurse=False))
         ]
         position = {id(parameter): index for index, parameter in enumerate(params)}
+        if len(position) != len(params) or any(id(parameter) not in position for layer in self._layers for parameter in layer.parameters(recurse=False) if parameter.requires_grad):
+            raise IncompatibleModelError(["the optimizer's parameters must be the model's trainable parameters, each once"])
         self._slots = {
             id(layer): [position[id(parameter)] if parameter is not None and parameter.requires_grad else None for parameter in (layer.weight, layer.bias)]
             for layer in self._layers
         }
+        filled = sorted(slot for slots in self._slots.values() for slot in slots if slot is not None)
+        if filled != list(range(len(params))):  # every slice of the flat sum is written exactly once (it starts uninitialised)
+            raise IncompatibleModelError(["every optimizer parameter must be the weight or bias of exactly one Linear/Conv1d layer"])
         self._params = params
         self._records: list[_Record] = []
         self._handles = [layer.register_forward_hook(self._record) for layer in self._layers]
@@ -107,7 +121,7 @@ class BookkeepingClipper:
         """Σ_u min(1, C/||∇_u||) ∇_u as one flat vector. `loss_scale` turns dloss/dz into a row's own
         gradient (the batch size for a mean-reduced loss, 1 for a sum); `owner[i]` is row i's unit."""
         records, self._records = self._records, []
-        self._check(records)
+        self._check(records, rows)
         grads = torch.autograd.grad(loss, [record.output for record in records], allow_unused=True)
         units = _Units(rows, owner, loss_scale)
         layers = [_LayerGradient(record, grad, rows, units, self._slots[id(record.layer)]) for record, grad in zip(records, grads, strict=True)]
@@ -119,11 +133,20 @@ class BookkeepingClipper:
             layer.clipped_sum_into(clip, units, pieces)
         return flat
 
-    def _check(self, records: list[_Record]) -> None:
+    def _check(self, records: list[_Record], rows: int) -> None:
         seen = [id(record.layer) for record in records]
         if sorted(seen) != sorted(id(layer) for layer in self._layers):
             raise IncompatibleModelError(["every trainable layer must run exactly once per forward pass for book-keeping clipping"])
         for record in records:
+            if not record.output.requires_grad:
+                raise IncompatibleModelError([f"{type(record.layer).__name__} ran without gradients (torch.no_grad): nothing to clip"])
+            # tokens are grouped by the leading dimension: a layer applied along another one (sequence-first,
+            # a flattened batch) would mix several units' tokens into one clipped group (sensitivity above C)
+            if record.inputs.dim() < 2 or record.inputs.shape[0] != rows or record.output.shape[0] != rows:
+                raise IncompatibleModelError(
+                    [f"{type(record.layer).__name__} runs on a tensor of shape {tuple(record.inputs.shape)}: book-keeping needs "
+                     f"the batch ({rows} rows) as its leading dimension (batch_first)"]
+                )
             if record.output._version != record.version:
                 raise IncompatibleModelError(
                     [f"{type(record.layer).__name__}'s output is modified in place (e.g. ReLU(inplace=True)); use inplace=False"]
@@ -183,7 +206,11 @@ class _LayerGradient:
             if tokens == 1:
                 squared = squared + unit_in[:, 0].square().sum(dim=1) * unit_out[:, 0].square().sum(dim=1)
             elif tokens * (d_in + d_out) < d_in * d_out:  # ghost: Gram matrices of each unit's tokens
-                squared = squared + (unit_in @ unit_in.transpose(1, 2) * (unit_out @ unit_out.transpose(1, 2))).sum(dim=(1, 2))
+                # in float64: the Gram sum cancels (its rounding error in float32 is ~1e-7 of sum_t |a_t||g_t| squared,
+                # enough to make a unit's norm small, zero or negative — unclipped — with large activations)
+                wide_in, wide_out = unit_in.double(), unit_out.double()
+                ghost = (wide_in @ wide_in.transpose(1, 2) * (wide_out @ wide_out.transpose(1, 2))).sum(dim=(1, 2))
+                squared = squared + ghost.clamp_min(0.0).to(squared.dtype)
             else:  # materialised: kept, the clipped sum is then a weighted sum of these
                 self.per_unit_weight = unit_out.transpose(1, 2) @ unit_in  # [units, d_out, d_in]
                 squared = squared + self.per_unit_weight.square().sum(dim=(1, 2))

@@ -130,8 +130,8 @@ def current_model(site: Site, message: Message, *, certificate_round: int) -> tu
     except (MedtwinError, ValueError) as error:  # e.g. ciphertexts of another key set, a count <= 0
         raise AggregateRefused(f"the certified updates do not sum to a usable model ({str(error)[:200]})") from None
     check_decoded_sum(
-        verified, average, total_examples, error_bound=site.codec.count_error_bound(),
-        max_abs_average=site.codec.max_abs_average(total_examples=total_examples),
+        verified, average, total_examples, error_bound=site.codec.count_error_bound(num_sites=len(verified.participants)),
+        max_abs_average=site.codec.max_abs_average(total_examples=total_examples, num_sites=len(verified.participants)),
     )  # fmt: skip
     if average.size != model_to_vector(model).size:
         raise AggregateRefused(f"the certified sum holds {average.size} weights, this task's model {model_to_vector(model).size}")
@@ -163,9 +163,15 @@ def _erased_ledger_problem(site: Site, ledger: BudgetLedger, approval_check: Run
 
 
 def train_round(
-    site: Site, model: torch.nn.Module, *, server_round: int, approval_check: RunApprovalCheck | None = None
+    site: Site,
+    model: torch.nn.Module,
+    *,
+    server_round: int,
+    approval_check: RunApprovalCheck | None = None,
+    last_aggregate: VerifiedAggregate | None = None,
 ) -> tuple[LocalTrainingResult, float, float, dict]:
     """Local training under the site's own policy and budget. Returns (result, ε, δ, shared metrics).
+    `last_aggregate`: the verified aggregate this round starts from (None in round 1).
 
     Raises `RoundRefused` when the site says no.
     """
@@ -212,7 +218,7 @@ def train_round(
     )
     if not plan.allowed:
         raise RoundRefused(f"refused:{plan.refusal or 'policy'}", plan.reason)
-    precision_problem = _he_precision_problem(site, plan, proximal_mu=common["proximal_mu"])
+    precision_problem = _he_precision_problem(site, plan, proximal_mu=common["proximal_mu"], last_aggregate=last_aggregate)
     if precision_problem:  # before any budget is spent
         raise RoundRefused("refused:he_precision", precision_problem)
     try:
@@ -239,13 +245,26 @@ def train_round(
     return result, epsilon, plan.target_delta, {"noise_multiplier": plan.noise_multiplier}
 
 
-def _he_precision_problem(site: Site, plan: RoundPrivacyPlan, *, proximal_mu: float) -> str:
+def _he_precision_problem(
+    site: Site, plan: RoundPrivacyPlan, *, proximal_mu: float, last_aggregate: VerifiedAggregate | None
+) -> str:
     """Does the run's CKKS key set round the average finer than 1 % of this site's own DP noise (or the
-    default precision)? Only checked where that noise is linear in the update (plain SGD)."""
+    default precision)? Only checked where that noise is linear in the update (plain SGD).
+
+    Round 1 checks the key set's own full scale. From round 2 the site knows the run's real totals — the
+    signed example counts and participants of the aggregate it starts from — and checks the error at
+    those: a key set made for an inflated crypto.max_total_examples, or for fewer sites than take part,
+    rounds the real average far more coarsely than at its full scale."""
     if not isinstance(site.codec, CkksSiteCodec) or site.config.strategy.optimizer != "sgd":
         return ""
+    parameters = site.codec.context.parameters
+    observed = None
+    if last_aggregate is not None and last_aggregate.claimed_examples > 0:
+        sites = len(last_aggregate.participants)
+        observed = (site.codec.error_bound(total_examples=last_aggregate.claimed_examples, num_sites=sites), sites)
     return site_precision_problem(
-        site.codec.context.parameters,
+        parameters,
+        observed=observed,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(plan.sample_rate * site.data.num_train_units)),  # as train_locally_dp divides
@@ -341,7 +360,9 @@ def train_phase(site: Site, message: Message, server_round: int, approval_check:
     if (sent := replies.load(site.proposal.run_id, "train", server_round, started_from=started_from)) is not None:
         logger.info("site %s: round %d from this aggregate was trained already; resending that reply", site.site_id, server_round)
         return Message(content=sent, reply_to=message)
-    result, epsilon, delta, shared_metrics = train_round(site, model, server_round=server_round, approval_check=approval_check)
+    result, epsilon, delta, shared_metrics = train_round(
+        site, model, server_round=server_round, approval_check=approval_check, last_aggregate=verified
+    )
     logger.info("site %s trained round %d: %d steps", site.site_id, server_round, result.steps)
     update = site.codec.pack(model_to_vector(model), num_examples=result.num_examples, run_id=site.proposal.run_id)
     claim = ReplyClaim(
@@ -410,7 +431,7 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
     histogram_values = histogram.to_values() if histogram is not None else None
     released["num_parameters"] = float(model_to_vector(model).size)
     if site.codec.scheme != "plain":
-        released["he_error_bound"] = site.codec.error_bound(total_examples=verified.claimed_examples)
+        released["he_error_bound"] = site.codec.error_bound(total_examples=verified.claimed_examples, num_sites=len(verified.participants))
     claim = ReplyClaim(
         kind="evaluate",
         run_id=site.proposal.run_id,

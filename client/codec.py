@@ -29,13 +29,13 @@ class PlainSiteCodec:
     def average(self, aggregate: ArrayRecord) -> tuple[np.ndarray, float]:
         return average_from_sum(aggregate)
 
-    def error_bound(self, *, total_examples: float) -> float:
+    def error_bound(self, *, total_examples: float, num_sites: int = 0) -> float:
         return 0.0
 
-    def count_error_bound(self) -> float:
+    def count_error_bound(self, *, num_sites: int = 0) -> float:
         return 0.0
 
-    def max_abs_average(self, *, total_examples: float) -> float:
+    def max_abs_average(self, *, total_examples: float, num_sites: int = 0) -> float:
         return math.inf  # plain sums cannot wrap
 
     def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
@@ -63,21 +63,23 @@ class CkksSiteCodec:
         chunks = record_to_chunks(aggregate)
         return decrypt_average(self.context, chunks, self.context.parameters.num_parameters)
 
-    def error_bound(self, *, total_examples: float) -> float:
-        """Bound on |decrypted average - exact average| of any weight (sums over at most num_sites sites)."""
+    def error_bound(self, *, total_examples: float, num_sites: int = 0) -> float:
+        """Bound on |decrypted average - exact average| of any weight, for a sum of `num_sites` updates — never
+        fewer than the key set was made for (a key set made for fewer sites than take part is not a smaller error)."""
         parameters = self.context.parameters
-        return average_error_bound(parameters, num_sites=parameters.num_sites, total_examples=total_examples)
+        sites = max(parameters.num_sites, num_sites)
+        return average_error_bound(parameters, num_sites=sites, total_examples=total_examples)
 
-    def max_abs_average(self, *, total_examples: float) -> float:
+    def max_abs_average(self, *, total_examples: float, num_sites: int = 0) -> float:
         """Largest |average weight| an honest sum can decrypt to: every site encodes |w| <= B, so more
         means a participant packed values past B and the sum wrapped modulo the ciphertext's prime."""
-        return self.context.parameters.max_abs_weight_bound + self.error_bound(total_examples=total_examples)
+        return self.context.parameters.max_abs_weight_bound + self.error_bound(total_examples=total_examples, num_sites=num_sites)
 
-    def count_error_bound(self) -> float:
+    def count_error_bound(self, *, num_sites: int = 0) -> float:
         """Bound on the absolute error of the decrypted example count: the count slot holds B * sum n_i
         (B = max_abs_weight_bound, the weights' full scale), so its error is the slot's bound over B."""
         parameters = self.context.parameters
-        return decryption_error_bound(parameters, parameters.num_sites) / parameters.max_abs_weight_bound
+        return decryption_error_bound(parameters, max(parameters.num_sites, num_sites)) / parameters.max_abs_weight_bound
 
     def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
         """The site's own homomorphic sum of certified updates (chunks from another key set are refused)."""

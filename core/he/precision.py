@@ -57,6 +57,11 @@ __all__ = [
 ]
 
 HE_ERROR_TO_NOISE = 0.01  # the HE error bound on the average may be at most this fraction of the DP noise std
+# From round 2 a site checks the rounding at the run's real totals. Full scale is set from the sites'
+# declared rows (crypto.max_total_examples: 0 = twice them) and sites drop out, so an honest run's real
+# totals sit below full scale: a site refuses only rounding this many times its full-scale allowance,
+# which catches an inflated max_total_examples (measured 26x the noise for 2e6x) and not a missing site.
+REAL_TOTALS_SLACK = 10.0
 MAX_DERIVED_RELATIVE_ERROR = 1e-2  # very noisy runs: no coarser (the 24-bit class is reached long before)
 _SIGMA_RELATIVE_PRECISION = 1e-3  # bracket width of the sigma floor
 
@@ -218,23 +223,31 @@ def site_precision_problem(
     learning_rate: float,
     local_steps: int,
     proximal_mu: float,
+    observed: tuple[float, int] | None = None,
 ) -> str:
     """A site's own check of the key set's precision against ITS noise (plain SGD only); "" when fine.
 
-    The site's noise on the average is at least s_i / sqrt(num_sites) (its weight n_i / N is unknown
-    to it; the run-wide floor is the same expression with the smallest sigma any site can have). The
-    bound may be at most 1 % of that, or the shipped default (1e-5 of full scale) — finer is harmless;
-    coarser than both would let a coordinator spend the run's utility on rounding.
+    The site's noise on the average is at least s_i / sqrt(k) for k participants (its weight n_i / N is
+    unknown to it; the run-wide floor is the same expression with the smallest sigma any site can have).
+    The rounding may be at most 1 % of that, or the shipped default (1e-5 of full scale) — finer is
+    harmless; coarser than both would let a coordinator spend the run's utility on rounding. Without
+    `observed` the rounding is the key set's at its full scale (crypto.max_total_examples, num_sites);
+    with `observed` = (error bound on the average at the run's real totals, real participants) — what a
+    site knows from round 2 — it is that, allowed REAL_TOTALS_SLACK times more: full scale is the
+    coordinator's claim, the totals are signed, and honest totals sit below full scale.
     """
     accumulated = noise_accumulation(local_steps=local_steps, learning_rate=learning_rate, proximal_mu=proximal_mu)
     per_site = learning_rate * noise_multiplier * max_grad_norm / expected_batch_size * math.sqrt(accumulated)
-    own_floor = per_site / math.sqrt(params.num_sites)
-    bound_abs = params.predicted_error_bound * params.max_abs_weight_bound
+    bound_abs, sites = observed if observed is not None else (params.predicted_error_bound * params.max_abs_weight_bound, 0)
+    own_floor = per_site / math.sqrt(max(params.num_sites, sites))
     allowed = max(HE_ERROR_TO_NOISE * own_floor, DEFAULT_MAX_RELATIVE_ERROR * params.max_abs_weight_bound)
+    if observed is not None:
+        allowed *= REAL_TOTALS_SLACK
     if bound_abs <= allowed:
         return ""
+    where = "at the run's real totals" if observed is not None else "at the key set's full scale"
     return (
-        f"the run's CKKS key set rounds an averaged weight by up to {bound_abs:.3g}, over 1% of this site's DP noise "
+        f"the run's CKKS key set rounds an averaged weight by up to {bound_abs:.3g} {where}, over 1% of this site's DP noise "
         f"on the average ({own_floor:.3g}) and over the default precision ({DEFAULT_MAX_RELATIVE_ERROR:g} x "
         f"{params.max_abs_weight_bound:g}): the coordinator should generate keys for crypto.max_relative_error "
         f"<= {HE_ERROR_TO_NOISE * own_floor / params.max_abs_weight_bound:.3g} (or 0 to derive it)"

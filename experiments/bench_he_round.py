@@ -76,13 +76,14 @@ from medtwin.core.identity import (
     steward_generate_he_keys,
 )
 from medtwin.core.model_vector import model_to_vector, vector_to_model
-from medtwin.core.protocol import RoundCertificate, payload_sha256, record_bytes, site_reply_record
+from medtwin.core.protocol import RoundCertificate, payload_sha256, site_reply_record
 from medtwin.core.rundir import atomic_write_text
 from medtwin.experiments.bench_he_wire import add_wire_arguments, print_wire_table, wire_rows
 from medtwin.experiments.bench_round_chain import Chains, RunChain, anvil_chains
 from medtwin.experiments.bench_round_workloads import Workload, mlp_workload, task_workload
 from medtwin.server.aggregation import Aggregator, CkksAggregator, PlainAggregator, SiteUpdate
 from medtwin.server.verifier import ReplyVerifier
+from medtwin.server.loop import sum_and_certify
 
 SCHEMES = ("plain", "ckks")
 CRYPTO_STEPS = ("decode_s", "pack_s", "coordinator_s", "evaluate_decode_s")  # the steps the scheme changes
@@ -271,15 +272,7 @@ class SchemeRounds:
             self.verifier.accept(verified)
             self.aggregator.accept(update)
             accepted.append(update)
-        # as the round loop's sum_and_certify: store each update (sorted by site), the sum, certify
-        accepted.sort(key=lambda update: update.site_id)
-        digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
-        aggregate = self.aggregator.aggregate(accepted)
-        certificate = RoundCertificate(
-            server_round=server_round,
-            aggregate_sha256=self.artifacts.put(record_bytes(aggregate), kind="aggregate"),
-            claims=tuple((update.claim, update.signature) for update in accepted),
-        )
+        digests, aggregate, certificate = sum_and_certify(self.artifacts, self.aggregator, server_round, accepted)  # the round loop's
         if self.chain is not None:
             chain_s += self.chain.close_round_s(
                 server_round=server_round, update_digests=digests, aggregate_digest=certificate.aggregate_sha256,

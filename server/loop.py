@@ -157,6 +157,22 @@ def site_refusal_code(status: str, default: str) -> str:
     return safe_code(SITE_REFUSAL_PREFIX + code)
 
 
+
+def sum_and_certify(
+    artifacts: ArtifactStore, aggregator: Aggregator, server_round: int, accepted: list[SiteUpdate]
+) -> tuple[dict[str, str], ArrayRecord, RoundCertificate]:
+    """Store each accepted update (sorted by site), their sum and the certificate of their signed claims:
+    (update digests by site, the sum, its certificate) — the same for a training round and round 0's statistics."""
+    accepted.sort(key=lambda update: update.site_id)
+    update_digests = {update.site_id: artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
+    aggregate = aggregator.aggregate(accepted)
+    certificate = RoundCertificate(
+        server_round=server_round,
+        aggregate_sha256=artifacts.put(record_bytes(aggregate), kind="aggregate"),
+        claims=tuple((update.claim, update.signature) for update in accepted),
+    )
+    return update_digests, aggregate, certificate
+
 class RoundLoop:
     """Runs rounds up to `federation.num_rounds`; each phase waits at most `round_timeout_s` and closes with
     whoever replied. With `checkpoints` (a folder) it writes a `RoundCheckpoint` after every round; with
@@ -431,17 +447,7 @@ class RoundLoop:
         return self._certified_statistics
 
     def sum_and_certify(self, server_round: int, accepted: list[SiteUpdate]) -> tuple[dict[str, str], ArrayRecord, RoundCertificate]:
-        """Store each accepted update (sorted by site), their sum and the certificate of their signed claims:
-        (update digests by site, the sum, its certificate) — the same for a training round and round 0's statistics."""
-        accepted.sort(key=lambda update: update.site_id)
-        update_digests = {update.site_id: self.artifacts.put(record_bytes(update.record), kind="update") for update in accepted}
-        aggregate = self.aggregator.aggregate(accepted)
-        certificate = RoundCertificate(
-            server_round=server_round,
-            aggregate_sha256=self.artifacts.put(record_bytes(aggregate), kind="aggregate"),
-            claims=tuple((update.claim, update.signature) for update in accepted),
-        )
-        return update_digests, aggregate, certificate
+        return sum_and_certify(self.artifacts, self.aggregator, server_round, accepted)
 
     def statistics_phase(self, node_ids: list[int]) -> None:
         """Round 0 of `task.normalization=federated`: every site's signed statistics update, summed like a

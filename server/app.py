@@ -363,9 +363,10 @@ def build_summary(
     he_precision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     num_parameters = result.num_parameters
+    at_run_totals = None
     if he_precision is not None and he_precision["dp_noise_std"] and result.he_error_bounds:
         # the bound the sites reported at the run's real totals (fewer examples than the full scale: larger)
-        he_precision = he_precision | {"ratio_to_noise_at_run_totals": max(result.he_error_bounds) / he_precision["dp_noise_std"]}
+        at_run_totals = {"ratio_to_noise": max(result.he_error_bounds) / he_precision["dp_noise_std"]}
     crypto = aggregator.describe() | {
         "num_parameters": num_parameters,
         "bytes_per_parameter": result.update_bytes / max(1, result.accepted_updates) / max(1, num_parameters),
@@ -391,7 +392,10 @@ def build_summary(
         "privacy": result.privacy,
         "privacy_text": privacy_paragraph(config, result.privacy),
         "crypto": crypto,
-        "he_precision": he_precision,  # CKKS precision target: from the DP noise or the config (None: no CKKS)
+        # CKKS precision target: from the DP noise or the config (None: no CKKS); registered on the data chain
+        # with the HE parameters, so {**crypto.parameters, "he_precision": he_precision} hashes to he_params_hash
+        "he_precision": he_precision,
+        "he_precision_at_run_totals": at_run_totals,
         "chain": {"backend": config.chain.name, "chain_ids": {}, "contracts": {}, "anchors_written": 0},
         "final_aggregate_sha256": result.aggregate_digests[-1] if result.aggregate_digests else None,
         "rejections": [

@@ -279,7 +279,8 @@ def test_audit_lineage_lists_rounds_sites_epsilon_and_he_parameters(chain_run: R
     assert sorted(d["site_id"] for d in report["datasets"]) == SITES
     assert [model["model_hash"] for model in report["models"]] == [summary["final_aggregate_sha256"]]
     # The run's registered HE and DP parameters are exactly those the summary and the config state.
-    assert report["run"]["he_params_hash"] == params_hash(summary["crypto"]["parameters"])
+    registered = summary["crypto"]["parameters"] | ({"he_precision": summary["he_precision"]} if summary["he_precision"] else {})
+    assert report["run"]["he_params_hash"] == params_hash(registered)
     assert summary["crypto"]["parameters"]["poly_modulus_degree"] > 0
     assert report["run"]["dp_params_hash"] == params_hash(dict(vars(chain_run.config.privacy)))
     # epsilon grows from round 1 to round 2 at every site, ending at what the summary reports

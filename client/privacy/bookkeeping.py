@@ -199,12 +199,13 @@ class _LayerGradient:
         self.inputs, self.outputs = inputs, units.weighted(outputs)
         unit_in, unit_out = units.side_by_side(self.inputs), units.side_by_side(self.outputs)
         tokens, d_in, d_out = unit_in.shape[1], unit_in.shape[2], unit_out.shape[2]
-        self.per_unit_bias = unit_out.sum(dim=1)  # [units, d_out]
-        squared = self.per_unit_bias.square().sum(dim=1) if self.bias_slot is not None else unit_out.new_zeros(units.count)
+        self.per_unit_bias = unit_out[:, 0] if tokens == 1 else unit_out.sum(dim=1)  # [units, d_out]
+        bias_squared = self.per_unit_bias.square().sum(dim=1)
+        squared = bias_squared if self.bias_slot is not None else unit_out.new_zeros(units.count)
         self.per_unit_weight = None
         if self.weight_slot is not None:
-            if tokens == 1:
-                squared = squared + unit_in[:, 0].square().sum(dim=1) * unit_out[:, 0].square().sum(dim=1)
+            if tokens == 1:  # ||a g^T||^2 = ||a||^2 ||g||^2, and ||g||^2 is the bias's
+                squared = squared + unit_in[:, 0].square().sum(dim=1) * bias_squared
             elif tokens * (d_in + d_out) < d_in * d_out:  # ghost: Gram matrices of each unit's tokens
                 # in float64: the Gram sum cancels (its rounding error in float32 is ~1e-7 of sum_t |a_t||g_t| squared,
                 # enough to make a unit's norm small, zero or negative — unclipped — with large activations)

@@ -92,8 +92,7 @@ WORKLOADS = (
 
 def _ghost_round(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int, local_steps: int, make_loss: Callable) -> None:
     """Opacus's own ghost clipping (rows as units, Poisson batches) with the same SGD settings."""
-    criterion = make_loss()
-    criterion.reduction = "none"
+    criterion = make_loss()  # Opacus switches it to per-sample losses itself
     wrapped = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0)
     optimizer = DPOptimizerFastGradientClipping(
         torch.optim.SGD(model.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,

@@ -31,6 +31,7 @@ from medtwin.core.he import site_precision_problem
 from medtwin.core.identity import ReplyClaim, SiteKit, load_site_kit, sign_claim
 from medtwin.core.ids import check_id
 from medtwin.core.model_vector import model_to_vector, vector_to_model
+from medtwin.core.privacy_math import expected_units_per_step
 from medtwin.core.protocol import (
     AGGREGATE,
     CERTIFICATE,
@@ -267,7 +268,7 @@ def _he_precision_problem(
         observed=observed,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=max(1, round(plan.sample_rate * site.data.num_train_units)),  # as train_locally_dp divides
+        expected_batch_size=expected_units_per_step(sample_rate=plan.sample_rate, num_units=site.data.num_train_units),
         learning_rate=site.config.strategy.learning_rate,
         local_steps=plan.steps,
         proximal_mu=proximal_mu,

@@ -30,8 +30,10 @@ __all__ = [
     "HistoryEntry",
     "PrivacyBudgetUnreachableError",
     "bisect_noise_multiplier",
+    "bracket_noise_multiplier",
     "calibrate_noise_multiplier",
     "epsilon_after",
+    "expected_units_per_step",
     "merge_history",
     "planned_total_steps",
     "rdp_epsilon",
@@ -39,6 +41,7 @@ __all__ = [
     "rdp_sampled_gaussian",
     "rdp_to_epsilon",
     "sample_rate_for",
+    "units_per_step",
 ]
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -66,6 +69,20 @@ def sample_rate_for(*, batch_size: int, num_train: int) -> float:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return min(1.0, batch_size / num_train)
+
+
+def units_per_step(*, batch_size: int, unit_rows: int, grouped: bool) -> int:
+    """Expected privacy units per DP step: `batch_size` rows, or for rows grouped by patient,
+    `batch_size / unit_rows` patients (each contributing up to `unit_rows` rows). A site's plan, its
+    training and the coordinator's noise floor (`medtwin.core.he.precision`) all use this rule."""
+    if unit_rows < 1:
+        raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
+    return max(1, round(batch_size / unit_rows)) if grouped else batch_size
+
+
+def expected_units_per_step(*, sample_rate: float, num_units: int) -> int:
+    """E[units in a Poisson batch], as DP-SGD divides the noised sum by it (at least 1)."""
+    return max(1, round(sample_rate * num_units))
 
 
 def planned_total_steps(*, num_rounds: int, local_steps: int) -> int:
@@ -248,14 +265,10 @@ def epsilon_after(
     return rdp_epsilon(history=[*history, (noise_multiplier, sample_rate, steps)], target_delta=target_delta)
 
 
-def bisect_noise_multiplier(
-    epsilon_for: Callable[[float], float], *, target_epsilon: float, epsilon_tolerance: float = 0.01
-) -> float:
-    """Smallest noise multiplier (to `epsilon_tolerance`) whose epsilon is <= `target_epsilon`.
-
-    `epsilon_for(sigma)` must decrease with sigma. The result always satisfies the target; it
-    overshoots the privacy (undershoots epsilon) by at most `epsilon_tolerance`.
-    """
+def bracket_noise_multiplier(epsilon_for: Callable[[float], float], *, target_epsilon: float) -> tuple[float, float, float]:
+    """(sigma_low, sigma_high, epsilon_for(sigma_high)): epsilon_for(sigma_low) > target_epsilon >=
+    epsilon_for(sigma_high), by doubling from 1 (sigma_low is 0 when 1 already meets the target).
+    Raises `PrivacyBudgetUnreachableError` past MAX_NOISE_MULTIPLIER."""
     if target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
     sigma_low, sigma_high = 0.0, 1.0
@@ -268,6 +281,18 @@ def bisect_noise_multiplier(
                 + _UNREACHABLE_FIX
             )
         epsilon_high = epsilon_for(sigma_high)
+    return sigma_low, sigma_high, epsilon_high
+
+
+def bisect_noise_multiplier(
+    epsilon_for: Callable[[float], float], *, target_epsilon: float, epsilon_tolerance: float = 0.01
+) -> float:
+    """Smallest noise multiplier (to `epsilon_tolerance`) whose epsilon is <= `target_epsilon`.
+
+    `epsilon_for(sigma)` must decrease with sigma. The result always satisfies the target; it
+    overshoots the privacy (undershoots epsilon) by at most `epsilon_tolerance`.
+    """
+    sigma_low, sigma_high, epsilon_high = bracket_noise_multiplier(epsilon_for, target_epsilon=target_epsilon)
     for _ in range(200):
         if target_epsilon - epsilon_high <= epsilon_tolerance:
             break

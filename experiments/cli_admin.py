@@ -239,21 +239,15 @@ def site_keygen_command(
     """Key steward: generate a new CKKS key set, wrap it for every other site, publish the public context.
     Extra arguments are the run's overrides (task=… privacy=dp privacy.target_epsilon=3 strategy=…): under
     DP-SGD the precision is then derived from the run's DP noise, exactly as in simulation."""
-    from dataclasses import replace
-
-    from medtwin.core.he import ckks_parameters_from_config, he_precision_of_run
+    from medtwin.core.he import run_ckks_parameters
     from medtwin.core.identity import steward_generate_he_keys
     from medtwin.core.tasks import get_task
 
     config = compose_config(["crypto=ckks", *context.args])
-    crypto = replace(config.crypto, max_total_examples=max_total_examples)
-    precision = he_precision_of_run(
-        replace(config, crypto=crypto), num_sites=num_sites, max_total_examples=max_total_examples,
+    parameters, precision = run_ckks_parameters(
+        config, num_parameters=num_parameters, num_sites=num_sites, max_total_examples=max_total_examples,
         grouped_by_patient=get_task(config.task).groups_rows_by_patient,
-    )
-    parameters = ckks_parameters_from_config(
-        crypto, num_parameters=num_parameters, num_sites=num_sites, max_relative_error=precision.max_relative_error
-    )
+    )  # fmt: skip
     with _refusals():
         distribution = steward_generate_he_keys(kit, parameters, outbox_dir=outbox)
     console.print(f"CKKS key set [bold]{distribution.key_id}[/bold]: N={parameters.poly_modulus_degree}, primes {parameters.coeff_mod_bit_sizes}")

@@ -21,14 +21,14 @@ The coordinator's setup only ever names public files.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from medtwin.core.config import MedtwinConfig
-from medtwin.core.he import CkksParameters, ckks_parameters_from_config, he_precision_of_run
+from medtwin.core.he import CkksParameters, run_ckks_parameters
 from medtwin.core.identity import (
     FederationManifest,
     IdentityError,
@@ -139,18 +139,15 @@ def _current_admin(config: MedtwinConfig, public_files: list[Path]) -> Path:
 def he_parameters_for(config: MedtwinConfig, task: TwinTask) -> CkksParameters:
     """The run's CKKS parameters: from the model size, the number of sites and the precision target
     (under DP-SGD, 1 % of the DP noise on the average: `he_precision_of_run`)."""
-    crypto = config.crypto
-    if crypto.max_total_examples <= 0:  # 0 = bound from the sites' declared training-set sizes
-        crypto = replace(crypto, max_total_examples=2 * sum(site.num_train for site in task.load_all_sites()))
+    max_total_examples = config.crypto.max_total_examples
+    if max_total_examples <= 0:  # 0 = bound from the sites' declared training-set sizes
+        max_total_examples = 2 * sum(site.num_train for site in task.load_all_sites())
     torch.manual_seed(config.seed)
-    num_parameters = int(model_to_vector(task.build_model()).size)
-    num_sites = len(task.site_ids())
-    precision = he_precision_of_run(
-        config, num_sites=num_sites, max_total_examples=crypto.max_total_examples, grouped_by_patient=task.groups_rows_by_patient
-    )
-    return ckks_parameters_from_config(
-        crypto, num_parameters=num_parameters, num_sites=num_sites, max_relative_error=precision.max_relative_error
-    )
+    parameters, _ = run_ckks_parameters(
+        config, num_parameters=int(model_to_vector(task.build_model()).size), num_sites=len(task.site_ids()),
+        max_total_examples=max_total_examples, grouped_by_patient=task.groups_rows_by_patient,
+    )  # fmt: skip
+    return parameters
 
 
 def prepare_federation(config: MedtwinConfig, run_id: str, *, he_key_id: str = "") -> SimulatedFederation:

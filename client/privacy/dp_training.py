@@ -46,7 +46,8 @@ from torch import nn
 
 from medtwin.client.training import make_optimizer
 from medtwin.core.config.privacy import GRAD_SAMPLE_MODES
-from medtwin.core.privacy_math import sample_rate_for
+from medtwin.core.privacy_math import expected_units_per_step, sample_rate_for
+from medtwin.core.privacy_math import units_per_step as dp_units_per_step  # the client's name for the shared rule
 
 from .bookkeeping import BookkeepingClipper
 from .errors import IncompatibleModelError
@@ -85,15 +86,6 @@ def _loss_reduction(loss_fn: nn.Module) -> str:
             [f"loss reduction {reduction!r} of {type(loss_fn).__name__}: DP-SGD needs 'mean' or 'sum'"]
         )
     return reduction
-
-
-def dp_units_per_step(*, batch_size: int, unit_rows: int, grouped: bool) -> int:
-    """Expected privacy units per DP step: `batch_size` rows, or for rows grouped by patient,
-    `batch_size / unit_rows` patients (each contributing up to `unit_rows` rows). The site's plan
-    and its training both use this, so the accountant's sample rate is the one trained with."""
-    if unit_rows < 1:
-        raise ValueError(f"unit_rows must be >= 1, got {unit_rows}")
-    return max(1, round(batch_size / unit_rows)) if grouped else batch_size
 
 
 class _Units:
@@ -235,7 +227,7 @@ def train_locally_dp(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(sample_rate * grouping.count)),
+        expected_batch_size=expected_units_per_step(sample_rate=sample_rate, num_units=grouping.count),
         loss_reduction=reduction,
         generator=noise,
         secure_mode=secure_mode,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from ..errors import ConfigError
 from ..ids import ensure_id
@@ -101,21 +100,14 @@ def validate_crypto(config: MedtwinConfig) -> None:
         return
     if config.crypto.name != "ckks":
         raise ConfigError("crypto.name", f"unknown scheme {config.crypto.name!r}", "use plain or ckks")
-    from ..he.params import ckks_parameters_from_config
-    from ..he.precision import he_precision_of_run
+    from ..he.precision import run_ckks_parameters
     from ..tasks import get_task
 
-    crypto = config.crypto
-    if crypto.max_total_examples <= 0:  # decided from the sites' sizes at key generation; check a generous bound
-        crypto = replace(crypto, max_total_examples=10_000)
+    # 0 = decided from the sites' sizes at key generation; check a generous bound
+    max_total_examples = config.crypto.max_total_examples if config.crypto.max_total_examples > 0 else 10_000
     task = get_task(config.task)
     num_parameters = sum(parameter.numel() for parameter in task.build_model().state_dict().values())
-    precision = he_precision_of_run(
-        replace(config, crypto=crypto),
-        num_sites=config.task.num_sites,
-        max_total_examples=crypto.max_total_examples,
+    run_ckks_parameters(
+        config, num_parameters=num_parameters, num_sites=config.task.num_sites, max_total_examples=max_total_examples,
         grouped_by_patient=task.groups_rows_by_patient,
-    )
-    ckks_parameters_from_config(
-        crypto, num_parameters=num_parameters, num_sites=config.task.num_sites, max_relative_error=precision.max_relative_error
-    )
+    )  # fmt: skip

@@ -41,6 +41,7 @@ from .precision import (
     averaged_update_noise_std,
     he_precision_for,
     he_precision_of_run,
+    run_ckks_parameters,
     site_precision_problem,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "averaged_update_noise_std",
     "he_precision_for",
     "he_precision_of_run",
+    "run_ckks_parameters",
     "site_precision_problem",
     "SECURITY_TABLE_BITS",
     "CiphertextMismatchError",

@@ -31,11 +31,11 @@ with the reason). The HE error target is then HE_ERROR_TO_NOISE (1 %) of that st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ..privacy_math import planned_total_steps, rdp_epsilon, sample_rate_for
-from .params import DEFAULT_MAX_RELATIVE_ERROR, CkksParameters
+from ..privacy_math import bracket_noise_multiplier, planned_total_steps, rdp_epsilon, sample_rate_for, units_per_step
+from .params import DEFAULT_MAX_RELATIVE_ERROR, CkksParameters, ckks_parameters_from_config
 
 if TYPE_CHECKING:
     from ..config import MedtwinConfig
@@ -52,8 +52,9 @@ __all__ = [
     "he_precision_of_run",
     "noise_accumulation",
     "noise_multiplier_floor",
+    "per_site_noise_std",
+    "run_ckks_parameters",
     "site_precision_problem",
-    "units_per_dp_step",
 ]
 
 HE_ERROR_TO_NOISE = 0.01  # the HE error bound on the average may be at most this fraction of the DP noise std
@@ -97,11 +98,6 @@ class HePrecision:
         }
 
 
-def units_per_dp_step(*, batch_size: int, unit_rows: int, grouped_by_patient: bool) -> int:
-    """Expected privacy units per DP step — the same rule as the site's `dp_units_per_step`."""
-    return max(1, round(batch_size / unit_rows)) if grouped_by_patient else batch_size
-
-
 def noise_accumulation(*, local_steps: int, learning_rate: float, proximal_mu: float) -> float:
     """Variance multiplier of K steps' independent noises under the FedProx pull: sum_{j<K} (1 - lr mu)^(2j)."""
     contraction = (1.0 - learning_rate * proximal_mu) ** 2
@@ -112,15 +108,14 @@ def noise_multiplier_floor(*, target_epsilon: float, target_delta: float, sample
     """A sigma whose RDP epsilon still EXCEEDS the target: every sigma meeting (epsilon, delta) is larger.
 
     Sites calibrate by bisection and keep the upper end (epsilon <= target); this keeps the lower end
-    of a tighter bracket, so it never overestimates what any site uses at this sample rate.
+    of a tighter bracket, so it never overestimates what any site uses at this sample rate. An
+    unreachable target raises `PrivacyBudgetUnreachableError`, as a site's calibration would.
     """
 
     def epsilon_for(sigma: float) -> float:
         return rdp_epsilon(history=[(sigma, sample_rate, total_steps)], target_delta=target_delta)
 
-    low, high = 0.0, 1.0
-    while epsilon_for(high) > target_epsilon:
-        low, high = high, 2.0 * high
+    low, high, _ = bracket_noise_multiplier(epsilon_for, target_epsilon=target_epsilon)
     while high - low > _SIGMA_RELATIVE_PRECISION * high:
         middle = 0.5 * (low + high)
         if epsilon_for(middle) > target_epsilon:
@@ -128,6 +123,14 @@ def noise_multiplier_floor(*, target_epsilon: float, target_delta: float, sample
         else:
             high = middle
     return low
+
+
+def per_site_noise_std(
+    *, learning_rate: float, noise_multiplier: float, max_grad_norm: float, units_per_step: int, local_steps: int, proximal_mu: float
+) -> float:
+    """Std of the DP noise per coordinate of one site's update: lr sigma C / E[B] per step, K steps under the FedProx pull."""
+    accumulated = noise_accumulation(local_steps=local_steps, learning_rate=learning_rate, proximal_mu=proximal_mu)
+    return learning_rate * noise_multiplier * max_grad_norm / units_per_step * math.sqrt(accumulated)
 
 
 def averaged_update_noise_std(
@@ -150,9 +153,7 @@ def averaged_update_noise_std(
         return DpNoiseFloor(
             None, f"privacy.accountant={privacy.accountant!r}: sites may need less noise than RDP certifies, no sound bound"
         )
-    units = units_per_dp_step(
-        batch_size=strategy.batch_size, unit_rows=privacy.unit_rows, grouped_by_patient=grouped_by_patient
-    )
+    units = units_per_step(batch_size=strategy.batch_size, unit_rows=privacy.unit_rows, grouped=grouped_by_patient)
     sigma = noise_multiplier_floor(
         target_epsilon=privacy.target_epsilon,
         target_delta=privacy.target_delta,
@@ -161,9 +162,12 @@ def averaged_update_noise_std(
     )
     mu = strategy.proximal_mu if strategy.name == "fedprox" else 0.0
     steps = strategy.local_steps
-    accumulated = noise_accumulation(local_steps=steps, learning_rate=strategy.learning_rate, proximal_mu=mu)
-    per_site = strategy.learning_rate * sigma * privacy.max_grad_norm / units * math.sqrt(accumulated)
+    per_site = per_site_noise_std(
+        learning_rate=strategy.learning_rate, noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm,
+        units_per_step=units, local_steps=steps, proximal_mu=mu,
+    )  # fmt: skip
     std = per_site / math.sqrt(num_sites)
+    accumulated = noise_accumulation(local_steps=steps, learning_rate=strategy.learning_rate, proximal_mu=mu)
     reason = (
         f"plain SGD: lr {strategy.learning_rate:g} x sigma >= {sigma:.4g} (RDP, sample rate {units}/{max_total_examples}, "
         f"{num_rounds}x{steps} steps) x C {privacy.max_grad_norm:g} / {units} units per step x sqrt({accumulated:.4g}) "
@@ -214,6 +218,21 @@ def he_precision_of_run(
     )
 
 
+def run_ckks_parameters(
+    config: MedtwinConfig, *, num_parameters: int, num_sites: int, max_total_examples: int, grouped_by_patient: bool
+) -> tuple[CkksParameters, HePrecision]:
+    """The CKKS parameters of a run — `crypto` with its full scale `max_total_examples`, at the run's precision
+    target — and that target (`he_precision_of_run`): what config validation, the simulation and `site keygen` choose."""
+    crypto = replace(config.crypto, max_total_examples=max_total_examples)
+    precision = he_precision_of_run(
+        config, num_sites=num_sites, max_total_examples=max_total_examples, grouped_by_patient=grouped_by_patient
+    )
+    parameters = ckks_parameters_from_config(
+        crypto, num_parameters=num_parameters, num_sites=num_sites, max_relative_error=precision.max_relative_error
+    )
+    return parameters, precision
+
+
 def site_precision_problem(
     params: CkksParameters,
     *,
@@ -236,8 +255,10 @@ def site_precision_problem(
     site knows from round 2 — it is that, allowed REAL_TOTALS_SLACK times more: full scale is the
     coordinator's claim, the totals are signed, and honest totals sit below full scale.
     """
-    accumulated = noise_accumulation(local_steps=local_steps, learning_rate=learning_rate, proximal_mu=proximal_mu)
-    per_site = learning_rate * noise_multiplier * max_grad_norm / expected_batch_size * math.sqrt(accumulated)
+    per_site = per_site_noise_std(
+        learning_rate=learning_rate, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        units_per_step=expected_batch_size, local_steps=local_steps, proximal_mu=proximal_mu,
+    )  # fmt: skip
     bound_abs, sites = observed if observed is not None else (params.predicted_error_bound * params.max_abs_weight_bound, 0)
     own_floor = per_site / math.sqrt(max(params.num_sites, sites))
     allowed = max(HE_ERROR_TO_NOISE * own_floor, DEFAULT_MAX_RELATIVE_ERROR * params.max_abs_weight_bound)

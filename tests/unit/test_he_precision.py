@@ -25,7 +25,8 @@ from medtwin.core.he import (
     site_precision_problem,
 )
 from medtwin.core.he.context import load_context
-from medtwin.core.he.precision import DEFAULT_MAX_RELATIVE_ERROR, units_per_dp_step
+from medtwin.core.he.precision import DEFAULT_MAX_RELATIVE_ERROR
+from medtwin.core.privacy_math import units_per_step
 from medtwin.core.privacy_math import calibrate_noise_multiplier, sample_rate_for
 from medtwin.server.aggregation import CkksAggregator, PlainAggregator
 from medtwin.server.app import build_summary, he_precision_record
@@ -92,11 +93,13 @@ def test_the_floor_holds_for_every_split_of_the_total_the_run_admits(counts: tup
 
 
 def test_units_per_step_follow_the_sites_rule() -> None:
-    for batch_size, unit_rows in [(4, 8), (64, 8), (16, 3), (1, 1)]:
-        for grouped in (False, True):
-            assert units_per_dp_step(batch_size=batch_size, unit_rows=unit_rows, grouped_by_patient=grouped) == dp_units_per_step(
-                batch_size=batch_size, unit_rows=unit_rows, grouped=grouped
-            )
+    assert dp_units_per_step is units_per_step  # the site trains and the floor is derived with one rule
+    got = {(batch, rows, grouped): units_per_step(batch_size=batch, unit_rows=rows, grouped=grouped)
+           for batch, rows in [(4, 8), (64, 8), (16, 3), (1, 1)] for grouped in (False, True)}  # fmt: skip
+    assert got == {
+        (4, 8, False): 4, (4, 8, True): 1, (64, 8, False): 64, (64, 8, True): 8,
+        (16, 3, False): 16, (16, 3, True): 5, (1, 1, False): 1, (1, 1, True): 1,
+    }  # fmt: skip
 
 
 def test_a_dp_run_chooses_parameters_whose_bound_is_within_one_percent_of_the_noise() -> None:
@@ -175,3 +178,13 @@ def test_the_summary_records_the_precision_the_run_used(tmp_path) -> None:
     assert summary["he_precision"] == record  # exactly what run registration commits with the HE parameters
     assert summary["he_precision_at_run_totals"]["ratio_to_noise"] == pytest.approx(2 * record["ratio_to_noise"])
     assert he_precision_record(compose_config(["privacy=dp"]), PlainAggregator(), grouped_by_patient=False) is None
+
+
+def test_an_unreachable_epsilon_is_refused_by_name_not_an_overflow() -> None:
+    """The floor's bracket is the sites' calibration bracket: a target below what RDP can certify stops at
+    MAX_NOISE_MULTIPLIER with the sites' error instead of doubling sigma until the arithmetic overflows."""
+    from medtwin.core.he.precision import noise_multiplier_floor
+    from medtwin.core.privacy_math import PrivacyBudgetUnreachableError
+
+    with pytest.raises(PrivacyBudgetUnreachableError, match="privacy.target_epsilon"):
+        noise_multiplier_floor(target_epsilon=0.1, target_delta=1e-5, sample_rate=0.01, total_steps=100)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord
 
+from medtwin.core.errors import MedtwinError
 from medtwin.core.identity import FederationManifest, IdentityError, verify_claim
 from medtwin.core.protocol import RoundCertificate, payload_sha256
 
-__all__ = ["AggregateRefused", "VerifiedAggregate", "check_decoded_sum", "verify_certificate"]
+__all__ = ["AggregateRefused", "VerifiedAggregate", "check_decoded_sum", "decode_certified", "verify_certificate"]
 
 
 class AggregateRefused(Exception):
@@ -126,3 +127,19 @@ def check_decoded_sum(
             f"the certified updates average to a weight of {largest:.3g}, beyond the {max_abs_average:.3g} an honest sum "
             "can reach: a participant packed weights past crypto.max_abs_weight_bound"
         )
+
+
+def decode_certified(codec, verified: VerifiedAggregate, *, unusable: str) -> tuple[np.ndarray, float]:
+    """The site's own sum of the certified updates, decoded by its codec (plain or CKKS) and checked against
+    the signed counts with the error bound of the real participants: (average, total examples). `unusable`
+    opens the refusal when the updates do not decode."""
+    try:
+        average, total_examples = codec.average(codec.sum(verified.updates))
+    except (MedtwinError, ValueError) as error:  # e.g. ciphertexts of another key set, a count <= 0
+        raise AggregateRefused(f"{unusable} ({str(error)[:200]})") from None
+    sites = len(verified.participants)
+    check_decoded_sum(
+        verified, average, total_examples, error_bound=codec.count_error_bound(num_sites=sites),
+        max_abs_average=codec.max_abs_average(total_examples=total_examples, num_sites=sites),
+    )  # fmt: skip
+    return average, total_examples

@@ -52,7 +52,7 @@ from medtwin.core.runconfig import CONFIG_YAML_KEY
 from medtwin.core.tasks.federated_statistics import ImplausibleStatisticsError
 from medtwin.core.tasks.vitals.ingest import VitalsInputError
 
-from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
+from .aggregate_check import AggregateRefused, VerifiedAggregate, decode_certified, verify_certificate
 from .codec import CkksSiteCodec
 from .normalization import normalised_site, pack_statistics, uses_federated_statistics
 from .global_state import GlobalState, GlobalStateStore, SharedStateRefused, advance_global_state, initial_global_state
@@ -126,14 +126,7 @@ def current_model(site: Site, message: Message, *, certificate_round: int) -> tu
         min_participants=max(site.file.evaluation.min_participants, site.config.federation.min_sites),
         max_site_examples=site.config.federation.max_site_examples,
     )
-    try:
-        average, total_examples = site.codec.average(site.codec.sum(verified.updates))
-    except (MedtwinError, ValueError) as error:  # e.g. ciphertexts of another key set, a count <= 0
-        raise AggregateRefused(f"the certified updates do not sum to a usable model ({str(error)[:200]})") from None
-    check_decoded_sum(
-        verified, average, total_examples, error_bound=site.codec.count_error_bound(num_sites=len(verified.participants)),
-        max_abs_average=site.codec.max_abs_average(total_examples=total_examples, num_sites=len(verified.participants)),
-    )  # fmt: skip
+    average, _ = decode_certified(site.codec, verified, unusable="the certified updates do not sum to a usable model")
     if average.size != model_to_vector(model).size:
         raise AggregateRefused(f"the certified sum holds {average.size} weights, this task's model {model_to_vector(model).size}")
     try:  # the server optimiser's step (identity for FedAvg), from state this site derived itself

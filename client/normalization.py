@@ -12,7 +12,7 @@ sum, its round-0 certificate and the certified updates with every later message.
    "statistics" update of round 0 of this run, enough distinct sites, each count within
    `federation.max_site_examples`, the sum's hash is the certified one);
 2. adds the certified updates up itself and decodes only that sum, whose count must be the claimed
-   total (`check_decoded_sum`);
+   total (`decode_certified`);
 3. refuses statistics no honest sum can give (`ImplausibleStatisticsError`: negative variance, shares
    outside [0, 1], moments beyond the reference range, non-zero padding), within the scheme's error bound;
 4. pins them as the run's statistics on first use (`StatisticsRegister`, in its state folder): every
@@ -36,7 +36,6 @@ from dataclasses import replace
 
 from flwr.app import ArrayRecord, Message
 
-from medtwin.core.errors import MedtwinError
 from medtwin.core.protocol import (
     STATISTICS_AGGREGATE,
     STATISTICS_CERTIFICATE,
@@ -54,7 +53,7 @@ from medtwin.core.tasks.federated_statistics import (
 )
 from medtwin.core.tasks.preprocessing import Standardiser
 
-from .aggregate_check import AggregateRefused, VerifiedAggregate, check_decoded_sum, verify_certificate
+from .aggregate_check import AggregateRefused, VerifiedAggregate, decode_certified, verify_certificate
 from .site import Site
 from .site_state import StatisticsRegister
 
@@ -93,15 +92,9 @@ def federated_standardiser(site: Site, message: Message) -> Standardiser:
         max_site_examples=site.config.federation.max_site_examples,
         status=STATISTICS_STATUS,
     )
-    try:
-        average, total_rows = site.codec.average(site.codec.sum(verified.updates))
-    except (MedtwinError, ValueError) as error:
-        raise AggregateRefused(f"the certified statistics do not sum to usable values ({str(error)[:200]})") from None
-    tolerance = site.codec.error_bound(total_examples=total_rows) if site.codec.scheme != "plain" else PLAIN_TOLERANCE
-    check_decoded_sum(
-        verified, average, total_rows, error_bound=site.codec.count_error_bound(),
-        max_abs_average=site.codec.max_abs_average(total_examples=total_rows),
-    )  # fmt: skip
+    average, total_rows = decode_certified(site.codec, verified, unusable="the certified statistics do not sum to usable values")
+    sites = len(verified.participants)
+    tolerance = site.codec.error_bound(total_examples=total_rows, num_sites=sites) if site.codec.scheme != "plain" else PLAIN_TOLERANCE
     try:
         standardiser = standardiser_from_average(average, total_rows=total_rows, reference=site.task.feature_reference(), tolerance=tolerance)
     except ImplausibleStatisticsError as error:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from medtwin.client.aggregate_check import check_decoded_sum, verify_certificate
+from medtwin.client.aggregate_check import decode_certified, verify_certificate
 from medtwin.client.codec import CkksSiteCodec, PlainSiteCodec
 from medtwin.client.training import train_locally
 from medtwin.core.artifacts import ArtifactStore
@@ -237,11 +237,7 @@ class SchemeRounds:
             certified.certificate.to_record(), certified.aggregate, certified.updates, manifest=kit.manifest,
             run_id=self.run_id, server_round=certified.server_round, min_participants=self.workload.sites,
         )  # fmt: skip
-        average, total_examples = codec.average(codec.sum(verified.updates))
-        check_decoded_sum(
-            verified, average, total_examples, error_bound=codec.count_error_bound(),
-            max_abs_average=codec.max_abs_average(total_examples=total_examples),
-        )  # fmt: skip
+        average, _ = decode_certified(codec, verified, unusable="benchmark updates do not decode")
         return average
 
     def _signed_update(self, index: int, weights: np.ndarray, *, num_examples: int, server_round: int):

@@ -157,7 +157,6 @@ def site_refusal_code(status: str, default: str) -> str:
     return safe_code(SITE_REFUSAL_PREFIX + code)
 
 
-
 def sum_and_certify(
     artifacts: ArtifactStore, aggregator: Aggregator, server_round: int, accepted: list[SiteUpdate]
 ) -> tuple[dict[str, str], ArrayRecord, RoundCertificate]:
@@ -172,6 +171,7 @@ def sum_and_certify(
         claims=tuple((update.claim, update.signature) for update in accepted),
     )
     return update_digests, aggregate, certificate
+
 
 class RoundLoop:
     """Runs rounds up to `federation.num_rounds`; each phase waits at most `round_timeout_s` and closes with
@@ -446,9 +446,6 @@ class RoundLoop:
             self._certified_statistics = [record_from_bytes(self.artifacts.get(claim.payload_sha256)) for claim, _ in certificate.claims]
         return self._certified_statistics
 
-    def sum_and_certify(self, server_round: int, accepted: list[SiteUpdate]) -> tuple[dict[str, str], ArrayRecord, RoundCertificate]:
-        return sum_and_certify(self.artifacts, self.aggregator, server_round, accepted)
-
     def statistics_phase(self, node_ids: list[int]) -> None:
         """Round 0 of `task.normalization=federated`: every site's signed statistics update, summed like a
         round's updates (ciphertexts only under CKKS) and certified; the sum goes with every later message
@@ -481,7 +478,9 @@ class RoundLoop:
         self.result.rejections.extend(rejected)
         if len(accepted) < self.config.federation.min_sites:
             raise RoundFailedError(self._failure(server_round, accepted, rejected, missed, sent=node_ids))
-        update_digests, self.result.statistics_aggregate, self.result.statistics_certificate = self.sum_and_certify(server_round, accepted)
+        update_digests, self.result.statistics_aggregate, self.result.statistics_certificate = sum_and_certify(
+            self.artifacts, self.aggregator, server_round, accepted
+        )
         aggregate_digest = self.result.statistics_certificate.aggregate_sha256
         self.on_record(
             {
@@ -632,7 +631,9 @@ class RoundLoop:
         self.result.rejections.extend(rejected)
         if len(accepted) < self.config.federation.min_sites:
             raise RoundFailedError(self._failure(server_round, accepted, rejected, missed, sent=node_ids))
-        update_digests, self.result.aggregate, self.result.certificate = self.sum_and_certify(server_round, accepted)
+        update_digests, self.result.aggregate, self.result.certificate = sum_and_certify(
+            self.artifacts, self.aggregator, server_round, accepted
+        )
         aggregate_digest = self.result.certificate.aggregate_sha256
         self.result.aggregate_digests.append(aggregate_digest)
         chain = self.close_round_on_chain(server_round, accepted, rejected, update_digests, aggregate_digest)

@@ -101,7 +101,8 @@ class BookkeepingClipper:
         filled = sorted(slot for slots in self._slots.values() for slot in slots if slot is not None)
         if filled != list(range(len(params))):  # every slice of the flat sum is written exactly once (it starts uninitialised)
             raise IncompatibleModelError(["every optimizer parameter must be the weight or bias of exactly one Linear/Conv1d layer"])
-        self._params = params
+        self._sizes = [parameter.numel() for parameter in params]  # the flat sum's layout, one slice per parameter
+        self.size = sum(self._sizes)
         self._records: list[_Record] = []
         self._handles = [layer.register_forward_hook(self._record) for layer in self._layers]
 
@@ -127,8 +128,8 @@ class BookkeepingClipper:
         layers = [_LayerGradient(record, grad, rows, units, self._slots[id(record.layer)]) for record, grad in zip(records, grads, strict=True)]
         squared = sum(layer.squared for layer in layers)
         clip = torch.clamp_max(max_grad_norm / (squared.sqrt() + 1e-6), 1.0)
-        flat = torch.empty(sum(parameter.numel() for parameter in self._params), dtype=loss.dtype)
-        pieces = torch.split(flat, [parameter.numel() for parameter in self._params])
+        flat = torch.empty(self.size, dtype=loss.dtype)
+        pieces = torch.split(flat, self._sizes)
         for layer in layers:
             layer.clipped_sum_into(clip, units, pieces)
         return flat

@@ -166,12 +166,11 @@ class _BookkeepingStep:
     def __init__(self, model: nn.Module, loss_fn: nn.Module, dp_optimizer: FlatDPOptimizer, *, reduction: str, max_grad_norm: float) -> None:
         self.model, self.loss_fn, self.reduction, self.max_grad_norm = model, loss_fn, reduction, max_grad_norm
         self.clipper = BookkeepingClipper(model, dp_optimizer.params)
-        self.size = sum(parameter.numel() for parameter in dp_optimizer.params)
         self.dtype = dp_optimizer.params[0].dtype
 
     def clipped_sum(self, features: torch.Tensor, targets: torch.Tensor, owner: np.ndarray | None) -> tuple[torch.Tensor, float | None]:
         if len(features) == 0:  # still a DP step: a zero sum that the optimizer noises
-            return torch.zeros(self.size, dtype=self.dtype), None
+            return torch.zeros(self.clipper.size, dtype=self.dtype), None
         loss = self.loss_fn(self.model(features).reshape(-1), targets)
         summed = self.clipper.clipped_sum(
             loss, rows=len(features), owner=owner, max_grad_norm=self.max_grad_norm,

@@ -1,14 +1,17 @@
-"""A hospital's SuperNode with a warm ClientApp executor: `flower-supernode --isolation process` plus
-Flower's own SuperExec loop, whose ClientApp processes fork from a process that has already imported
-torch, Opacus, TenSEAL and medtwin.
+"""A hospital's SuperNode with a warm ClientApp worker: `flower-supernode --isolation process` plus
+Flower's own SuperExec loop, whose ClientApp tasks run in one persistent worker process per site.
 
 Flower's default (`--isolation subprocess`) starts a fresh `flwr-clientapp` interpreter for every
-message; each spends ~8 s importing the stack before it reads the site file. Here the SuperExec is
-Flower's (`flwr.supercore.superexec.run_superexec`: it acquires tasks from the SuperNode's Runtime API
-and hands each token to an executor); only the executor differs: it starts `flwr-clientapp`'s own
-entry point in a child of a multiprocessing *forkserver* that preloaded those modules. Each message
-still runs in its own process with a fresh site built from the site file — nothing of one message
-survives into the next — so the isolation Flower gives is kept; only the imports are shared.
+message; each spends ~8 s importing the stack and then rebuilds the site from its file. Here the
+SuperExec is Flower's (`flwr.supercore.superexec.run_superexec`: it acquires tasks from the SuperNode's
+Runtime API and hands each token to an executor); only the executor differs: it hands each ClientApp
+token to the site's warm worker (`site_worker.py`), which runs Flower's `flwr-clientapp` code path in
+its main thread and keeps the site, its chain reader and its DP calibration between messages, as a
+simulation's Ray worker does. The worker forks from a multiprocessing *forkserver* that preloaded
+torch, Opacus, TenSEAL and medtwin, so a replacement (after it died, or grew past `WORKER_MAX_RSS_MB`)
+starts in milliseconds. A task that arrives while the worker is busy runs in a one-off fork of the same
+forkserver (the pre-worker path): it never waits behind a slow or stuck task, as with Flower's own
+executor, whose ClientApp processes run side by side.
 
     python -m medtwin.experiments.warm_clientapp --runtime-api-address 127.0.0.1:PORT -- flower-supernode …
 
@@ -20,71 +23,43 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
-import hashlib
 import importlib
+import logging
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
-from medtwin.core.rundir import atomic_write_text
+from .site_worker import SiteWorker, TaskFunction, die_with_parent, prepare_clientapp_process, run_flwr_clientapp
 
-__all__ = ["PRELOAD", "ForkServerExecutor", "install_each_fab_once", "main"]
+__all__ = ["PRELOAD", "WORKER_MAX_RSS_MB", "WarmWorkerExecutor", "main"]
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+logger = logging.getLogger("medtwin.site_worker")
 
 # What every ClientApp process would import anyway; the forkserver imports it once (see warm_preload).
 PRELOAD = ("medtwin.experiments.warm_preload",)
+# A worker that grew past this (checked between tasks) is replaced by a fresh fork: its caches are
+# bounded, but a leak in a dependency must not grow a site's memory without limit.
+WORKER_MAX_RSS_MB = 2048
 
 
-def install_each_fab_once(install: Callable[..., Path], marks: Path) -> Callable[..., Path]:
-    """Flower's `install_from_fab`, run once per FAB: every ClientApp process unzips and re-hashes the
-    whole FAB (~0.4 s) before finding it installed already. The first successful install of a FAB leaves
-    a mark named by the SHA-256 of its full bytes; a later process with the same bytes skips the work."""
-
-    def install_once(fab_file: bytes | Path, install_dir: Path | None = None, skip_prompt: bool = False) -> Path:
-        if not isinstance(fab_file, bytes):
-            return install(fab_file, install_dir, skip_prompt)
-        mark = marks / hashlib.sha256(fab_file).hexdigest()
-        if mark.is_file() and Path(installed := mark.read_text(encoding="utf-8")).is_dir():
-            return Path(installed)
-        path = install(fab_file, install_dir, skip_prompt)
-        marks.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(mark, str(path))
-        return path
-
-    return install_once
+def _run_one_clientapp(task: TaskFunction, arguments: list[str]) -> None:
+    """A one-off ClientApp process (the worker was busy): Flower's entry point, which exits the process."""
+    prepare_clientapp_process(warm_worker=False)
+    task(arguments)
 
 
-def _run_flwr_clientapp(arguments: list[str]) -> None:
-    """The child: Flower's `flwr-clientapp` entry point, exactly as the console script runs it."""
-    from flwr.supercore.utils import get_flwr_home
-    from flwr.supernode.cli import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp
+class WarmWorkerExecutor:
+    """A SuperExec executor (Flower's `Executor` protocol): ClientApp tasks go to the site's warm worker,
+    or to a one-off fork when it is busy; other task types fall back to Flower's subprocess executor."""
 
-    from .prompt_flower import prompt_object_pulls
-
-    prompt_object_pulls()
-    run_clientapp.install_from_fab = install_each_fab_once(run_clientapp.install_from_fab, get_flwr_home() / "medtwin-installed-fabs")
-    sys.argv = ["flwr-clientapp", *arguments]
-    flwr_clientapp()
-
-
-def _warm_up() -> None:
-    """Started once so the forkserver exists (and has preloaded) before the first message arrives."""
-
-
-class ForkServerExecutor:
-    """A SuperExec executor (Flower's `Executor` protocol) that starts each ClientApp task in a fork of
-    a warm forkserver instead of a new interpreter; other task types fall back to Flower's subprocess one."""
-
-    def __init__(self, preload: Sequence[str] = PRELOAD) -> None:
+    def __init__(
+        self, preload: Sequence[str] = PRELOAD, *, max_worker_rss_mb: float = WORKER_MAX_RSS_MB, task: TaskFunction = run_flwr_clientapp
+    ) -> None:
         from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
         self._context = multiprocessing.get_context("forkserver")
@@ -92,9 +67,9 @@ class ForkServerExecutor:
         self._fallback = SubprocessExecutor()
         self._children: list[BaseProcess] = []
         self._lock = threading.Lock()
-        warm = self._context.Process(target=_warm_up, daemon=True)
-        warm.start()
-        warm.join()
+        self.max_worker_rss_bytes = int(max_worker_rss_mb * 2**20)
+        self._task = task  # one ClientApp task; Flower's flwr-clientapp code path but in tests
+        self.worker = SiteWorker(self._context, task=task)  # starts the forkserver, which preloads, then forks the worker
 
     def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):  # noqa: ANN001, ANN201
         return self._fallback.get_eligible_capacity(
@@ -115,10 +90,18 @@ class ForkServerExecutor:
             arguments.append("--insecure")
         elif spec.root_certificates_path is not None:
             arguments += ["--root-certificates", spec.root_certificates_path]
+        with self._lock:
+            try:
+                if self._ready_worker().submit(spec.task_id, arguments):
+                    return LaunchResult.accepted()
+                if not self.worker.alive and self._replace_worker("it exited as the task was handed over").submit(spec.task_id, arguments):
+                    return LaunchResult.accepted()
+            except OSError as error:
+                logger.warning("could not start a warm ClientApp worker (%s); task %d runs in a one-off process", error, spec.task_id)
         if spec.parent_pid is not None:
             arguments += ["--parent-pid", str(spec.parent_pid)]
         # daemonic: this process's exit terminates them (a ClientApp starts no processes of its own)
-        child = self._context.Process(target=_run_flwr_clientapp, args=(arguments,), daemon=True, name=f"clientapp-{spec.task_id}")
+        child = self._context.Process(target=_run_one_clientapp, args=(self._task, arguments), daemon=True, name=f"clientapp-{spec.task_id}")
         try:
             child.start()
         except OSError as error:
@@ -127,14 +110,30 @@ class ForkServerExecutor:
             self._children.append(child)
         return LaunchResult.accepted()
 
+    def _ready_worker(self) -> SiteWorker:
+        """The worker for the next task: replaced first if it died, or grew too large while idle."""
+        if not self.worker.alive:
+            return self._replace_worker(f"it exited with code {self.worker.process.exitcode}")
+        if not self.worker.busy and self.worker.resident_bytes > self.max_worker_rss_bytes:
+            return self._replace_worker(f"it holds {self.worker.resident_bytes / 2**20:.0f} MB, more than {self.max_worker_rss_bytes / 2**20:.0f} MB")
+        return self.worker
+
+    def _replace_worker(self, reason: str) -> SiteWorker:
+        logger.warning("warm ClientApp worker %s replaced: %s", self.worker.process.pid, reason)
+        self.worker.close()
+        self.worker = SiteWorker(self._context, task=self._task)
+        return self.worker
+
     def reconcile(self) -> None:
-        """Reap finished ClientApp processes."""
+        """Take the worker's reports; reap finished one-off ClientApp processes."""
         with self._lock:
+            self.worker.collect()
             self._children = [child for child in self._children if child.is_alive()]
 
     def close(self) -> None:
         with self._lock:
             children, self._children = self._children, []
+            self.worker.close()
         for child in children:
             if child.is_alive():
                 child.terminate()
@@ -145,19 +144,11 @@ class ForkServerExecutor:
         self._fallback.close()
 
 
-def _exit_with(supernode: subprocess.Popen, executor: ForkServerExecutor) -> None:
+def _exit_with(supernode: subprocess.Popen, executor: WarmWorkerExecutor) -> None:
     """When the SuperNode exits (refused, crashed, stopped), so does this process, with its code."""
     code = supernode.wait()
     executor.close()
     os._exit(code if code >= 0 else 128 - code)
-
-
-def _terminate_with_parent() -> None:
-    """In the SuperNode child before exec: Linux's PR_SET_PDEATHSIG, so no SuperNode outlives its wrapper
-    (an orphan would stay listed at the SuperLink and take messages nothing runs)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _stop(supernode: subprocess.Popen) -> None:
@@ -179,10 +170,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "--isolation" not in command[:-1] or command[command.index("--isolation") + 1] != "process":
         parser.error("give the flower-supernode command after --, with --isolation process")
     # inherits stdout/stderr (one log for the site); gets SIGTERM if this process dies, even by SIGKILL
-    supernode = subprocess.Popen(command, preexec_fn=_terminate_with_parent)
+    supernode = subprocess.Popen(command, preexec_fn=die_with_parent)  # no orphaned SuperNode stays listed at the SuperLink
     atexit.register(_stop, supernode)
-    executor = ForkServerExecutor()
+    executor = WarmWorkerExecutor()
     threading.Thread(target=_exit_with, args=(supernode, executor), name="supernode", daemon=True).start()
+    handler = logging.StreamHandler()  # the worker's per-task report, in the site's log
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
     superexec.get_executor = lambda *_, **__: executor  # Flower's loop, our executor (flwr pinned in pyproject)
     superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=True)

@@ -78,7 +78,7 @@ def test_a_command_without_process_isolation_is_refused() -> None:
 
 
 def test_each_fab_is_installed_once_per_site(tmp_path: Path) -> None:
-    from medtwin.experiments.warm_clientapp import install_each_fab_once
+    from medtwin.experiments.site_worker import install_each_fab_once
 
     installs: list[bytes] = []
 

@@ -127,10 +127,12 @@ class AuthChain(ContractGateway):
 
     # -- coordinator -----------------------------------------------------------------------------
 
-    def record_decisions(self, decisions: Sequence[Decision], *, run_id: str, round_index: int, batch_label: str = "") -> WriteReceipt:
-        """All decisions of one round in one transaction (at most MAX_DECISIONS_PER_TX)."""
+    def record_decisions(
+        self, decisions: Sequence[Decision], *, run_id: str, round_index: int, batch_label: str = "", background: bool = False
+    ) -> WriteReceipt:
+        """All decisions of one round in one transaction (at most MAX_DECISIONS_PER_TX); `background`: see `write`."""
         args = decision_batch_args(decisions, run_id=run_id, round_index=round_index, batch_label=batch_label)
-        return self.write(self.coordinator, "record_decisions", args, role="coordinator")
+        return self.write(self.coordinator, "record_decisions", args, role="coordinator", background=background)
 
     # -- reads -----------------------------------------------------------------------------------
 

@@ -84,8 +84,9 @@ class DataChain(ContractGateway):
         ]
         return self.write(self.coordinator, "register_run", args, role="coordinator")
 
-    def commit_datasets(self, *, run_id: str, manifests: Mapping[str, str | bytes]) -> WriteReceipt | None:
-        """Commit dataset-manifest hashes (site id -> sha256); skips unchanged ones, None if all were."""
+    def commit_datasets(self, *, run_id: str, manifests: Mapping[str, str | bytes], background: bool = False) -> WriteReceipt | None:
+        """Commit dataset-manifest hashes (site id -> sha256); skips unchanged ones, None if all were.
+        `background`: see `ContractGateway.write`."""
         if len(manifests) > MAX_DATASETS_PER_TX:
             raise ChainError(f"{len(manifests)} dataset commitments exceed {MAX_DATASETS_PER_TX} per transaction")
         key = run_key(run_id)
@@ -97,10 +98,14 @@ class DataChain(ContractGateway):
         if not changed:
             return None
         args = [key, list(changed), list(changed.values())]
-        receipt = self.write(self.coordinator, "commit_datasets", args, role="coordinator")
+        receipt = self.write(self.coordinator, "commit_datasets", args, role="coordinator", background=background)
         if receipt.mined:
-            self._datasets.update({(key, site): manifest for site, manifest in changed.items()})
+            self.on_mined("commit_datasets", args)
         return receipt
+
+    def on_mined(self, method: str, args: list[Any]) -> None:
+        if method == "commit_datasets":  # (run key, site keys, manifest hashes)
+            self._datasets.update({(bytes(args[0]), bytes(site)): bytes(manifest) for site, manifest in zip(args[1], args[2], strict=True)})
 
     def _known_dataset(self, key: bytes, site: bytes) -> bytes | None:
         for queued in reversed(self.queued("commit_datasets")):
@@ -116,9 +121,10 @@ class DataChain(ContractGateway):
             self._datasets[(key, site)] = known
         return known
 
-    def anchor_round(self, anchor: RoundAnchor) -> WriteReceipt:
-        """Anchor one round (reverts on chain if this (run, round) is already anchored)."""
-        return self.write(self.coordinator, "anchor_round", anchor_call_args(anchor), role="coordinator")
+    def anchor_round(self, anchor: RoundAnchor, *, background: bool = False) -> WriteReceipt:
+        """Anchor one round (reverts on chain if this (run, round) is already anchored); `background`: see
+        `ContractGateway.write` — the anchor counts as queued (`round_status`, `last_anchor`) until mined."""
+        return self.write(self.coordinator, "anchor_round", anchor_call_args(anchor), role="coordinator", background=background)
 
     def record_lineage(self, *, model_hash: str | bytes, parent_hash: str | bytes = "", run_id: str, round_index: int) -> WriteReceipt:
         parent = as_bytes32(parent_hash, what="parent model hash") if parent_hash else ZERO32

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,6 +70,16 @@ class ChainSession:
             self._sites[site_id] = account
             self.auth.add_signer(account)
         return self._sites[site_id]
+
+    def start_background_sending(self, *, retry_s: float = 2.0) -> None:
+        """One background sender per chain (sender.py): writes made with `background=True` return once durable."""
+        self.auth.start_sender(retry_s=retry_s)
+        self.data.start_sender(retry_s=retry_s)
+
+    def stop_background_sending(self, *, drain_s: float) -> dict[str, int]:
+        """Wait up to `drain_s` for the senders to put the queued writes on chain, stop them; what is left per chain."""
+        deadline = time.monotonic() + drain_s  # both senders work meanwhile: one deadline for the two
+        return {role: gateway.stop_sender(drain_s=max(0.0, deadline - time.monotonic())) for role, gateway in (("auth", self.auth), ("data", self.data))}
 
     def flush(self) -> dict[str, FlushResult]:
         """Replay both outboxes in order; see FlushResult.remaining for what still waits."""

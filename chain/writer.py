@@ -7,6 +7,10 @@ a crash is not sent twice); a write the contract refuses on replay moves to the 
 reported. Contract refusals of fresh writes raise at once. Before a write, a backlog in the outbox
 or a node that no longer has the block of our last write (it restarted from an older state dump)
 triggers a reconcile: journal entries the chain lost are sent again, in order, then the outbox.
+
+`write(..., background=True)` with a running `BackgroundSender` (see sender.py) stops after the durable
+part — journal and outbox appended and fsynced — and returns status "sending" ("queued" while the sender
+is stalled by an outage); the sender puts the write on chain in outbox order (`send_queued`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from .accounts import ChainAccount
 from .client import ChainClient
 from .errors import ChainConflictError, ChainError, ChainRevertError, ChainSetupError, ChainUnavailableError, OutboxError
 from .journal import Journal, JournalEntry, Watermark
-from .outbox import Outbox, decode_args
+from .outbox import Outbox, PendingWrite, decode_args
 from .records import FlushResult, ReconcileResult, WriteReceipt
+from .sender import BackgroundSender
 
 __all__ = ["ContractGateway"]
 
@@ -60,6 +65,10 @@ class ContractGateway:
         self._own_outbox: set[int] = set()
         # label -> account, for queued writes of signers this process has not met yet (dev keys)
         self.signer_resolver = signer_resolver
+        self.sender: BackgroundSender | None = None
+        # outbox entries this process queued for its sender and nobody tried to send yet: sent without first asking
+        # the chain whether they are applied (anything else queued goes through the reconcile, which asks)
+        self._fresh: set[int] = set()
 
     @property
     def address(self) -> str:
@@ -88,7 +97,9 @@ class ContractGateway:
             block_hash=receipt.block_hash,
         )
 
-    def write(self, account: ChainAccount | None, method: str, args: list[Any], *, role: str) -> WriteReceipt:
+    def write(self, account: ChainAccount | None, method: str, args: list[Any], *, role: str, background: bool = False) -> WriteReceipt:
+        """Send now and return once mined (or queued, the chain being down); with `background` and a running
+        sender, return once the write is durable in the journal and outbox and let the sender send it."""
         if account is None:
             raise ChainSetupError(
                 f"{self.client.name} chain: {method} needs the {role} account, but this gateway has none "
@@ -97,6 +108,8 @@ class ContractGateway:
         self.add_signer(account)
         if self.outbox is None:
             return self._send(account, method, args)
+        if background and self.sender is not None:
+            return self._hand_to_sender(account, method, args)
         with self.outbox.locked():
             if len(self.outbox) or self._node_lost_our_writes():
                 try:
@@ -127,6 +140,86 @@ class ContractGateway:
         log.warning("%s chain: %s queued in %s (seq %d): %s", self.client.name, method, self.outbox.path, entry.seq, reason)
         return WriteReceipt(status="queued", chain=self.client.name, call=method, outbox_seq=entry.seq)
 
+    def _hand_to_sender(self, account: ChainAccount, method: str, args: list[Any]) -> WriteReceipt:
+        assert self.outbox is not None and self.sender is not None
+        with self.outbox.locked():
+            journaled = self._journal_append(account, method, args)
+            entry = self.outbox.append(
+                method=method, args=args, sender=account.address, reason="sent in the background", signer_label=account.label,
+                journal_seq=journaled,
+            )  # fmt: skip
+            self._own_outbox.add(entry.seq)
+            self._fresh.add(entry.seq)
+        self.sender.wake()
+        status = "queued" if self.sender.stalled else "sending"
+        return WriteReceipt(status=status, chain=self.client.name, call=method, outbox_seq=entry.seq)
+
+    def send_queued(self) -> FlushResult:
+        """The background sender's pass: send the outbox in order. Entries this process queued and nobody tried
+        yet are sent straight away; anything else (an outage's backlog, a send that failed, a node that lost our
+        last block) goes through the reconcile, which checks each entry against the chain first."""
+        assert self.outbox is not None
+        with self.outbox.locked():
+            pending = self.outbox.pending()
+            if any(entry.seq not in self._fresh for entry in pending) or self._node_lost_our_writes():
+                return self._reconcile_locked().flush
+            mined: list[WriteReceipt] = []
+            failed: list[str] = []
+            for index, entry in enumerate(pending):
+                self._fresh.discard(entry.seq)  # tried from now on: a retry asks the chain first
+                args = decode_args(entry.args)
+                signer = self._signer_for(entry.sender, entry.signer_label)
+                if signer is None:  # never for this process's own writes; kept for the reconcile to report
+                    self._fresh.difference_update(item.seq for item in pending)
+                    break
+                try:
+                    receipt = self._send(signer, entry.method, args)
+                except ChainUnavailableError as error:
+                    self._fresh.difference_update(item.seq for item in pending[index:])
+                    log.warning("%s chain: %s (outbox seq %d) waits for the node: %s", self.client.name, entry.method, entry.seq, error)
+                    break
+                except (ChainError, ValueError) as error:
+                    if self._applied_after_all(entry, args):  # another process sent it (and crashed before removing it)
+                        self.outbox.remove(entry.seq)
+                        continue
+                    if entry.journal_seq and self.journal is not None:  # refused: a reconcile must not send it again
+                        mark = self.journal.watermark()
+                        self.journal.set_watermark(replace(mark, refused=(*mark.refused, entry.journal_seq)))
+                    self.outbox.move_to_failed(entry.seq, error=str(error))
+                    failed.append(f"seq {entry.seq} {entry.method}: {error}")
+                    log.error("%s chain: %s (outbox seq %d) refused: %s", self.client.name, entry.method, entry.seq, error)
+                    continue
+                if entry.journal_seq and self.journal is not None:
+                    self.journal.mark_mined(entry.journal_seq, tx_hash=receipt.tx_hash, block=receipt.block_number)
+                self.on_mined(entry.method, args)
+                self.outbox.remove(entry.seq)
+                mined.append(receipt)
+            return FlushResult(mined=tuple(mined), failed=tuple(failed), remaining=len(self.outbox))
+
+    def on_mined(self, method: str, args: list[Any]) -> None:
+        """A write the sender put on chain; subclasses update what they remember (before it leaves the outbox)."""
+
+    def queued_count(self) -> int:
+        return len(self.outbox) if self.outbox is not None else 0
+
+    def start_sender(self, *, retry_s: float = 2.0) -> BackgroundSender:
+        """Start this chain's background sender (once; needs an outbox to keep the writes durable)."""
+        if self.outbox is None:
+            raise ChainSetupError(f"{self.client.name} chain: background sending needs the outbox (chain.use_outbox=true and a state dir)")
+        if self.sender is None:
+            self.sender = BackgroundSender(self, retry_s=retry_s)
+            self.sender.wake()  # writes an earlier process left queued go first
+        return self.sender
+
+    def stop_sender(self, *, drain_s: float) -> int:
+        """Wait up to `drain_s` for the queued writes, then stop the sender; the writes left in the outbox."""
+        if self.sender is None:
+            return self.queued_count()
+        left = self.sender.drain(timeout_s=drain_s)
+        self.sender.stop()
+        self.sender = None
+        return left
+
     def _journal_append(self, account: ChainAccount, method: str, args: list[Any]) -> int:
         if self.journal is None:
             return 0
@@ -146,6 +239,7 @@ class ContractGateway:
     def _flush_locked(self) -> FlushResult:
         """Replay the outbox alone, in order (writes queued before journals existed, or no journal)."""
         assert self.outbox is not None
+        self._fresh.clear()  # every entry is checked against the chain here
         mined: list[WriteReceipt] = []
         failed: list[str] = []
         applied = 0
@@ -236,6 +330,7 @@ class ContractGateway:
 
     def _reconcile_locked(self) -> ReconcileResult:
         assert self.outbox is not None
+        self._fresh.clear()  # every queued entry is checked against the chain here
         if self.journal is None:
             return ReconcileResult(flush=self._flush_locked())
         journal = self.journal
@@ -319,7 +414,7 @@ class ContractGateway:
             journaled=journal.last_seq(), finalized=mark.durable_seq, flush=flush,
         )  # fmt: skip
 
-    def _applied_after_all(self, entry: JournalEntry, args: list[Any]) -> bool:
+    def _applied_after_all(self, entry: JournalEntry | PendingWrite, args: list[Any]) -> bool:
         try:
             return bool(self.is_applied(entry.method, args, entry.sender))
         except (ChainError, ValueError):

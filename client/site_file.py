@@ -34,7 +34,8 @@
       epsilon_per_release: 0.1        # release: dp
       min_participants: 2             # an aggregate of fewer sites is never decrypted
     approvals: local                  # local (state_dir/approvals.json) | chain (auth chain)
-    chain: {state_dir: /srv/chain}    # approvals: chain — where this site reads both chains from
+    chain: {state_dir: /srv/chain}    # approvals: chain — where this site reads both chains from;
+                                      # anchor_wait_s (default 5): how long a round's anchor may take to land
     kit_dir: kit                      # identity keys + HE secrets (relative: to this file's folder)
     state_dir: state                  # privacy ledger, approvals, evaluations
 
@@ -73,6 +74,8 @@ __all__ = [
 
 RELEASE_MODES = ("exact", "rounded", "dp")
 APPROVAL_SOURCES = ("local", "chain")
+DEFAULT_ANCHOR_WAIT_S = 5.0  # the coordinator sends a round's anchor in the background; it usually lands in ~0.1 s
+MAX_ANCHOR_WAIT_S = 300.0
 CRYPTO_SCHEMES = ("plain", "ckks")
 
 
@@ -141,6 +144,7 @@ class SiteFile:
     state_dir: Path
     research_simulation: bool = False
     chain_state_dir: Path | None = None  # approvals: chain — the chains' deployment record this site trusts
+    anchor_wait_s: float = DEFAULT_ANCHOR_WAIT_S  # before evaluating: how long to wait for the round's anchor to land
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -251,8 +255,14 @@ def site_file_from_mapping(document: dict, *, path: Path) -> SiteFile:
     if approvals not in APPROVAL_SOURCES:
         reader.problems.append(f"`approvals` must be one of {APPROVAL_SOURCES}, got {approvals!r}")
     chain = reader.section(document, "chain")
-    reader.unknown(chain, {"state_dir"}, "chain.")
+    reader.unknown(chain, {"state_dir", "anchor_wait_s"}, "chain.")
     chain_state = reader.value(chain, "state_dir", str, "", prefix="chain.")
+    anchor_wait_s = reader.value(chain, "anchor_wait_s", float, DEFAULT_ANCHOR_WAIT_S, prefix="chain.", minimum=0.0)
+    if anchor_wait_s > MAX_ANCHOR_WAIT_S:
+        reader.problems.append(
+            f"`chain.anchor_wait_s` is {anchor_wait_s:g} s, above {MAX_ANCHOR_WAIT_S:g} s: a site waits this long for a "
+            "round's anchor before refusing to evaluate it — keep it well under the coordinator's federation.round_timeout_s"
+        )
     if approvals == "chain" and not chain_state:
         reader.problems.append("`approvals: chain` needs `chain.state_dir`: the chains' deployment record this site reads")
     folders = {}
@@ -279,6 +289,7 @@ def site_file_from_mapping(document: dict, *, path: Path) -> SiteFile:
         state_dir=folders["state_dir"],
         research_simulation=research,
         chain_state_dir=(path.parent / Path(chain_state).expanduser()).resolve() if chain_state else None,
+        anchor_wait_s=float(anchor_wait_s),
     )
 
 

@@ -22,13 +22,16 @@ A round is built from the pieces the real round loop runs (server/loop.py, clien
                  (`train_locally`) -> pack (encrypt + sign, with its dataset manifest)
     coordinator  for each update: verify the signed claim, check its payload / ciphertext shape,
                  [chain: the site's admission]; store every update, sum (CKKS: public context only),
-                 store the aggregate and certify it; [chain: decisions + dataset commitments + anchor]
-    site         [chain: its approval, the aggregate's anchor] -> take the certified updates again
-                 (verify, sum, decrypt) -> evaluate on its test split
+                 store the aggregate and certify it; [chain: decisions + dataset commitments + anchor,
+                 made durable and handed to each chain's background sender]
+    site         [chain: its approval] -> take the certified updates again (verify, sum, decrypt)
+                 -> [chain: the aggregate's anchor, waiting for it to land] -> evaluate on its test split
 
 The [chain] steps run with `--chain anvil` only: the real calls against two local anvil nodes
 (started in a temporary folder, stopped by PID), the coordinator's session and, for the sites,
-read-only sessions as in a simulation (bench_round_chain.py).
+read-only sessions as in a simulation (bench_round_chain.py). "chain" is what the round's parties wait
+for on the critical path; the background senders' time (sending, gas estimates, receipts) is reported
+apart as "background send", and senders are drained between rounds, outside the timings.
 
 Sites work in parallel in a real federation, so the round time is the critical path: per step the
 slowest site, plus the coordinator's serial work. Sites are timed one after another here (2 shared
@@ -102,8 +105,14 @@ class RoundTiming:
     upload_bytes: int  # one site's update payload
     relative_error: float = 0.0  # max |decoded average - exact average| / max |exact average|
     site_chain_s: float = 0.0  # slowest site: its approval check before training
-    coordinator_chain_s: float = 0.0  # admissions of every update + the round's writes (decisions, anchor)
-    evaluate_chain_s: float = 0.0  # slowest site: its approval and the aggregate's anchor before evaluating
+    # admissions of every update + closing the round: its writes (decisions, anchor) made durable and handed to
+    # the background senders (before d1b8902's successor: sent and mined synchronously)
+    coordinator_chain_s: float = 0.0
+    evaluate_chain_s: float = 0.0  # slowest site: its approval and its wait for the aggregate's anchor before evaluating
+    # parts and companions of the above (not added to round_s again):
+    close_chain_s: float = 0.0  # the part of coordinator_chain_s spent closing the round on chain
+    anchor_wait_s: float = 0.0  # slowest site: the part of evaluate_chain_s spent reading / waiting for the anchor
+    background_send_s: float = 0.0  # the senders' time putting the round's writes on chain (off the critical path)
 
     @property
     def chain_s(self) -> float:
@@ -117,7 +126,10 @@ class RoundTiming:
         )  # fmt: skip
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"round_s": self.round_s, "chain_s": self.chain_s, "chain_share": self.chain_s / self.round_s}
+        return asdict(self) | {
+            "round_s": self.round_s, "chain_s": self.chain_s, "chain_share": self.chain_s / self.round_s,
+            "background_send_over_round": self.background_send_s / self.round_s,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -251,9 +263,9 @@ class SchemeRounds:
         )  # fmt: skip
         return record, site_reply_record(claim, sign_claim(kit.signing_key, claim))
 
-    def _coordinate(self, server_round: int, replies: list) -> tuple[Certified, float]:
-        """The coordinator's round: (the certified aggregate, seconds of it spent on chain calls)."""
-        chain_s = 0.0
+    def _coordinate(self, server_round: int, replies: list) -> tuple[Certified, float, float]:
+        """The coordinator's round: (the certified aggregate, seconds of it spent on chain calls, of which closing the round)."""
+        chain_s = close_s = 0.0
         accepted = []
         for node_id, record, site_record in replies:
             verified = self.verifier.verify(
@@ -270,12 +282,12 @@ class SchemeRounds:
             accepted.append(update)
         digests, aggregate, certificate = sum_and_certify(self.artifacts, self.aggregator, server_round, accepted)  # the round loop's
         if self.chain is not None:
-            chain_s += self.chain.close_round_s(
+            close_s = self.chain.close_round_s(
                 server_round=server_round, update_digests=digests, aggregate_digest=certificate.aggregate_sha256,
                 dataset_manifests={update.site_id: update.claim.dataset_manifest for update in accepted},
                 he_error_bound=self.aggregator.sum_error_bound(len(accepted)),
             )  # fmt: skip
-        return Certified(server_round, aggregate, certificate, [update.record for update in accepted]), chain_s
+        return Certified(server_round, aggregate, certificate, [update.record for update in accepted]), chain_s + close_s, close_s
 
     def run_round(self, server_round: int) -> RoundTiming:
         workload, site_ids = self.workload, self.federation.site_ids
@@ -306,25 +318,32 @@ class SchemeRounds:
             weighted.append((weights.astype(np.float64) * result.num_examples, result.num_examples))
             replies.append((index + 1, record, site_record))
 
+        sent_before = self.chain.background_send_s() if self.chain is not None else 0.0
         started = time.perf_counter()
-        certified, coordinator_chain_s = self._coordinate(server_round, replies)
+        certified, coordinator_chain_s, close_chain_s = self._coordinate(server_round, replies)
         coordinator_s = time.perf_counter() - started - coordinator_chain_s
         self.previous = certified
 
         exact = sum(vector for vector, _ in weighted) / sum(count for _, count in weighted)
-        evaluate_chain, evaluate_decode, evaluate, errors = [], [], [], []
-        for index, site_id in enumerate(site_ids):
-            evaluate_chain.append(
-                self.chain.site_evaluate_checks_s(site_id, server_round=server_round, aggregate_sha256=certified.certificate.aggregate_sha256)
-                if self.chain is not None else 0.0
-            )  # fmt: skip
+        evaluate_chain, anchor_wait, evaluate_decode, evaluate, errors = [], [], [], [], []
+        for index, site_id in enumerate(site_ids):  # in client/app.py's order: approval, decode, anchor, evaluate
+            approval_s = self.chain.site_evaluate_checks_s(site_id) if self.chain is not None else 0.0
             seconds, average = _timed(lambda: self._site_average(index, certified))
             evaluate_decode.append(seconds)
+            anchor_wait.append(
+                self.chain.anchor_wait_s(site_id, server_round=server_round, aggregate_sha256=certified.certificate.aggregate_sha256)
+                if self.chain is not None else 0.0
+            )  # fmt: skip
+            evaluate_chain.append(approval_s + anchor_wait[-1])
             errors.append(float(np.max(np.abs(average - exact)) / np.max(np.abs(exact))))
             model = workload.build_model()
             vector_to_model(model, average)
             seconds, _ = _timed(lambda: workload.evaluate(model, *workload.test[index]))
             evaluate.append(seconds)
+        background_send_s = 0.0
+        if self.chain is not None:  # between rounds, untimed: the senders finish this round's writes
+            self.chain.drain()
+            background_send_s = self.chain.background_send_s() - sent_before
         every = (site_chain, decode, train, pack, evaluate_chain, evaluate_decode, evaluate)
         return RoundTiming(
             decode_s=max(decode),
@@ -339,6 +358,9 @@ class SchemeRounds:
             site_chain_s=max(site_chain),
             coordinator_chain_s=coordinator_chain_s,
             evaluate_chain_s=max(evaluate_chain),
+            close_chain_s=close_chain_s,
+            anchor_wait_s=max(anchor_wait),
+            background_send_s=background_send_s,
         )
 
 
@@ -376,7 +398,7 @@ def print_rounds(rows: list[Row], *, rounds: int, chain: str) -> None:
     header = (
         f"{'sites':>5} {'params':>7} {'plain round s':>13} {'enc round s':>11} {'ratio':>6} {'bytes/param/4':>13} "
         f"{'train s':>7} {'enc+sign s':>10} {'coord s':>14} {'decode s':>14} {'chain s':>7} {'chain share':>13} "
-        f"{'1-host ratio':>12} {'rel err':>7}  CKKS parameters"
+        f"{'bg send s':>9} {'1-host ratio':>12} {'rel err':>7}  CKKS parameters"
     )
     print(header)
     print("-" * len(header))
@@ -387,11 +409,18 @@ def print_rounds(rows: list[Row], *, rounds: int, chain: str) -> None:
             f"{row.bytes_per_parameter_over_4:>13.2f} {ckks.train_s:>7.3f} {ckks.pack_s:>10.3f} "
             f"{plain.coordinator_s:>6.3f}/{ckks.coordinator_s:<7.3f} {plain.decode_s:>6.3f}/{ckks.decode_s:<7.3f} "
             f"{ckks.chain_s:>7.3f} {plain.chain_s / plain.round_s:>6.1%}/{ckks.chain_s / ckks.round_s:<6.1%} "
-            f"{ckks.one_machine_s / plain.one_machine_s:>12.2f} {ckks.relative_error:>7.1e}  "
+            f"{ckks.background_send_s:>9.3f} {ckks.one_machine_s / plain.one_machine_s:>12.2f} {ckks.relative_error:>7.1e}  "
             f"N={p.poly_modulus_degree} {list(p.coeff_mod_bit_sizes)} 2^{p.scale_bits}, {p.num_ciphertexts} ciphertexts, "
             f"full-scale bound {p.predicted_error_bound:.1e} (|w| <= {p.max_abs_weight_bound:g}, sum n <= {p.max_total_examples})"
         )
     for row in rows:
+        if row.ckks.chain_s:
+            print(
+                f"{row.sites} sites, chain s of the ckks round: sites' approval checks {row.ckks.site_chain_s:.3f}, coordinator "
+                f"{row.ckks.coordinator_chain_s:.3f} (of which closing the round {row.ckks.close_chain_s:.3f}), before "
+                f"evaluating {row.ckks.evaluate_chain_s:.3f} (of which the anchor {row.ckks.anchor_wait_s:.3f}); "
+                f"background send {row.ckks.background_send_s:.3f} s"
+            )
         print(
             f"{row.sites} sites: CKKS adds {row.crypto_overhead_s:.3f} s to decode + pack + coordinator + evaluation decode "
             f"= {row.crypto_overhead_s / row.plain.round_s:.1%} of the plain round (training time aside)"
@@ -400,8 +429,11 @@ def print_rounds(rows: list[Row], *, rounds: int, chain: str) -> None:
     print(
         f"plain bytes/param/4 = {plain_ratio:.2f} (float32 weights + an 8-byte count). "
         "coord s and decode s = plain/ckks (coordinator: checks, artifacts, sum, certificate; decode: a site's "
-        "certificate check, own sum and decryption of the certified updates). chain s = the ckks round's chain calls "
-        "(slowest site's reads + coordinator's admissions and writes); chain share = chain s / round s, plain/ckks. "
+        "certificate check, own sum and decryption of the certified updates). chain s = what the ckks round's parties "
+        "wait for on chain, on the critical path (slowest site's approval check before training, coordinator's "
+        "admissions and its durable hand-off of the round's writes, slowest site's approval + wait for the anchor "
+        "before evaluating); chain share = chain s / round s, plain/ckks. bg send s = the ckks round's background "
+        "senders putting its writes on chain (not on the critical path, not in round s). "
         "1-host ratio: every site's work on one machine, one after another. rel err: max |decrypted - exact "
         "average| / max |weight| (CKKS); the parameters' bound is relative to full scale."
     )

@@ -34,6 +34,7 @@ from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.config import ChainConfig
 from medtwin.core.hashing import code_hash, config_hash
 from medtwin.core.identity import FederationManifest, load_chain_account_key
+from medtwin.client.site_file import DEFAULT_ANCHOR_WAIT_S
 from medtwin.client.site_state import ChainVerifiedApprovals
 from medtwin.core.provenance import AccessDecision, RunDescription
 
@@ -47,13 +48,16 @@ def _params_hash(parameters: Mapping[str, Any]) -> str:
 
 def open_chains(config: ChainConfig) -> ChainSession:
     """The coordinator's session. Every start reconciles: writes a node lost since (it restarted from
-    an older state dump) are sent again from the journal, then the outbox."""
+    an older state dump) are sent again from the journal, then the outbox. With an outbox, each chain
+    then gets its background sender: a round's writes return once durable (`ChainProvenance.close_round`)."""
     session = open_session(config, start_nodes=config.name == "anvil")
     for role, result in session.reconcile().items():
         if result.resent or result.refused:
             logger.warning("%s chain: %d lost write(s) sent again from the journal, %d refused", role, len(result.resent), len(result.refused))
         if not result.complete:
             logger.warning("%s chain: %d journaled and %d queued write(s) wait for the node", role, result.unfinished, result.flush.remaining)
+    if session.state_dir is not None:  # the round's writes are durable in the outbox, then sent off the critical path
+        session.start_background_sending()
     return session
 
 
@@ -122,6 +126,7 @@ class ChainProvenance:
     manifest: FederationManifest | None = None  # the sites' identity keys this coordinator verifies against
     anchors_written: int = 0
     finalize_wait_s: float = 5.0  # at the end of a run, how long to wait for the writes to be durable
+    drain_wait_s: float = 60.0  # at the end of a run, how long the background senders get to send what they hold
     outage_timeout_s: float = 600.0  # chain.outage_timeout_s: train on through an outage this long, then stop
     _admitted: dict[tuple[str, str], tuple[str | None, float]] = field(default_factory=dict, init=False)  # answer, when verified
 
@@ -213,8 +218,11 @@ class ChainProvenance:
             ],
             run_id=run_id,
             round_index=server_round,
+            background=True,
         )
-        dataset_receipt = self.session.data.commit_datasets(run_id=run_id, manifests=dict(dataset_manifests)) if dataset_manifests else None
+        dataset_receipt = (
+            self.session.data.commit_datasets(run_id=run_id, manifests=dict(dataset_manifests), background=True) if dataset_manifests else None
+        )  # fmt: skip
         anchor, _ = build_round_anchor(
             ArtifactStore(self.artifacts_root),
             run_id=run_id,
@@ -224,12 +232,15 @@ class ChainProvenance:
             epsilon_by_site=dict(epsilon_by_site),
             he_error_bound=he_error_bound,
         )
-        anchor_receipt = self.session.data.anchor_round(anchor)
+        anchor_receipt = self.session.data.anchor_round(anchor, background=True)
         self.anchors_written += int(anchor_receipt.mined)
         return {
+            # "sending": durable in the outbox, the chain's background sender puts it on chain (sites wait for the
+            # anchor before they evaluate); "mined": sent synchronously (no sender); "queued": the chain is down.
+            # Finalized (durable on chain) is in the summary.
             "auth_tx": auth_receipt.status,
             "dataset_tx": dataset_receipt.status if dataset_receipt else None,
-            "anchor_tx": anchor_receipt.status,  # "mined" or "queued"; finalized (durable) is in the summary
+            "anchor_tx": anchor_receipt.status,
             "gas": sum(r.gas_used for r in (auth_receipt, dataset_receipt, anchor_receipt) if r is not None),
         }
 
@@ -249,6 +260,8 @@ class ChainProvenance:
         """The final lineage (queued if the data chain is down; none for a run that stopped early and will be
         resumed) and the summary's chain block. A chain that cannot be read now is reported, not raised: the
         run trained, its writes wait in the outbox for `medtwin chain flush` (or the next `medtwin chain up`)."""
+        # the round writes still with the background senders go on chain first (or stay queued: the chain is down)
+        self.session.stop_background_sending(drain_s=self.drain_wait_s)
         lineage = (
             self.session.data.record_lineage(model_hash=final_aggregate_digest, run_id=run_id, round_index=rounds_completed)
             if final else None
@@ -290,10 +303,17 @@ class ChainApprovalCheck:
 
     With `site_state_dir`, each approval seen on chain is remembered there; while the authorization
     chain is unreachable the site goes on with an approval it saw there within APPROVAL_OUTAGE_GRACE_S
-    (its own approval of exactly this config and code), and refuses otherwise."""
+    (its own approval of exactly this config and code), and refuses otherwise.
+
+    The coordinator sends a round's anchor in the background (`ContractGateway.write(background=True)`), so an
+    evaluation may arrive just before the anchor lands: `aggregate_problem` reads the chain again every
+    `anchor_poll_s` for up to `anchor_wait_s` and refuses only then. An anchor of another aggregate is refused
+    at once, and so is a chain the site cannot read."""
 
     state_dir: str
     site_state_dir: str | None = None
+    anchor_wait_s: float = DEFAULT_ANCHOR_WAIT_S  # site file chain.anchor_wait_s: how long an aggregate's anchor may take to land
+    anchor_poll_s: float = 0.01
 
     def problem(self, *, site_id: str, run_id: str, config_hash: str, code_hash: str) -> str | None:
         binding = dict(run_id=run_id, config_hash=config_hash, code_hash=code_hash)
@@ -345,12 +365,20 @@ class ChainApprovalCheck:
         )
 
     def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
-        try:
-            anchor = shared_readonly(self.state_dir).data.anchor(run_id, server_round)
-        except ChainUnavailableError as error:  # an aggregate the site cannot see anchored is not evaluated
-            return f"cannot read the data chain to check round {server_round}'s anchor ({str(error)[:200]})"
+        deadline = time.monotonic() + self.anchor_wait_s
+        while True:
+            try:
+                anchor = shared_readonly(self.state_dir).data.anchor(run_id, server_round)
+            except ChainUnavailableError as error:  # an aggregate the site cannot see anchored is not evaluated
+                return f"cannot read the data chain to check round {server_round}'s anchor ({str(error)[:200]})"
+            if anchor is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(min(self.anchor_poll_s, max(0.0, deadline - time.monotonic())))
         if anchor is None:
-            return f"round {server_round} of run {run_id} is not anchored on the data chain"
+            return (
+                f"round {server_round} of run {run_id} is not anchored on the data chain "
+                f"(waited {self.anchor_wait_s:g} s, the site file's chain.anchor_wait_s)"
+            )
         if anchor.aggregate_hash.removeprefix("0x").lower() != aggregate_sha256.lower():
             return f"the aggregate sent for round {server_round} is not the one anchored on the data chain"
         return None

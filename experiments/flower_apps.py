@@ -45,7 +45,7 @@ def coordinator_provenance(
     artifacts_root = Path(config.runs_dir) / config.run_id / "artifacts"
     return ChainProvenance(
         session=session or open_chains(config.chain), artifacts_root=artifacts_root, manifest=manifest,
-        outage_timeout_s=config.chain.outage_timeout_s,
+        outage_timeout_s=config.chain.outage_timeout_s, drain_wait_s=config.chain.tx_timeout_s,
     )  # fmt: skip
 
 
@@ -53,7 +53,9 @@ def site_approval_check(site_file: SiteFile) -> ChainApprovalCheck | None:
     """A site's reader of the chains, from its own site file (`chain.state_dir`)."""
     if site_file.approvals != "chain" or site_file.chain_state_dir is None:
         return None
-    return ChainApprovalCheck(state_dir=str(site_file.chain_state_dir), site_state_dir=str(site_file.state_dir))
+    return ChainApprovalCheck(
+        state_dir=str(site_file.chain_state_dir), site_state_dir=str(site_file.state_dir), anchor_wait_s=site_file.anchor_wait_s
+    )
 
 
 class PromptGrid:

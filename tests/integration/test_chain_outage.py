@@ -64,6 +64,17 @@ def _keep_a_copy_of_the_state_dump(state_dir: Path, copy: Path) -> None:
             time.sleep(0.05)
 
 
+def _wait_until_on_chain(state_dir: Path, run_id: str, round_index: int, deadline: float) -> None:
+    """Round `round_index`'s writes, sent by the coordinator's background senders, are on chain: its anchor is
+    there and neither outbox holds anything."""
+    while time.monotonic() < deadline:
+        empty = all(not (state_dir / f"outbox-{role}.jsonl").is_file() or not (state_dir / f"outbox-{role}.jsonl").read_text().strip()
+                    for role in ("auth", "data"))  # fmt: skip
+        if empty and open_readonly(state_dir).data.anchor(run_id, round_index) is not None:
+            return
+        time.sleep(0.01)
+
+
 def _crash_back_to(state_dir: Path, copy: Path) -> None:
     """SIGKILL the data node (no final dump) and leave it the older dump: it lost what came after."""
     node = read_node(state_dir, "data")
@@ -95,9 +106,11 @@ def test_a_killed_data_node_loses_nothing_the_journal_and_the_outbox_resend(tmp_
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and 1 not in _train_rounds(metrics):
             time.sleep(0.02)
+        _wait_until_on_chain(state_dir, run_id, 1, deadline)
         _keep_a_copy_of_the_state_dump(state_dir, older_state)
         while time.monotonic() < deadline and 2 not in _train_rounds(metrics):
             time.sleep(0.02)
+        _wait_until_on_chain(state_dir, run_id, 2, deadline)
         _crash_back_to(state_dir, older_state)
         auth = read_node(state_dir, "auth")
         assert auth is not None and stop_anvil(auth)  # and the auth chain goes down too (cleanly)
@@ -114,11 +127,13 @@ def test_a_killed_data_node_loses_nothing_the_journal_and_the_outbox_resend(tmp_
         assert summary["rounds_completed"] == ROUNDS  # training went on through the outage
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         anchor_status = {r["round"]: r["chain"]["anchor_tx"] for r in records if r["phase"] == "train"}
-        assert anchor_status[1] == anchor_status[2] == "mined" and {anchor_status[r] for r in range(3, ROUNDS + 1)} == {"queued"}
+        # each round's writes were durable in the outbox when it closed and went out with the background senders:
+        # "sending", or "queued" once a sender knows its chain is down; where they ended up is in the summary below
+        assert anchor_status[1] == anchor_status[2] == "sending" and {anchor_status[r] for r in range(3, ROUNDS + 1)} <= {"sending", "queued"}
         # the auth chain was down too: sites were admitted from the registry state last verified, each site
         # trained on with its own approval seen on chain moments before, and the decisions were queued
         assert all(set(r["participants"]) == set(summary["sites"]) for r in records if r["phase"] == "train"), records
-        assert {r["chain"]["auth_tx"] for r in records if r["phase"] == "train" and r["round"] >= 3} == {"queued"}
+        assert {r["chain"]["auth_tx"] for r in records if r["phase"] == "train" and r["round"] >= 3} <= {"sending", "queued"}
         chain = summary["chain"]
         assert chain["lineage_tx"] == "queued" and chain["anchors_written"] is None and chain["finalized"] is False
         assert chain["queued"]["data"].count("anchor_round") == ROUNDS - 2 and "record_lineage" in chain["queued"]["data"]

@@ -124,3 +124,14 @@ def test_an_id_with_a_trailing_newline_is_not_an_id(value: str) -> None:
 
     assert "not a valid id" in check_id(value)
     assert check_id("run-1") == ""
+
+
+def test_the_anchor_wait_comes_from_the_site_file_and_is_bounded(tmp_path: Path) -> None:
+    chain = {"approvals": "chain", "chain": {"state_dir": "/srv/chain"}}
+    assert load_site_file(_write(tmp_path, {**VALID, **chain})).anchor_wait_s == 5.0  # the default
+    waits = load_site_file(_write(tmp_path, {**VALID, **chain, "chain": {"state_dir": "/srv/chain", "anchor_wait_s": 12}}))
+    assert waits.anchor_wait_s == 12.0
+    for bad, expected in ((-1, "`chain.anchor_wait_s` must be >= 0"), (3600, "`chain.anchor_wait_s` is 3600 s, above 300 s"),
+                          ("soon", "`chain.anchor_wait_s` must be float")):  # fmt: skip
+        with pytest.raises(SiteFileError, match=expected):
+            load_site_file(_write(tmp_path, {**VALID, **chain, "chain": {"state_dir": "/srv/chain", "anchor_wait_s": bad}}))

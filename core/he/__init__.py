@@ -1,7 +1,7 @@
 """CKKS encrypted aggregation (SEAL via `tenseal.sealapi`): parameter choice and checks, contexts, the codec.
 
 Sites pack [n_i * w_i ..., n_i], encrypt it with the federation's secret key (seeded ciphertexts,
-two reals per complex slot) and sign its digest; the coordinator adds ciphertexts with a public
+one real per plaintext coefficient, bit-packed on the wire) and sign its digest; the coordinator adds ciphertexts with a public
 context (encryption parameters only, no key at all); sites decrypt the sum and divide by its last
 entry. `params` is pure maths (no TenSEAL import).
 """

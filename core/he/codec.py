@@ -2,20 +2,24 @@
 
 An update is the packed vector [n_i * w_i ..., n_i * B] (length num_parameters + 1, B =
 max_abs_weight_bound so the count uses the same full scale as the weights; unpacking divides it
-out), cut into chunks of N reals. A chunk is one CKKS ciphertext of N/2 complex slots, two reals
-per slot (real part, imaginary part), written with SEAL directly (`tenseal.sealapi`; TenSEAL's
-vectors use real slots only and cannot save seeded ciphertexts):
+out), cut into chunks of N reals. A chunk is one CKKS ciphertext whose plaintext holds the chunk's
+reals in its N polynomial coefficients (coefficient encoding: round(v * 2^scale_bits) mod q, no
+canonical embedding, so decryption adds only the fresh error of each site — see params.py), made
+with SEAL directly (`tenseal.sealapi`, SEAL's own NTT and encryption; seal_objects.py):
 
-    site         CKKSEncoder.encode(complex values) -> Encryptor(secret key).encrypt_symmetric
-                 -> SEAL's seeded save: one polynomial + the seed of the other (~1.04x float32)
-    coordinator  Ciphertext.load (expands the seed; needs only the encryption parameters)
-                 -> Evaluator.add_inplace -> save the sum (two polynomials, ~2.07x float32)
-    site         Decryptor(secret key).decrypt -> CKKSEncoder.decode_complex
+    site         coefficients -> SEAL's NTT -> Encryptor(secret key).encrypt_symmetric: seeded, the
+                 uniform polynomial is SEAL's seed -> one polynomial, bit-packed, + the seed
+    coordinator  rebuild SEAL's seeded serialization -> Ciphertext.load (SEAL expands the seed; needs
+                 only the encryption parameters) -> Evaluator.add_inplace -> both polynomials, bit-packed
+    site         Decryptor(secret key).decrypt -> SEAL's inverse NTT -> centre-lift mod q -> / 2^scale_bits
 
-On the wire a chunk is a 32-byte header — magic (format version), key id, chunk index, chunk
-count, packed length — followed by SEAL's serialization. Format 1 (`MTCT`, TenSEAL vectors) is
-refused with a hint. `update_digest` hashes all chunks; sites sign that digest (see
-medtwin.core.identity).
+On the wire a chunk is a 33-byte header — magic (format version), key id, chunk index, chunk count,
+packed length, polynomials stored (1: seeded, 2: full) — then, seeded, SEAL's PRNG type and 512-bit
+seed, then the polynomials' coefficients at ceil(log2 q) bits each (little-endian bit order). SEAL's
+zstd would spend ~4.2 bytes on a 27-bit coefficient; this spends 3.4. Received bytes are checked
+(exact length, every coefficient < q) and rebuilt into SEAL's uncompressed form, so no peer's bytes
+reach SEAL's zstd (seal_io.py). Formats 1 (`MTCT`, TenSEAL vectors) and 2 (`MTC2`, complex slots) are
+refused with a hint. `update_digest` hashes all chunks; sites sign that digest (see medtwin.core.identity).
 """
 
 from __future__ import annotations
@@ -30,12 +34,26 @@ import tenseal.sealapi as sealapi
 from .context import KEY_ID_BYTES, HeContext, load_context
 from .errors import CiphertextMismatchError, HeContextError, ValueRangeError
 from .params import decryption_error_bound
-from .seal_io import seal_bytes, seal_load
+from .seal_io import seal_load
+from .seal_objects import (
+    PRNG_INFO_BYTES,
+    SealShape,
+    ciphertext_bytes,
+    from_ntt,
+    plaintext_bytes,
+    read_ciphertext,
+    read_plaintext,
+    read_seeded,
+    to_ntt,
+)
 
-CHUNK_MAGIC = b"MTC2"  # format 2: a SEAL ciphertext, two reals per complex slot
-LEGACY_CHUNK_MAGIC = b"MTCT"  # format 1: a TenSEAL CKKS vector, one real per slot
-CHUNK_HEADER = struct.Struct(f">4s{KEY_ID_BYTES}sIII")  # magic, key id, index, count, packed length
-SEAL_SLACK_BYTES = 4096  # SEAL's header and metadata, and zstd's worst-case expansion
+CHUNK_MAGIC = b"MTC3"  # format 3: a SEAL ciphertext of coefficient-encoded reals, bit-packed
+LEGACY_CHUNK_MAGICS = {
+    b"MTCT": "format 1 (TenSEAL vectors)",
+    b"MTC2": "format 2 (SEAL ciphertexts of complex slots, zstd)",
+}
+CHUNK_HEADER = struct.Struct(f">4s{KEY_ID_BYTES}sIIIB")  # magic, key id, index, count, packed length, polynomials
+SEEDED, FULL = 1, 2  # polynomials a chunk stores: an encryption (seeded) or a sum
 
 
 def encrypt_update(context: HeContext, weights: np.ndarray, num_examples: int) -> list[bytes]:
@@ -63,21 +81,36 @@ def encrypt_update(context: HeContext, weights: np.ndarray, num_examples: int) -
         )
     if context.secret_key is None:
         raise HeContextError("this context holds no secret key and cannot encrypt (the coordinator's never can)")
+    shape = _shape(context)
     packed = np.append(vector * num_examples, float(num_examples) * params.max_abs_weight_bound)
-    count, width = params.num_ciphertexts, params.values_per_ciphertext
-    slots = np.zeros(count * width)
-    slots[: packed.size] = packed
-    slots = slots.reshape(count, params.slots, 2)  # (ciphertext, slot, real/imaginary part)
-    encoder = sealapi.CKKSEncoder(context.seal_context)
-    encryptor = sealapi.Encryptor(context.seal_context, context.secret_key)
+    count = params.num_ciphertexts
     scale = 2.0**params.scale_bits
+    integers = np.zeros(count * shape.degree, dtype=np.int64)
+    integers[: packed.size] = np.rint(packed * scale).astype(np.int64)
+    residues = np.where(integers < 0, integers + shape.modulus, integers).astype(np.uint64).reshape(count, shape.degree)
+    encryptor = sealapi.Encryptor(context.seal_context, context.secret_key)
     chunks = []
-    for index in range(count):
+    for index, ntt_values in enumerate(to_ntt(shape, context.seal_context, residues)):
         plaintext = sealapi.Plaintext()
-        encoder.encode((slots[index, :, 0] + 1j * slots[index, :, 1]).tolist(), scale, plaintext)
-        body = seal_bytes(encryptor.encrypt_symmetric(plaintext))  # seeded: the uniform half is a seed
-        chunks.append(CHUNK_HEADER.pack(CHUNK_MAGIC, context.key_id, index, count, packed.size) + body)
+        seal_load(lambda path: plaintext.load(context.seal_context, path), plaintext_bytes(shape, ntt_values, scale=scale))
+        seeded = read_seeded(shape, encryptor.encrypt_symmetric(plaintext))  # the uniform half is a seed
+        header = CHUNK_HEADER.pack(CHUNK_MAGIC, context.key_id, index, count, packed.size, SEEDED)
+        chunks.append(header + seeded.prng_info + pack_bits(seeded.first, shape.modulus.bit_length()))
     return chunks
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """`values` (uint64 < 2^bits) at `bits` bits each, least significant bit first."""
+    as_bytes = np.ascontiguousarray(values, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    return np.packbits(np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits], bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, count: int, bits: int) -> np.ndarray:
+    """The `count` values `pack_bits` wrote (the caller checks the length first)."""
+    table = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits, bitorder="little").reshape(count, bits)
+    padded = np.zeros((count, 64), dtype=np.uint8)
+    padded[:, :bits] = table
+    return np.packbits(padded, axis=1, bitorder="little").view("<u8").reshape(count).astype(np.uint64)
 
 
 def update_digest(chunks: Sequence[bytes]) -> bytes:
@@ -108,15 +141,17 @@ def decrypt_sum(secret_context: HeContext, summed: Sequence[bytes]) -> np.ndarra
     if secret_context.secret_key is None:
         raise HeContextError("this context holds no secret key and cannot decrypt (the coordinator's never can)")
     ciphertexts = _load_update(secret_context, summed, update_index=None)
-    encoder = sealapi.CKKSEncoder(secret_context.seal_context)
+    shape = _shape(secret_context)
     decryptor = sealapi.Decryptor(secret_context.seal_context, secret_context.secret_key)
-    packed = []
+    ntt_values = []
     for ciphertext in ciphertexts:
         plaintext = sealapi.Plaintext()
         decryptor.decrypt(ciphertext, plaintext)
-        values = np.asarray(encoder.decode_complex(plaintext), dtype=np.complex128)
-        packed.append(np.stack([values.real, values.imag], axis=1).reshape(-1))
-    return np.concatenate(packed)[: secret_context.parameters.num_parameters + 1]
+        ntt_values.append(read_plaintext(shape, plaintext))
+    residues = from_ntt(shape, secret_context.seal_context, np.array(ntt_values)).reshape(-1)
+    centred = np.where(residues > shape.modulus // 2, residues.astype(np.int64) - shape.modulus, residues.astype(np.int64))
+    scale = 2.0**secret_context.parameters.scale_bits
+    return centred[: secret_context.parameters.num_parameters + 1].astype(np.float64) / scale
 
 
 def decrypt_average(secret_context: HeContext, summed: Sequence[bytes], num_parameters: int) -> tuple[np.ndarray, float]:
@@ -151,22 +186,24 @@ def _load_update(
             f"{where} has {len(chunks)} ciphertext chunks, the federation's parameters need {params.num_ciphertexts} "
             f"({params.num_parameters} parameters + 1 count, {params.values_per_ciphertext} per ciphertext)"
         )
+    shape = _shape(context)
+    bits = shape.modulus.bit_length()
+    polynomial_bytes = (shape.degree * bits + 7) // 8
+    sizes = {
+        SEEDED: CHUNK_HEADER.size + PRNG_INFO_BYTES + polynomial_bytes,
+        FULL: CHUNK_HEADER.size + (2 * shape.degree * bits + 7) // 8,
+    }
     packed_length = params.num_parameters + 1
-    # a sum is two polynomials of N uint64 coefficients per data prime; SEAL's zstd only shrinks them
-    max_chunk_bytes = CHUNK_HEADER.size + 2 * 8 * params.poly_modulus_degree * len(params.data_prime_bit_sizes) + SEAL_SLACK_BYTES
-    max_object_bytes = max_chunk_bytes - CHUNK_HEADER.size  # inflated, too: SEAL's zstd only shrinks
     ciphertexts = []
     for index, chunk in enumerate(chunks):
-        if not CHUNK_HEADER.size <= len(chunk) <= max_chunk_bytes:
+        if len(chunk) < CHUNK_HEADER.size:
+            raise CiphertextMismatchError(f"{where}, chunk {index}: {len(chunk)} bytes, shorter than the chunk header")
+        magic, key_id, chunk_index, count, length, polynomials = CHUNK_HEADER.unpack_from(chunk)
+        if magic in LEGACY_CHUNK_MAGICS:
             raise CiphertextMismatchError(
-                f"{where}, chunk {index}: {len(chunk)} bytes, a ciphertext of these parameters has "
-                f"{CHUNK_HEADER.size}..{max_chunk_bytes}"
-            )
-        magic, key_id, chunk_index, count, length = CHUNK_HEADER.unpack_from(chunk)
-        if magic == LEGACY_CHUNK_MAGIC:
-            raise CiphertextMismatchError(
-                f"{where}, chunk {index}: chunk format 1 (TenSEAL vectors), this federation uses format 2 "
-                f"({CHUNK_MAGIC!r}, seeded complex-packed SEAL ciphertexts) — the site runs an older medtwin"
+                f"{where}, chunk {index}: chunk {LEGACY_CHUNK_MAGICS[magic]}, this federation uses format 3 "
+                f"({CHUNK_MAGIC!r}, coefficient-encoded, bit-packed SEAL ciphertexts) — the site runs an older "
+                "medtwin: update it, and have the key steward generate a new key set"
             )
         if magic != CHUNK_MAGIC:
             raise CiphertextMismatchError(f"{where}, chunk {index}: not a medtwin ciphertext chunk (magic {magic!r})")
@@ -180,25 +217,28 @@ def _load_update(
                 f"{where}, chunk {index}: header says chunk {chunk_index} of {count} for {length} packed values, "
                 f"expected chunk {index} of {len(chunks)} for {packed_length}"
             )
+        if len(chunk) != sizes.get(polynomials):
+            raise CiphertextMismatchError(
+                f"{where}, chunk {index}: {len(chunk)} bytes for {polynomials} stored polynomial(s); a seeded chunk of "
+                f"these parameters has {sizes[SEEDED]} bytes, a sum {sizes[FULL]}"
+            )
+        body = chunk[CHUNK_HEADER.size :]
+        prng_info = body[:PRNG_INFO_BYTES] if polynomials == SEEDED else b""
+        values = unpack_bits(body[len(prng_info) :], polynomials * shape.degree, bits)
+        if np.any(values >= shape.modulus):
+            raise CiphertextMismatchError(
+                f"{where}, chunk {index}: a coefficient is not below the prime q = {shape.modulus} — corrupted in "
+                "transit or made with other CKKS parameters"
+            )
+        data = ciphertext_bytes(shape, values.reshape(polynomials, shape.degree), scale=2.0**params.scale_bits, prng_info=prng_info)
         ciphertext = sealapi.Ciphertext()
         try:
-            seal_load(lambda path: ciphertext.load(context.seal_context, path), chunk[CHUNK_HEADER.size :], max_object_bytes=max_object_bytes)
+            seal_load(lambda path: ciphertext.load(context.seal_context, path), data)
         except (RuntimeError, ValueError, OverflowError, IndexError, MemoryError) as error:
             raise CiphertextMismatchError(
                 f"{where}, chunk {index}: SEAL refused the ciphertext ({error}) — made with other CKKS "
                 "parameters, or corrupted in transit"
             ) from error
-        shape = (
-            ciphertext.parms_id() == context.seal_context.first_parms_id(),
-            ciphertext.is_ntt_form(),
-            ciphertext.size(),
-            ciphertext.scale,
-        )
-        expected = (True, True, 2, 2.0**params.scale_bits)
-        if shape != expected:
-            raise CiphertextMismatchError(
-                f"{where}, chunk {index}: (at the data level, NTT form, polynomials, scale) = {shape}, expected {expected}"
-            )
         ciphertexts.append(ciphertext)
     return ciphertexts
 
@@ -225,8 +265,18 @@ def sum_loaded(context: HeContext, updates: Sequence[Sequence[sealapi.Ciphertext
     for ciphertexts in updates[1:]:
         for total, ciphertext in zip(totals, ciphertexts, strict=True):
             evaluator.add_inplace(total, ciphertext)
+    shape = _shape(context)
+    bits = shape.modulus.bit_length()
     packed_length = context.parameters.num_parameters + 1
     return [
-        CHUNK_HEADER.pack(CHUNK_MAGIC, context.key_id, index, len(totals), packed_length) + seal_bytes(total)
+        CHUNK_HEADER.pack(CHUNK_MAGIC, context.key_id, index, len(totals), packed_length, FULL)
+        + pack_bits(read_ciphertext(shape, total), bits)
         for index, total in enumerate(totals)
     ]
+
+
+def _shape(context: HeContext) -> SealShape:
+    try:
+        return SealShape.of(context.seal_context, context.encryption_parameters)
+    except ValueError as error:
+        raise HeContextError(f"{error}: generate a key set with one data prime (crypto.coeff_mod_bit_sizes)") from None

@@ -12,7 +12,8 @@ Galois or relinearization key is ever made — addition needs none, which is als
 single prime serve as the whole modulus. The coordinator's context is the encryption parameters
 alone: it can load and add ciphertexts, and nothing else.
 
-Format version 2 (`MTHECTX2`); version 1 held a TenSEAL context and is refused with a hint.
+Format version 3 (`MTHECTX3`: parameters for coefficient-encoded chunks); version 1 held a TenSEAL
+context, version 2 parameters for complex-slot chunks; both are refused with a hint.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from .errors import HeContextError, InsecureParametersError
 from .params import CkksParameters
 from .seal_io import seal_bytes, seal_load
 
-CONTEXT_MAGIC = b"MTHECTX2"
-LEGACY_CONTEXT_MAGIC = b"MTHECTX1"  # TenSEAL contexts (before seeded, complex-packed ciphertexts)
+CONTEXT_MAGIC = b"MTHECTX3"
+LEGACY_CONTEXT_MAGICS = {
+    b"MTHECTX1": "format 1 (a TenSEAL context, before seeded ciphertexts)",
+    b"MTHECTX2": "format 2 (parameters for complex-slot ciphertexts, before coefficient encoding)",
+}
 SECRET = "secret"
 PUBLIC = "public"
 KEY_ID_BYTES = 16
@@ -86,10 +90,10 @@ def serialize_public_context(context: HeContext) -> bytes:
 
 def load_context(data: bytes, *, expected_kind: str | None = None) -> HeContext:
     """Parse a serialized context; checks its kind, its primes and security level, and its key id (secret)."""
-    if data.startswith(LEGACY_CONTEXT_MAGIC):
+    legacy = LEGACY_CONTEXT_MAGICS.get(data[: len(CONTEXT_MAGIC)])
+    if legacy:
         raise HeContextError(
-            "this HE context is format 1 (a TenSEAL context, before seeded complex-packed ciphertexts); "
-            "the key steward must generate a new key set (`medtwin site keygen`)"
+            f"this HE context is {legacy}; the key steward must generate a new key set (`medtwin site keygen`)"
         )
     if not data.startswith(CONTEXT_MAGIC):
         raise HeContextError(f"not a medtwin HE context (missing {CONTEXT_MAGIC!r} header, got {data[:8]!r})")

@@ -1,35 +1,35 @@
 """CKKS parameter choice and checks for addition-only aggregation — pure maths, no TenSEAL.
 
-What sites encrypt is the packed vector [n_i * w_i ..., n_i]; the coordinator only adds, so no
-multiplicative depth and no key switching are needed: one prime q0 holds the values (SEAL accepts a
-single prime when no keys other than the secret key exist). The trade-offs, measured with SEAL 4.1
-through `tenseal.sealapi` (FIELD-NOTES, "Smaller CKKS ciphertexts"):
+What sites encrypt is the packed vector [n_i * w_i ..., n_i * B]; the coordinator only adds, so no
+multiplicative depth and no key switching are needed: one prime q holds the values (SEAL accepts a
+single prime when no keys other than the secret key exist). Measured with SEAL 4.1 through
+`tenseal.sealapi` (codec.py, seal_objects.py):
 
-* Wire size. Sites encrypt with the secret key and send SEAL's *seeded* form: the uniform half of
-  the ciphertext is replaced by its seed, leaving one polynomial of N coefficients mod q0. Complex
-  packing puts two reals in each of the N/2 slots, so a ciphertext carries N reals — about one
-  coefficient per packed value, whatever N. SEAL stores each coefficient as a uint64 and compresses
-  with zstd, byte-wise: q0 <= 24 bits costs ~3.4 bytes per coefficient (0.85x float32), 25-32 bits
-  ~4.2 (1.04-1.06x), 33-40 bits ~6. So q0 is the largest size of the cheapest byte class that meets
-  the precision target (extra bits are free), and among the secure (N, q0) that meet it the one with
-  the fewest estimated bytes wins: small models get the smallest ring (one ciphertext of N reals),
-  large ones the fewest ciphertexts. The sum the coordinator returns is a normal ciphertext (two
-  polynomials): about twice the upload.
-* Noise. The fresh error of one real (real or imaginary part of a slot) is Gaussian with std
-  sqrt(N/2 * (sigma^2 + 1/12)) in units of the scale (sigma = 3.2, SEAL's error std; 1/12 from
-  rounding the encoding) — measured 1.2-1.5 % above that at N = 1024, 2048, 4096 with complex
-  packing (NOISE_SAFETY_FACTOR covers it). A sum of k updates has sqrt(k) times that std; the bound
-  uses a Gaussian tail over every packed real of the model with failure probability 2^-40.
-* Fixed point. CKKS stores round(value * 2^scale_bits) mod q0, so the largest packed sum
-  (full scale: max_total_examples * max_abs_weight_bound) times 2^scale_bits must stay below
-  q0 / 2; one more bit of headroom lets sites detect a total count over its bound instead of
-  decrypting garbage. The count slot carries n_i * max_abs_weight_bound so that it uses the same
-  full scale as the weight slots (the codec divides it out). The relative error at full scale is
-  then about 2 * noise / 2^(q0 - 2), whatever the bounds; data far below full scale (fewer
-  examples, smaller weights) lose precision proportionally, so set the bounds close to reality.
+* Encoding. Coefficient encoding: packed value j is plaintext coefficient j, round(v_j * 2^scale_bits)
+  mod q — N reals per ciphertext, no canonical embedding. Sites encrypt with the secret key in SEAL's
+  seeded form (one polynomial + the seed of the other) and medtwin writes the coefficients bit-packed,
+  ceil(log2 q) bits each: an update costs bits/32 of float32 per full ciphertext, the sum (two
+  polynomials) twice that. Bits cost bytes, so each ring gets the smallest prime that meets the target;
+  among the secure (N, prime) that do, the one with the fewest bytes wins (ties: fewer ciphertexts,
+  then the smaller ring): small models get one ciphertext of the smallest ring, large ones the
+  granularity that wastes least of the last ciphertext.
+* Error. Decrypting a sum of k fresh symmetric encryptions gives the sum of the plaintexts plus the
+  sum of the k error polynomials, coefficient by coefficient — nothing amplifies it. SEAL 4.1 samples
+  each error coefficient from a centred binomial distribution on 42 bits (|e| <= 21, variance 10.5;
+  its optional clipped Gaussian, sigma 3.2 and |e| <= 19.2, is covered by the same numbers), and each
+  site rounds its values to integers (|r| <= 1/2, not random). So |error| <= k/2 + min(21 k,
+  t sqrt(10.5 k)) in units of the scale, where t is the sub-Gaussian tail that no coefficient of the
+  model exceeds except with probability 2^-40 (both SEAL distributions are sub-Gaussian with variance
+  proxy <= 10.5).
+* Fixed point. The largest packed sum (full scale: max_total_examples * max_abs_weight_bound) times
+  2^scale_bits must stay below q / 2; one more bit of headroom lets sites detect a total count over
+  its bound instead of decrypting garbage. The count slot carries n_i * max_abs_weight_bound so that it
+  uses the same full scale as the weights (the codec divides it out). The relative error at full
+  scale is then about 2 * error / 2^(bits - 3) at worst, whatever the bounds; data far below full
+  scale (fewer examples, smaller weights) lose precision proportionally, so set the bounds close to reality.
 
-Explicit `coeff_mod_bit_sizes` with several primes still work: SEAL then treats the last one as
-its special prime and the ciphertexts live under the others.
+Explicit `coeff_mod_bit_sizes` may name one prime, or two: SEAL then keeps the second as its special
+prime, and the ciphertexts live under the first.
 """
 
 from __future__ import annotations
@@ -51,14 +51,12 @@ SECURITY_TABLE_BITS: dict[int, dict[int, int]] = {
     256: {1024: 14, 2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
 }
 MAX_PRIME_BITS = 60  # SEAL's limit per prime
-DATA_PRIME_BIT_CLASSES = (24, 32, 40, 48, 56, 60)  # largest q0 of each zstd byte class
-# bytes per coefficient of a seeded ciphertext for a prime up to each class's size (SEAL 4.1, zstd,
-# measured at N = 2048/4096 including the seed and SEAL's header); only used to rank candidates
-SEEDED_BYTES_PER_COEFFICIENT = {24: 3.4, 32: 4.2, 40: 6.1, 48: 6.9, 56: 7.7, 60: 8.1}
-CHUNK_OVERHEAD_BYTES = 64  # medtwin's chunk header and SEAL's ciphertext metadata, per ciphertext
-ERROR_STD = 3.2  # SEAL's standard deviation of the RLWE error
-NOISE_SAFETY_FACTOR = 1.05  # measured std was up to 1.5 % above the model
-FAILURE_PROBABILITY_LOG2 = -40  # chance that any slot of a sum exceeds the bound
+SEEDED_CHUNK_OVERHEAD_BYTES = 33 + 65  # medtwin's chunk header, SEAL's PRNG type and 512-bit seed
+MIN_CHOSEN_PRIME_BITS = 20  # SEAL has no NTT prime of some sizes below (13 bits for N = 1024, 19 for 8192)
+ERROR_MAX = 21  # SEAL 4.1's centred binomial error: 21 bits minus 21 bits (its Gaussian option clips at 19.2)
+ERROR_VARIANCE_PROXY = 10.5  # sub-Gaussian variance proxy of either distribution (42 / 4 >= 3.2^2)
+ROUNDING_MAX = 0.5  # each site rounds value * scale to an integer
+FAILURE_PROBABILITY_LOG2 = -40  # chance that any coefficient of a sum exceeds the bound
 HEADROOM_BITS = 1  # packed sums use at most half of the signed range of q0
 DEFAULT_MAX_RELATIVE_ERROR = 1e-5  # `crypto.max_relative_error: 0` without DP (or where no DP bound is sound)
 
@@ -70,7 +68,6 @@ class CkksParameters:
     poly_modulus_degree: int
     coeff_mod_bit_sizes: tuple[int, ...]
     scale_bits: int
-    slots: int  # complex CKKS slots per ciphertext (N / 2); each packs two reals
     num_ciphertexts: int
     predicted_error_bound: float  # max error of an averaged weight / max_abs_weight_bound, at full scale
     num_parameters: int
@@ -90,8 +87,8 @@ class CkksParameters:
 
     @property
     def values_per_ciphertext(self) -> int:
-        """Reals one ciphertext carries: the real and imaginary part of every slot."""
-        return 2 * self.slots
+        """Reals one ciphertext carries: one per plaintext coefficient."""
+        return self.poly_modulus_degree
 
     @property
     def full_scale(self) -> float:
@@ -116,12 +113,10 @@ def data_primes(coeff_mod_bit_sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def estimated_update_bytes(params: CkksParameters) -> float:
-    """Estimated wire size of one site's seeded update (the returned sum is about twice this)."""
-    per_coefficient = sum(
-        SEEDED_BYTES_PER_COEFFICIENT[min((size for size in DATA_PRIME_BIT_CLASSES if size >= bits), default=MAX_PRIME_BITS)]
-        for bits in params.data_prime_bit_sizes
-    )
-    return params.num_ciphertexts * (params.poly_modulus_degree * per_coefficient + CHUNK_OVERHEAD_BYTES)
+    """Wire size of one site's seeded update: per ciphertext, N coefficients of the prime's size, bit-packed,
+    and the seed (the prime SEAL picks has exactly the requested size). The returned sum is two polynomials."""
+    coefficient_bytes = math.ceil(params.poly_modulus_degree * params.data_bits / 8)
+    return params.num_ciphertexts * (coefficient_bytes + SEEDED_CHUNK_OVERHEAD_BYTES)
 
 
 def max_coeff_modulus_bits(poly_modulus_degree: int, *, security_level: int = 128) -> int:
@@ -140,22 +135,23 @@ def max_coeff_modulus_bits(poly_modulus_degree: int, *, security_level: int = 12
     return table[poly_modulus_degree]
 
 
-def fresh_noise_std(poly_modulus_degree: int) -> float:
-    """Std of the error of one symmetrically encrypted slot, in units of the scale (integers)."""
-    return NOISE_SAFETY_FACTOR * math.sqrt(poly_modulus_degree / 2 * (ERROR_STD**2 + 1 / 12))
-
-
 def tail_multiplier(total_values: int) -> float:
-    """t such that P(any of `total_values` Gaussians exceeds t std) <= 2^FAILURE_PROBABILITY_LOG2."""
+    """t such that P(any of `total_values` unit sub-Gaussians exceeds t) <= 2^FAILURE_PROBABILITY_LOG2."""
     log_failures = math.log(2 * max(total_values, 1)) - FAILURE_PROBABILITY_LOG2 * math.log(2)
     return math.sqrt(2 * log_failures)
 
 
+def sum_error_integer_bound(num_sites: int, total_coefficients: int) -> float:
+    """Bound on |decrypted - exact| of any coefficient of a sum of `num_sites` fresh updates, in units of the
+    scale: the rounding of every site plus the smaller of the errors' worst case and their sub-Gaussian tail."""
+    noise = min(num_sites * ERROR_MAX, tail_multiplier(total_coefficients) * math.sqrt(ERROR_VARIANCE_PROXY * num_sites))
+    return num_sites * ROUNDING_MAX + noise
+
+
 def decryption_error_bound(params: CkksParameters, num_sites: int) -> float:
     """Bound on |decrypted sum - exact sum| of any packed value, in value units, for `num_sites` updates."""
-    total_values = params.num_ciphertexts * params.values_per_ciphertext
-    integer_bound = tail_multiplier(total_values) * math.sqrt(num_sites) * fresh_noise_std(params.poly_modulus_degree)
-    return integer_bound / 2.0**params.scale_bits
+    total_coefficients = params.num_ciphertexts * params.poly_modulus_degree
+    return sum_error_integer_bound(num_sites, total_coefficients) / 2.0**params.scale_bits
 
 
 def average_error_bound(params: CkksParameters, *, num_sites: int, total_examples: float) -> float:
@@ -260,13 +256,11 @@ def build_parameters(
     bit_sizes = tuple(int(bits) for bits in coeff_mod_bit_sizes)
     full_scale = max_total_examples * max_abs_weight_bound
     scale = scale_bits or auto_scale_bits(data_bits=sum(data_primes(bit_sizes)), full_scale=full_scale)
-    slots = poly_modulus_degree // 2
     draft = CkksParameters(
         poly_modulus_degree=poly_modulus_degree,
         coeff_mod_bit_sizes=bit_sizes,
         scale_bits=scale,
-        slots=slots,
-        num_ciphertexts=math.ceil((num_parameters + 1) / (2 * slots)),
+        num_ciphertexts=math.ceil((num_parameters + 1) / poly_modulus_degree),
         predicted_error_bound=math.inf,
         num_parameters=num_parameters,
         num_sites=num_sites,
@@ -297,11 +291,12 @@ def check_ckks_parameters(params: CkksParameters, *, max_relative_error: float) 
 def _candidate_bit_sizes(
     degree: int, budget: int, fixed: tuple[int, ...], *, skip_insecure: bool
 ) -> list[tuple[int, ...]]:
-    """Given primes, or one prime per byte class: the largest size of the class that is secure for N."""
+    """Given primes, or one prime of every size that is secure for N (bits cost bytes: the chooser keeps the
+    smallest precise one)."""
     if fixed:
         return [] if skip_insecure and sum(fixed) > budget else [fixed]
-    sizes = {min(bits, budget, MAX_PRIME_BITS) for bits in DATA_PRIME_BIT_CLASSES}
-    return [(bits,) for bits in sorted(sizes) if bits >= min_prime_bits(degree)]
+    lowest = max(min_prime_bits(degree), MIN_CHOSEN_PRIME_BITS)
+    return [(bits,) for bits in range(lowest, min(budget, MAX_PRIME_BITS) + 1)]
 
 
 def min_prime_bits(poly_modulus_degree: int) -> int:
@@ -330,7 +325,16 @@ def _shape_problems(params: CkksParameters) -> list[tuple[str, str, str]]:
     bit_sizes = list(params.coeff_mod_bit_sizes)
     problems = []
     if not bit_sizes:
-        problems.append((key, "[] names no prime (the automatic choice fills it in)", "e.g. [32], or [] for automatic"))
+        problems.append((key, "[] names no prime (the automatic choice fills it in)", "e.g. [27], or [] for automatic"))
+    if len(data_primes(params.coeff_mod_bit_sizes)) > 1:
+        problems.append(
+            (
+                key,
+                f"{bit_sizes} puts the ciphertexts under {len(bit_sizes) - 1} primes; coefficient-encoded sums live "
+                "under one (more buys no precision for addition)",
+                "give one prime size, e.g. [27], or two (the second is SEAL's unused special prime), or [] for automatic",
+            )
+        )
     min_bits = min_prime_bits(params.poly_modulus_degree)
     for bits in bit_sizes:
         if not min_bits <= bits <= MAX_PRIME_BITS:

@@ -63,7 +63,7 @@ HE_ERROR_TO_NOISE = 0.01  # the HE error bound on the average may be at most thi
 # totals sit below full scale: a site refuses only rounding this many times its full-scale allowance,
 # which catches an inflated max_total_examples (measured 26x the noise for 2e6x) and not a missing site.
 REAL_TOTALS_SLACK = 10.0
-MAX_DERIVED_RELATIVE_ERROR = 1e-2  # very noisy runs: no coarser (the 24-bit class is reached long before)
+MAX_DERIVED_RELATIVE_ERROR = 1e-2  # very noisy runs: no coarser (the smallest prime the chooser takes, 20 bits, is reached first)
 _SIGMA_RELATIVE_PRECISION = 1e-3  # bracket width of the sigma floor
 
 

@@ -1,8 +1,8 @@
 """The coordinator's CKKS path: it adds what it cannot read, and refuses forged, replayed or foreign updates.
 
-Real SEAL ciphertexts (seeded, two reals per slot) and real Ed25519 keys; the federation (key set,
+Real SEAL ciphertexts (seeded, one real per plaintext coefficient) and real Ed25519 keys; the federation (key set,
 manifest) is built here from `medtwin.core` primitives. The model (5000 weights) is larger than one
-N = 2048 ciphertext (1024 complex slots = 2048 reals), so every update spans several chunks. Who sent an update is the `ReplyVerifier`'s question
+N = 2048 ciphertext (2048 coefficients = 2048 reals), so every update spans several chunks. Who sent an update is the `ReplyVerifier`'s question
 (the same for every scheme); whether its ciphertexts fit the federation's public context is the
 `CkksAggregator`'s.
 """

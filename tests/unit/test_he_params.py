@@ -20,6 +20,7 @@ from medtwin.core.he.params import (
     ckks_parameters_from_config,
     decryption_error_bound,
     estimated_update_bytes,
+    tail_multiplier,
 )
 
 PARAMS_SOURCE = Path(__file__).resolve().parents[2] / "core" / "he" / "params.py"
@@ -48,9 +49,9 @@ def test_chosen_parameters_are_secure_precise_and_cover_the_model(
     assert sum(params.coeff_mod_bit_sizes) <= SECURITY_TABLE_BITS[128][params.poly_modulus_degree]
     assert all(bits <= 60 for bits in params.coeff_mod_bit_sizes)
     assert params.predicted_error_bound <= max_relative_error
-    assert params.slots == params.poly_modulus_degree // 2 and params.values_per_ciphertext == 2 * params.slots
+    assert params.values_per_ciphertext == params.poly_modulus_degree  # one real per plaintext coefficient
     assert params.coeff_mod_bit_sizes == params.data_prime_bit_sizes  # one prime: no key switching, no special prime
-    capacity = params.values_per_ciphertext  # two reals per complex slot
+    capacity = params.values_per_ciphertext
     assert params.num_ciphertexts * capacity >= num_parameters + 1  # weights + the count slot
     assert (params.num_ciphertexts - 1) * capacity < num_parameters + 1  # no wasted ciphertext
     # the largest packed sum times the scale stays below q0 / 4 (one bit of headroom)
@@ -58,24 +59,41 @@ def test_chosen_parameters_are_secure_precise_and_cover_the_model(
     check_ckks_parameters(params, max_relative_error=max_relative_error)
 
 
-def test_choice_prefers_the_cheapest_byte_class_and_the_fewest_bytes() -> None:
-    loose = choose_ckks_parameters(num_parameters=100_000, num_sites=2, max_relative_error=2e-3)
+def test_choice_takes_the_smallest_precise_prime_because_bits_cost_bytes() -> None:
+    loose = choose_ckks_parameters(num_parameters=100_000, num_sites=2, max_relative_error=2e-4)
     default = choose_ckks_parameters(num_parameters=100_000, num_sites=8, max_relative_error=1e-5)
     tight = choose_ckks_parameters(num_parameters=100_000, num_sites=8, max_relative_error=1e-7)
-    assert loose.coeff_mod_bit_sizes == (24,) and loose.poly_modulus_degree == 2048
-    assert default.coeff_mod_bit_sizes == (32,) and default.poly_modulus_degree == 2048
-    # one 40-bit prime fits N = 2048 (two primes did not): same bytes as N = 4096, less noise
-    assert tight.coeff_mod_bit_sizes == (40,) and tight.poly_modulus_degree == 2048
+    assert loose.data_bits < default.data_bits < tight.data_bits
     assert estimated_update_bytes(loose) < estimated_update_bytes(default) < estimated_update_bytes(tight)
+    for chosen, target in ((loose, 2e-4), (default, 1e-5), (tight, 1e-7)):
+        one_bit_less = build_parameters(
+            poly_modulus_degree=chosen.poly_modulus_degree, coeff_mod_bit_sizes=(chosen.data_bits - 1,), scale_bits=0,
+            num_parameters=100_000, num_sites=chosen.num_sites, max_abs_weight_bound=chosen.max_abs_weight_bound,
+            max_total_examples=chosen.max_total_examples,
+        )  # fmt: skip
+        assert one_bit_less.predicted_error_bound > target  # the chosen prime is the smallest that meets it
+    # bytes: N coefficients of data_bits each per ciphertext, bit-packed, plus the seed and the chunk header
+    per_ciphertext = default.poly_modulus_degree * default.data_bits / 8
+    assert estimated_update_bytes(default) == pytest.approx(default.num_ciphertexts * per_ciphertext, rel=0.05)
 
 
-def test_small_models_get_the_smallest_secure_ring() -> None:
-    """One ciphertext either way, so the smaller ring halves the bytes when it meets the target."""
+def test_small_models_get_the_smallest_secure_ring_until_precision_needs_a_larger_prime() -> None:
+    """One ciphertext either way, so the smaller ring halves the bytes when its largest secure prime (27 bits
+    for N = 1024 at 128-bit security) meets the target; with many sites it does not, and N = 2048 takes over."""
     loose = choose_ckks_parameters(num_parameters=14, num_sites=4, max_relative_error=1e-3, max_total_examples=1000)
     default = choose_ckks_parameters(num_parameters=14, num_sites=4, max_relative_error=1e-5, max_total_examples=1000)
-    assert (loose.poly_modulus_degree, loose.coeff_mod_bit_sizes, loose.num_ciphertexts) == (1024, (24,), 1)
-    assert (default.poly_modulus_degree, default.coeff_mod_bit_sizes, default.num_ciphertexts) == (2048, (32,), 1)
-    assert sum(loose.coeff_mod_bit_sizes) <= SECURITY_TABLE_BITS[128][1024]
+    many_sites = choose_ckks_parameters(num_parameters=14, num_sites=64, max_relative_error=1e-5, max_total_examples=1000)
+    for params in (loose, default):
+        assert (params.poly_modulus_degree, params.num_ciphertexts) == (1024, 1)
+        assert sum(params.coeff_mod_bit_sizes) <= SECURITY_TABLE_BITS[128][1024]
+    assert loose.data_bits < default.data_bits
+    assert (many_sites.poly_modulus_degree, many_sites.num_ciphertexts) == (2048, 1)
+    assert many_sites.data_bits > SECURITY_TABLE_BITS[128][1024]
+    at_the_limit = build_parameters(
+        poly_modulus_degree=1024, coeff_mod_bit_sizes=(27,), scale_bits=0, num_parameters=14, num_sites=64,
+        max_abs_weight_bound=many_sites.max_abs_weight_bound, max_total_examples=1000,
+    )  # fmt: skip
+    assert at_the_limit.predicted_error_bound > 1e-5
 
 
 def test_large_models_meet_the_wire_target_at_the_default_precision() -> None:
@@ -89,8 +107,12 @@ def test_more_sites_mean_a_larger_error_bound() -> None:
     common = {"num_parameters": 1000, "max_relative_error": 1e-4, "poly_modulus_degree": 2048, "coeff_mod_bit_sizes": (32, 22)}
     few = choose_ckks_parameters(num_sites=2, **common)
     many = choose_ckks_parameters(num_sites=32, **common)
-    assert many.predicted_error_bound == pytest.approx(few.predicted_error_bound * 4, rel=0.01)  # sqrt(32/2)
-    assert decryption_error_bound(many, 32) > decryption_error_bound(many, 2)
+    # per coefficient, in units of the scale: k rounding halves + min(21 k, tail x sqrt(10.5 k)) of SEAL's error
+    tail = tail_multiplier(2048)
+    expected = (32 * 0.5 + min(32 * 21, tail * (10.5 * 32) ** 0.5)) / (2 * 0.5 + min(2 * 21, tail * (10.5 * 2) ** 0.5))
+    assert many.predicted_error_bound == pytest.approx(few.predicted_error_bound * expected, rel=1e-3)
+    assert decryption_error_bound(many, 32) == pytest.approx(decryption_error_bound(many, 2) * expected)
+    assert decryption_error_bound(many, 1) * 2.0**many.scale_bits == 0.5 + 21  # one site: the worst case is smaller
 
 
 def test_insecure_parameters_are_rejected_naming_key_value_and_limit() -> None:
@@ -133,7 +155,7 @@ def test_overflowing_scale_is_rejected_with_the_fix() -> None:
 
 def test_unreachable_precision_is_rejected() -> None:
     with pytest.raises(ImpreciseParametersError, match="crypto.max_relative_error"):
-        choose_ckks_parameters(num_parameters=100, num_sites=2, max_relative_error=1e-15)
+        choose_ckks_parameters(num_parameters=100, num_sites=2, max_relative_error=1e-17)
 
 
 def test_malformed_targets_and_primes_are_config_errors() -> None:
@@ -147,6 +169,8 @@ def test_malformed_targets_and_primes_are_config_errors() -> None:
         check_ckks_parameters(params, max_relative_error=1e-3)
     with pytest.raises(CkksParameterError, match="names no prime"):
         check_ckks_parameters(replace(params, coeff_mod_bit_sizes=()), max_relative_error=1e-3)
+    with pytest.raises(CkksParameterError, match=r"crypto.coeff_mod_bit_sizes.*under 2 primes.*give one prime size"):
+        check_ckks_parameters(replace(params, coeff_mod_bit_sizes=(30, 30, 30)), max_relative_error=1e-3)
 
 
 def test_average_error_bound_shrinks_with_more_examples() -> None:

@@ -270,4 +270,7 @@ def test_site_keygen_derives_the_precision_from_the_runs_dp_noise_like_the_simul
     default = CliRunner(env={"COLUMNS": "300"}).invoke(app, common)
     assert default.exit_code == 0, default.output
     assert "precision target 1e-05 (config" in default.output
-    assert expected.poly_modulus_degree == 1024 and "N=2048" in default.output  # the DP run pays fewer bits
+    default_crypto = replace(compose_config(["crypto=ckks"]).crypto, max_total_examples=400)
+    at_default = ckks_parameters_from_config(default_crypto, num_parameters=7, num_sites=3)
+    assert f"N={at_default.poly_modulus_degree}, primes {at_default.coeff_mod_bit_sizes}" in default.output
+    assert expected.data_bits < at_default.data_bits  # the DP run pays fewer bits

@@ -13,9 +13,9 @@ Every site encrypts a synthetic update (weights ~ U[-1, 1], n_i = max_total_exam
 the coordinator loads and adds them with the public context only; a site decrypts the average.
 Reported: one site's upload (ciphertext chunks, and with the record framing a run stores) and the
 aggregate sent back, in bytes per parameter ÷ 4; the ring, primes and number of ciphertexts; the
-measured max |decrypted - exact average| against the bound the run records. `--sizes` adds models of
-those sizes (crypto=ckks defaults, `--sites` sites, max_total_examples 10,000): the last ciphertext
-is partly empty, so the ratios depend on how full it is.
+measured max |decrypted - exact average| against the bound the run records, and its ratio. `--sizes`
+adds models of those sizes (crypto=ckks defaults, `--sites` sites, max_total_examples 10,000): the
+last ciphertext is partly empty, so the ratios depend on how full it is.
 """
 
 from __future__ import annotations
@@ -75,9 +75,13 @@ class WireRow:
     def downlink_ratio(self) -> float:
         return self.downlink_bytes / (4 * self.num_parameters)
 
+    @property
+    def error_to_bound(self) -> float:
+        return self.measured_error / self.error_bound
+
     def to_dict(self) -> dict:
         ratios = {"uplink_ratio": self.uplink_ratio, "uplink_framed_ratio": self.uplink_framed_ratio}
-        return asdict(self) | ratios | {"downlink_ratio": self.downlink_ratio}
+        return asdict(self) | ratios | {"downlink_ratio": self.downlink_ratio, "error_to_bound": self.error_to_bound}
 
 
 def measure_wire(model: str, params: CkksParameters, *, seed: int = 0) -> WireRow:
@@ -134,10 +138,10 @@ def wire_rows(*, tasks: list[str], features: int, hidden: tuple[int, ...], sites
 
 
 def print_wire_table(rows: list[WireRow]) -> None:
-    print("CKKS bytes on the wire per parameter ÷ 4 (float32); seeded symmetric encryption, two reals per slot")
+    print("CKKS bytes on the wire per parameter ÷ 4 (float32); seeded symmetric encryption, one real per coefficient, bit-packed")
     header = (
         f"{'model':<22} {'params':>7} {'sites':>5} {'ring, primes':<18} {'ctxts':>5} {'uplink':>7} "
-        f"{'framed':>7} {'downlink':>8} {'max err':>8} {'bound':>8}"
+        f"{'framed':>7} {'downlink':>8} {'max err':>8} {'bound':>8} {'err/bnd':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -146,7 +150,7 @@ def print_wire_table(rows: list[WireRow]) -> None:
         print(
             f"{row.model:<22} {row.num_parameters:>7} {row.sites:>5} {ring:<18} {row.num_ciphertexts:>5} "
             f"{row.uplink_ratio:>7.3f} {row.uplink_framed_ratio:>7.3f} {row.downlink_ratio:>8.3f} "
-            f"{row.measured_error:>8.1e} {row.error_bound:>8.1e}"
+            f"{row.measured_error:>8.1e} {row.error_bound:>8.1e} {row.error_to_bound:>7.2f}"
         )
 
 

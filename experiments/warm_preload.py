@@ -1,10 +1,11 @@
-"""Imported once by a site's warm ClientApp forkserver (`experiments/warm_clientapp.py`); every
-ClientApp process forks from it with these already loaded.
+"""Imported once by a site's warm ClientApp forkserver (`experiments/warm_clientapp.py`); the site's
+warm worker (`experiments/site_worker.py`) and any one-off ClientApp process fork from it with these
+already loaded.
 
 It also pins `code_hash()` — the hash of the role code a site's approval names — to the code this
 forkserver loaded: a site whose files are replaced under a running SuperNode keeps reporting (and
-running) the code it started with until it is restarted, so an approval of the new files does not
-cover old code.
+running, in its worker too) the code it started with until it is restarted, so an approval of the new
+files does not cover old code.
 """
 
 import encodings.cp437  # noqa: F401 - zipfile reads the FAB's names with it

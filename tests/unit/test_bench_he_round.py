@@ -28,7 +28,6 @@ def test_both_schemes_decode_the_same_average_within_the_ckks_bound(tmp_path):
         assert timing.chain_s == 0.0  # no chain asked for
         assert timing.to_dict()["round_s"] == pytest.approx(timing.round_s)
     assert row.ratio == pytest.approx(row.ckks.round_s / row.plain.round_s)
-    assert row.crypto_overhead_s > 0  # encrypting, summing ciphertexts and decrypting cost more than floats
 
 
 def test_rounds_of_the_two_schemes_are_interleaved(tmp_path, monkeypatch):

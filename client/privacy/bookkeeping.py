@@ -22,7 +22,7 @@ c_u = min(1, C / (||∇_u|| + 1e-6)) — Opacus's formula — and the clipped su
     Σ_u c_u ∇W_u = (c w ⊙ G)^T A      one matmul: the plain step's weight-gradient cost.
 
 The result is the flat vector Opacus's per-example clipping sums to (tested equal); noise, scaling
-and the accountant are unchanged (`FlatDPOptimizer.noise_clipped_sum`). Only `nn.Linear` and
+and the accountant are unchanged (`FlatDPOptimizer.draw_noise_into_grads`: the sum is added onto the noise). Only `nn.Linear` and
 `nn.Conv1d` (groups 1, zero padding) carry trainable parameters in the shipped models; a model with
 any other trainable layer (subclasses included, or extra parameters on a layer) is refused with
 `IncompatibleModelError` (use grad_sample_mode=ew), as are a parameter tied between layers, an in-place
@@ -103,6 +103,7 @@ class BookkeepingClipper:
             raise IncompatibleModelError(["every optimizer parameter must be the weight or bias of exactly one Linear/Conv1d layer"])
         self._sizes = [parameter.numel() for parameter in params]  # the flat sum's layout, one slice per parameter
         self.size = sum(self._sizes)
+        self._bias_columns: dict[tuple[bool, ...], torch.Tensor] = {}  # which stacked row layers have a bias, as a [layers, 1] column
         self._records: list[_Record] = []
         self._handles = [layer.register_forward_hook(self._record) for layer in self._layers]
 
@@ -121,18 +122,50 @@ class BookkeepingClipper:
     def clipped_sum(self, loss: torch.Tensor, *, rows: int, owner: np.ndarray | None, max_grad_norm: float, loss_scale: float) -> torch.Tensor:
         """Σ_u min(1, C/||∇_u||) ∇_u as one flat vector. `loss_scale` turns dloss/dz into a row's own
         gradient (the batch size for a mean-reduced loss, 1 for a sum); `owner[i]` is row i's unit."""
+        flat = torch.empty(self.size, dtype=loss.dtype)
+        self._clip_and_sum(loss, flat, accumulate=False, scale=1.0, rows=rows, owner=owner, max_grad_norm=max_grad_norm, loss_scale=loss_scale)
+        return flat
+
+    def add_clipped_sum(self, loss: torch.Tensor, into: torch.Tensor, *, scale: float, rows: int, owner: np.ndarray | None, max_grad_norm: float, loss_scale: float) -> None:
+        """into += scale * Σ_u min(1, C/||∇_u||) ∇_u, in place (the DP step adds it to the noise already drawn
+        into the flat gradient): the scale rides on the clip factors, the sum on the weight-gradient matmuls."""
+        self._clip_and_sum(loss, into, accumulate=True, scale=scale, rows=rows, owner=owner, max_grad_norm=max_grad_norm, loss_scale=loss_scale)
+
+    def _clip_and_sum(self, loss: torch.Tensor, flat: torch.Tensor, *, accumulate: bool, scale: float, rows: int, owner: np.ndarray | None, max_grad_norm: float, loss_scale: float) -> None:
         records, self._records = self._records, []
         self._check(records, rows)
         grads = torch.autograd.grad(loss, [record.output for record in records], allow_unused=True)
         units = _Units(rows, owner, loss_scale)
-        layers = [_LayerGradient(record, grad, rows, units, self._slots[id(record.layer)]) for record, grad in zip(records, grads, strict=True)]
-        squared = sum(layer.squared for layer in layers)
-        clip = torch.clamp_max(max_grad_norm / (squared.sqrt() + 1e-6), 1.0)
-        flat = torch.empty(self.size, dtype=loss.dtype)
-        pieces = torch.split(flat, self._sizes)
-        for layer in layers:
-            layer.clipped_sum_into(clip, units, pieces)
-        return flat
+        row_layers, unit_layers = [], []
+        for record, grad in zip(records, grads, strict=True):
+            slots = self._slots[id(record.layer)]
+            grad = torch.zeros_like(record.output) if grad is None else grad
+            if units.owner is None and record.inputs.dim() == 2 and isinstance(record.layer, nn.Linear) and slots[0] is not None:
+                row_layers.append(_RowLinear(record.inputs, grad, slots))
+            else:
+                unit_layers.append(_LayerGradient(record, grad, rows, units, slots))
+        norm = self._unit_norms(row_layers, unit_layers)
+        factor = _clip_factor(norm, scale=units.scale, max_grad_norm=max_grad_norm, times=scale)
+        pieces = flat.split(self._sizes)
+        for layer in row_layers:
+            layer.clipped_sum_into(factor, pieces, accumulate=accumulate)
+        for layer in unit_layers:
+            layer.clipped_sum_into(factor, units, pieces, accumulate=accumulate)
+
+    def _unit_norms(self, row_layers: list[_RowLinear], unit_layers: list[_LayerGradient]) -> torch.Tensor:
+        """||∇_u|| / scale over all layers jointly, [units]: the norm of every part's per-unit norm. A row layer's
+        part is ||g|| sqrt(||a||² + [it has a bias]); row layers are stacked, so they take four ops however many."""
+        parts = [norm for layer in unit_layers for norm in layer.norms]
+        if row_layers:
+            has_bias = tuple(layer.bias_slot is not None for layer in row_layers)
+            if has_bias not in self._bias_columns:
+                self._bias_columns[has_bias] = torch.tensor(has_bias, dtype=row_layers[0].grad.dtype)[:, None]
+            per_layer = torch.stack([layer.grad_norm for layer in row_layers])
+            per_layer = per_layer.mul_(torch.hypot(torch.stack([layer.input_norm for layer in row_layers]), self._bias_columns[has_bias]))
+            if not parts:
+                return torch.linalg.vector_norm(per_layer, dim=0)
+            parts.extend(per_layer)
+        return torch.linalg.vector_norm(torch.stack(parts), dim=0)
 
     def _check(self, records: list[_Record], rows: int) -> None:
         seen = [id(record.layer) for record in records]
@@ -155,20 +188,23 @@ class BookkeepingClipper:
 
 
 class _Units:
-    """Which rows form each privacy unit, and the weight of a row's gradient in its unit's."""
+    """Which rows form each privacy unit, and the weight of a row's gradient in its unit's: `scale` when
+    every row weighs the same (rows as units; patients who each put the same number of rows in the batch),
+    else a weight per row."""
 
     def __init__(self, rows: int, owner: np.ndarray | None, loss_scale: float) -> None:
-        self.owner = owner
-        if owner is None:  # every row is its own unit: one scalar weight
-            self.count, self.scale, self.weight = rows, float(loss_scale), None
+        self.owner, self.weight, self.index = owner, None, None
+        if owner is None:  # every row is its own unit
+            self.count, self.scale = rows, float(loss_scale)
             return
         counts = np.bincount(owner)
-        self.count, self.scale = len(counts), 1.0
+        self.count = len(counts)
+        if (counts == counts[0]).all() and (np.diff(owner) >= 0).all():  # equal runs in unit order (as `_Units.draw` gives them): a view
+            self.run, self.scale = int(counts[0]), float(loss_scale) / int(counts[0])
+            return
+        self.run, self.scale = None, 1.0
         self.weight = torch.from_numpy(loss_scale / counts[owner]).to(torch.float32)  # [rows]
         self.owner_index = torch.from_numpy(owner)
-        if (counts == counts[0]).all() and (np.diff(owner) >= 0).all():  # units of equal size, rows in unit order (as `_Units.draw` gives them): a view
-            self.index = None
-            return
         order = np.argsort(owner, kind="stable")
         slot = np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)  # each (sorted) row's place in its unit
         index = np.full((self.count, int(counts.max())), rows, dtype=np.int64)  # `rows` = a zero padding row
@@ -188,53 +224,99 @@ class _Units:
         return padded[self.index].flatten(1, 2)
 
     def per_row(self, per_unit: torch.Tensor) -> torch.Tensor:
-        return per_unit if self.owner is None else per_unit[self.owner_index]
+        if self.owner is None:
+            return per_unit
+        return per_unit.repeat_interleave(self.run) if self.index is None else per_unit[self.owner_index]
+
+
+def _clip_factor(norm: torch.Tensor, *, scale: float, max_grad_norm: float, times: float) -> torch.Tensor:
+    """Each unit's weight in the clipped sum: min(1, C / (||∇_u|| + 1e-6)) (Opacus's formula) times `scale`
+    (its gradient is `scale` times what the layers hold, so ||∇_u|| = scale * norm_u) times `times`.
+    In place on `norm`: a handful of ops on one short vector."""
+    if scale != 1.0:
+        norm = norm.mul_(scale)
+    clip = norm.add_(1e-6).reciprocal_().mul_(max_grad_norm).clamp_max_(1.0)
+    return clip if scale * times == 1.0 else clip.mul_(scale * times)
+
+
+class _RowLinear:
+    """A Linear on [rows, d_in] whose every row is its own unit (the tabular models): the row's weight
+    gradient g a^T has norm ||g|| ||a||, its bias gradient g — two row norms, and no [rows, d_out, d_in] tensor."""
+
+    def __init__(self, inputs: torch.Tensor, grad: torch.Tensor, slots: list[int | None]) -> None:
+        self.weight_slot, self.bias_slot = slots  # the weight is trainable (else: `_LayerGradient`)
+        self.inputs, self.grad = inputs, grad
+        self.grad_norm = torch.linalg.vector_norm(grad, dim=1)
+        self.input_norm = torch.linalg.vector_norm(inputs, dim=1)
+
+    def clipped_sum_into(self, factor: torch.Tensor, pieces: tuple[torch.Tensor, ...], *, accumulate: bool) -> None:
+        target = pieces[self.weight_slot].view(self.grad.shape[1], self.inputs.shape[1])
+        if self.inputs.shape[1] <= self.grad.shape[1]:  # scale the narrower side by each row's factor
+            left, right = self.grad.T, self.inputs * factor[:, None]
+        else:
+            left, right = (self.grad * factor[:, None]).T, self.inputs
+        _matmul_into(target, left, right, accumulate=accumulate)
+        if self.bias_slot is not None:
+            _matmul_into(pieces[self.bias_slot], self.grad.T, factor, accumulate=accumulate)
+
+
+# Ghost norms save T_u (d_in d_out - T_u (d_in + d_out)) multiply-adds per unit over materialising each unit's
+# gradient, but take ~8 more small ops (float64 Grams); below this saving over the batch, materialise.
+_GHOST_MIN_SAVING = 1_000_000
 
 
 class _LayerGradient:
-    """One layer's per-unit squared norms, and its clipped sum once the clip factors are known."""
+    """One layer's per-unit gradient norms, and its clipped sum once the clip factors are known."""
 
-    def __init__(self, record: _Record, grad: torch.Tensor | None, rows: int, units: _Units, slots: list[int | None]) -> None:
+    def __init__(self, record: _Record, grad: torch.Tensor, rows: int, units: _Units, slots: list[int | None]) -> None:
         self.weight_slot, self.bias_slot = slots
-        inputs, outputs = _tokens(record, grad, rows)  # [rows, T, d_in], [rows, T, d_out]
+        inputs, outputs = _tokens(record, grad, rows)  # [rows, T, d_in], [rows, T, d_out] (views where they can be)
         self.inputs, self.outputs = inputs, units.weighted(outputs)
         unit_in, unit_out = units.side_by_side(self.inputs), units.side_by_side(self.outputs)
         tokens, d_in, d_out = unit_in.shape[1], unit_in.shape[2], unit_out.shape[2]
         self.per_unit_bias = unit_out[:, 0] if tokens == 1 else unit_out.sum(dim=1)  # [units, d_out]
-        bias_squared = self.per_unit_bias.square().sum(dim=1)
-        squared = bias_squared if self.bias_slot is not None else unit_out.new_zeros(units.count)
+        self.norms = [torch.linalg.vector_norm(self.per_unit_bias, dim=1)] if self.bias_slot is not None else []
         self.per_unit_weight = None
-        if self.weight_slot is not None:
-            if tokens == 1:  # ||a g^T||^2 = ||a||^2 ||g||^2, and ||g||^2 is the bias's
-                squared = squared + unit_in[:, 0].square().sum(dim=1) * bias_squared
-            elif tokens * (d_in + d_out) < d_in * d_out:  # ghost: Gram matrices of each unit's tokens
-                # in float64: the Gram sum cancels (its rounding error in float32 is ~1e-7 of sum_t |a_t||g_t| squared,
-                # enough to make a unit's norm small, zero or negative — unclipped — with large activations)
-                wide_in, wide_out = unit_in.double(), unit_out.double()
-                ghost = (wide_in @ wide_in.transpose(1, 2) * (wide_out @ wide_out.transpose(1, 2))).sum(dim=(1, 2))
-                squared = squared + ghost.clamp_min(0.0).to(squared.dtype)
-            else:  # materialised: kept, the clipped sum is then a weighted sum of these
-                self.per_unit_weight = unit_out.transpose(1, 2) @ unit_in  # [units, d_out, d_in]
-                squared = squared + self.per_unit_weight.square().sum(dim=(1, 2))
-        self.squared = squared * units.scale**2
+        if self.weight_slot is None:
+            return
+        if units.count * tokens * (d_in * d_out - tokens * (d_in + d_out)) > _GHOST_MIN_SAVING:  # ghost: Gram matrices of each unit's tokens
+            # in float64: the Gram sum cancels (its rounding error in float32 is ~1e-7 of sum_t |a_t||g_t| squared,
+            # enough to make a unit's norm small, zero or negative — unclipped — with large activations)
+            wide_in, wide_out = unit_in.double(), unit_out.double()
+            ghost = (wide_in @ wide_in.transpose(1, 2) * (wide_out @ wide_out.transpose(1, 2))).sum(dim=(1, 2))
+            self.norms.append(ghost.clamp_min_(0.0).sqrt_().to(unit_out.dtype))
+        else:  # materialised: kept, the clipped sum is then a weighted sum of these
+            self.per_unit_weight = torch.bmm(unit_out.transpose(1, 2), unit_in).flatten(1)  # [units, d_out * d_in]
+            self.norms.append(torch.linalg.vector_norm(self.per_unit_weight, dim=1))
 
-    def clipped_sum_into(self, clip: torch.Tensor, units: _Units, pieces: tuple[torch.Tensor, ...]) -> None:
-        factor = clip * units.scale
+    def clipped_sum_into(self, factor: torch.Tensor, units: _Units, pieces: tuple[torch.Tensor, ...], *, accumulate: bool) -> None:
         if self.weight_slot is not None:
-            target = pieces[self.weight_slot].view(-1, self.inputs.shape[-1])
+            target = pieces[self.weight_slot]
             if self.per_unit_weight is not None:
-                torch.mm(factor[None], self.per_unit_weight.flatten(1), out=target.view(1, -1))
+                _matmul_into(target, self.per_unit_weight.T, factor, accumulate=accumulate)
             else:
                 scaled = (self.outputs * units.per_row(factor)[:, None, None]).flatten(0, 1)
-                torch.mm(scaled.T, self.inputs.flatten(0, 1), out=target)
+                _matmul_into(target.view(-1, self.inputs.shape[-1]), scaled.T, self.inputs.flatten(0, 1), accumulate=accumulate)
         if self.bias_slot is not None:
-            torch.mv(self.per_unit_bias.T, factor, out=pieces[self.bias_slot])
+            _matmul_into(pieces[self.bias_slot], self.per_unit_bias.T, factor, accumulate=accumulate)
 
 
-def _tokens(record: _Record, grad: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _matmul_into(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, accumulate: bool) -> None:
+    """target = left @ right, or target += left @ right; `right` a matrix or a vector (then `target` is one)."""
+    if accumulate:
+        if right.dim() == 1:
+            target.addmv_(left, right)
+        else:
+            target.addmm_(left, right)
+    elif right.dim() == 1:
+        torch.mv(left, right, out=target)
+    else:
+        torch.mm(left, right, out=target)
+
+
+def _tokens(record: _Record, grad: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's tokens as ([rows, T, d_in], [rows, T, d_out])."""
-    layer, inputs, output = record.layer, record.inputs, record.output
-    grad = torch.zeros_like(output) if grad is None else grad
+    layer, inputs = record.layer, record.inputs
     if isinstance(layer, nn.Linear):
         return inputs.reshape(rows, -1, inputs.shape[-1]), grad.reshape(rows, -1, grad.shape[-1])
     (kernel,), (stride,), (padding,), (dilation,) = layer.kernel_size, layer.stride, layer.padding, layer.dilation

@@ -140,21 +140,27 @@ class _OpacusStep:
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, dp_optimizer: FlatDPOptimizer, *, reduction: str, grad_sample_mode: str) -> None:
         self.wrapped = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction=reduction)
-        self.loss_fn = loss_fn
+        self.loss_fn, self.dp_optimizer = loss_fn, dp_optimizer
         self.trainable = dp_optimizer.params
 
-    def clipped_sum(self, features: torch.Tensor, targets: torch.Tensor, owner: np.ndarray | None) -> tuple[None, float | None]:
-        """Leave each parameter's (per-unit averaged) `grad_sample` for the optimizer; the loss, None if the batch is empty."""
+    def noisy_gradients(self, features: torch.Tensor, targets: torch.Tensor, owner: np.ndarray | None) -> float | None:
+        """Leave each parameter's clipped, noised, scaled gradient in `.grad`; the loss, None if the batch is empty."""
+        loss = None
         if len(features) == 0:
             # Still a DP step: the clipped sum is zero and the optimizer adds noise, as the accountant assumes.
             for parameter in self.trainable:
                 parameter.grad_sample = torch.zeros((0, *parameter.shape), dtype=parameter.dtype)
-            return None, None
-        loss = self.loss_fn(self.wrapped(features).reshape(-1), targets)
-        loss.backward()
-        if owner is not None:
-            average_per_unit(self.trainable, owner)
-        return None, float(loss.detach())
+        else:
+            value = self.loss_fn(self.wrapped(features).reshape(-1), targets)
+            value.backward()
+            if owner is not None:
+                average_per_unit(self.trainable, owner)
+            loss = float(value.detach())
+        self.dp_optimizer.pre_step()  # clip per (unit-averaged) example, sum, add noise, scale
+        return loss
+
+    def finish_step(self) -> None:
+        self.dp_optimizer.zero_grad(set_to_none=True)  # per-example gradients and flags
 
     def close(self) -> None:
         self.wrapped.to_standard_module()  # removes hooks and Opacus' per-parameter attributes
@@ -165,18 +171,23 @@ class _BookkeepingStep:
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, dp_optimizer: FlatDPOptimizer, *, reduction: str, max_grad_norm: float) -> None:
         self.model, self.loss_fn, self.reduction, self.max_grad_norm = model, loss_fn, reduction, max_grad_norm
+        self.dp_optimizer = dp_optimizer
         self.clipper = BookkeepingClipper(model, dp_optimizer.params)
-        self.dtype = dp_optimizer.params[0].dtype
 
-    def clipped_sum(self, features: torch.Tensor, targets: torch.Tensor, owner: np.ndarray | None) -> tuple[torch.Tensor, float | None]:
-        if len(features) == 0:  # still a DP step: a zero sum that the optimizer noises
-            return torch.zeros(self.clipper.size, dtype=self.dtype), None
+    def noisy_gradients(self, features: torch.Tensor, targets: torch.Tensor, owner: np.ndarray | None) -> float | None:
+        """Noise first, then the clipped sum added onto it in place (both times the optimizer's grad_scale)."""
+        flat_grad = self.dp_optimizer.draw_noise_into_grads()
+        if len(features) == 0:  # still a DP step: the clipped sum is zero, the gradient is the noise
+            return None
         loss = self.loss_fn(self.model(features).reshape(-1), targets)
-        summed = self.clipper.clipped_sum(
-            loss, rows=len(features), owner=owner, max_grad_norm=self.max_grad_norm,
-            loss_scale=len(features) if self.reduction == "mean" else 1.0,
+        self.clipper.add_clipped_sum(
+            loss, flat_grad, scale=self.dp_optimizer.grad_scale, rows=len(features), owner=owner,
+            max_grad_norm=self.max_grad_norm, loss_scale=len(features) if self.reduction == "mean" else 1.0,
         )
-        return summed, float(loss.detach())
+        return float(loss.detach())
+
+    def finish_step(self) -> None:
+        """Nothing to clear: the next step refills the gradients' flat vector."""
 
     def close(self) -> None:
         self.clipper.close()
@@ -243,20 +254,16 @@ def train_locally_dp(
             for _ in range(local_steps):
                 index, owner = grouping.draw(sampling, sample_rate)
                 index = torch.from_numpy(index)
-                summed, loss = step.clipped_sum(features[index], targets[index], owner)
-                if loss is not None:
-                    losses.append(loss)
                 if secure_mode:
                     noise.manual_seed(secrets.randbits(63))
-                if summed is None:
-                    dp_optimizer.pre_step()  # clip per example, sum, add noise, scale
-                else:
-                    dp_optimizer.noise_clipped_sum(summed)
+                loss = step.noisy_gradients(features[index], targets[index], owner)
+                if loss is not None:
+                    losses.append(loss)
                 if proximal_mu > 0:  # data-independent: added after the noise, needs no clipping
                     for parameter, anchor in zip(trainable, global_parameters, strict=True):
                         parameter.grad.add_(parameter.detach() - anchor, alpha=proximal_mu)
                 optimizer.step()
-                dp_optimizer.zero_grad(set_to_none=True)
+                step.finish_step()
     finally:
         dp_optimizer.zero_grad(set_to_none=True)
         step.close()

@@ -30,6 +30,7 @@ class FlatDPOptimizer(DPOptimizer):
         super().__init__(*args, **kwargs)
         self._flat_summed: torch.Tensor | None = None
         self._flat_grad: torch.Tensor | None = None
+        self._noised_grad: torch.Tensor | None = None  # book-keeping's flat gradient (`draw_noise_into_grads`)
 
     def _split(self, flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         sizes = [p.numel() for p in params]
@@ -69,13 +70,28 @@ class FlatDPOptimizer(DPOptimizer):
             p.grad = view
         _mark_as_processed(self._flat_summed)
 
-    def noise_clipped_sum(self, summed: torch.Tensor) -> None:
-        """Book-keeping clipping hands over the flat clipped per-unit sum of one batch itself: noise and
-        scale it as `pre_step` does after `clip_and_accumulate` (no accumulation over virtual steps)."""
-        self._flat_summed = summed
-        self.add_noise()
-        if self.loss_reduction == "mean":
-            self._flat_grad /= self.expected_batch_size
+    @property
+    def grad_scale(self) -> float:
+        """What `pre_step` divides the noised sum by: 1 / expected_batch_size for a mean loss, else 1."""
+        return 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+
+    def draw_noise_into_grads(self) -> torch.Tensor:
+        """Book-keeping's step (one batch, no per-example gradients, no virtual steps): every parameter's `.grad`
+        is a view of one flat vector, refilled here with N(0, (noise_multiplier * max_grad_norm)^2) * grad_scale;
+        the caller then adds the clipped per-unit sum times `grad_scale` into it, in place. The same distribution
+        as `pre_step` on that sum (noise, then scale), from the same generator; only the scale moves onto the
+        std. The views persist across steps, so the loop does not call `zero_grad` between them."""
+        if self._noised_grad is None or self.param_groups[0]["params"][0].grad is None:  # first step, or after zero_grad
+            params = self.params
+            self._noised_grad = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            for p, view in zip(params, self._split(self._noised_grad, params), strict=True):
+                p.grad = view
+        std = self.noise_multiplier * self.max_grad_norm * self.grad_scale
+        if self.secure_mode or std == 0:
+            self._noised_grad.copy_(_generate_noise(std=std, reference=self._noised_grad, generator=self.generator, secure_mode=self.secure_mode))
+        else:
+            self._noised_grad.normal_(0.0, std, generator=self.generator)
+        return self._noised_grad
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":

@@ -178,13 +178,22 @@ class AuthChain(ContractGateway):
     def is_admitted(self, *, site_id: str, run_id: str) -> bool:
         """Registered, not revoked, and this site approved this run (and did not withdraw)."""
         address = self.site_address(site_id)
-        return bool(address) and bool(self.call("is_admitted", address, run_key(run_id)))
+        return bool(address) and bool(self.read("is_admitted", address, run_key(run_id)))
+
+    def admissions(self, *, site_ids: Sequence[str], run_id: str) -> dict[str, bool]:
+        """`is_admitted(...)` of every site in `site_ids`, read in one JSON-RPC batch (a round's updates)."""
+        addresses = {site_id: self.site_address(site_id) for site_id in dict.fromkeys(site_ids)}
+        registered = [site_id for site_id, address in addresses.items() if address]
+        key = run_key(run_id)
+        answers = self.client.read([self.views.call("is_admitted", addresses[site_id], key) for site_id in registered], what="is_admitted")
+        admitted = dict(zip(registered, (bool(answer) for answer in answers), strict=True))
+        return {site_id: admitted.get(site_id, False) for site_id in addresses}
 
     def approval(self, *, site_id: str, run_id: str) -> ApprovalRecord | None:
         address = self.site_address(site_id)
         if not address:
             return None
-        return _approval_record(self.call("approvals", address, run_key(run_id)), site_id=site_id, run_id=run_id)
+        return _approval_record(self.read("approvals", address, run_key(run_id)), site_id=site_id, run_id=run_id)
 
     def approval_and_admission(self, *, site_id: str, run_id: str) -> tuple[ApprovalRecord | None, bool]:
         """`approval(...)` and `is_admitted(...)` read together, in one JSON-RPC batch (a site's check per phase)."""
@@ -192,9 +201,8 @@ class AuthChain(ContractGateway):
         if not address:
             return None, False
         key = run_key(run_id)
-        functions = self.contract.functions
-        fields, admitted = self.client.call_all(
-            [functions.approvals(address, key), functions.is_admitted(address, key)], what="approvals + is_admitted"
+        fields, admitted = self.client.read(
+            [self.views.call("approvals", address, key), self.views.call("is_admitted", address, key)], what="approvals + is_admitted"
         )
         return _approval_record(fields, site_id=site_id, run_id=run_id), bool(admitted)
 

@@ -7,7 +7,7 @@ contract refusals become `ChainRevertError` carrying the contract's assert messa
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFou
 from .accounts import ChainAccount
 from .compiler import CompiledContract
 from .errors import ChainError, ChainRevertError, ChainUnavailableError
+from .views import ViewCall
 
 __all__ = ["CONNECTION_ERRORS", "ChainClient", "TxReceipt"]
 
@@ -45,7 +46,10 @@ class TxReceipt:
 
 
 def _revert_reason(error: Exception) -> str:
-    message = getattr(error, "message", None) or str(error)
+    return _revert_reason_text(getattr(error, "message", None) or str(error))
+
+
+def _revert_reason_text(message: str) -> str:
     for prefix in ("execution reverted: ", "execution reverted", "revert: "):
         if message.startswith(prefix):
             message = message[len(prefix) :]
@@ -114,18 +118,50 @@ class ChainClient:
     def call(self, function: Any, *, what: str) -> Any:
         return self.guarded(lambda: function.call(), what=what)
 
-    def call_all(self, functions: list[Any], *, what: str) -> list[Any]:
-        """Several view calls in one JSON-RPC batch (one HTTP round trip); in order, decoded like `call`."""
-        if len(functions) < 2 or not isinstance(self.w3.provider, Web3.HTTPProvider):
-            return [self.call(function, what=what) for function in functions]
+    def read(self, calls: Sequence[ViewCall], *, what: str) -> list[Any]:
+        """Prepared view calls (`ViewFunctions.call`), answered fresh by the node and decoded, in order; over HTTP
+        in one JSON-RPC batch (one round trip, no web3 middleware). An answer that is not a well-formed result of
+        the call is an unreadable chain (`ChainUnavailableError`), as is a node that cannot be reached."""
+        if not calls:
+            return []
 
-        def read() -> list[Any]:
-            with self.w3.batch_requests() as batch:
-                for function in functions:
-                    batch.add(function)
-                return list(batch.execute())
+        def send() -> list[Any]:
+            if isinstance(self.w3.provider, Web3.HTTPProvider):
+                answers = self._eth_call_batch(calls, what=what)
+            else:  # in-process chains: through web3, still without re-encoding
+                answers = [bytes(self.w3.eth.call({"to": call.to, "data": call.data})) for call in calls]
+            decoded = []
+            for call, answer in zip(calls, answers, strict=True):
+                try:
+                    decoded.append(call.decode(answer))
+                except Exception as error:  # eth_abi's decoding errors: the node's answer is not this function's
+                    raise ChainUnavailableError(self.name, self.url, f"{what}: {call.what} answered {len(answer)} bytes that do not decode") from error
+            return decoded
 
-        return self.guarded(read, what=what)
+        return self.guarded(send, what=what)
+
+    def _eth_call_batch(self, calls: Sequence[ViewCall], *, what: str) -> list[bytes]:
+        provider = self.w3.provider
+        requests_ = [(RPCEndpoint("eth_call"), [{"to": call.to, "data": call.data}, "latest"]) for call in calls]
+        try:
+            responses: Any = [provider.make_request(*requests_[0])] if len(calls) == 1 else provider.make_batch_request(requests_)
+        except (ValueError, TypeError) as error:  # not JSON, or a batch whose ids do not sort
+            raise ChainUnavailableError(self.name, self.url, f"{what}: unreadable answer ({type(error).__name__})") from error
+        if not isinstance(responses, list) or len(responses) != len(calls):
+            raise ChainUnavailableError(self.name, self.url, f"{what}: {len(calls)} calls got an answer of another shape")
+        answers = []
+        for call, response in zip(calls, responses, strict=True):
+            result = response.get("result") if isinstance(response, dict) else None
+            if isinstance(response, dict) and isinstance(response.get("error"), dict):
+                error = response["error"]
+                raise ChainRevertError(self.name, f"{what}: {call.what}", _revert_reason_text(str(error.get("message", ""))[:300]))
+            if not isinstance(result, str) or not result.startswith("0x"):
+                raise ChainUnavailableError(self.name, self.url, f"{what}: {call.what} got no result")
+            try:
+                answers.append(bytes.fromhex(result[2:]))
+            except ValueError as error:
+                raise ChainUnavailableError(self.name, self.url, f"{what}: {call.what} answered non-hex") from error
+        return answers
 
     def transact(self, account: ChainAccount, function: Any, *, call: str) -> TxReceipt:
         """Sign and send `function` from `account`; return once mined. Raises on revert/outage."""

@@ -150,7 +150,7 @@ class DataChain(ContractGateway):
         return RunRecord(name, _hex(key), task, _hex(config), _hex(code), _hex(dp), _hex(he), registered_at, rounds_anchored, last_round)
 
     def anchor(self, run_id: str, round_index: int) -> RoundAnchor | None:
-        fields = self.call("anchors", run_key(run_id), int(round_index))
+        fields = self.read("anchors", run_key(run_id), int(round_index))
         root, aggregate, manifest, participants, count, epsilon, max_eps, he_bound, anchored_at = fields
         if anchored_at == 0:
             return None

@@ -5,7 +5,7 @@ The wiring layer (experiments/) implements these with `medtwin.chain`; role code
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +38,10 @@ class ProvenanceRecorder(Protocol):
 
     def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
         """None if the auth chain admits `site_id` to `run_id` (registered, not revoked, approved)."""
+
+    def admission_problems(self, *, site_ids: Sequence[str], run_id: str) -> Mapping[str, str | None]:
+        """`admission_problem` of each site in `site_ids`, read together (a round's updates: one read, fresh
+        every round). Optional: the coordinator looks it up with `getattr` and else asks per site."""
 
     def close_round(
         self,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,13 @@ class ChainProvenance:
     drain_wait_s: float = 60.0  # at the end of a run, how long the background senders get to send what they hold
     outage_timeout_s: float = 600.0  # chain.outage_timeout_s: train on through an outage this long, then stop
     _admitted: dict[tuple[str, str], tuple[str | None, float]] = field(default_factory=dict, init=False)  # answer, when verified
+    _refusals_before: dict[str, int] = field(default_factory=dict, init=False)  # a reused session's refusals of earlier runs
+
+    def __post_init__(self) -> None:
+        self._refusals_before = {role: len(gateway.refused_in_background) for role, gateway in self._gateways()}
+
+    def _refused_in_background(self, role: str, gateway: Any) -> list[str]:
+        return gateway.refused_in_background[self._refusals_before.get(role, 0) :]
 
     def start_run(self, run: RunDescription) -> None:
         if self.session.data.run(run.run_id) is None:
@@ -144,8 +151,17 @@ class ChainProvenance:
             )
 
     def outage_problem(self) -> str | None:
-        """Why the run must stop now: a write queued longer than chain.outage_timeout_s ago (else None). The
-        outboxes are on disk, so the clock survives a coordinator restart and `--resume`."""
+        """Why the run must stop now: a write the chain refused in the background (a synchronous refusal raised
+        at once), or a write queued longer than chain.outage_timeout_s ago (else None). The outboxes are on
+        disk, so the clock survives a coordinator restart and `--resume`."""
+        refused = [(role, refusal) for role, gateway in self._gateways() for refusal in self._refused_in_background(role, gateway)]
+        if refused:
+            role, first = refused[0]
+            return (
+                f"the {role} chain refused {len(refused)} write(s) sent in the background (first: {first[:300]}): the run's "
+                "provenance on chain is incomplete, so it stops — the writes are in the outbox's failed file "
+                f"({'outbox-' + role + '.failed.jsonl'}); see `medtwin audit verify`"
+            )
         oldest = [
             (entry.queued_at, role)
             for role, gateway in self._gateways() if gateway.outbox is not None
@@ -165,27 +181,44 @@ class ChainProvenance:
     def admission_problem(self, *, site_id: str, run_id: str) -> str | None:
         """The auth chain's answer; while it is unreachable, the answer last verified on it, for at most
         chain.outage_timeout_s — never for a site not verified, nor one whose revocation is queued."""
+        return self.admission_problems(site_ids=[site_id], run_id=run_id)[site_id]
+
+    def admission_problems(self, *, site_ids: Sequence[str], run_id: str) -> dict[str, str | None]:
+        """`admission_problem` of every site in `site_ids`, their revocation and approval read in one
+        JSON-RPC batch (a round's updates): fresh from the chain on every call, never kept between calls."""
+        wanted = list(dict.fromkeys(site_ids))
         try:
-            problem = self._admission_problem(site_id=site_id, run_id=run_id)
+            problems = self._admission_problems(site_ids=wanted, run_id=run_id)
         except ChainUnavailableError as error:
             unreachable = f"the authorization chain is unreachable ({str(error)[:160]})"
-            answer, verified_at = self._admitted.get((site_id, run_id), ("", 0.0))
-            if answer == "" or time.monotonic() - verified_at > self.outage_timeout_s:
-                return f"{unreachable} and {site_id} was not verified on it for run {run_id} in the last {self.outage_timeout_s:g} s"
-            if site_key(site_id) in {bytes(args[0]) for args in self.session.auth.queued("revoke_site")}:
-                return f"{unreachable} and the revocation of {site_id} waits in this coordinator's outbox"
-            logger.warning("auth chain unreachable: %s gets the admission answer last verified on chain", site_id)
-            return answer
-        self._admitted[(site_id, run_id)] = (problem, time.monotonic())
-        return problem
+            return {site_id: self._last_verified_answer(site_id, run_id, unreachable=unreachable) for site_id in wanted}
+        now = time.monotonic()
+        for site_id, problem in problems.items():
+            self._admitted[(site_id, run_id)] = (problem, now)
+        return problems
 
-    def _admission_problem(self, *, site_id: str, run_id: str) -> str | None:
+    def _last_verified_answer(self, site_id: str, run_id: str, *, unreachable: str) -> str | None:
+        answer, verified_at = self._admitted.get((site_id, run_id), ("", 0.0))
+        if answer == "" or time.monotonic() - verified_at > self.outage_timeout_s:
+            return f"{unreachable} and {site_id} was not verified on it for run {run_id} in the last {self.outage_timeout_s:g} s"
+        if site_key(site_id) in {bytes(args[0]) for args in self.session.auth.queued("revoke_site")}:
+            return f"{unreachable} and the revocation of {site_id} waits in this coordinator's outbox"
+        logger.warning("auth chain unreachable: %s gets the admission answer last verified on chain", site_id)
+        return answer
+
+    def _admission_problems(self, *, site_ids: list[str], run_id: str) -> dict[str, str | None]:
         # the registration (address, key fingerprint) is read once per session: the registry never rewrites it;
-        # revocation, approval and withdrawal are read on every admission (is_admitted: one eth_call)
-        fingerprint = self.session.auth.key_fingerprint(site_id)
+        # revocation, approval and withdrawal are read on every admission (is_admitted: one eth_call per site,
+        # all of them in one batch)
+        fingerprints = {site_id: self.session.auth.key_fingerprint(site_id) for site_id in site_ids}
+        registered = [site_id for site_id in site_ids if fingerprints[site_id]]
+        admitted = self.session.auth.admissions(site_ids=registered, run_id=run_id) if registered else {}
+        return {site_id: self._registry_problem(site_id, run_id, fingerprints[site_id], admitted.get(site_id, False)) for site_id in site_ids}
+
+    def _registry_problem(self, site_id: str, run_id: str, fingerprint: str, admitted: bool) -> str | None:
         if not fingerprint:
             return f"{site_id} is not registered on the authorization chain"
-        if not self.session.auth.is_admitted(site_id=site_id, run_id=run_id):
+        if not admitted:
             return f"{site_id} is revoked or has not approved run {run_id} on the authorization chain"
         if self.manifest is not None and site_id in self.manifest.site_ids:
             expected = _fingerprint(self.manifest.site(site_id).signing_key_fingerprint)
@@ -245,12 +278,15 @@ class ChainProvenance:
         }
 
     def last_anchor(self, run_id: str) -> tuple[int, str] | None:
-        """(round, aggregate digest) of the run's highest round anchored on the data chain or queued in the outbox."""
-        anchors = {anchor.round_index: anchor.aggregate_hash for anchor in self.session.data.anchors(run_id)}
+        """(round, aggregate digest) of the run's highest round anchored on the data chain or queued in the outbox.
+        The outbox is read first: a background sender removes an anchor from it only once mined, so an anchor
+        that moves from the outbox to the chain meanwhile is seen in one or the other (the chain's answer wins)."""
         key = run_key(run_id)
+        anchors: dict[int, str] = {}
         for args in self.session.data.queued("anchor_round"):  # ABI order: run key, round, update root, aggregate, ...
             if bytes(args[0]) == key:
                 anchors[int(args[1])] = bytes(args[3]).hex()
+        anchors.update({anchor.round_index: anchor.aggregate_hash for anchor in self.session.data.anchors(run_id)})
         if not anchors:
             return None
         last_round = max(anchors)
@@ -267,6 +303,9 @@ class ChainProvenance:
             if final else None
         )  # fmt: skip
         results = self.session.finalize(wait_s=self.finalize_wait_s)
+        refused = {
+            role: [*self._refused_in_background(role, gateway), *results[role].flush.failed, *results[role].refused] for role, gateway in self._gateways()
+        }
         block = self.session.summary() | {
             "chain_ids": {"auth": self.session.deployment.auth.chain_id, "data": self.session.deployment.data.chain_id},
             "contracts": {"auth": self.session.deployment.auth.address, "data": self.session.deployment.data.address},
@@ -274,7 +313,10 @@ class ChainProvenance:
             "writes_pending_in_outbox": sum(result.flush.remaining for result in results.values()),
             "queued": {role: [entry.method for entry in gateway.outbox.pending()] for role, gateway in self._gateways() if gateway.outbox},
             # finalized: every write this state folder journaled is durable (anvil: in the node's state dump)
-            "finalized": all(result.complete and result.finalized >= result.journaled for result in results.values()),
+            # writes the chains refused (in the background, or on this final replay): never "finalized"
+            "refused": refused,
+            "finalized": not any(refused.values())
+            and all(result.complete and result.finalized >= result.journaled for result in results.values()),
             "journal": {
                 role: {"writes": result.journaled, "finalized_through": result.finalized, "resent": [r.call for r in result.resent]}
                 for role, result in results.items()
@@ -291,6 +333,7 @@ class ChainProvenance:
         return [("auth", self.session.auth), ("data", self.session.data)]
 
 
+ANCHOR_POLL_MAX_S = 0.2  # a site waiting for a round's anchor reads the chain at least this often
 APPROVAL_OUTAGE_GRACE_S = 900.0  # a site trusts its own approval, last seen on chain this recently, through an outage
 
 
@@ -306,9 +349,10 @@ class ChainApprovalCheck:
     (its own approval of exactly this config and code), and refuses otherwise.
 
     The coordinator sends a round's anchor in the background (`ContractGateway.write(background=True)`), so an
-    evaluation may arrive just before the anchor lands: `aggregate_problem` reads the chain again every
-    `anchor_poll_s` for up to `anchor_wait_s` and refuses only then. An anchor of another aggregate is refused
-    at once, and so is a chain the site cannot read."""
+    evaluation may arrive just before the anchor lands: `aggregate_problem` reads the chain again, first after
+    `anchor_poll_s`, the pause doubling up to ANCHOR_POLL_MAX_S, for up to `anchor_wait_s` (the site's own file)
+    and refuses only then — a coordinator asking about rounds it never anchors costs a site a few reads per
+    second, not a hundred. An anchor of another aggregate is refused at once, and so is a chain the site cannot read."""
 
     state_dir: str
     site_state_dir: str | None = None
@@ -366,6 +410,7 @@ class ChainApprovalCheck:
 
     def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
         deadline = time.monotonic() + self.anchor_wait_s
+        pause_s = self.anchor_poll_s
         while True:
             try:
                 anchor = shared_readonly(self.state_dir).data.anchor(run_id, server_round)
@@ -373,7 +418,8 @@ class ChainApprovalCheck:
                 return f"cannot read the data chain to check round {server_round}'s anchor ({str(error)[:200]})"
             if anchor is not None or time.monotonic() >= deadline:
                 break
-            time.sleep(min(self.anchor_poll_s, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
+            pause_s = min(2 * pause_s, ANCHOR_POLL_MAX_S)
         if anchor is None:
             return (
                 f"round {server_round} of run {run_id} is not anchored on the data chain "

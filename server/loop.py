@@ -52,6 +52,7 @@ from medtwin.core.protocol import (
     UPDATE,
     RoundCertificate,
     certified_record_name,
+    claim_from_site_record,
     evaluation_sha256,
     instruction,
     payload_sha256,
@@ -455,6 +456,7 @@ class RoundLoop:
         replies = self._send(node_ids, phase="statistics", server_round=server_round)
         accepted: list[SiteUpdate] = []
         rejected: list[Rejection] = []
+        admissions = self.round_admissions(replies)
         for reply in replies:
             try:
                 verified, update, _ = self.read_update(reply, server_round, status=STATISTICS_STATUS)
@@ -466,7 +468,7 @@ class RoundLoop:
             if isinstance(update, Rejection):
                 rejected.append(update)
                 continue
-            problem = self.admission_problem(update.site_id)
+            problem = self.admission_problem(update.site_id, admissions)
             if problem:
                 rejected.append(Rejection(update.site_id, update.node_id, safe_text(problem[1], limit=300), server_round, problem[0]))
                 continue
@@ -587,6 +589,7 @@ class RoundLoop:
         accepted: list[SiteUpdate] = []
         site_metrics: dict[str, dict[str, float]] = {}
         rejected: list[Rejection] = []
+        admissions = self.round_admissions(replies)
         for reply in replies:
             try:
                 verified, update, metrics = self.read_update(reply, server_round)
@@ -598,7 +601,7 @@ class RoundLoop:
                 self.result.sites[verified.node_id] = verified.site_id
                 rejected.append(update)
                 continue
-            problem = self.admission_problem(update.site_id)
+            problem = self.admission_problem(update.site_id, admissions)
             if problem:
                 code, reason = problem
                 rejected.append(Rejection(update.site_id, update.node_id, safe_text(reason, limit=300), server_round, code))
@@ -679,11 +682,35 @@ class RoundLoop:
             "from its last checkpoint, or lower federation.min_sites"
         )
 
-    def admission_problem(self, site_id: str) -> tuple[str, str] | None:
+    def admission_problem(self, site_id: str, answers: Mapping[str, str | None] | None = None) -> tuple[str, str] | None:
+        """The chain's word on `site_id`: from `answers` (`round_admissions`, read this round) if it holds the
+        site, else asked now."""
         if self.provenance is None:
             return None
-        problem = self.provenance.admission_problem(site_id=site_id, run_id=self.run_id)
+        if answers is not None and site_id in answers:
+            problem = answers[site_id]
+        else:
+            problem = self.provenance.admission_problem(site_id=site_id, run_id=self.run_id)
         return ("not_admitted", problem) if problem else None
+
+    def round_admissions(self, replies: list[Message]) -> dict[str, str | None]:
+        """The chain's admission answers for the federation's sites these replies claim to be, read together
+        now (one JSON-RPC batch with a `ChainProvenance`); {} for a recorder without `admission_problems`.
+        The claims are not verified yet: they only choose what to read. An answer is used only for an update
+        verified as that site's, and any other verified site is asked on its own (`admission_problem`)."""
+        read_all = getattr(self.provenance, "admission_problems", None)
+        if read_all is None:
+            return {}
+        known = set(self.verifier.manifest.site_ids)
+        claimed: dict[str, None] = {}
+        for reply in replies:
+            try:
+                site_id = claim_from_site_record(reply.content[SITE])[0].site_id if not reply.has_error() else None
+            except Exception:  # noqa: BLE001 — a malformed reply is refused when it is read; here it names no site
+                continue
+            if site_id in known:
+                claimed[site_id] = None
+        return dict(read_all(site_ids=list(claimed), run_id=self.run_id)) if claimed else {}
 
     def close_round_on_chain(
         self,

@@ -36,7 +36,14 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, gateway: object) -> Counter[st
         counts[what] += 1
         return original(function, what=what)
 
+    original_read = gateway.client.read  # type: ignore[attr-defined]
+
+    def counted_read(calls: list, *, what: str) -> list:
+        counts.update(call.what for call in calls)  # one count per eth_call, batched or not
+        return original_read(calls, what=what)
+
     monkeypatch.setattr(gateway.client, "call", counted)  # type: ignore[attr-defined]
+    monkeypatch.setattr(gateway.client, "read", counted_read)  # type: ignore[attr-defined]
     return counts
 
 

@@ -20,8 +20,8 @@ A round is built from the pieces the real round loop runs (server/loop.py, clien
     site         [chain: its approval of the run] -> take the previous round's certified updates
                  (verify the certificate, sum them itself, decrypt under CKKS) -> local training
                  (`train_locally`) -> pack (encrypt + sign, with its dataset manifest)
-    coordinator  for each update: verify the signed claim, check its payload / ciphertext shape,
-                 [chain: the site's admission]; store every update, sum (CKKS: public context only),
+    coordinator  [chain: the round's sites' admissions, in one batch]; for each update: verify the
+                 signed claim, check its payload / ciphertext shape; store every update, sum (CKKS: public context only),
                  store the aggregate and certify it; [chain: decisions + dataset commitments + anchor,
                  made durable and handed to each chain's background sender]
     site         [chain: its approval] -> take the certified updates again (verify, sum, decrypt)
@@ -267,6 +267,8 @@ class SchemeRounds:
         """The coordinator's round: (the certified aggregate, seconds of it spent on chain calls, of which closing the round)."""
         chain_s = close_s = 0.0
         accepted = []
+        if self.chain is not None:  # the round's admissions, read together before the updates (RoundLoop.round_admissions)
+            chain_s += self.chain.admissions_s(self.federation.site_ids)
         for node_id, record, site_record in replies:
             verified = self.verifier.verify(
                 site_record, node_id=node_id, kind="update", server_round=server_round, payload_sha256=payload_sha256(record)
@@ -275,8 +277,6 @@ class SchemeRounds:
             problem = self.aggregator.check(update)
             if problem:
                 raise RuntimeError(f"benchmark update rejected: {problem}")
-            if self.chain is not None:
-                chain_s += self.chain.admission_s(update.site_id)
             self.verifier.accept(verified)
             self.aggregator.accept(update)
             accepted.append(update)

@@ -3,7 +3,7 @@
 What a round asks of the chains (see server/loop.py, client/app.py, experiments/chain_wiring.py):
 
     site, train phase        its approval of (run, config, code) on the auth chain (`ChainApprovalCheck.problem`)
-    coordinator, per update  the site's admission on the auth chain (`ChainProvenance.admission_problem`)
+    coordinator, per round   the sites' admissions on the auth chain, in one batch (`ChainProvenance.admission_problems`)
     coordinator, close       one auth tx of the round's decisions, the dataset commitments when they change,
                              one data tx anchoring the round (`ChainProvenance.close_round`): made durable in
                              the journal and outbox, then sent by each chain's background sender, as the
@@ -116,10 +116,13 @@ class RunChain:
             if gateway.sender is not None and gateway.sender.drain(timeout_s=60.0):
                 raise ChainRefusal(f"{gateway.client.name} chain: writes still queued after 60 s: the node is not taking them")
 
-    def admission_s(self, site_id: str) -> float:
-        """The coordinator's check of one update's site on the auth chain."""
+    def admissions_s(self, site_ids: list[str]) -> float:
+        """The coordinator's check of the round's sites on the auth chain, read together as the round loop
+        does (`RoundLoop.round_admissions`: one JSON-RPC batch)."""
         started = time.perf_counter()
-        self._refuse_on(self._provenance.admission_problem(site_id=site_id, run_id=self.run_id))
+        problems = self._provenance.admission_problems(site_ids=site_ids, run_id=self.run_id)
+        for site_id in site_ids:
+            self._refuse_on(problems[site_id])
         return time.perf_counter() - started
 
     def close_round_s(

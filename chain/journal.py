@@ -13,7 +13,8 @@ keeps two points, each an entry number with the block (number and hash) at which
 
 A reconcile re-checks only the entries after the durable point, unless the chain no longer has the
 durable block's hash (a node restored from an older state, a reorg): then it re-checks everything.
-Appends and watermark updates happen under the outbox's lock (the caller holds it).
+Appends and watermark updates happen under the outbox's file lock (`Outbox.files_locked`, the gateway sets
+`guard`): a background sender marks entries mined while the round loop appends new ones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,16 +68,20 @@ class Journal:
         self.path = Path(path)
         self.chain = chain
         self.watermark_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".watermark.json")
+        # held around every change (the outbox's file lock, set by the gateway): appends from two threads
+        self.guard: Callable[[], AbstractContextManager[None]] = nullcontext
 
     def append(self, *, method: str, args: list[Any], sender: str, signer_label: str = "") -> JournalEntry:
-        entry = JournalEntry(self.last_seq() + 1, method, encode_args(args), sender, signer_label, time.time())
-        record = asdict(entry)
-        del record["tx_hash"]
-        self._append_line(record)
-        return entry
+        with self.guard():
+            entry = JournalEntry(self.last_seq() + 1, method, encode_args(args), sender, signer_label, time.time())
+            record = asdict(entry)
+            del record["tx_hash"]
+            self._append_line(record)
+            return entry
 
     def mark_mined(self, seq: int, *, tx_hash: str, block: int) -> None:
-        self._append_line({"mined": seq, "tx_hash": tx_hash, "block": block})
+        with self.guard():
+            self._append_line({"mined": seq, "tx_hash": tx_hash, "block": block})
 
     def _append_line(self, record: dict[str, Any]) -> None:
         created = not self.path.exists()
@@ -174,7 +181,8 @@ class Journal:
             ) from error
 
     def set_watermark(self, watermark: Watermark) -> None:
-        atomic_write_bytes(self.watermark_path, json.dumps(asdict(watermark), sort_keys=True).encode(), mode=FILE_MODE)
+        with self.guard():
+            atomic_write_bytes(self.watermark_path, json.dumps(asdict(watermark), sort_keys=True).encode(), mode=FILE_MODE)
 
 
 def anvil_durable_block(state_file: str | os.PathLike[str]) -> int:

@@ -4,14 +4,21 @@ One JSONL file per chain (``outbox-auth.jsonl``, ``outbox-data.jsonl``). Appends
 removals rewrite the file atomically (temp file, fsync, rename); a lock file serialises processes.
 Entries that the chain refuses on replay move to ``<name>.failed.jsonl`` and are reported, never
 dropped silently. The replay logic (idempotency checks, sending) lives in the gateway.
+
+Two locks: `locked()` is held by whoever sends or replays queued writes (for as long as that takes);
+`files_locked()` only for a read or change of the files themselves (milliseconds). A background sender
+holds the first while a transaction mines, so the round loop's hand-off takes only the second: it never
+waits for a send under way, and no append is lost to a removal's rewrite of the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,16 +91,39 @@ class Outbox:
         self.path = Path(path)
         self.chain = chain
         self.failed_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".failed.jsonl")
+        self._files_held = threading.local()  # this thread's depth in `files_locked` (re-entrant per thread)
 
     def locked(self) -> AbstractContextManager[None]:
-        """Hold the cross-process lock (flock on a sibling .lock file)."""
+        """Hold the cross-process sending lock (flock on a sibling .lock file): whoever sends or replays queued writes."""
         return exclusive_lock(self.path.with_name(self.path.name + ".lock"))
+
+    @contextmanager
+    def files_locked(self) -> Iterator[None]:
+        """Hold the short lock on the files (flock on a sibling .files.lock): a consistent read, or one change.
+        Re-entrant within a thread; taken after `locked()` when both are needed, never before it."""
+        depth = getattr(self._files_held, "depth", 0)
+        if depth:
+            self._files_held.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._files_held.depth = depth
+            return
+        with exclusive_lock(self.path.with_name(self.path.name + ".files.lock")):
+            self._files_held.depth = 1
+            try:
+                yield
+            finally:
+                self._files_held.depth = 0
 
     def _read(self, path: Path) -> list[PendingWrite]:
         if not path.is_file():
             return []
+        text = path.read_text(encoding="utf-8")
+        if not text.endswith("\n"):  # a line still being appended (another thread's hand-off), or torn by a crash
+            text = text[: text.rfind("\n") + 1]  # before its fsync — never a write whose call returned
         entries = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -117,7 +147,13 @@ class Outbox:
     def append(
         self, *, method: str, args: list[Any], sender: str, reason: str = "", signer_label: str = "", journal_seq: int = 0
     ) -> PendingWrite:
-        """Queue one write after every write already queued (caller holds `locked()`)."""
+        """Queue one write after every write already queued."""
+        with self.files_locked():
+            return self._append_locked(
+                method=method, args=args, sender=sender, reason=reason, signer_label=signer_label, journal_seq=journal_seq
+            )  # fmt: skip
+
+    def _append_locked(self, *, method: str, args: list[Any], sender: str, reason: str, signer_label: str, journal_seq: int) -> PendingWrite:
         existing = self.pending() + self.failed()
         entry = PendingWrite(
             seq=max((item.seq for item in existing), default=0) + 1,
@@ -135,15 +171,17 @@ class Outbox:
 
     def remove(self, seq: int) -> None:
         """Drop a write that is now on chain (caller holds `locked()`)."""
-        remaining = [item for item in self.pending() if item.seq != seq]
-        _atomic_write(self.path, "".join(json.dumps(asdict(item), sort_keys=True) + "\n" for item in remaining))
+        with self.files_locked():  # a hand-off's append between the read and the rewrite would be lost
+            remaining = [item for item in self.pending() if item.seq != seq]
+            _atomic_write(self.path, "".join(json.dumps(asdict(item), sort_keys=True) + "\n" for item in remaining))
 
     def move_to_failed(self, seq: int, *, error: str) -> PendingWrite:
         """The chain refused a queued write: keep it, with the error, in the failed file."""
-        entry = next((item for item in self.pending() if item.seq == seq), None)
-        if entry is None:
-            raise OutboxError(f"outbox {self.path} has no entry with seq {seq}")
-        failed = PendingWrite(**{**asdict(entry), "reason": f"{entry.reason}; replay refused: {error}".lstrip("; ")})
-        _append_line(self.failed_path, asdict(failed))
-        self.remove(seq)
-        return failed
+        with self.files_locked():
+            entry = next((item for item in self.pending() if item.seq == seq), None)
+            if entry is None:
+                raise OutboxError(f"outbox {self.path} has no entry with seq {seq}")
+            failed = PendingWrite(**{**asdict(entry), "reason": f"{entry.reason}; replay refused: {error}".lstrip("; ")})
+            _append_line(self.failed_path, asdict(failed))
+            self.remove(seq)
+            return failed

@@ -8,7 +8,9 @@ between the durable record and the send loses nothing: the next start (or `medtw
 reconciles, checking each entry against the chain before sending it, so nothing is written twice.
 
 While the chain is unreachable the sender retries every `retry_s`; the entries wait in the outbox like
-any outage's writes (`outage_problem` sees their age). `drain` waits until the outbox is empty or the
+any outage's writes (`outage_problem` sees their age). A write the chain refuses moves to the outbox's
+failed file and to `gateway.refused_in_background`: the run stops on it (`ChainProvenance.outage_problem`)
+and its summary lists it, as a synchronous refusal raised at once. `drain` waits until the outbox is empty or the
 sender cannot make progress (the end of a run: what is left is reported as queued).
 """
 
@@ -37,7 +39,7 @@ class BackgroundSender:
         self.retry_s = retry_s
         self.send_s = 0.0  # seconds spent sending (off the round's critical path), summed
         self.sent = 0  # writes this sender put on chain
-        self.failed: list[str] = []  # writes the chain refused (kept in the outbox's failed file)
+        self.failed: list[str] = []  # writes the chain refused (kept in the outbox's failed file and the gateway's list)
         self._wake = threading.Event()
         self._state = threading.Condition()
         self._busy = False
@@ -83,10 +85,13 @@ class BackgroundSender:
                 return
             started = time.perf_counter()
             try:
+                before = self._queued_keys()
                 result = self.gateway.send_queued()
                 self.sent += len(result.mined)
                 self.failed.extend(result.failed)
-                stalled = result.remaining > 0
+                self.gateway.refused_in_background.extend(result.failed)
+                # stalled: a write queued before this pass is still there (one handed off during it is not a stall)
+                stalled = bool(before & self._queued_keys())
             except (ChainError, OutboxError, OSError, ValueError) as error:  # the writes stay durable in the outbox
                 log.error("%s chain: background send failed (%s); retrying in %.0f s", self.gateway.client.name, error, self.retry_s)
                 stalled = True
@@ -99,3 +104,7 @@ class BackgroundSender:
                 if not self._wake.is_set():  # nothing new arrived during the pass
                     self._busy = False
                     self._state.notify_all()
+
+    def _queued_keys(self) -> set[tuple[int, float, int]]:
+        outbox = self.gateway.outbox
+        return {(entry.seq, entry.queued_at, entry.journal_seq) for entry in outbox.pending()} if outbox is not None else set()

@@ -10,7 +10,11 @@ triggers a reconcile: journal entries the chain lost are sent again, in order, t
 
 `write(..., background=True)` with a running `BackgroundSender` (see sender.py) stops after the durable
 part — journal and outbox appended and fsynced — and returns status "sending" ("queued" while the sender
-is stalled by an outage); the sender puts the write on chain in outbox order (`send_queued`).
+is stalled by an outage); the sender puts the write on chain in outbox order (`send_queued`). The hand-off
+takes only the outbox's file lock, never the sending lock the sender holds while a transaction mines; a
+reconcile reads the journal and the outbox together (one snapshot under the file lock), so a write handed
+off meanwhile is left whole to the next pass. What the chain refuses in the background is kept in
+`refused_in_background` for the run to stop on and report (a fresh synchronous write raises instead).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class ContractGateway:
         self.deploy_block = deploy_block
         self.outbox = outbox
         self.journal = journal if outbox is not None else None
+        if self.journal is not None and outbox is not None:
+            self.journal.guard = outbox.files_locked  # the hand-off appends while a sender marks entries mined
         # the highest block the node cannot lose any more; default: whatever it has mined
         self.durable_block = durable_block or client.block_number
         self._last_mined: tuple[int, str] | None = None  # (block, hash) of this process's last write
@@ -71,6 +77,8 @@ class ContractGateway:
         # outbox entries this process queued for its sender and nobody tried to send yet: sent without first asking
         # the chain whether they are applied (anything else queued goes through the reconcile, which asks)
         self._fresh: set[int] = set()
+        # "seq N method: error" for each write the chain refused while a background sender had it (kept after the sender stops)
+        self.refused_in_background: list[str] = []
 
     @property
     def address(self) -> str:
@@ -148,7 +156,7 @@ class ContractGateway:
 
     def _hand_to_sender(self, account: ChainAccount, method: str, args: list[Any]) -> WriteReceipt:
         assert self.outbox is not None and self.sender is not None
-        with self.outbox.locked():
+        with self.outbox.files_locked():  # not `locked()`: the sender holds that while a transaction mines
             journaled = self._journal_append(account, method, args)
             entry = self.outbox.append(
                 method=method, args=args, sender=account.address, reason="sent in the background", signer_label=account.label,
@@ -242,7 +250,7 @@ class ContractGateway:
                 return self._reconcile_locked().flush
             return self._flush_locked()
 
-    def _flush_locked(self) -> FlushResult:
+    def _flush_locked(self, *, journaled_through: int | None = None) -> FlushResult:
         """Replay the outbox alone, in order (writes queued before journals existed, or no journal)."""
         assert self.outbox is not None
         self._fresh.clear()  # every entry is checked against the chain here
@@ -250,6 +258,8 @@ class ContractGateway:
         failed: list[str] = []
         applied = 0
         for entry in self.outbox.pending():
+            if journaled_through is not None and entry.journal_seq > journaled_through:
+                break  # handed off after the reconcile's snapshot: the next pass takes it, with its journal entry
             signer = self._replay_signer(entry.sender, entry.signer_label, own=entry.seq in self._own_outbox)
             if signer is None:
                 log.warning("%s chain: outbox seq %d waits for signer %s", self.client.name, entry.seq, entry.sender)
@@ -351,9 +361,14 @@ class ContractGateway:
             mark = self._promote(mark)  # an earlier verified point may be durable by now
         except ChainUnavailableError:
             return ReconcileResult(unfinished=1, journaled=journal.last_seq(), finalized=mark.durable_seq, flush=FlushResult(remaining=len(self.outbox)))
-        queued = {entry.journal_seq: entry for entry in self.outbox.pending() if entry.journal_seq}
-        gave_up = {entry.journal_seq for entry in self.outbox.failed()}
-        entries = [entry for entry in journal.entries(after=mark.durable_seq) if entry.seq not in mark.refused and entry.seq not in gave_up]
+        with self.outbox.files_locked():  # one snapshot: a write handed off meanwhile is in both files or in neither
+            snapshot = journal.last_seq()
+            queued = {entry.journal_seq: entry for entry in self.outbox.pending() if entry.journal_seq}
+            gave_up = {entry.journal_seq for entry in self.outbox.failed()}
+            journaled = journal.entries(after=mark.durable_seq)
+        entries = [
+            entry for entry in journaled if entry.seq <= snapshot and entry.seq not in mark.refused and entry.seq not in gave_up
+        ]  # fmt: skip
         resent: list[WriteReceipt] = []
         from_outbox: list[WriteReceipt] = []
         refused: list[str] = []
@@ -399,12 +414,14 @@ class ContractGateway:
                     refused.append(f"journal entry {entry.seq} {entry.method}: {error}")
                     mark = replace(mark, refused=(*mark.refused, entry.seq))
                 log.error("%s chain: journal entry %d (%s) could not be sent again: %s", self.client.name, entry.seq, entry.method, error)
-        legacy = self._flush_locked() if not unfinished else FlushResult(remaining=len(self.outbox))  # entries older than journals
+        legacy = (  # entries older than journals
+            self._flush_locked(journaled_through=snapshot) if not unfinished else FlushResult(remaining=len(self.outbox))
+        )  # fmt: skip
         if not unfinished and not legacy.remaining:
             try:
                 if self.client.block_hash(head) == head_hash:  # the node was not restored while we checked
                     now = self.client.block_number()
-                    mark = replace(mark, verified_seq=journal.last_seq(), verified_block=now, verified_hash=self.client.block_hash(now) or "")
+                    mark = replace(mark, verified_seq=snapshot, verified_block=now, verified_hash=self.client.block_hash(now) or "")
                     mark = self._promote(mark)
             except ChainUnavailableError:
                 unfinished = 1

@@ -129,6 +129,13 @@ class ChainProvenance:
     drain_wait_s: float = 60.0  # at the end of a run, how long the background senders get to send what they hold
     outage_timeout_s: float = 600.0  # chain.outage_timeout_s: train on through an outage this long, then stop
     _admitted: dict[tuple[str, str], tuple[str | None, float]] = field(default_factory=dict, init=False)  # answer, when verified
+    _refusals_before: dict[str, int] = field(default_factory=dict, init=False)  # a reused session's refusals of earlier runs
+
+    def __post_init__(self) -> None:
+        self._refusals_before = {role: len(gateway.refused_in_background) for role, gateway in self._gateways()}
+
+    def _refused_in_background(self, role: str, gateway: Any) -> list[str]:
+        return gateway.refused_in_background[self._refusals_before.get(role, 0) :]
 
     def start_run(self, run: RunDescription) -> None:
         if self.session.data.run(run.run_id) is None:
@@ -144,8 +151,17 @@ class ChainProvenance:
             )
 
     def outage_problem(self) -> str | None:
-        """Why the run must stop now: a write queued longer than chain.outage_timeout_s ago (else None). The
-        outboxes are on disk, so the clock survives a coordinator restart and `--resume`."""
+        """Why the run must stop now: a write the chain refused in the background (a synchronous refusal raised
+        at once), or a write queued longer than chain.outage_timeout_s ago (else None). The outboxes are on
+        disk, so the clock survives a coordinator restart and `--resume`."""
+        refused = [(role, refusal) for role, gateway in self._gateways() for refusal in self._refused_in_background(role, gateway)]
+        if refused:
+            role, first = refused[0]
+            return (
+                f"the {role} chain refused {len(refused)} write(s) sent in the background (first: {first[:300]}): the run's "
+                "provenance on chain is incomplete, so it stops — the writes are in the outbox's failed file "
+                f"({'outbox-' + role + '.failed.jsonl'}); see `medtwin audit verify`"
+            )
         oldest = [
             (entry.queued_at, role)
             for role, gateway in self._gateways() if gateway.outbox is not None
@@ -262,12 +278,15 @@ class ChainProvenance:
         }
 
     def last_anchor(self, run_id: str) -> tuple[int, str] | None:
-        """(round, aggregate digest) of the run's highest round anchored on the data chain or queued in the outbox."""
-        anchors = {anchor.round_index: anchor.aggregate_hash for anchor in self.session.data.anchors(run_id)}
+        """(round, aggregate digest) of the run's highest round anchored on the data chain or queued in the outbox.
+        The outbox is read first: a background sender removes an anchor from it only once mined, so an anchor
+        that moves from the outbox to the chain meanwhile is seen in one or the other (the chain's answer wins)."""
         key = run_key(run_id)
+        anchors: dict[int, str] = {}
         for args in self.session.data.queued("anchor_round"):  # ABI order: run key, round, update root, aggregate, ...
             if bytes(args[0]) == key:
                 anchors[int(args[1])] = bytes(args[3]).hex()
+        anchors.update({anchor.round_index: anchor.aggregate_hash for anchor in self.session.data.anchors(run_id)})
         if not anchors:
             return None
         last_round = max(anchors)
@@ -284,6 +303,9 @@ class ChainProvenance:
             if final else None
         )  # fmt: skip
         results = self.session.finalize(wait_s=self.finalize_wait_s)
+        refused = {
+            role: [*self._refused_in_background(role, gateway), *results[role].flush.failed, *results[role].refused] for role, gateway in self._gateways()
+        }
         block = self.session.summary() | {
             "chain_ids": {"auth": self.session.deployment.auth.chain_id, "data": self.session.deployment.data.chain_id},
             "contracts": {"auth": self.session.deployment.auth.address, "data": self.session.deployment.data.address},
@@ -291,7 +313,10 @@ class ChainProvenance:
             "writes_pending_in_outbox": sum(result.flush.remaining for result in results.values()),
             "queued": {role: [entry.method for entry in gateway.outbox.pending()] for role, gateway in self._gateways() if gateway.outbox},
             # finalized: every write this state folder journaled is durable (anvil: in the node's state dump)
-            "finalized": all(result.complete and result.finalized >= result.journaled for result in results.values()),
+            # writes the chains refused (in the background, or on this final replay): never "finalized"
+            "refused": refused,
+            "finalized": not any(refused.values())
+            and all(result.complete and result.finalized >= result.journaled for result in results.values()),
             "journal": {
                 role: {"writes": result.journaled, "finalized_through": result.finalized, "resent": [r.call for r in result.resent]}
                 for role, result in results.items()
@@ -308,6 +333,7 @@ class ChainProvenance:
         return [("auth", self.session.auth), ("data", self.session.data)]
 
 
+ANCHOR_POLL_MAX_S = 0.2  # a site waiting for a round's anchor reads the chain at least this often
 APPROVAL_OUTAGE_GRACE_S = 900.0  # a site trusts its own approval, last seen on chain this recently, through an outage
 
 
@@ -323,9 +349,10 @@ class ChainApprovalCheck:
     (its own approval of exactly this config and code), and refuses otherwise.
 
     The coordinator sends a round's anchor in the background (`ContractGateway.write(background=True)`), so an
-    evaluation may arrive just before the anchor lands: `aggregate_problem` reads the chain again every
-    `anchor_poll_s` for up to `anchor_wait_s` and refuses only then. An anchor of another aggregate is refused
-    at once, and so is a chain the site cannot read."""
+    evaluation may arrive just before the anchor lands: `aggregate_problem` reads the chain again, first after
+    `anchor_poll_s`, the pause doubling up to ANCHOR_POLL_MAX_S, for up to `anchor_wait_s` (the site's own file)
+    and refuses only then — a coordinator asking about rounds it never anchors costs a site a few reads per
+    second, not a hundred. An anchor of another aggregate is refused at once, and so is a chain the site cannot read."""
 
     state_dir: str
     site_state_dir: str | None = None
@@ -383,6 +410,7 @@ class ChainApprovalCheck:
 
     def aggregate_problem(self, *, run_id: str, server_round: int, aggregate_sha256: str) -> str | None:
         deadline = time.monotonic() + self.anchor_wait_s
+        pause_s = self.anchor_poll_s
         while True:
             try:
                 anchor = shared_readonly(self.state_dir).data.anchor(run_id, server_round)
@@ -390,7 +418,8 @@ class ChainApprovalCheck:
                 return f"cannot read the data chain to check round {server_round}'s anchor ({str(error)[:200]})"
             if anchor is not None or time.monotonic() >= deadline:
                 break
-            time.sleep(min(self.anchor_poll_s, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
+            pause_s = min(2 * pause_s, ANCHOR_POLL_MAX_S)
         if anchor is None:
             return (
                 f"round {server_round} of run {run_id} is not anchored on the data chain "

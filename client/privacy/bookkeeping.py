@@ -102,6 +102,10 @@ class BookkeepingClipper:
         if filled != list(range(len(params))):  # every slice of the flat sum is written exactly once (it starts uninitialised)
             raise IncompatibleModelError(["every optimizer parameter must be the weight or bias of exactly one Linear/Conv1d layer"])
         self._sizes = [parameter.numel() for parameter in params]  # the flat sum's layout, one slice per parameter
+        self._leading = [parameter.shape[0] for parameter in params]
+        self._flat: torch.Tensor | None = None  # the last flat sum written to, and its `_pieces`
+        self._flat_pieces: tuple[tuple[torch.Tensor, ...], list[torch.Tensor]] = ((), [])
+        self._layer_ids = sorted(id(layer) for layer in self._layers)
         self.size = sum(self._sizes)
         self._bias_columns: dict[tuple[bool, ...], torch.Tensor] = {}  # which stacked row layers have a bias, as a [layers, 1] column
         self._records: list[_Record] = []
@@ -146,11 +150,19 @@ class BookkeepingClipper:
                 unit_layers.append(_LayerGradient(record, grad, rows, units, slots))
         norm = self._unit_norms(row_layers, unit_layers)
         factor = _clip_factor(norm, scale=units.scale, max_grad_norm=max_grad_norm, times=scale)
-        pieces = flat.split(self._sizes)
+        pieces, matrices = self._pieces(flat)
         for layer in row_layers:
-            layer.clipped_sum_into(factor, pieces, accumulate=accumulate)
+            layer.clipped_sum_into(factor, pieces, matrices, accumulate=accumulate)
         for layer in unit_layers:
-            layer.clipped_sum_into(factor, units, pieces, accumulate=accumulate)
+            layer.clipped_sum_into(factor, units, pieces, matrices, accumulate=accumulate)
+
+    def _pieces(self, flat: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        """`flat`'s slice per parameter, and each as a [first dimension, rest] matrix; kept for the training loop's
+        flat gradient, which is the same tensor every step."""
+        if flat is not self._flat:
+            pieces = flat.split(self._sizes)
+            self._flat, self._flat_pieces = flat, (pieces, [piece.view(rows, -1) for piece, rows in zip(pieces, self._leading, strict=True)])
+        return self._flat_pieces
 
     def _unit_norms(self, row_layers: list[_RowLinear], unit_layers: list[_LayerGradient]) -> torch.Tensor:
         """||∇_u|| / scale over all layers jointly, [units]: the norm of every part's per-unit norm. A row layer's
@@ -169,7 +181,7 @@ class BookkeepingClipper:
 
     def _check(self, records: list[_Record], rows: int) -> None:
         seen = [id(record.layer) for record in records]
-        if sorted(seen) != sorted(id(layer) for layer in self._layers):
+        if sorted(seen) != self._layer_ids:
             raise IncompatibleModelError(["every trainable layer must run exactly once per forward pass for book-keeping clipping"])
         for record in records:
             if not record.output.requires_grad:
@@ -231,12 +243,9 @@ class _Units:
 
 def _clip_factor(norm: torch.Tensor, *, scale: float, max_grad_norm: float, times: float) -> torch.Tensor:
     """Each unit's weight in the clipped sum: min(1, C / (||∇_u|| + 1e-6)) (Opacus's formula) times `scale`
-    (its gradient is `scale` times what the layers hold, so ||∇_u|| = scale * norm_u) times `times`.
-    In place on `norm`: a handful of ops on one short vector."""
-    if scale != 1.0:
-        norm = norm.mul_(scale)
-    clip = norm.add_(1e-6).reciprocal_().mul_(max_grad_norm).clamp_max_(1.0)
-    return clip if scale * times == 1.0 else clip.mul_(scale * times)
+    (its gradient is `scale` times what the layers hold, so ||∇_u|| = scale * norm_u) times `times`, as
+    min(scale * times, C * times / (norm_u + 1e-6 / scale)): four in-place ops on one short vector."""
+    return norm.add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm * times).clamp_max_(scale * times)
 
 
 class _RowLinear:
@@ -249,8 +258,8 @@ class _RowLinear:
         self.grad_norm = torch.linalg.vector_norm(grad, dim=1)
         self.input_norm = torch.linalg.vector_norm(inputs, dim=1)
 
-    def clipped_sum_into(self, factor: torch.Tensor, pieces: tuple[torch.Tensor, ...], *, accumulate: bool) -> None:
-        target = pieces[self.weight_slot].view(self.grad.shape[1], self.inputs.shape[1])
+    def clipped_sum_into(self, factor: torch.Tensor, pieces: tuple[torch.Tensor, ...], matrices: list[torch.Tensor], *, accumulate: bool) -> None:
+        target = matrices[self.weight_slot]  # [d_out, d_in]
         if self.inputs.shape[1] <= self.grad.shape[1]:  # scale the narrower side by each row's factor
             left, right = self.grad.T, self.inputs * factor[:, None]
         else:
@@ -289,14 +298,13 @@ class _LayerGradient:
             self.per_unit_weight = torch.bmm(unit_out.transpose(1, 2), unit_in).flatten(1)  # [units, d_out * d_in]
             self.norms.append(torch.linalg.vector_norm(self.per_unit_weight, dim=1))
 
-    def clipped_sum_into(self, factor: torch.Tensor, units: _Units, pieces: tuple[torch.Tensor, ...], *, accumulate: bool) -> None:
+    def clipped_sum_into(self, factor: torch.Tensor, units: _Units, pieces: tuple[torch.Tensor, ...], matrices: list[torch.Tensor], *, accumulate: bool) -> None:
         if self.weight_slot is not None:
-            target = pieces[self.weight_slot]
             if self.per_unit_weight is not None:
-                _matmul_into(target, self.per_unit_weight.T, factor, accumulate=accumulate)
+                _matmul_into(pieces[self.weight_slot], self.per_unit_weight.T, factor, accumulate=accumulate)
             else:
                 scaled = (self.outputs * units.per_row(factor)[:, None, None]).flatten(0, 1)
-                _matmul_into(target.view(-1, self.inputs.shape[-1]), scaled.T, self.inputs.flatten(0, 1), accumulate=accumulate)
+                _matmul_into(matrices[self.weight_slot], scaled.T, self.inputs.flatten(0, 1), accumulate=accumulate)
         if self.bias_slot is not None:
             _matmul_into(pieces[self.bias_slot], self.per_unit_bias.T, factor, accumulate=accumulate)
 

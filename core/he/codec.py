@@ -17,9 +17,10 @@ On the wire a chunk is a 33-byte header — magic (format version), key id, chun
 packed length, polynomials stored (1: seeded, 2: full) — then, seeded, SEAL's PRNG type and 512-bit
 seed, then the polynomials' coefficients at ceil(log2 q) bits each (little-endian bit order). SEAL's
 zstd would spend ~4.2 bytes on a 27-bit coefficient; this spends 3.4. Received bytes are checked
-(exact length, every coefficient < q) and rebuilt into SEAL's uncompressed form, so no peer's bytes
-reach SEAL's zstd (seal_io.py). Formats 1 (`MTCT`, TenSEAL vectors) and 2 (`MTC2`, complex slots) are
-refused with a hint. `update_digest` hashes all chunks; sites sign that digest (see medtwin.core.identity).
+(a site's update seeded, a sum full; exact length; every coefficient < q) and rebuilt into SEAL's
+uncompressed form, so no peer's bytes reach SEAL's zstd (seal_io.py) and no site chooses the second
+polynomial of its update (two sites sending zero second polynomials made SEAL's addition throw).
+Formats 1 (`MTCT`, TenSEAL vectors) and 2 (`MTC2`, complex slots) are refused with a hint. `update_digest` hashes all chunks; sites sign that digest (see medtwin.core.identity).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def sum_encrypted(public_context: bytes | HeContext, updates: Sequence[Sequence[
     context = public_context if isinstance(public_context, HeContext) else load_context(public_context)
     if not updates:
         raise CiphertextMismatchError("no updates to add")
-    loaded = [_load_update(context, chunks, update_index=update_index) for update_index, chunks in enumerate(updates)]
+    loaded = [_load_update(context, chunks, update_index=update_index, stored=SEEDED) for update_index, chunks in enumerate(updates)]
     return sum_loaded(context, loaded)
 
 
@@ -140,7 +141,7 @@ def decrypt_sum(secret_context: HeContext, summed: Sequence[bytes]) -> np.ndarra
     """Site side: the decrypted packed sum [sum n_i w_i ..., B * sum n_i] (B = max_abs_weight_bound)."""
     if secret_context.secret_key is None:
         raise HeContextError("this context holds no secret key and cannot decrypt (the coordinator's never can)")
-    ciphertexts = _load_update(secret_context, summed, update_index=None)
+    ciphertexts = _load_update(secret_context, summed, update_index=None, stored=FULL)
     shape = _shape(secret_context)
     decryptor = sealapi.Decryptor(secret_context.seal_context, secret_context.secret_key)
     ntt_values = []
@@ -177,8 +178,10 @@ def decrypt_average(secret_context: HeContext, summed: Sequence[bytes], num_para
 
 
 def _load_update(
-    context: HeContext, chunks: Sequence[bytes], *, update_index: int | None, label: str = ""
+    context: HeContext, chunks: Sequence[bytes], *, update_index: int | None, stored: int, label: str = ""
 ) -> list[sealapi.Ciphertext]:
+    """`stored`: SEEDED for a site's update (SEAL expands the second polynomial from the seed, so a site
+    cannot choose it: no transparent or otherwise hand-made second polynomial), FULL for a sum."""
     params = context.parameters
     where = label or ("the aggregate" if update_index is None else f"update #{update_index}")
     if len(chunks) != params.num_ciphertexts:
@@ -217,7 +220,13 @@ def _load_update(
                 f"{where}, chunk {index}: header says chunk {chunk_index} of {count} for {length} packed values, "
                 f"expected chunk {index} of {len(chunks)} for {packed_length}"
             )
-        if len(chunk) != sizes.get(polynomials):
+        if polynomials != stored:
+            raise CiphertextMismatchError(
+                f"{where}, chunk {index}: stores {polynomials} polynomial(s), expected {stored} "
+                f"({'a seeded encryption: one polynomial and its seed' if stored == SEEDED else 'a sum: two polynomials'})"
+                " — a site's update is seeded, only a sum stores both polynomials"
+            )
+        if len(chunk) != sizes[stored]:
             raise CiphertextMismatchError(
                 f"{where}, chunk {index}: {len(chunk)} bytes for {polynomials} stored polynomial(s); a seeded chunk of "
                 f"these parameters has {sizes[SEEDED]} bytes, a sum {sizes[FULL]}"
@@ -245,7 +254,7 @@ def _load_update(
 
 def load_update_chunks(context: HeContext, chunks: Sequence[bytes], *, label: str = "the update") -> list[sealapi.Ciphertext]:
     """The update's ciphertexts, or `CiphertextMismatchError` naming `label` if they do not fit `context`."""
-    return _load_update(context, chunks, update_index=None, label=label)
+    return _load_update(context, chunks, update_index=None, stored=SEEDED, label=label)
 
 
 def check_update_chunks(context: HeContext, chunks: Sequence[bytes], *, label: str = "the update") -> None:
@@ -262,9 +271,12 @@ def sum_loaded(context: HeContext, updates: Sequence[Sequence[sealapi.Ciphertext
         raise CiphertextMismatchError("no updates to add")
     evaluator = sealapi.Evaluator(context.seal_context)
     totals = list(updates[0])
-    for ciphertexts in updates[1:]:
-        for total, ciphertext in zip(totals, ciphertexts, strict=True):
-            evaluator.add_inplace(total, ciphertext)
+    for update_index, ciphertexts in enumerate(updates[1:], start=1):
+        for index, (total, ciphertext) in enumerate(zip(totals, ciphertexts, strict=True)):
+            try:
+                evaluator.add_inplace(total, ciphertext)
+            except (RuntimeError, ValueError) as error:  # e.g. SEAL's "result ciphertext is transparent"
+                raise CiphertextMismatchError(f"update #{update_index}, chunk {index}: SEAL cannot add it ({error})") from error
     shape = _shape(context)
     bits = shape.modulus.bit_length()
     packed_length = context.parameters.num_parameters + 1

@@ -20,7 +20,8 @@ single prime when no keys other than the secret key exist). Measured with SEAL 4
   site rounds its values to integers (|r| <= 1/2, not random). So |error| <= k/2 + min(21 k,
   t sqrt(10.5 k)) in units of the scale, where t is the sub-Gaussian tail that no coefficient of the
   model exceeds except with probability 2^-40 (both SEAL distributions are sub-Gaussian with variance
-  proxy <= 10.5).
+  proxy <= 10.5). Float64 adds 3 x 2^-53 of full scale (the sites' products n_i w_i and the decoding):
+  nothing under a 30-bit prime, tens of units of the scale under a 60-bit one.
 * Fixed point. The largest packed sum (full scale: max_total_examples * max_abs_weight_bound) times
   2^scale_bits must stay below q / 2; one more bit of headroom lets sites detect a total count over
   its bound instead of decrypting garbage. The count slot carries n_i * max_abs_weight_bound so that it
@@ -56,6 +57,8 @@ MIN_CHOSEN_PRIME_BITS = 20  # SEAL has no NTT prime of some sizes below (13 bits
 ERROR_MAX = 21  # SEAL 4.1's centred binomial error: 21 bits minus 21 bits (its Gaussian option clips at 19.2)
 ERROR_VARIANCE_PROXY = 10.5  # sub-Gaussian variance proxy of either distribution (42 / 4 >= 3.2^2)
 ROUNDING_MAX = 0.5  # each site rounds value * scale to an integer
+FLOAT64_UNIT_ROUNDOFF = 2.0**-53  # sites form n_i * w_i in float64, sites decode the integer sum into float64
+FLOAT64_ROUNDINGS = 3  # relative to full scale: the encodings' products (summed over sites), the decoding, a margin
 FAILURE_PROBABILITY_LOG2 = -40  # chance that any coefficient of a sum exceeds the bound
 HEADROOM_BITS = 1  # packed sums use at most half of the signed range of q0
 DEFAULT_MAX_RELATIVE_ERROR = 1e-5  # `crypto.max_relative_error: 0` without DP (or where no DP bound is sound)
@@ -149,9 +152,15 @@ def sum_error_integer_bound(num_sites: int, total_coefficients: int) -> float:
 
 
 def decryption_error_bound(params: CkksParameters, num_sites: int) -> float:
-    """Bound on |decrypted sum - exact sum| of any packed value, in value units, for `num_sites` updates."""
+    """Bound on |decrypted sum - exact sum| of any packed value, in value units, for `num_sites` updates.
+
+    Besides SEAL's error and the sites' rounding to integers: float64 carries 53 bits, so forming
+    n_i * w_i before rounding (at most u |n_i w_i| per site, u * full scale over all sites) and turning
+    the decrypted integer back into a float64 (u * full scale) each lose up to u = 2^-53 of full scale —
+    invisible under a 30-bit prime, tens of units of the scale under a 60-bit one."""
     total_coefficients = params.num_ciphertexts * params.poly_modulus_degree
-    return sum_error_integer_bound(num_sites, total_coefficients) / 2.0**params.scale_bits
+    float64_error = FLOAT64_ROUNDINGS * FLOAT64_UNIT_ROUNDOFF * params.full_scale
+    return sum_error_integer_bound(num_sites, total_coefficients) / 2.0**params.scale_bits + float64_error
 
 
 def average_error_bound(params: CkksParameters, *, num_sites: int, total_examples: float) -> float:

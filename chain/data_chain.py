@@ -262,10 +262,15 @@ class DataChain(ContractGateway):
             on_chain = self.call("anchors", args[0], args[1])
             if int(on_chain[8]) == 0:
                 return False
-            if bytes(on_chain[0]) != args[2]:
+            # applied only if every field is the queued one: same updates with another aggregate (or manifest,
+            # epsilon, ...) is a conflicting anchor, never "already applied" (it would leave the outbox unreported)
+            anchored = [bytes(value) if isinstance(value, bytes) else int(value) for value in list(on_chain)[:8]]
+            queued = [bytes(value) if isinstance(value, bytes | bytearray) else int(value) for value in args[2:10]]
+            if anchored != queued:
                 raise ChainConflictError(
                     f"data chain: round {args[1]} of run key {args[0].hex()} is already anchored with update root "
-                    f"{bytes(on_chain[0]).hex()}, the queued anchor has {args[2].hex()}; the queued one is kept in the "
+                    f"{bytes(on_chain[0]).hex()} and aggregate {bytes(on_chain[1]).hex()}, the queued anchor has "
+                    f"{args[2].hex()} and {args[3].hex()} (or differs in another field); the queued one is kept in the "
                     "failed outbox file for investigation"
                 )
             return True

@@ -152,3 +152,23 @@ def test_a_hostile_coordinator_asking_about_an_unanchored_round_costs_the_site_f
     assert problem is not None and "not anchored" in problem
     assert 0.9 <= time.monotonic() - started < 3.0  # bounded by the site's own chain.anchor_wait_s
     assert chain.reads <= 20, f"{chain.reads} chain reads in 1 s while waiting for an anchor that never lands"
+
+
+def test_an_anchor_of_another_aggregate_over_the_same_updates_is_refused_not_taken_as_applied(session: ChainSession, tmp_path: Path) -> None:
+    """Same round, same updates, another aggregate (a coordinator that re-aggregated): the chain refuses it, and the
+    replay check must not call it "already applied" — that would drop it from the outbox with nobody told."""
+    store = ArtifactStore(tmp_path / "artifacts")
+    update = store.put(b"u1", kind="update")
+
+    def anchor_of(aggregate: bytes):
+        built, _ = build_round_anchor(
+            store, run_id=RUN, round_index=1, update_digests={"hosp0": update},
+            aggregate_digest=store.put(aggregate, kind="aggregate"), epsilon_by_site={}, he_error_bound=0.0,
+        )  # fmt: skip
+        return built
+
+    assert session.data.anchor_round(anchor_of(b"a1")).mined
+    session.start_background_sending(retry_s=0.05)
+    session.data.anchor_round(anchor_of(b"a1 re-aggregated"), background=True)
+    assert session.data.sender.drain(timeout_s=30.0) == 0
+    assert len(session.data.outbox.failed()) == 1 and session.data.refused_in_background

@@ -8,7 +8,9 @@ MLP (455 rows, like breast-cancer's train split), an MLP 30 -> 256 -> 256 -> 1 (
 the vital-signs twin (default window shape; DP per patient: 8 windows of each of ~8 sampled patients
 per step of 64 windows, as the twin trains). For each it times a whole local round (`train_locally` vs
 `train_locally_dp`, `--local-steps` steps each, setup included: model validation, hooks, optimizer)
-and prints microseconds per step and the DP / plain ratio for every clipping path: medtwin's
+and prints microseconds per step and the DP / plain ratio for every clipping path (and, on a second line,
+the ratio to plain SGD on the data cut to whole batches: the plain round's last batch of an epoch is
+short, so its mean batch is below `batch` rows, while a DP step's expected batch is `batch` rows): medtwin's
 book-keeping clipping (`grad_sample_mode=bookkeeping`, the default) and Opacus's `grad_sample_mode`s,
 plus Opacus's own ghost clipping (`ghost`: `GradSampleModuleFastGradientClipping` with its
 `DPOptimizerFastGradientClipping`, two backward passes; rows only, it has no per-patient averaging).
@@ -128,8 +130,10 @@ def bench(workload: Workload, *, batch_size: int, local_steps: int, repeats: int
         "learning_rate": 0.01,
         "seed": 1,
     }
+    full = len(x) // batch_size * batch_size  # plain SGD whose every batch has batch_size rows (no short last batch)
     runners: dict[str, Callable[[nn.Module], object]] = {
-        "plain": lambda model: train_locally(model, x, y, loss_fn=workload.make_loss(), **common)
+        "plain": lambda model: train_locally(model, x, y, loss_fn=workload.make_loss(), **common),
+        "plain_full_batches": lambda model: train_locally(model, x[:full], y[:full], loss_fn=workload.make_loss(), **common),
     }
     for mode in modes:
         if mode == "ghost":
@@ -160,7 +164,13 @@ def bench(workload: Workload, *, batch_size: int, local_steps: int, repeats: int
         "parameters": sum(p.numel() for p in workload.build_model().parameters()),
         "units_per_step": units_per_step,
         "us_per_step": {name: value * 1e6 for name, value in medians.items()},
-        "ratio_to_plain": {name: value / medians["plain"] for name, value in medians.items() if name != "plain"},
+        "ratio_to_plain": {name: value / medians["plain"] for name, value in medians.items() if not name.startswith("plain")},
+        # the plain round's mean batch is len(x) / ceil(len(x) / batch) rows (455 rows, batch 64: 56.9), a DP step's
+        # expected batch is batch rows: the same ratios against plain steps of exactly `batch` rows
+        "plain_rows_per_step": len(x) / -(-len(x) // batch_size),
+        "ratio_to_plain_full_batches": {
+            name: value / medians["plain_full_batches"] for name, value in medians.items() if not name.startswith("plain")
+        },
         "failures": failures,
     }
 
@@ -192,6 +202,13 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     cells.append(f"{row['us_per_step'][mode]:>10.0f} ({row['ratio_to_plain'][mode]:4.2f}x)")
             print(f"{workload.name:<20} {batch_size:>5} {row['us_per_step']['plain']:>13.0f} " + " ".join(cells), flush=True)
+            full = row["ratio_to_plain_full_batches"]
+            print(
+                f"{'  vs full batches':<20} {'':>5} {row['us_per_step']['plain_full_batches']:>13.0f} "
+                + " ".join(f"{'':>10} ({full[mode]:4.2f}x)" if mode in full else f"{'':>18}" for mode in modes)
+                + f"   (plain round: {row['plain_rows_per_step']:.1f} rows/step)",
+                flush=True,
+            )
             for mode, failure in row["failures"].items():
                 print(f"    {mode} failed: {failure}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from medtwin.core.identity import SiteKit, load_site_kit
+from medtwin.core.identity.kits import CA_CERT_FILE, KEY_AGREEMENT_KEY_FILE, SIGNING_KEY_FILE, SITE_FILE
+from medtwin.core.identity.manifest import MANIFEST_FILE
+from medtwin.core.identity.steward import HE_DIR, SECRET_CONTEXT_NAME
 from medtwin.core.errors import ConfigError
 from medtwin.core.tasks import CsvTask, SiteSplit, TwinTask, VitalsTask, get_task
 
@@ -78,6 +81,10 @@ def open_ledger(site_file: SiteFile) -> BudgetLedger:
 def load_site(site_file_path: str | Path, proposal_text: str) -> Site:
     """The site for this proposal (cached per process: Flower may call the app many times a run).
 
+    A cached site is used only while the site file, the kit files it was built from and the data file
+    are the ones it read (`_inputs_stamp`): a kit that installed a newer federation manifest (a member
+    removed), a re-keyed HE context or new data rows are read by the next message, as in a fresh process.
+
     Raises `ProposalRefused` for a proposal this site will not run, `SiteFileError` / `KitError`
     for a broken site installation.
     """
@@ -86,18 +93,44 @@ def load_site(site_file_path: str | Path, proposal_text: str) -> Site:
         stamp = path.stat().st_mtime_ns
     except OSError as error:
         raise SiteFileError(str(path), [f"cannot read it: {error.strerror or error}"]) from None
-    return _load_site(str(path), stamp, proposal_text)
+    return _load_site(str(path), stamp, proposal_text, _inputs_stamp(_site_file(str(path), stamp)))
 
 
 # Sites kept per process. Deployed, a process serves one site; simulated, each Ray actor serves whichever
 # virtual sites the engine hands it, round after round, so the cache holds every site of a large run
-# rather than reloading (site file, proposal, kit, data) at every message.
+# rather than reloading (site file, proposal, kit, data) at every message. A deployed site's warm worker
+# keeps far fewer (`keep_sites`): the coordinator chooses the proposal text, and each text holds a Site.
 SITES_KEPT = 256
+
+# What a Site is built from besides its site file and the proposal: the kit's identity and manifest
+# (core/identity/kits.py) and its HE secret contexts (he/<key_id>/secret_context.bin).
+_KIT_FILES = (MANIFEST_FILE, SITE_FILE, CA_CERT_FILE, SIGNING_KEY_FILE, KEY_AGREEMENT_KEY_FILE)
+
+
+def _file_stamp(path: Path) -> tuple[str, int, int, int] | tuple[str]:
+    try:
+        status = path.stat()
+    except OSError:
+        return (str(path),)
+    return (str(path), status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+def _inputs_stamp(site_file: SiteFile) -> tuple:
+    """(path, mtime, size, inode) of every file other than the site file that a Site is built from."""
+    kit = Path(site_file.kit_dir)
+    paths = [kit / name for name in _KIT_FILES] + sorted((kit / HE_DIR).glob(f"*/{SECRET_CONTEXT_NAME}"))
+    if site_file.data_path is not None:
+        paths.append(Path(site_file.data_path))
+    return tuple(_file_stamp(path) for path in paths)
 
 
 @lru_cache(maxsize=SITES_KEPT)
-def _load_site(path: str, stamp: int, proposal_text: str) -> Site:
-    site_file = load_site_file(path)
+def _site_file(path: str, stamp: int) -> SiteFile:
+    return load_site_file(path)
+
+
+def _build_site(path: str, stamp: int, proposal_text: str, inputs: tuple) -> Site:
+    site_file = _site_file(path, stamp)
     proposal = parse_proposal(proposal_text, site_file)
     kit = load_site_kit(site_file.kit_dir)
     if kit.site_id != site_file.site_id:
@@ -112,6 +145,15 @@ def _load_site(path: str, stamp: int, proposal_text: str) -> Site:
         codec = CkksSiteCodec.from_kit(site_file.kit_dir, proposal.config.crypto.key_id)
     raw_data = data if proposal.config.task.normalization == "federated" else None
     return Site(file=site_file, proposal=proposal, task=task, data=data, codec=codec, kit=kit, raw_data=raw_data)
+
+
+_load_site = lru_cache(maxsize=SITES_KEPT)(_build_site)
+
+
+def keep_sites(count: int) -> None:
+    """Keep at most `count` Sites in this process from now on (the ones kept so far are dropped)."""
+    global _load_site
+    _load_site = lru_cache(maxsize=count)(_build_site)
 
 
 def load_site_data(site_file: SiteFile, task: TwinTask) -> SiteSplit:

@@ -7,8 +7,9 @@ them for the whole run. The worker keeps them the same way — the module-level 
 `_load_site`, the chain reader `shared_readonly`, the RDP memo) persist between the messages it serves.
 
 What a message may leave behind, and why the next one does not trust it: every cache is keyed by what
-decides its value (the site file's path and mtime plus the proposal text; the chain's deployment record;
-the noise multiplier and sample rate) and holds no answer that can change — approvals, revocations,
+decides its value (the site file's path and mtime, the stamps of the kit and data files it read, plus the
+proposal text — at most `WORKER_SITES_KEPT` of them; the chain's deployment record; the noise multiplier
+and sample rate) and holds no answer that can change — approvals, revocations,
 anchors, the budget ledger, the reply store and the site's shared state are read from the chain or the
 site's disk on every message, exactly as in simulation.
 
@@ -43,13 +44,16 @@ from typing import NoReturn
 from medtwin.core.rundir import atomic_write_text
 
 __all__ = [
-    "PROFILE_DIR_ENV", "SiteWorker", "TaskFunction", "die_with_parent", "end_task", "install_each_fab_once", "prepare_clientapp_process",
+    "PROFILE_DIR_ENV", "WORKER_SITES_KEPT", "SiteWorker", "TaskFunction", "die_with_parent", "end_task", "install_each_fab_once", "prepare_clientapp_process",
     "run_flwr_clientapp", "serve",
 ]  # fmt: skip
 
 logger = logging.getLogger("medtwin.site_worker")
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Sites the worker keeps (client/site.py caches one per site file and proposal text): a run has one proposal
+# text, and each text the coordinator sends holds a Site (its data, kit and secret CKKS context) in memory.
+WORKER_SITES_KEPT = 4
 PROFILE_DIR_ENV = "MEDTWIN_WORKER_PROFILE_DIR"  # set: each task's cProfile is written there (task-<id>.prof)
 _FLOWER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)  # what Flower's register_signal_handlers takes
 
@@ -113,6 +117,9 @@ def prepare_clientapp_process(*, warm_worker: bool) -> None:
     prompt_object_pulls()
     run_clientapp.install_from_fab = install_each_fab_once(run_clientapp.install_from_fab, get_flwr_home() / "medtwin-installed-fabs")
     if warm_worker:
+        from medtwin.client.site import keep_sites
+
+        keep_sites(WORKER_SITES_KEPT)
         if not callable(getattr(run_clientapp, "flwr_exit", None)):
             raise RuntimeError("flwr.supernode.runtime.run_clientapp no longer ends a task with flwr_exit (flwr is pinned in pyproject)")
         run_clientapp.flwr_exit = end_task
@@ -136,7 +143,8 @@ def _resident_bytes() -> int:
 
 
 def _run_one(task: TaskFunction, task_id: int, arguments: list[str], signal_handlers: dict) -> int:
-    """One task; whatever it does, the worker is left as before it: no exit handler, its own signal handlers."""
+    """One task; whatever it does, the worker is left as before it: no exit handler, its own signal handlers,
+    its own `sys.path` (Flower's load_app puts the task's FAB folder first; the next run's FAB is another)."""
     from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 
     profile_dir = os.environ.get(PROFILE_DIR_ENV, "")
@@ -146,7 +154,7 @@ def _run_one(task: TaskFunction, task_id: int, arguments: list[str], signal_hand
 
         profiler = cProfile.Profile()
         profiler.enable()
-    argv = list(sys.argv)
+    argv, import_path = list(sys.argv), list(sys.path)
     try:
         return task(arguments)
     except _TaskEnded as ended:
@@ -160,6 +168,7 @@ def _run_one(task: TaskFunction, task_id: int, arguments: list[str], signal_hand
         for signum, handler in signal_handlers.items():
             signal.signal(signum, handler)
         sys.argv = argv
+        sys.path[:] = import_path
         if profiler is not None:
             profiler.disable()
             Path(profile_dir).mkdir(parents=True, exist_ok=True)

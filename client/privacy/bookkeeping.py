@@ -11,18 +11,24 @@ token's row and w_t = 1 / (rows its unit put in the batch) (the per-unit average
     ∇W_u = Σ_{t∈u} w_t g_t a_t^T        ∇b_u = Σ_{t∈u} w_t g_t
 
 One backward pass to the layers' OUTPUTS (`torch.autograd.grad`: autograd computes no weight gradient)
-gives every g_t. Then, per layer, whichever is cheaper:
+gives every g_t. Then, per layer:
 
+    rows as units, Linear on [B, d]:  ||∇W_i||² + ||∇b_i||² = ||g_i||² (||a_i||² + 1)   two row norms
     ghost:        ||∇W_u||² = Σ_{t,t'∈u} (a_t·a_t')(g_t·g_t') w_t w_t'     T_u² (d_in + d_out) per unit
     materialised: ||(w ⊙ G_u)^T A_u||²_F                                  T_u d_in d_out per unit
 
-(a Linear layer on one token per unit is ||a||² ||g||²), the clip factor over all layers jointly
-c_u = min(1, C / (||∇_u|| + 1e-6)) — Opacus's formula — and the clipped sum
+ghost only where it saves ~1M multiply-adds over the batch (its float64 Grams cost ~8 more small ops; at
+these sizes a DP step's cost is mostly per-op overhead, so ops are counted like flops). The clip factor
+over all layers jointly is c_u = min(1, C / (||∇_u|| + 1e-6)) — Opacus's formula — and the clipped sum
 
     Σ_u c_u ∇W_u = (c w ⊙ G)^T A      one matmul: the plain step's weight-gradient cost.
 
-The result is the flat vector Opacus's per-example clipping sums to (tested equal); noise, scaling
-and the accountant are unchanged (`FlatDPOptimizer.draw_noise_into_grads`: the sum is added onto the noise). Only `nn.Linear` and
+When every row weighs the same (rows as units; patients who each put the same number of rows in the
+batch, the twin's usual batch) w is one scale, folded into the clip factors. The result is the flat
+vector Opacus's per-example clipping sums to (tested equal). In training it is added in place onto the
+noise already drawn into the parameters' flat gradient, both times 1 / expected batch
+(`add_clipped_sum`, `FlatDPOptimizer.draw_noise_into_grads`): the same noise distribution from the same
+generator, the same scaling, the same accountant. Only `nn.Linear` and
 `nn.Conv1d` (groups 1, zero padding) carry trainable parameters in the shipped models; a model with
 any other trainable layer (subclasses included, or extra parameters on a layer) is refused with
 `IncompatibleModelError` (use grad_sample_mode=ew), as are a parameter tied between layers, an in-place
@@ -151,8 +157,9 @@ class BookkeepingClipper:
         norm = self._unit_norms(row_layers, unit_layers)
         factor = _clip_factor(norm, scale=units.scale, max_grad_norm=max_grad_norm, times=scale)
         pieces, matrices = self._pieces(flat)
+        column = factor[:, None]
         for layer in row_layers:
-            layer.clipped_sum_into(factor, pieces, matrices, accumulate=accumulate)
+            layer.clipped_sum_into(factor, column, pieces, matrices, accumulate=accumulate)
         for layer in unit_layers:
             layer.clipped_sum_into(factor, units, pieces, matrices, accumulate=accumulate)
 
@@ -258,15 +265,16 @@ class _RowLinear:
         self.grad_norm = torch.linalg.vector_norm(grad, dim=1)
         self.input_norm = torch.linalg.vector_norm(inputs, dim=1)
 
-    def clipped_sum_into(self, factor: torch.Tensor, pieces: tuple[torch.Tensor, ...], matrices: list[torch.Tensor], *, accumulate: bool) -> None:
-        target = matrices[self.weight_slot]  # [d_out, d_in]
+    def clipped_sum_into(self, factor: torch.Tensor, column: torch.Tensor, pieces: tuple[torch.Tensor, ...], matrices: list[torch.Tensor], *, accumulate: bool) -> None:
+        """(c g)^T a into the weight, g^T c into the bias; `column` is `factor` as [rows, 1]."""
+        grad_t = self.grad.T
         if self.inputs.shape[1] <= self.grad.shape[1]:  # scale the narrower side by each row's factor
-            left, right = self.grad.T, self.inputs * factor[:, None]
+            left, right = grad_t, self.inputs * column
         else:
-            left, right = (self.grad * factor[:, None]).T, self.inputs
-        _matmul_into(target, left, right, accumulate=accumulate)
+            left, right = (self.grad * column).T, self.inputs
+        _matmul_into(matrices[self.weight_slot], left, right, accumulate=accumulate)  # [d_out, d_in]
         if self.bias_slot is not None:
-            _matmul_into(pieces[self.bias_slot], self.grad.T, factor, accumulate=accumulate)
+            _matmul_into(pieces[self.bias_slot], grad_t, factor, accumulate=accumulate)
 
 
 # Ghost norms save T_u (d_in d_out - T_u (d_in + d_out)) multiply-adds per unit over materialising each unit's
@@ -311,13 +319,13 @@ class _LayerGradient:
 
 def _matmul_into(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, accumulate: bool) -> None:
     """target = left @ right, or target += left @ right; `right` a matrix or a vector (then `target` is one)."""
-    if accumulate:
-        if right.dim() == 1:
+    if right.dim() == 1:
+        if accumulate:
             target.addmv_(left, right)
         else:
-            target.addmm_(left, right)
-    elif right.dim() == 1:
-        torch.mv(left, right, out=target)
+            torch.mv(left, right, out=target)
+    elif accumulate:
+        target.addmm_(left, right)
     else:
         torch.mm(left, right, out=target)
 

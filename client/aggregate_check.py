@@ -15,19 +15,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 
 from medtwin.core.errors import MedtwinError
 from medtwin.core.identity import FederationManifest, IdentityError, verify_claim
-from medtwin.core.protocol import RoundCertificate, payload_sha256
+from medtwin.core.protocol import MalformedPayloads, RoundCertificate, payload_sha256, unpack_payloads
 
-__all__ = ["AggregateRefused", "VerifiedAggregate", "check_decoded_sum", "decode_certified", "verify_certificate"]
+__all__ = ["AggregateRefused", "VerifiedAggregate", "check_decoded_sum", "decode_certified", "shared_payloads", "verify_certificate"]
 
 
 class AggregateRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def shared_payloads(content: RecordDict, name: str) -> dict[str, ArrayRecord]:
+    """The payload records (a sum and its certified updates) a coordinator packed under `name`; ones it
+    packed badly are refused like any other unusable aggregate."""
+    try:
+        return unpack_payloads(content, name)
+    except MalformedPayloads as error:
+        raise AggregateRefused(str(error)) from None
 
 
 @dataclass(frozen=True)

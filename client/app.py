@@ -37,6 +37,7 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    ROUND_INPUTS,
     SCORE_HISTOGRAM,
     SITE,
     STATISTICS_ROUND,
@@ -52,7 +53,7 @@ from medtwin.core.runconfig import CONFIG_YAML_KEY
 from medtwin.core.tasks.federated_statistics import ImplausibleStatisticsError
 from medtwin.core.tasks.vitals.ingest import VitalsInputError
 
-from .aggregate_check import AggregateRefused, VerifiedAggregate, decode_certified, verify_certificate
+from .aggregate_check import AggregateRefused, VerifiedAggregate, decode_certified, shared_payloads, verify_certificate
 from .codec import CkksSiteCodec
 from .normalization import normalised_site, pack_statistics, uses_federated_statistics
 from .global_state import GlobalState, GlobalStateStore, SharedStateRefused, advance_global_state, initial_global_state
@@ -111,7 +112,8 @@ def site_file_for(node_config: Mapping[str, object], site_files: Mapping[int, st
 def current_model(site: Site, message: Message, *, certificate_round: int) -> tuple[torch.nn.Module, VerifiedAggregate | None]:
     """The shared model: initial in round 1, else the site's own sum of the verified, certified updates."""
     model = initial_model(site.task, seed=site.config.seed)
-    aggregate = message.content.array_records.get(AGGREGATE) if AGGREGATE in message.content else None
+    inputs = shared_payloads(message.content, ROUND_INPUTS)
+    aggregate = inputs.get(AGGREGATE)
     if aggregate is None:
         if certificate_round >= 1:
             raise AggregateRefused(f"this phase needs round {certificate_round}'s aggregate and its certified updates")
@@ -119,7 +121,7 @@ def current_model(site: Site, message: Message, *, certificate_round: int) -> tu
     verified = verify_certificate(
         message.content.config_records.get(CERTIFICATE),
         aggregate,
-        certified_records(message.content),
+        certified_records(inputs),
         manifest=site.kit.manifest,
         run_id=site.proposal.run_id,
         server_round=certificate_round,
@@ -384,7 +386,7 @@ def train_phase(site: Site, message: Message, server_round: int, approval_check:
 
 
 def evaluate_phase(site: Site, message: Message, server_round: int, approval_check: RunApprovalCheck | None) -> Message:
-    if AGGREGATE not in message.content:
+    if ROUND_INPUTS not in message.content:
         raise RoundRefused("refused:no_aggregate", "an evaluation needs the round's aggregate")
     site = normalised_site(site, message)
     model, verified = current_model(site, message, certificate_round=server_round)

@@ -40,6 +40,7 @@ from medtwin.core.protocol import (
     STATISTICS_AGGREGATE,
     STATISTICS_CERTIFICATE,
     STATISTICS_CERTIFIED_PREFIX,
+    STATISTICS_INPUTS,
     STATISTICS_ROUND,
     STATISTICS_STATUS,
     certified_records,
@@ -53,7 +54,7 @@ from medtwin.core.tasks.federated_statistics import (
 )
 from medtwin.core.tasks.preprocessing import Standardiser
 
-from .aggregate_check import AggregateRefused, VerifiedAggregate, decode_certified, verify_certificate
+from .aggregate_check import AggregateRefused, VerifiedAggregate, decode_certified, shared_payloads, verify_certificate
 from .site import Site
 from .site_state import StatisticsRegister
 
@@ -78,13 +79,14 @@ def pack_statistics(site: Site) -> tuple[ArrayRecord, int]:
 def federated_standardiser(site: Site, message: Message) -> Standardiser:
     """The global statistics from the message's certified statistics, or `AggregateRefused`."""
     content = message.content
-    aggregate = content.array_records.get(STATISTICS_AGGREGATE) if STATISTICS_AGGREGATE in content else None
+    inputs = shared_payloads(content, STATISTICS_INPUTS)
+    aggregate = inputs.get(STATISTICS_AGGREGATE)
     if aggregate is None:
         raise AggregateRefused("this run normalises with federated statistics, and the message carries none")
     verified = verify_certificate(
         content.config_records.get(STATISTICS_CERTIFICATE) if STATISTICS_CERTIFICATE in content else None,
         aggregate,
-        certified_records(content, prefix=STATISTICS_CERTIFIED_PREFIX),
+        certified_records(inputs, prefix=STATISTICS_CERTIFIED_PREFIX),
         manifest=site.kit.manifest,
         run_id=site.proposal.run_id,
         server_round=STATISTICS_ROUND,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -19,20 +20,22 @@ from .identity.signing import ReplyClaim
 
 # record names inside a Message's RecordDict
 INSTRUCTION = "medtwin.instruction"  # ConfigRecord: run_id, round, phase, ...
-AGGREGATE = "medtwin.aggregate"  # ArrayRecord: summed payload of the previous round (absent in round 1)
+ROUND_INPUTS = "medtwin.round_inputs"  # ArrayRecord: AGGREGATE and the CERTIFIED_PREFIX updates as one bytes array (pack_payloads)
+AGGREGATE = "medtwin.aggregate"  # inside ROUND_INPUTS: summed payload of the previous round (absent in round 1)
 UPDATE = "medtwin.update"  # ArrayRecord: a site's payload
 SITE = "medtwin.site"  # ConfigRecord: site_id, status, reason
 METRICS = "medtwin.metrics"  # MetricRecord: training or evaluation metrics
 SCORE_HISTOGRAM = "medtwin.score_histogram"  # MetricRecord: a binary site's per-class score histogram (core/score_histogram.py)
 CERTIFICATE = "medtwin.certificate"  # ConfigRecord: the signed claims behind the AGGREGATE (see RoundCertificate)
-CERTIFIED_PREFIX = "medtwin.certified."  # ArrayRecords: the certified updates themselves, so each site sums them
+CERTIFIED_PREFIX = "medtwin.certified."  # inside ROUND_INPUTS: the certified updates themselves, so each site sums them
 # task.normalization=federated: the statistics phase before round 1 (core/tasks/federated_statistics.py) is a
 # "round 0" of updates with status "statistics"; its sum, certificate and certified updates ride with every later message
 STATISTICS_ROUND = 0
 STATISTICS_STATUS = "statistics"
-STATISTICS_AGGREGATE = "medtwin.statistics.aggregate"  # ArrayRecord: the summed statistics
+STATISTICS_INPUTS = "medtwin.statistics.inputs"  # ArrayRecord: STATISTICS_AGGREGATE and its certified updates (pack_payloads)
+STATISTICS_AGGREGATE = "medtwin.statistics.aggregate"  # inside STATISTICS_INPUTS: the summed statistics
 STATISTICS_CERTIFICATE = "medtwin.statistics.certificate"  # ConfigRecord: a RoundCertificate of round 0
-STATISTICS_CERTIFIED_PREFIX = "medtwin.statistics.certified."  # ArrayRecords: the certified statistics updates
+STATISTICS_CERTIFIED_PREFIX = "medtwin.statistics.certified."  # inside STATISTICS_INPUTS: the certified statistics updates
 
 
 def instruction(*, run_id: str, server_round: int, phase: str) -> ConfigRecord:
@@ -67,22 +70,86 @@ def record_bytes(record: ArrayRecord) -> bytes:
     return b"".join(parts)
 
 
-def record_from_bytes(data: bytes) -> ArrayRecord:
-    """Inverse of `record_bytes` (for auditors and the simulation harness reading artifacts back)."""
-    if not data.startswith(RECORD_MAGIC):
+def record_from_bytes(data: bytes | memoryview) -> ArrayRecord:
+    """Inverse of `record_bytes` (for auditors, the simulation harness and `unpack_payloads`); raises
+    `ValueError` on anything that `record_bytes` cannot have written."""
+    view = memoryview(data)
+    if bytes(view[: len(RECORD_MAGIC)]) != RECORD_MAGIC:
         raise ValueError("not a medtwin payload artifact (bad magic)")
-    offset = len(RECORD_MAGIC)
-    fields: list[bytes] = []
-    while offset < len(data):
-        length = int.from_bytes(data[offset : offset + 8], "big")
-        fields.append(data[offset + 8 : offset + 8 + length])
-        offset += 8 + length
+    fields = _length_prefixed(view[len(RECORD_MAGIC) :], what="payload record")
+    if len(fields) % 5:
+        raise ValueError(f"a payload record holds {len(fields)} fields, not 5 per array")
     arrays = {}
     for index in range(0, len(fields), 5):
         name, dtype, shape, stype, blob = fields[index : index + 5]
-        dims = tuple(int(part) for part in shape.decode().strip("(),").split(",") if part.strip())
-        arrays[name.decode()] = Array(dtype=dtype.decode(), shape=dims, stype=stype.decode(), data=blob)
+        dims = tuple(int(part) for part in bytes(shape).decode().strip("(),").split(",") if part.strip())
+        arrays[bytes(name).decode()] = Array(dtype=bytes(dtype).decode(), shape=dims, stype=bytes(stype).decode(), data=bytes(blob))
     return ArrayRecord(arrays)
+
+
+def _length_prefixed(view: memoryview, *, what: str) -> list[memoryview]:
+    """Split 8-byte big-endian length-prefixed fields (views, no copies); `ValueError` if one overruns."""
+    fields: list[memoryview] = []
+    offset = 0
+    while offset < len(view):
+        if offset + 8 > len(view):
+            raise ValueError(f"the {what} ends inside a length field (at byte {offset} of {len(view)})")
+        length = int.from_bytes(view[offset : offset + 8], "big")
+        if offset + 8 + length > len(view):
+            raise ValueError(f"the {what} is truncated: a field of {length} bytes at byte {offset} of {len(view)}")
+        fields.append(view[offset + 8 : offset + 8 + length])
+        offset += 8 + length
+    return fields
+
+
+PAYLOADS_MAGIC = b"medtwin/payloads/v1\x00"
+PAYLOADS_STYPE = "medtwin.payloads"
+
+
+class MalformedPayloads(ValueError):
+    """A message's packed payload records (ROUND_INPUTS, STATISTICS_INPUTS) cannot be read."""
+
+
+def pack_payloads(records: Mapping[str, ArrayRecord]) -> ArrayRecord:
+    """Named payload records as ONE bytes array: a message then carries 3 Flower objects for all of them
+    (ArrayRecord, Array, ArrayChunk) instead of 3 per record, and each object is a separate pull
+    between SuperLink, SuperNode and ClientApp. Each record keeps its canonical `record_bytes`, so its
+    digest (`payload_sha256`) is the same packed or not; identical contents pack to identical bytes, so
+    every site's message of a phase shares the object."""
+    parts = [PAYLOADS_MAGIC]
+    for name in sorted(records):
+        for field in (name.encode(), record_bytes(records[name])):
+            parts.append(len(field).to_bytes(8, "big"))
+            parts.append(field)
+    blob = b"".join(parts)
+    return ArrayRecord({"payloads": Array(dtype="bytes", shape=(len(blob),), stype=PAYLOADS_STYPE, data=blob)})
+
+
+def unpack_payloads(content: RecordDict, name: str) -> dict[str, ArrayRecord]:
+    """The payload records packed under `name` in a message ({} if it has none); `MalformedPayloads` if
+    what is there is not what `pack_payloads` writes (the sender is a peer: nothing here may crash)."""
+    if name not in content:
+        return {}
+    record = content.array_records.get(name)
+    array = record.get("payloads") if record is not None and len(record) == 1 else None
+    if array is None or array.dtype != "bytes" or array.stype != PAYLOADS_STYPE:
+        raise MalformedPayloads(f"{name} is not one '{PAYLOADS_STYPE}' bytes array")
+    view = memoryview(array.data)
+    if bytes(view[: len(PAYLOADS_MAGIC)]) != PAYLOADS_MAGIC:
+        raise MalformedPayloads(f"{name} does not start with {PAYLOADS_MAGIC!r}")
+    records: dict[str, ArrayRecord] = {}
+    try:
+        fields = _length_prefixed(view[len(PAYLOADS_MAGIC) :], what=name)
+        if len(fields) % 2:
+            raise ValueError(f"{len(fields)} fields, not (name, record) pairs")
+        for index in range(0, len(fields), 2):
+            record_name = bytes(fields[index]).decode()
+            if record_name in records:
+                raise ValueError(f"the record {record_name!r} appears twice")
+            records[record_name] = record_from_bytes(fields[index + 1])
+    except ValueError as error:  # UnicodeDecodeError is one
+        raise MalformedPayloads(f"{name} is malformed: {str(error)[:200]}") from None
+    return records
 
 
 def payload_sha256(record: ArrayRecord) -> str:
@@ -175,7 +242,6 @@ def certified_record_name(index: int, *, prefix: str = CERTIFIED_PREFIX) -> str:
     return f"{prefix}{index:04d}"
 
 
-def certified_records(content: RecordDict, *, prefix: str = CERTIFIED_PREFIX) -> list[ArrayRecord]:
-    """The certified updates a message carries, in their order (what the certificate's claims sign)."""
-    records = content.array_records  # Flower builds this view anew on every access: once, not once per update
+def certified_records(records: Mapping[str, ArrayRecord], *, prefix: str = CERTIFIED_PREFIX) -> list[ArrayRecord]:
+    """The certified updates among a message's unpacked payloads, in their order (what the certificate's claims sign)."""
     return [records[name] for name in sorted(name for name in records if name.startswith(prefix))]

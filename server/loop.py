@@ -42,11 +42,13 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    ROUND_INPUTS,
     SCORE_HISTOGRAM,
     SITE,
     STATISTICS_AGGREGATE,
     STATISTICS_CERTIFICATE,
     STATISTICS_CERTIFIED_PREFIX,
+    STATISTICS_INPUTS,
     STATISTICS_ROUND,
     STATISTICS_STATUS,
     UPDATE,
@@ -55,6 +57,7 @@ from medtwin.core.protocol import (
     claim_from_site_record,
     evaluation_sha256,
     instruction,
+    pack_payloads,
     payload_sha256,
     record_bytes,
     record_from_bytes,
@@ -413,18 +416,21 @@ class RoundLoop:
         return replies
 
     def _shared_records(self) -> dict[str, ArrayRecord | ConfigRecord]:
-        """What every site's message of a phase carries: the certified sums, their certificates and updates."""
+        """What every site's message of a phase carries: the certified sums and their updates, packed as one
+        array per certificate (each Flower object is a pull on every hop), and the certificates."""
         records: dict[str, ArrayRecord | ConfigRecord] = {}
         if self.result.statistics_aggregate is not None and self.result.statistics_certificate is not None:
-            records[STATISTICS_AGGREGATE] = self.result.statistics_aggregate
-            records[STATISTICS_CERTIFICATE] = self.result.statistics_certificate.to_record()
+            statistics = {STATISTICS_AGGREGATE: self.result.statistics_aggregate}
             for index, record in enumerate(self.certified_statistics()):
-                records[certified_record_name(index, prefix=STATISTICS_CERTIFIED_PREFIX)] = record
+                statistics[certified_record_name(index, prefix=STATISTICS_CERTIFIED_PREFIX)] = record
+            records[STATISTICS_INPUTS] = pack_payloads(statistics)
+            records[STATISTICS_CERTIFICATE] = self.result.statistics_certificate.to_record()
         if self.result.aggregate is not None and self.result.certificate is not None:
-            records[AGGREGATE] = self.result.aggregate
-            records[CERTIFICATE] = self.result.certificate.to_record()
+            inputs = {AGGREGATE: self.result.aggregate}
             for index, record in enumerate(self.certified_updates()):
-                records[certified_record_name(index)] = record
+                inputs[certified_record_name(index)] = record
+            records[ROUND_INPUTS] = pack_payloads(inputs)
+            records[CERTIFICATE] = self.result.certificate.to_record()
         return records
 
     def certified_updates(self) -> list[ArrayRecord]:

@@ -33,9 +33,11 @@ from medtwin.core.protocol import (
     STATISTICS_AGGREGATE,
     STATISTICS_CERTIFICATE,
     STATISTICS_CERTIFIED_PREFIX,
+    STATISTICS_INPUTS,
     UPDATE,
     RoundCertificate,
     certified_record_name,
+    pack_payloads,
     claim_from_site_record,
     instruction,
     payload_sha256,
@@ -207,13 +209,14 @@ class Federation:
         return record, (claim, sign_claim(load_site_kit(self.kits[SITES[site_index]]).signing_key, claim))
 
 
-def statistics_records(updates: list, *, aggregate=None, certificate_round: int = 0) -> dict:
+def statistics_records(updates: list, *, aggregate=None, sent_aggregate=None, certificate_round: int = 0) -> dict:
+    """What a coordinator sends: the certified statistics sum (or `sent_aggregate` in its place) and updates, packed, and the certificate."""
     summed = aggregate if aggregate is not None else PlainSiteCodec().sum([record for record, _ in updates])
     certificate = RoundCertificate(certificate_round, payload_sha256(summed), tuple(signed for _, signed in updates))
-    records = {STATISTICS_AGGREGATE: summed, STATISTICS_CERTIFICATE: certificate.to_record()}
+    payloads = {STATISTICS_AGGREGATE: summed if sent_aggregate is None else sent_aggregate}
     for index, (record, _) in enumerate(updates):
-        records[certified_record_name(index, prefix=STATISTICS_CERTIFIED_PREFIX)] = record
-    return records
+        payloads[certified_record_name(index, prefix=STATISTICS_CERTIFIED_PREFIX)] = record
+    return {STATISTICS_INPUTS: pack_payloads(payloads), STATISTICS_CERTIFICATE: certificate.to_record()}
 
 
 def status_of(reply: Message) -> tuple[str, str]:
@@ -255,7 +258,7 @@ def test_a_site_sends_signed_statistics_and_trains_only_on_certified_plausible_o
     assert "not a statistics update" in refused(statistics_records(model_claims))  # updates of another kind
     assert "sums 1 site" in refused(statistics_records(honest[1:2]))  # too few sites
     partial = PlainSiteCodec().sum([honest[1][0], honest[2][0]])
-    assert "hash differs" in refused(statistics_records(honest, aggregate=partial) | {STATISTICS_AGGREGATE: PlainSiteCodec().sum([honest[0][0]])})
+    assert "hash differs" in refused(statistics_records(honest, aggregate=partial, sent_aggregate=PlainSiteCodec().sum([honest[0][0]])))
     # a peer that signs statistics no training rows can give (a negative variance): certified, still refused
     hostile = federation.peer_statistics(task, 2, run_id, tamper=lambda vector: vector.__setitem__(slice(60, 90), 0.0))
     assert "implausible" in refused(statistics_records([honest[0], honest[1], hostile]))

@@ -38,6 +38,7 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    ROUND_INPUTS,
     SCORE_HISTOGRAM,
     SITE,
     UPDATE,
@@ -45,6 +46,7 @@ from medtwin.core.protocol import (
     claim_from_site_record,
     evaluation_sha256,
     instruction,
+    pack_payloads,
     payload_sha256,
 )
 from medtwin.core.runconfig import CONFIG_YAML_KEY
@@ -245,9 +247,8 @@ def _round_records(aggregate, claims, updates, *, certified_hash=None) -> dict:
         aggregate_sha256=certified_hash or payload_sha256(aggregate),
         claims=tuple(claims),
     )
-    extra = {AGGREGATE: aggregate, CERTIFICATE: certificate.to_record()}
-    extra.update({certified_record_name(index): update for index, update in enumerate(updates)})
-    return extra
+    payloads = {AGGREGATE: aggregate, **{certified_record_name(index): update for index, update in enumerate(updates)}}
+    return {ROUND_INPUTS: pack_payloads(payloads), CERTIFICATE: certificate.to_record()}
 
 
 def _expected_metrics(hospital: Hospital, summed) -> dict[str, float]:
@@ -292,7 +293,7 @@ def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: 
     claims = [hungarian_claim, swiss_claim]
     dominant, dominant_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=5_000_000)
     refused = {
-        "no certificate": {AGGREGATE: hungarian},
+        "no certificate": {ROUND_INPUTS: pack_payloads({AGGREGATE: hungarian})},
         "certified updates missing": _round_records(scaled_single, claims, [hungarian]),
         "one update sent twice": _round_records(scaled_single, claims, [hungarian, hungarian]),
         "certificate of one site only": _round_records(hungarian, [hungarian_claim], [hungarian]),
@@ -301,6 +302,7 @@ def test_a_coordinator_cannot_substitute_the_aggregate_a_site_decodes(hospital: 
         "a site claiming 5M examples": _round_records(
             _sum_records([dominant, swiss]), [dominant_claim, swiss_claim], [dominant, swiss]
         ),
+        "payloads not packed as one array": _round_records(honest, claims, [hungarian, swiss]) | {ROUND_INPUTS: honest},
     }
     for name, extra in refused.items():
         status, reason = status_of(hospital.ask(text, run_id=run_id, server_round=2, extra=extra))

@@ -32,6 +32,7 @@ from medtwin.core.protocol import (
     CERTIFICATE,
     INSTRUCTION,
     METRICS,
+    ROUND_INPUTS,
     SCORE_HISTOGRAM,
     SITE,
     UPDATE,
@@ -40,6 +41,7 @@ from medtwin.core.protocol import (
     metrics_sha256,
     payload_sha256,
     site_reply_record,
+    unpack_payloads,
 )
 from medtwin.core.provenance import AccessDecision
 from medtwin.server.aggregation import PlainAggregator
@@ -144,7 +146,7 @@ def _evaluation(message: Message, site: str, metrics: dict[str, float] | None = 
         payload_sha256=metrics_sha256(metrics),
         num_examples=max(0, int(metrics.get("n", 0))),
         status="evaluated",
-        aggregate_sha256=payload_sha256(message.content[AGGREGATE]),
+        aggregate_sha256=payload_sha256(unpack_payloads(message.content, ROUND_INPUTS)[AGGREGATE]),
     )
     return metrics, claim
 
@@ -662,7 +664,7 @@ def test_every_aggregate_travels_with_a_certificate_of_the_accepted_claims(defau
         by_phase.setdefault((message.metadata.message_type, _order(message)[1]), []).append(message)
 
     for message in by_phase[("train", 1)]:
-        assert AGGREGATE not in message.content and CERTIFICATE not in message.content
+        assert ROUND_INPUTS not in message.content and CERTIFICATE not in message.content
     for message in run.grid.sent:
         assert message.content[INSTRUCTION]["min_sites"] == 1
     digests = [r["aggregate_sha256"] for r in run.records if r["phase"] == "train"]
@@ -674,7 +676,7 @@ def test_every_aggregate_travels_with_a_certificate_of_the_accepted_claims(defau
         for message in messages:
             certificate = RoundCertificate.from_record(message.content[CERTIFICATE])
             assert certificate.server_round == closed
-            assert certificate.aggregate_sha256 == digests[closed - 1] == payload_sha256(message.content[AGGREGATE])
+            assert certificate.aggregate_sha256 == digests[closed - 1] == payload_sha256(unpack_payloads(message.content, ROUND_INPUTS)[AGGREGATE])
             assert [claim.site_id for claim, _ in certificate.claims] == participants
             for claim, signature in certificate.claims:
                 verify_claim(MANIFEST.site(claim.site_id).signing_public_key, signature, claim)

@@ -7,7 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import nn
 
 from medtwin.core.artifacts import ArtifactStore
@@ -23,12 +24,25 @@ from medtwin.core.plain_payload import (
     sum_plain_updates,
 )
 from medtwin.core.protocol import (
+    AGGREGATE,
+    CERTIFICATE,
+    INSTRUCTION,
+    PAYLOADS_MAGIC,
+    PAYLOADS_STYPE,
+    RECORD_MAGIC,
+    ROUND_INPUTS,
+    MalformedPayloads,
+    certified_record_name,
+    certified_records,
     chunks_to_record,
+    instruction,
     metrics_sha256,
+    pack_payloads,
     payload_sha256,
     record_bytes,
     record_from_bytes,
     record_to_chunks,
+    unpack_payloads,
 )
 from medtwin.server.aggregation import PlainAggregator, SiteUpdate
 from medtwin.server.loop import pooled_metrics, site_error_reason
@@ -174,3 +188,60 @@ def test_pooled_regression_metrics_rmse_is_the_root_of_the_pooled_mse() -> None:
 def test_site_error_reason_keeps_the_message_only() -> None:
     wrapped = "<class 'RayTaskError'>:<'ray::run()\\nException ClientAppException occurred. Message: budget spent'>"
     assert site_error_reason(wrapped) == "budget spent"
+
+
+def _phase_content(num_sites: int) -> RecordDict:
+    """A phase's instruction as the round loop builds it: the aggregate, its certificate and the certified updates."""
+    updates = [chunks_to_record([bytes([index]) * 900, bytes([index]) * 300]) for index in range(num_sites)]
+    payloads = {AGGREGATE: chunks_to_record([b"sum" * 400]), **{certified_record_name(index): update for index, update in enumerate(updates)}}
+    return RecordDict(
+        {
+            INSTRUCTION: instruction(run_id="r", server_round=2, phase="train"),
+            ROUND_INPUTS: pack_payloads(payloads),
+            CERTIFICATE: ConfigRecord({"round": 1, "aggregate_sha256": "0" * 64, "claims": "[]"}),
+        }
+    )
+
+
+def test_round_inputs_round_trip_with_the_same_digests() -> None:
+    updates = [chunks_to_record([b"a" * 10, b"b" * 20]), pack_plain_update(np.arange(5, dtype=np.float32), num_examples=3)]
+    aggregate = chunks_to_record([b"sum"])
+    content = RecordDict({ROUND_INPUTS: pack_payloads({AGGREGATE: aggregate, certified_record_name(1): updates[1], certified_record_name(0): updates[0]})})
+    unpacked = unpack_payloads(content, ROUND_INPUTS)
+    assert payload_sha256(unpacked[AGGREGATE]) == payload_sha256(aggregate)
+    assert [payload_sha256(record) for record in certified_records(unpacked)] == [payload_sha256(record) for record in updates]
+    assert unpack_payloads(RecordDict({}), ROUND_INPUTS) == {}  # round 1 carries none
+
+
+def test_a_phase_message_is_a_few_flower_objects_whatever_the_number_of_sites() -> None:
+    """Every Flower object is one pull SuperLink -> SuperNode and one SuperNode -> ClientApp: the shared
+    payloads travel as one array (3 objects), not 3 objects per record."""
+    counts = {num_sites: len(get_all_nested_objects(_phase_content(num_sites))) for num_sites in (2, 4, 12)}
+    assert counts == {2: 6, 4: 6, 12: 6}  # RecordDict, 2 ConfigRecords, ArrayRecord, Array, ArrayChunk (+ the Message)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"medtwin/payloads/v0\x00",
+        PAYLOADS_MAGIC + (5).to_bytes(8, "big") + b"ab",  # a field longer than what is left
+        PAYLOADS_MAGIC + b"\x00\x00",  # ends inside a length field
+        PAYLOADS_MAGIC + (1).to_bytes(8, "big") + b"x",  # a name without its record
+        PAYLOADS_MAGIC + (1).to_bytes(8, "big") + b"x" + (3).to_bytes(8, "big") + b"bad",  # not a payload record
+        PAYLOADS_MAGIC + (2).to_bytes(8, "big") + b"\xff\xfe" + (0).to_bytes(8, "big"),  # a name that is not UTF-8
+        PAYLOADS_MAGIC + 2 * ((1).to_bytes(8, "big") + b"x" + (len(RECORD_MAGIC)).to_bytes(8, "big") + RECORD_MAGIC),  # a name twice
+        PAYLOADS_MAGIC + (1).to_bytes(8, "big") + b"x" + (len(RECORD_MAGIC) + 9).to_bytes(8, "big") + RECORD_MAGIC + (1).to_bytes(8, "big") + b"n",
+    ],
+)
+def test_malformed_round_inputs_get_a_clear_error(blob: bytes) -> None:
+    record = ArrayRecord({"payloads": Array(dtype="bytes", shape=(len(blob),), stype=PAYLOADS_STYPE, data=blob)})
+    with pytest.raises(MalformedPayloads, match=ROUND_INPUTS):
+        unpack_payloads(RecordDict({ROUND_INPUTS: record}), ROUND_INPUTS)
+
+
+def test_round_inputs_that_are_not_one_payloads_array_are_refused() -> None:
+    packed = pack_payloads({AGGREGATE: chunks_to_record([b"x"])})
+    for record in (chunks_to_record([b"x"]), ArrayRecord({**packed, "extra": packed["payloads"]})):
+        with pytest.raises(MalformedPayloads, match="is not one"):
+            unpack_payloads(RecordDict({ROUND_INPUTS: record}), ROUND_INPUTS)

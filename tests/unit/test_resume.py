@@ -16,7 +16,7 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 from test_hostile_site import MANIFEST, _order, _reply, honest
 
-from medtwin.core.protocol import AGGREGATE, CERTIFICATE, SITE, UPDATE, RoundCertificate, payload_sha256
+from medtwin.core.protocol import AGGREGATE, CERTIFICATE, ROUND_INPUTS, SITE, UPDATE, RoundCertificate, payload_sha256, unpack_payloads
 from medtwin.server.app import CoordinatorSetup, run_federation
 from medtwin.server.checkpoint import CheckpointError, checkpoint_path, load_latest_checkpoint, save_checkpoint
 
@@ -141,7 +141,7 @@ def test_a_run_resumes_after_its_last_checkpoint_with_its_aggregate_and_refuses_
 
     assert second.sent_in("train", 1) == second.sent_in("train", 2) == []  # continues at round 3
     for message in second.sent_in("train", 3):
-        assert payload_sha256(message.content[AGGREGATE]) == checkpoint.aggregate_sha256  # round 2's aggregate
+        assert payload_sha256(unpack_payloads(message.content, ROUND_INPUTS)[AGGREGATE]) == checkpoint.aggregate_sha256  # round 2's aggregate
         certificate = RoundCertificate.from_record(message.content[CERTIFICATE])
         assert certificate == checkpoint.certificate and certificate.server_round == 2
     assert _metrics(run_path) == [(r, phase) for r in range(1, NUM_ROUNDS + 1) for phase in ("train", "evaluate")]

@@ -102,22 +102,25 @@ class _Units:
             boundaries = np.flatnonzero(np.diff(units[order])) + 1
             self.rows = np.split(order, boundaries) if len(units) else []
             self.count = len(self.rows)
+            self.order = order  # rows unit by unit; unit k's are order[start[k] : start[k] + length[k]]
+            self.length = np.array([len(rows) for rows in self.rows], dtype=np.int64)
+            self.start = np.cumsum(self.length) - self.length
         self.unit_rows = unit_rows
 
     def draw(self, sampling: np.random.Generator, sample_rate: float) -> tuple[np.ndarray, np.ndarray | None]:
-        """(row index, owner position of each row or None when every row is its own unit)."""
+        """(row index, owner position of each row or None when every row is its own unit). A unit with more than
+        `unit_rows` rows gives a uniform random subset of them: the rows of its `unit_rows` smallest uniform keys
+        (all units at once; rows come unit by unit, in the order the units were chosen)."""
         chosen = np.flatnonzero(sampling.random(self.count) < sample_rate)
         if self.rows is None:
             return chosen, None
-        picked = [self._rows_of(int(unit), sampling) for unit in chosen]
-        if not picked:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        owner = np.repeat(np.arange(len(picked)), [len(rows) for rows in picked])
-        return np.concatenate(picked), owner
-
-    def _rows_of(self, unit: int, sampling: np.random.Generator) -> np.ndarray:
-        rows = self.rows[unit]
-        return rows if len(rows) <= self.unit_rows else sampling.choice(rows, self.unit_rows, replace=False)
+        length = self.length[chosen]
+        first = np.cumsum(length) - length  # each chosen unit's first place among the candidates
+        owner = np.repeat(np.arange(len(chosen)), length)
+        candidates = self.order[np.repeat(self.start[chosen] - first, length) + np.arange(len(owner))]
+        by_unit_then_key = np.lexsort((sampling.random(len(owner)), owner))
+        keep = by_unit_then_key[np.arange(len(owner)) - np.repeat(first, length) < self.unit_rows]
+        return candidates[keep], owner[keep]
 
 
 def average_per_unit(trainable: list, owner: np.ndarray) -> None:

@@ -105,3 +105,23 @@ def test_ghost_norms_of_a_wide_layer_with_cancelling_tokens_still_clip():
     expected = sum(min(1.0, 1.0 / (n + 1e-6)) * p for n, p in zip(norms.tolist(), per_unit)).reshape(-1)
     assert torch.isfinite(got).all()
     assert float((got.double() - expected).norm()) < 0.01 * float(expected.norm())
+
+
+def test_a_patients_rows_are_a_uniform_subset_without_replacement():
+    """The vectorised draw: a sampled patient with more than unit_rows rows gives unit_rows distinct rows of
+    their own, every one equally likely; a patient with fewer gives all of them; units come in draw order."""
+    from medtwin.client.privacy.dp_training import _Units
+
+    units = np.repeat([5, 2, 9], [6, 2, 3])  # 6, 2 and 3 rows
+    grouping = _Units(units, len(units), unit_rows=3)
+    sampling = np.random.default_rng(0)
+    counts = np.zeros(len(units))
+    for _ in range(3000):
+        rows, owner = grouping.draw(sampling, sample_rate=1.0)
+        assert (np.diff(owner) >= 0).all() and np.bincount(owner).tolist() == [2, 3, 3]  # units 2, 5, 9: sorted ids
+        for position in range(3):
+            mine = rows[owner == position]
+            assert len(set(mine.tolist())) == len(mine) and len(set(units[mine].tolist())) == 1
+        counts[rows] += 1
+    assert (counts[units != 5] == 3000).all()
+    np.testing.assert_allclose(counts[units == 5] / 3000, 0.5, atol=0.05)  # 3 of 6 rows: each with probability 1/2

@@ -22,8 +22,9 @@ Flower's process-level machinery, per task, inside a process that stays:
   worker; the executor starts another for the next task.
 - No `--parent-pid` monitor per task (one thread each, never stopped): the worker dies with its
   parent (the executor's forkserver, which exits with the site's wrapper) through PR_SET_PDEATHSIG.
-- Flower loads the app by reference (`medtwin.experiments.flower_apps:client_app`) from `sys.modules`
-  when it is there: medtwin is installed in the environment, so nothing is re-imported per message.
+- Flower's app loader is replaced (`pinned_clientapp.py`): every task runs the site's own installed
+  `medtwin.experiments.flower_apps:client_app`, already imported; a FAB declaring another app is refused,
+  and the FAB's folder is never put on `sys.path`.
 """
 
 from __future__ import annotations
@@ -107,13 +108,16 @@ def end_task(code: int, message: str | None = None, event_type: object = None, e
 
 
 def prepare_clientapp_process(*, warm_worker: bool) -> None:
-    """Set once in a process that runs ClientApp tasks: object pulls retried promptly, each FAB installed
-    once per site and, in a warm worker, a task's end that keeps the process (`end_task`)."""
+    """Set once in a process that runs ClientApp tasks: only the site's own ClientApp is loaded and no FAB's
+    dependencies installed (`pin_site_client_app`), object pulls retried promptly, each FAB installed once
+    per site and, in a warm worker, a task's end that keeps the process (`end_task`)."""
     from flwr.supercore.utils import get_flwr_home
     from flwr.supernode.runtime import run_clientapp
 
+    from .pinned_clientapp import pin_site_client_app
     from .prompt_flower import prompt_object_pulls
 
+    pin_site_client_app(run_clientapp)
     prompt_object_pulls()
     run_clientapp.install_from_fab = install_each_fab_once(run_clientapp.install_from_fab, get_flwr_home() / "medtwin-installed-fabs")
     if warm_worker:
@@ -144,7 +148,7 @@ def _resident_bytes() -> int:
 
 def _run_one(task: TaskFunction, task_id: int, arguments: list[str], signal_handlers: dict) -> int:
     """One task; whatever it does, the worker is left as before it: no exit handler, its own signal handlers,
-    its own `sys.path` (Flower's load_app puts the task's FAB folder first; the next run's FAB is another)."""
+    its own `sys.path` (the pinned loader adds nothing to it; whatever a task adds is gone for the next one)."""
     from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 
     profile_dir = os.environ.get(PROFILE_DIR_ENV, "")

@@ -2,26 +2,35 @@
 
 Connection failures become `ChainUnavailableError` (the gateway queues the write in its outbox);
 contract refusals become `ChainRevertError` carrying the contract's assert message.
+
+A write over HTTP is three JSON-RPC round trips, without web3's contract layer or middleware: one batch for
+the preflight (gas estimate — or, with fixed gas, an eth_call — latest block for the fees, tip, and the nonce
+unless remembered), the locally signed transaction sent together with the ask for its receipt (an automining
+node such as anvil has mined it by then), and the receipt polled only if it was not there. A transaction
+mined with status 0 (reverted, or out of gas) is a `ChainRevertError` like a refused preflight.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
+from eth_utils import keccak
 from web3 import Web3
 from web3.contract import Contract
+from web3.contract.contract import ContractFunction
 from web3.types import RPCEndpoint
 from eth_tester.exceptions import TransactionFailed, ValidationError
-from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFound, ProviderConnectionError, TimeExhausted, Web3RPCError
+from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFound, ProviderConnectionError, Web3RPCError
 
 from .accounts import ChainAccount
 from .compiler import CompiledContract
 from .errors import ChainError, ChainRevertError, ChainUnavailableError
-from .views import ViewCall
+from .views import ViewCall, WriteCall
 
 __all__ = ["CONNECTION_ERRORS", "ChainClient", "TxReceipt"]
 
@@ -31,6 +40,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ProviderConnectionError,
 )
 GAS_MARGIN = 1.2
+RECEIPT_POLL_FIRST_S = 0.002  # a node that does not mine at once (not anvil): the receipt is asked again after this,
+RECEIPT_POLL_MAX_S = 0.25  # the pause doubling up to this, for at most chain.tx_timeout_s
 SESSION_CONSTANT_REQUESTS = {RPCEndpoint("eth_chainId")}  # the only JSON-RPC answers a session caches
 T = TypeVar("T")
 
@@ -163,62 +174,165 @@ class ChainClient:
                 raise ChainUnavailableError(self.name, self.url, f"{what}: {call.what} answered non-hex") from error
         return answers
 
-    def transact(self, account: ChainAccount, function: Any, *, call: str) -> TxReceipt:
-        """Sign and send `function` from `account`; return once mined. Raises on revert/outage."""
+    def transact(self, account: ChainAccount, write: WriteCall | ContractFunction, *, call: str) -> TxReceipt:
+        """Sign `write` (calldata built by `ViewFunctions.write`, or a web3 contract function, encoded here) from
+        `account` and send it; return once mined. A contract refusal (at the preflight, or a transaction mined with
+        status 0: reverted or out of gas) raises `ChainRevertError`, an unreachable node `ChainUnavailableError`."""
+        if not isinstance(write, WriteCall):
+            write = self._encoded(write)
         with self._lock:
-            return self.guarded(lambda: self._send(account, function, call), what=call)
+            return self.guarded(lambda: self._send(account, write, call), what=call)
 
-    def _send(self, account: ChainAccount, function: Any, call: str) -> TxReceipt:
+    def _encoded(self, function: ContractFunction) -> WriteCall:
+        contract = self.w3.eth.contract(address=function.address, abi=function.contract_abi)
+        return WriteCall(what=function.fn_name, to=str(function.address), data=contract.encode_abi(function.fn_name, args=list(function.args)))
+
+    def _send(self, account: ChainAccount, write: WriteCall, call: str) -> TxReceipt:
         remembered = account.address in self._nonces
         try:
-            return self._send_with_nonce(account, function, call)
+            return self._send_with_nonce(account, write, call)
         except BaseException as error:
             self._nonces.pop(account.address, None)
             # the node refused the remembered nonce (another process sent from this account): read it, send once more
             if remembered and isinstance(error, Exception) and not isinstance(error, ChainError) and "nonce" in str(error).lower():
-                return self._send_with_nonce(account, function, call)
+                return self._send_with_nonce(account, write, call)
             raise
 
-    def _send_with_nonce(self, account: ChainAccount, function: Any, call: str) -> TxReceipt:
-        nonce = self._nonces.get(account.address)
-        if nonce is None:
-            nonce = self.w3.eth.get_transaction_count(account.address, "pending")
-        # ABI-encoded once (web3 re-encodes for every estimate/call/build: the slow part of a write); the
-        # placeholder gas keeps build_transaction from estimating, the real limit comes from the preflight
-        transaction = function.build_transaction({"from": account.address, "chainId": self.chain_id, "nonce": nonce, "gas": 0})
-        transaction["gas"] = self._gas_for(transaction)
+    def _send_with_nonce(self, account: ChainAccount, write: WriteCall, call: str) -> TxReceipt:
+        request = {"from": account.address, "to": write.to, "data": write.data}
+        nonce, gas, fees = self._preflight(request, nonce=self._nonces.get(account.address), call=call)
+        transaction = {"to": write.to, "data": write.data, "value": 0, "chainId": self.chain_id, "nonce": nonce, "gas": gas, **fees}
         signed = account.sign_transaction(transaction)
         self._nonces.pop(account.address, None)  # until this nonce is known to be used
-        receipt = self._submit_signed(signed, call)
+        receipt = self._submit_signed(signed, call, gas_limit=gas)
         self._nonces[account.address] = nonce + 1
         return receipt
 
-    def _gas_for(self, transaction: dict[str, Any]) -> int:
-        """The gas limit; the estimate (or, with fixed gas, an eth_call) is also the preflight that surfaces a revert reason."""
-        preflight = {key: transaction[key] for key in ("from", "to", "data", "value") if key in transaction}
-        if self.fixed_gas is not None:
-            self.w3.eth.call(preflight)
-            return self.fixed_gas
-        return int(self.w3.eth.estimate_gas(preflight) * GAS_MARGIN) + 10_000
+    def _preflight(self, request: dict[str, Any], *, nonce: int | None, call: str) -> tuple[int, int, dict[str, int]]:
+        """(nonce, gas limit, fee fields) for `request`; the gas estimate (with fixed gas: an eth_call) is also the
+        preflight that surfaces a revert reason. Over HTTP one JSON-RPC batch: a single round trip to the node."""
+        if not isinstance(self.w3.provider, Web3.HTTPProvider):  # in-process chains: through web3
+            nonce = self.w3.eth.get_transaction_count(request["from"], "pending") if nonce is None else nonce
+            if self.fixed_gas is not None:
+                self.w3.eth.call(request)  # type: ignore[arg-type]
+                gas = self.fixed_gas
+            else:
+                gas = int(self.w3.eth.estimate_gas(request) * GAS_MARGIN) + 10_000  # type: ignore[arg-type]
+            base_fee = self.w3.eth.get_block("latest").get("baseFeePerGas")
+            return nonce, gas, self._fees(base_fee, None)
+        requests_ = [
+            (RPCEndpoint("eth_call"), [request, "latest"]) if self.fixed_gas is not None else (RPCEndpoint("eth_estimateGas"), [request]),
+            (RPCEndpoint("eth_getBlockByNumber"), ["latest", False]),
+            (RPCEndpoint("eth_maxPriorityFeePerGas"), []),
+        ]
+        if nonce is None:
+            requests_.append((RPCEndpoint("eth_getTransactionCount"), [request["from"], "pending"]))
+        answers = self._rpc_batch(requests_, what=call)
+        check, block, priority = answers[0], answers[1], answers[2]
+        if "error" in check:
+            message = str(check["error"].get("message", ""))[:300]
+            if check["error"].get("code") == 3 or message.startswith("execution reverted"):
+                raise ChainRevertError(self.name, call, _revert_reason_text(message))
+            raise ChainRevertError(self.name, call, f"node rejected the request: {message}")
+        gas = self.fixed_gas if self.fixed_gas is not None else int(self._quantity(check, what=call) * GAS_MARGIN) + 10_000
+        latest = block.get("result")
+        if not isinstance(latest, dict):
+            raise ChainUnavailableError(self.name, self.url, f"{call}: the node answered no latest block")
+        base_fee = self._quantity({"result": latest["baseFeePerGas"]}, what=call) if latest.get("baseFeePerGas") is not None else None
+        suggested = self._quantity(priority, what=call) if "result" in priority else None  # a node without the method: web3's fallback
+        if nonce is None:
+            nonce = self._quantity(answers[3], what=call)
+        return nonce, gas, self._fees(base_fee, suggested)
 
-    def _submit_signed(self, raw: bytes, call: str) -> TxReceipt:
-        tx_hash = self.w3.eth.send_raw_transaction(raw)
+    def _quantity(self, answer: dict[str, Any], *, what: str) -> int:
+        """A JSON-RPC quantity ("0x..."); a node that answers anything else has not answered."""
         try:
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.tx_timeout_s, poll_latency=0.05)
-        except TimeExhausted as error:
-            raise ChainUnavailableError(
-                self.name, self.url, f"{call}: not mined within chain.tx_timeout_s={self.tx_timeout_s}"
-            ) from error
-        if receipt["status"] != 1:
-            raise ChainRevertError(self.name, call, f"transaction {tx_hash.hex()} reverted when mined")
-        return TxReceipt(
-            chain=self.name,
-            call=call,
-            tx_hash="0x" + bytes(tx_hash).hex().removeprefix("0x"),
-            block_number=int(receipt["blockNumber"]),
-            gas_used=int(receipt["gasUsed"]),
-            block_hash=bytes(receipt["blockHash"]).hex().removeprefix("0x"),
-        )
+            return int(str(answer["result"]), 16)
+        except (KeyError, ValueError) as error:
+            raise ChainUnavailableError(self.name, self.url, f"{what}: the node answered {str(answer)[:120]} where a number was expected") from error
+
+    def _fees(self, base_fee: int | None, priority_fee: int | None) -> dict[str, int]:
+        """As web3 fills them: EIP-1559 (tip, plus twice the latest base fee) or, on a node without base fees, gas price."""
+        if base_fee is None:
+            return {"gasPrice": int(self.w3.eth.gas_price)}
+        tip = int(self.w3.eth.max_priority_fee) if priority_fee is None else priority_fee
+        return {"maxPriorityFeePerGas": tip, "maxFeePerGas": tip + 2 * int(base_fee)}
+
+    def _rpc_batch(self, requests_: Sequence[tuple[RPCEndpoint, list[Any]]], *, what: str) -> list[dict[str, Any]]:
+        """Raw JSON-RPC over HTTP (no web3 middleware): the node's answers, in order, each {"result": ...} or {"error": {...}}."""
+        provider: Any = self.w3.provider
+        try:
+            responses: Any = [provider.make_request(*requests_[0])] if len(requests_) == 1 else provider.make_batch_request(list(requests_))
+        except (ValueError, TypeError) as error:  # not JSON, or a batch whose ids do not sort
+            raise ChainUnavailableError(self.name, self.url, f"{what}: unreadable answer ({type(error).__name__})") from error
+        if not isinstance(responses, list) or len(responses) != len(requests_) or not all(isinstance(item, dict) for item in responses):
+            raise ChainUnavailableError(self.name, self.url, f"{what}: {len(requests_)} requests got an answer of another shape")
+        for response in responses:
+            if "error" in response and not isinstance(response["error"], dict):
+                raise ChainUnavailableError(self.name, self.url, f"{what}: malformed error answer")
+        return list(responses)
+
+    def _submit_signed(self, raw: bytes, call: str, *, gas_limit: int | None = None) -> TxReceipt:
+        if isinstance(self.w3.provider, Web3.HTTPProvider):
+            # the receipt is asked in the same batch (the hash is the signed bytes' keccak): an automining node that
+            # answers a batch in order has it already; otherwise it is polled
+            tx_hash = "0x" + keccak(raw).hex()
+            sent, receipt = self._rpc_batch(
+                [(RPCEndpoint("eth_sendRawTransaction"), ["0x" + raw.hex()]), (RPCEndpoint("eth_getTransactionReceipt"), [tx_hash])], what=call
+            )  # fmt: skip
+            if "error" in sent:  # e.g. "nonce too low": `_send` reads the nonce again and retries once
+                raise Web3RPCError(f"{call}: {str(sent['error'].get('message', ''))[:300]}")
+            if str(sent.get("result", "")).lower() != tx_hash:
+                raise ChainUnavailableError(self.name, self.url, f"{call}: eth_sendRawTransaction answered {str(sent)[:120]}, not {tx_hash}")
+            mined = self._receipt_of(receipt, tx_hash, call) if "error" not in receipt else None  # not indexed yet: polled
+        else:
+            tx_hash = "0x" + bytes(self.w3.eth.send_raw_transaction(raw)).hex().removeprefix("0x")
+            mined = None
+        status, block_number, gas_used, block_hash = mined or self._wait_for_receipt(tx_hash, call)
+        if status != 1:
+            spent = f"gas used {gas_used} of the limit {gas_limit}" if gas_limit else f"gas used {gas_used}"
+            out_of_gas = ": out of gas" if gas_limit is not None and gas_used >= gas_limit else ""
+            raise ChainRevertError(self.name, call, f"transaction {tx_hash} reverted when mined ({spent}{out_of_gas})")
+        return TxReceipt(chain=self.name, call=call, tx_hash=tx_hash, block_number=block_number, gas_used=gas_used, block_hash=block_hash)
+
+    def _wait_for_receipt(self, tx_hash: str, call: str) -> tuple[int, int, int, str]:
+        """(status, block, gas used, block hash) once mined: at once on an automining node, else polled (the pause
+        doubling from RECEIPT_POLL_FIRST_S to RECEIPT_POLL_MAX_S) for at most chain.tx_timeout_s."""
+        deadline = time.monotonic() + self.tx_timeout_s
+        pause_s = RECEIPT_POLL_FIRST_S
+        while True:
+            mined = self._receipt(tx_hash, call)
+            if mined is not None:
+                return mined
+            if time.monotonic() >= deadline:
+                raise ChainUnavailableError(self.name, self.url, f"{call}: not mined within chain.tx_timeout_s={self.tx_timeout_s}")
+            time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
+            pause_s = min(2 * pause_s, RECEIPT_POLL_MAX_S)
+
+    def _receipt(self, tx_hash: str, call: str) -> tuple[int, int, int, str] | None:
+        if not isinstance(self.w3.provider, Web3.HTTPProvider):
+            try:
+                receipt = self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+            except TransactionNotFound:
+                return None
+            block_hash = bytes(receipt["blockHash"]).hex().removeprefix("0x")
+            return int(receipt["status"]), int(receipt["blockNumber"]), int(receipt["gasUsed"]), block_hash
+        (answer,) = self._rpc_batch([(RPCEndpoint("eth_getTransactionReceipt"), [tx_hash])], what=call)
+        return self._receipt_of(answer, tx_hash, call)
+
+    def _receipt_of(self, answer: dict[str, Any], tx_hash: str, call: str) -> tuple[int, int, int, str] | None:
+        """A raw eth_getTransactionReceipt answer: None while not mined, else (status, block, gas used, block hash)."""
+        receipt = answer.get("result")
+        if receipt is None and "error" not in answer:
+            return None
+        if not isinstance(receipt, dict):
+            raise ChainUnavailableError(self.name, self.url, f"{call}: unreadable receipt of {tx_hash}")
+        try:
+            numbers = [int(str(receipt[key]), 16) for key in ("status", "blockNumber", "gasUsed")]
+            block_hash = str(receipt["blockHash"]).removeprefix("0x")
+        except (KeyError, ValueError) as error:
+            raise ChainUnavailableError(self.name, self.url, f"{call}: unreadable receipt of {tx_hash}") from error
+        return numbers[0], numbers[1], numbers[2], block_hash
 
     def deploy(self, account: ChainAccount, compiled: CompiledContract) -> tuple[str, TxReceipt]:
         factory = self.w3.eth.contract(abi=compiled.abi, bytecode=compiled.bytecode)
@@ -270,11 +384,19 @@ class ChainClient:
         """The hash of block `block_number` (hex, no 0x), or None if the chain has no such block."""
 
         def read() -> str | None:
+            if isinstance(self.w3.provider, Web3.HTTPProvider):  # raw JSON-RPC: asked before every background pass
+                (answer,) = self._rpc_batch([(RPCEndpoint("eth_getBlockByNumber"), [hex(block_number), False])], what="eth_getBlockByNumber")
+                block = answer.get("result")
+                if block is None and "error" not in answer:
+                    return None
+                if not isinstance(block, dict) or not isinstance(block.get("hash"), str):
+                    raise ChainUnavailableError(self.name, self.url, f"eth_getBlockByNumber: unreadable block {block_number}")
+                return str(block["hash"]).removeprefix("0x")
             try:
-                block = self.w3.eth.get_block(block_number)
+                found = self.w3.eth.get_block(block_number)
             except BlockNotFound:
                 return None
-            return None if block is None else bytes(block["hash"]).hex().removeprefix("0x")
+            return None if found is None else bytes(found["hash"]).hex().removeprefix("0x")
 
         return self.guarded(read, what="eth_getBlockByNumber")
 

@@ -58,7 +58,7 @@ class ContractGateway:
     ) -> None:
         self.client = client
         self.contract = contract
-        self.views = ViewFunctions(contract.address, contract.abi)  # the reads every round repeats, ABI-resolved once
+        self.views = ViewFunctions(contract.address, contract.abi)  # reads and writes, ABI-resolved once
         self.deploy_block = deploy_block
         self.outbox = outbox
         self.journal = journal if outbox is not None else None
@@ -98,7 +98,8 @@ class ContractGateway:
     # -- writes -------------------------------------------------------------------------------
 
     def _send(self, account: ChainAccount, method: str, args: list[Any]) -> WriteReceipt:
-        receipt = self.client.transact(account, getattr(self.contract.functions, method)(*args), call=method)
+        # calldata from the ABI resolved once per contract (web3's contract layer re-resolves it for every write)
+        receipt = self.client.transact(account, self.views.write(method, *args), call=method)
         if receipt.block_hash:
             self._last_mined = (receipt.block_number, receipt.block_hash)
         return WriteReceipt(

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from medtwin.chain import (
     ChainUnavailableError,
     Decision,
     RunRegistration,
+    WriteReceipt,
     build_round_anchor,
     open_session,
     run_key,
@@ -238,33 +240,45 @@ class ChainProvenance:
         epsilon_by_site: Mapping[str, float],
         he_error_bound: float,
     ) -> dict[str, Any]:
-        auth_receipt = self.session.auth.record_decisions(
-            [
-                Decision(
-                    action="admit_update" if decision.granted else "reject_update",
-                    granted=decision.granted,
-                    reason=decision.code[:32],
-                    site_id=decision.site_id,
-                    subject=decision.subject_sha256,
-                )
-                for decision in decisions
-            ],
-            run_id=run_id,
-            round_index=server_round,
-            background=True,
-        )
-        dataset_receipt = (
-            self.session.data.commit_datasets(run_id=run_id, manifests=dict(dataset_manifests), background=True) if dataset_manifests else None
-        )  # fmt: skip
-        anchor, _ = build_round_anchor(
-            ArtifactStore(self.artifacts_root),
-            run_id=run_id,
-            round_index=server_round,
-            update_digests=dict(update_digests),
-            aggregate_digest=aggregate_digest,
-            epsilon_by_site=dict(epsilon_by_site),
-            he_error_bound=he_error_bound,
-        )
+        def record_decisions() -> WriteReceipt:
+            return self.session.auth.record_decisions(
+                [
+                    Decision(
+                        action="admit_update" if decision.granted else "reject_update",
+                        granted=decision.granted,
+                        reason=decision.code[:32],
+                        site_id=decision.site_id,
+                        subject=decision.subject_sha256,
+                    )
+                    for decision in decisions
+                ],
+                run_id=run_id,
+                round_index=server_round,
+                background=True,
+            )
+
+        # Both chains hand off to their senders (fsyncs, nothing sent): the decisions are made durable on a thread
+        # while the data chain's side (dataset commitments, the round manifest) is; the anchor is handed off only
+        # once the decisions are durable, as when done one after the other. Written synchronously, in order.
+        overlap = self.session.auth.sender is not None and self.session.data.sender is not None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medtwin-decisions-hand-off") as pool:
+            decisions_handed_off = pool.submit(record_decisions) if overlap else None
+            auth_receipt = record_decisions() if decisions_handed_off is None else None
+            dataset_receipt = (
+                self.session.data.commit_datasets(run_id=run_id, manifests=dict(dataset_manifests), background=True) if dataset_manifests else None
+            )  # fmt: skip
+            anchor, _ = build_round_anchor(
+                ArtifactStore(self.artifacts_root),
+                run_id=run_id,
+                round_index=server_round,
+                update_digests=dict(update_digests),
+                aggregate_digest=aggregate_digest,
+                epsilon_by_site=dict(epsilon_by_site),
+                he_error_bound=he_error_bound,
+            )
+            if decisions_handed_off is not None:
+                auth_receipt = decisions_handed_off.result()  # its error, if any, raised here: the anchor is not handed off
+        assert auth_receipt is not None
         anchor_receipt = self.session.data.anchor_round(anchor, background=True)
         self.anchors_written += int(anchor_receipt.mined)
         return {
@@ -333,7 +347,7 @@ class ChainProvenance:
         return [("auth", self.session.auth), ("data", self.session.data)]
 
 
-ANCHOR_POLL_MAX_S = 0.2  # a site waiting for a round's anchor reads the chain at least this often
+ANCHOR_POLL_MAX_S = 0.1  # a site waiting for a round's anchor reads the chain at least this often (one batched eth_call)
 APPROVAL_OUTAGE_GRACE_S = 900.0  # a site trusts its own approval, last seen on chain this recently, through an outage
 
 
@@ -357,7 +371,7 @@ class ChainApprovalCheck:
     state_dir: str
     site_state_dir: str | None = None
     anchor_wait_s: float = DEFAULT_ANCHOR_WAIT_S  # site file chain.anchor_wait_s: how long an aggregate's anchor may take to land
-    anchor_poll_s: float = 0.01
+    anchor_poll_s: float = 0.005  # the first pause: an anchor usually lands within a few ms of the hand-off
 
     def problem(self, *, site_id: str, run_id: str, config_hash: str, code_hash: str) -> str | None:
         binding = dict(run_id=run_id, config_hash=config_hash, code_hash=code_hash)

@@ -55,7 +55,9 @@ def _run_one_clientapp(task: TaskFunction, arguments: list[str]) -> None:
 
 class WarmWorkerExecutor:
     """A SuperExec executor (Flower's `Executor` protocol): ClientApp tasks go to the site's warm worker,
-    or to a one-off fork when it is busy; other task types fall back to Flower's subprocess executor."""
+    or to a one-off fork when it is busy. Other task types are refused: Flower would run them with its stock
+    loader, which imports the app the coordinator's FAB names (a FAB declaring an `agentapp` makes the
+    SuperNode's tasks of that type)."""
 
     def __init__(
         self, preload: Sequence[str] = PRELOAD, *, max_worker_rss_mb: float = WORKER_MAX_RSS_MB, task: TaskFunction = run_flwr_clientapp
@@ -84,7 +86,10 @@ class WarmWorkerExecutor:
         from flwr.supercore.superexec.executor.types import LaunchResult
 
         if spec.task_type != TaskType.CLIENT_APP:
-            return self._fallback.launch(spec)
+            return LaunchResult.failed(
+                f"this hospital runs only medtwin's own ClientApp; task {spec.task_id} is a {spec.task_type} task, "
+                "whose app would be loaded from the coordinator's FAB"
+            )
         arguments = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
         if spec.insecure:
             arguments.append("--insecure")

@@ -248,3 +248,24 @@ def test_the_warm_worker_refuses_a_foreign_fab_then_runs_its_own_app_unshadowed(
         assert not loaded["installed_file"].startswith(loaded["app_dir"])
         assert (Path(loaded["app_dir"]) / "medtwin" / "experiments" / "flower_apps.py").is_file()  # the FAB did ship its copy
     assert not marker.exists(), "a module the FAB shipped was imported at the site"
+
+
+def test_the_site_executor_launches_no_other_task_type(tmp_path: Path) -> None:
+    """A FAB declaring an `agentapp` makes the SuperNode create tasks Flower runs with its stock loader."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
+
+    from medtwin.experiments.warm_clientapp import WarmWorkerExecutor
+
+    executor = WarmWorkerExecutor(preload=(), task=load_task)
+    try:
+        for task_type in set(TaskType) - {TaskType.CLIENT_APP}:
+            spec = ExecutionSpec(
+                task_type=task_type, runtime_api_address="127.0.0.1:9", token="t", insecure=True, root_certificates_path=None,
+                runtime_dependency_install=False, parent_pid=None, suppress_output=False, task_id=5,
+            )  # fmt: skip
+            result = executor.launch(spec)
+            assert result.status == LaunchResultStatus.FAILED and REFUSAL in (result.message or ""), task_type
+        assert not executor.worker.busy and executor._children == []
+    finally:
+        executor.close()

@@ -30,6 +30,7 @@ from .errors import OutboxError
 __all__ = ["Outbox", "PendingWrite", "decode_args", "encode_args"]
 
 FILE_MODE = 0o600
+TAIL_BYTES = 1 << 16  # an append reads the outbox's last line from this much of its end
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Outbox:
         self.chain = chain
         self.failed_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".failed.jsonl")
         self._files_held = threading.local()  # this thread's depth in `files_locked` (re-entrant per thread)
+        self._failed_max_seq: tuple[tuple[int, int], int] | None = None  # ((size, mtime) of the failed file, its highest seq)
 
     def locked(self) -> AbstractContextManager[None]:
         """Hold the cross-process sending lock (flock on a sibling .lock file): whoever sends or replays queued writes."""
@@ -154,9 +156,8 @@ class Outbox:
             )  # fmt: skip
 
     def _append_locked(self, *, method: str, args: list[Any], sender: str, reason: str, signer_label: str, journal_seq: int) -> PendingWrite:
-        existing = self.pending() + self.failed()
         entry = PendingWrite(
-            seq=max((item.seq for item in existing), default=0) + 1,
+            seq=max(self._last_pending_seq(), self._failed_seq()) + 1,
             chain=self.chain,
             method=method,
             args=encode_args(args),
@@ -168,6 +169,39 @@ class Outbox:
         )
         _append_line(self.path, asdict(entry))
         return entry
+
+    def _last_pending_seq(self) -> int:
+        """The highest queued seq, from the file's last complete line (appends number upwards and removals keep
+        the order): a hand-off reads a few bytes, not the backlog an outage left. A torn last line (a crash before
+        its fsync: never returned from an append) is cut off first, so the next line does not run into it
+        (caller holds `files_locked`)."""
+        if not self.path.is_file():
+            return 0
+        with self.path.open("r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            start = max(0, size - TAIL_BYTES)
+            handle.seek(start)
+            tail = handle.read()
+            if tail and not tail.endswith(b"\n") and (start == 0 or b"\n" in tail):
+                handle.truncate(start + tail.rfind(b"\n") + 1)
+                handle.flush()
+                os.fsync(handle.fileno())
+                tail = tail[: tail.rfind(b"\n") + 1]
+        complete = tail.splitlines()
+        if complete and tail.endswith(b"\n") and (start == 0 or len(complete) > 1):  # a partial tail's first line may be cut
+            try:
+                return int(json.loads(complete[-1])["seq"])
+            except (ValueError, KeyError, TypeError):
+                pass  # a line edited by hand: the full read names it
+        return max((item.seq for item in self.pending()), default=0)
+
+    def _failed_seq(self) -> int:
+        """The highest seq in the failed file, read again only when it grew (refusals append to it; nothing removes)."""
+        stat = self.failed_path.stat() if self.failed_path.is_file() else None
+        version = (stat.st_size, stat.st_mtime_ns) if stat is not None else (0, 0)
+        if self._failed_max_seq is None or self._failed_max_seq[0] != version:
+            self._failed_max_seq = (version, max((item.seq for item in self.failed()), default=0))
+        return self._failed_max_seq[1]
 
     def remove(self, seq: int) -> None:
         """Drop a write that is now on chain (caller holds `locked()`)."""

@@ -143,7 +143,7 @@ def decode_certified(codec, verified: VerifiedAggregate, *, unusable: str) -> tu
     the signed counts with the error bound of the real participants: (average, total examples). `unusable`
     opens the refusal when the updates do not decode."""
     try:
-        average, total_examples = codec.average(codec.sum(verified.updates))
+        average, total_examples = codec.average_of(verified.updates)
     except (MedtwinError, ValueError) as error:  # e.g. ciphertexts of another key set, a count <= 0
         raise AggregateRefused(f"{unusable} ({str(error)[:200]})") from None
     sites = len(verified.participants)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord
 
-from medtwin.core.he import HeContext, decrypt_average, encrypt_update, sum_encrypted
+from medtwin.core.he import HeContext, decrypt_average, decrypt_average_of_updates, encrypt_update, sum_encrypted
 from medtwin.core.he.params import average_error_bound, decryption_error_bound
 from medtwin.core.identity import load_site_he_context
 from medtwin.core.plain_payload import average_from_sum, pack_plain_update, sum_plain_updates
@@ -41,6 +41,10 @@ class PlainSiteCodec:
     def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
         """The site's own sum of certified updates: the coordinator's function, so the same bits."""
         return sum_plain_updates(list(updates))
+
+    def average_of(self, updates: Sequence[ArrayRecord]) -> tuple[np.ndarray, float]:
+        """`average(sum(updates))`."""
+        return self.average(self.sum(updates))
 
     def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str) -> ArrayRecord:
         return pack_plain_update(weights, num_examples=num_examples)
@@ -84,6 +88,11 @@ class CkksSiteCodec:
     def sum(self, updates: Sequence[ArrayRecord]) -> ArrayRecord:
         """The site's own homomorphic sum of certified updates (chunks from another key set are refused)."""
         return chunks_to_record(sum_encrypted(self.context, [record_to_chunks(update) for update in updates]))
+
+    def average_of(self, updates: Sequence[ArrayRecord]) -> tuple[np.ndarray, float]:
+        """`average(sum(updates))`, the same values and checks, without serializing the sum in between."""
+        chunks = [record_to_chunks(update) for update in updates]
+        return decrypt_average_of_updates(self.context, chunks, self.context.parameters.num_parameters)
 
     def pack(self, weights: np.ndarray, *, num_examples: int, run_id: str) -> ArrayRecord:
         chunks = encrypt_update(self.context, weights, num_examples)

@@ -5,12 +5,14 @@ Who sent an update, and whether it may count (signatures, replays, unknown sites
 verified, and checks what is specific to its payload: `PlainAggregator` finite float32 weights of
 the federation's size and the signed example count; `CkksAggregator` ciphertext chunks
 that load under the federation's public CKKS context (it holds no key and cannot read them).
-`check` never stores anything; `accept` records an update as part of the round.
+`check` never stores anything in the aggregator; `accept` records an update as part of the round.
+What a check derives from an update's bytes may travel with that update (`SiteUpdate.checked_payload`:
+the CKKS ciphertexts SEAL loaded), so summing does not load them again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from flwr.app import ArrayRecord
@@ -22,6 +24,7 @@ from medtwin.core.he import (
     load_context,
     load_update_chunks,
     sum_loaded,
+    update_digest,
 )
 from medtwin.core.identity import ReplyClaim
 from medtwin.core.plain_payload import PLAIN_PAYLOAD, PlainPayloadError, read_plain_update, sum_plain_updates
@@ -38,6 +41,9 @@ class SiteUpdate:
     record: ArrayRecord
     claim: ReplyClaim
     signature: bytes
+    # what an aggregator's check loaded from `record`, keyed by the digest of the bytes it loaded; reused
+    # only while `record` still digests the same (the update is discarded with it when it is rejected)
+    checked_payload: dict[bytes, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def site_id(self) -> str:
@@ -143,21 +149,27 @@ class CkksAggregator:
         if any(not isinstance(chunk, bytes) for chunk in chunks):
             return "malformed_update", f"{update.site_id}'s update holds chunks that are not bytes"
         try:
-            load_update_chunks(self.public_context, chunks, label=f"{update.site_id}'s update")
+            ciphertexts = load_update_chunks(self.public_context, chunks, label=f"{update.site_id}'s update")
         except (MedtwinError, ValueError) as error:
             return "ciphertext_mismatch", str(error)
+        update.checked_payload.clear()
+        update.checked_payload[update_digest(chunks)] = ciphertexts  # the update's own bytes, loaded; summing reuses them
         return None
 
     def accept(self, update: SiteUpdate) -> None:
         """Nothing to pin: the public context fixes every chunk's shape."""
 
     def aggregate(self, updates: list[SiteUpdate]) -> ArrayRecord:
-        """Sum the updates `check` approved (loaded again: a check keeps nothing)."""
-        vectors = [
-            load_update_chunks(self.public_context, record_to_chunks(update.record), label=f"{update.site_id}'s update")
-            for update in updates
-        ]
-        return chunks_to_record(sum_loaded(self.public_context, vectors))
+        """Sum the updates `check` approved, from the ciphertexts the check loaded when the update's bytes are
+        still the ones it loaded (else loaded again). Leaves those ciphertexts unchanged."""
+        return chunks_to_record(sum_loaded(self.public_context, [self._ciphertexts(update) for update in updates]))
+
+    def _ciphertexts(self, update: SiteUpdate) -> list:
+        chunks = record_to_chunks(update.record)
+        checked = update.checked_payload.get(update_digest(chunks))
+        if checked is not None:
+            return checked
+        return load_update_chunks(self.public_context, chunks, label=f"{update.site_id}'s update")
 
     def describe(self) -> dict:
         return {"scheme": self.scheme, "parameters": self.public_context.parameters.to_dict()}

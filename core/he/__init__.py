@@ -6,7 +6,19 @@ context (encryption parameters only, no key at all); sites decrypt the sum and d
 entry. `params` is pure maths (no TenSEAL import).
 """
 
-from .codec import check_update_chunks, load_update_chunks, sum_loaded, decrypt_average, decrypt_sum, encrypt_update, sum_encrypted, update_digest
+from .codec import (
+    add_loaded,
+    check_update_chunks,
+    decrypt_average,
+    decrypt_average_of_updates,
+    decrypt_sum,
+    decrypt_sum_of_updates,
+    encrypt_update,
+    load_update_chunks,
+    sum_encrypted,
+    sum_loaded,
+    update_digest,
+)
 from .context import (
     HeContext,
     create_secret_context,
@@ -64,6 +76,7 @@ __all__ = [
     "ImpreciseParametersError",
     "InsecureParametersError",
     "ValueRangeError",
+    "add_loaded",
     "average_error_bound",
     "check_ckks_parameters",
     "check_update_chunks",
@@ -73,7 +86,9 @@ __all__ = [
     "ckks_parameters_from_config",
     "create_secret_context",
     "decrypt_average",
+    "decrypt_average_of_updates",
     "decrypt_sum",
+    "decrypt_sum_of_updates",
     "decryption_error_bound",
     "encrypt_update",
     "estimated_update_bytes",

@@ -5,13 +5,16 @@ max_abs_weight_bound so the count uses the same full scale as the weights; unpac
 out), cut into chunks of N reals. A chunk is one CKKS ciphertext whose plaintext holds the chunk's
 reals in its N polynomial coefficients (coefficient encoding: round(v * 2^scale_bits) mod q, no
 canonical embedding, so decryption adds only the fresh error of each site — see params.py), made
-with SEAL directly (`tenseal.sealapi`, SEAL's own NTT and encryption; seal_objects.py):
+with SEAL directly (`tenseal.sealapi`: SEAL's encryption, seed expansion, addition and decryption;
+seal_objects.py) and SEAL's NTT computed in numpy (ntt.py, checked against SEAL's once per ring):
 
-    site         coefficients -> SEAL's NTT -> Encryptor(secret key).encrypt_symmetric: seeded, the
+    site         coefficients -> NTT -> Encryptor(secret key).encrypt_symmetric: seeded, the
                  uniform polynomial is SEAL's seed -> one polynomial, bit-packed, + the seed
     coordinator  rebuild SEAL's seeded serialization -> Ciphertext.load (SEAL expands the seed; needs
-                 only the encryption parameters) -> Evaluator.add_inplace -> both polynomials, bit-packed
-    site         Decryptor(secret key).decrypt -> SEAL's inverse NTT -> centre-lift mod q -> / 2^scale_bits
+                 only the encryption parameters; the check's loads are the ones summed) ->
+                 Evaluator.add -> both polynomials, bit-packed
+    site         the certified updates loaded and added as at the coordinator (the sum is not written out)
+                 -> Decryptor(secret key).decrypt -> inverse NTT -> centre-lift mod q -> / 2^scale_bits
 
 On the wire a chunk is a 33-byte header — magic (format version), key id, chunk index, chunk count,
 packed length, polynomials stored (1: seeded, 2: full) — then, seeded, SEAL's PRNG type and 512-bit
@@ -34,6 +37,7 @@ import tenseal.sealapi as sealapi
 
 from .context import KEY_ID_BYTES, HeContext, load_context
 from .errors import CiphertextMismatchError, HeContextError, ValueRangeError
+from .ntt import NttTables, forward_ntt, inverse_ntt
 from .params import decryption_error_bound
 from .seal_io import seal_load
 from .seal_objects import (
@@ -55,6 +59,7 @@ LEGACY_CHUNK_MAGICS = {
 }
 CHUNK_HEADER = struct.Struct(f">4s{KEY_ID_BYTES}sIIIB")  # magic, key id, index, count, packed length, polynomials
 SEEDED, FULL = 1, 2  # polynomials a chunk stores: an encryption (seeded) or a sum
+_CHECKED_RINGS: set[tuple[int, int]] = set()  # (N, q) whose numpy NTT matched SEAL's in this process
 
 
 def encrypt_update(context: HeContext, weights: np.ndarray, num_examples: int) -> list[bytes]:
@@ -91,7 +96,7 @@ def encrypt_update(context: HeContext, weights: np.ndarray, num_examples: int) -
     residues = np.where(integers < 0, integers + shape.modulus, integers).astype(np.uint64).reshape(count, shape.degree)
     encryptor = sealapi.Encryptor(context.seal_context, context.secret_key)
     chunks = []
-    for index, ntt_values in enumerate(to_ntt(shape, context.seal_context, residues)):
+    for index, ntt_values in enumerate(forward_ntt(_ntt_tables(context, shape), residues)):
         plaintext = sealapi.Plaintext()
         seal_load(lambda path: plaintext.load(context.seal_context, path), plaintext_bytes(shape, ntt_values, scale=scale))
         seeded = read_seeded(shape, encryptor.encrypt_symmetric(plaintext))  # the uniform half is a seed
@@ -101,17 +106,39 @@ def encrypt_update(context: HeContext, weights: np.ndarray, num_examples: int) -
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """`values` (uint64 < 2^bits) at `bits` bits each, least significant bit first."""
-    as_bytes = np.ascontiguousarray(values, dtype="<u8").view(np.uint8).reshape(-1, 8)
-    return np.packbits(np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits], bitorder="little").tobytes()
+    """`values` (uint64 < 2^bits) at `bits` bits each, least significant bit first: value i holds bits
+    [i * bits, (i + 1) * bits) of the little-endian stream. Bits above `bits` are dropped."""
+    flat = np.asarray(values, dtype=np.uint64).reshape(-1) & _mask(bits)
+    offsets = np.arange(flat.size, dtype=np.uint64) * np.uint64(bits)
+    words, shifts = offsets >> np.uint64(6), offsets & np.uint64(63)
+    low = flat << shifts  # the part in word `words`; the rest spills into the next word
+    high = (flat >> np.uint64(1)) >> (np.uint64(63) - shifts)  # two shifts: a shift by 64 is undefined
+    out = np.zeros(flat.size * bits // 64 + 2, dtype="<u8")
+    if flat.size:
+        starts = np.flatnonzero(np.concatenate(([True], words[1:] != words[:-1])))  # words never decrease
+        first = words[starts].astype(np.intp)
+        out[first] |= np.bitwise_or.reduceat(low, starts)  # bits of different values never overlap
+        out[first + 1] |= np.bitwise_or.reduceat(high, starts)
+    return out.tobytes()[: (flat.size * bits + 7) // 8]
 
 
 def unpack_bits(data: bytes, count: int, bits: int) -> np.ndarray:
     """The `count` values `pack_bits` wrote (the caller checks the length first)."""
-    table = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits, bitorder="little").reshape(count, bits)
-    padded = np.zeros((count, 64), dtype=np.uint8)
-    padded[:, :bits] = table
-    return np.packbits(padded, axis=1, bitorder="little").view("<u8").reshape(count).astype(np.uint64)
+    padded = np.zeros(len(data) + 16, dtype=np.uint8)
+    padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    windows = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))  # 8 bytes from every byte
+    offsets = np.arange(count, dtype=np.uint64) * np.uint64(bits)
+    starts, shifts = (offsets >> np.uint64(3)).astype(np.intp), offsets & np.uint64(7)
+    values = windows[starts] >> shifts  # 57 bits or more of the value
+    if bits > 57:
+        values |= (windows[starts + 8] << np.uint64(1)) << (np.uint64(63) - shifts)
+    return (values & _mask(bits)).astype(np.uint64)
+
+
+def _mask(bits: int) -> np.uint64:
+    if not 1 <= bits <= 64:
+        raise ValueError(f"{bits} bits per value: must be in [1, 64]")
+    return np.uint64((1 << bits) - 1)
 
 
 def update_digest(chunks: Sequence[bytes]) -> bytes:
@@ -141,15 +168,30 @@ def decrypt_sum(secret_context: HeContext, summed: Sequence[bytes]) -> np.ndarra
     """Site side: the decrypted packed sum [sum n_i w_i ..., B * sum n_i] (B = max_abs_weight_bound)."""
     if secret_context.secret_key is None:
         raise HeContextError("this context holds no secret key and cannot decrypt (the coordinator's never can)")
-    ciphertexts = _load_update(secret_context, summed, update_index=None, stored=FULL)
+    return _decrypt_loaded(secret_context, _load_update(secret_context, summed, update_index=None, stored=FULL))
+
+
+def decrypt_sum_of_updates(secret_context: HeContext, updates: Sequence[Sequence[bytes]]) -> np.ndarray:
+    """Site side: `decrypt_sum(sum_encrypted(updates))` — the same values — from the updates SEAL loaded and
+    added, without writing the sum out and loading it again."""
+    if secret_context.secret_key is None:
+        raise HeContextError("this context holds no secret key and cannot decrypt (the coordinator's never can)")
+    if not updates:
+        raise CiphertextMismatchError("no updates to add")
+    loaded = [_load_update(secret_context, chunks, update_index=update_index, stored=SEEDED) for update_index, chunks in enumerate(updates)]
+    return _decrypt_loaded(secret_context, add_loaded(secret_context, loaded))
+
+
+def _decrypt_loaded(secret_context: HeContext, ciphertexts: Sequence[sealapi.Ciphertext]) -> np.ndarray:
+    """SEAL decrypts (NTT form); its plaintexts' values go through the numpy inverse NTT, centred mod q."""
     shape = _shape(secret_context)
     decryptor = sealapi.Decryptor(secret_context.seal_context, secret_context.secret_key)
-    ntt_values = []
-    for ciphertext in ciphertexts:
-        plaintext = sealapi.Plaintext()
+    ntt_values = np.empty((len(ciphertexts), shape.degree), dtype=np.uint64)
+    plaintext = sealapi.Plaintext()
+    for index, ciphertext in enumerate(ciphertexts):
         decryptor.decrypt(ciphertext, plaintext)
-        ntt_values.append(read_plaintext(shape, plaintext))
-    residues = from_ntt(shape, secret_context.seal_context, np.array(ntt_values)).reshape(-1)
+        ntt_values[index] = read_plaintext(shape, plaintext)
+    residues = inverse_ntt(_ntt_tables(secret_context, shape), ntt_values).reshape(-1)
     centred = np.where(residues > shape.modulus // 2, residues.astype(np.int64) - shape.modulus, residues.astype(np.int64))
     scale = 2.0**secret_context.parameters.scale_bits
     return centred[: secret_context.parameters.num_parameters + 1].astype(np.float64) / scale
@@ -161,10 +203,28 @@ def decrypt_average(secret_context: HeContext, summed: Sequence[bytes], num_para
     The total is an integer sum of counts, so it is rounded; a total outside [1, max_total_examples]
     means the sum overflowed or was made under another key, and raises `ValueRangeError`.
     """
+    _check_parameter_count(secret_context, num_parameters)
+    return _average(secret_context, decrypt_sum(secret_context, summed), num_parameters)
+
+
+def decrypt_average_of_updates(
+    secret_context: HeContext, updates: Sequence[Sequence[bytes]], num_parameters: int
+) -> tuple[np.ndarray, float]:
+    """Site side: `decrypt_average(sum_encrypted(updates))` — the same values and checks — without
+    serializing the sum in between (`decrypt_sum_of_updates`)."""
+    _check_parameter_count(secret_context, num_parameters)
+    return _average(secret_context, decrypt_sum_of_updates(secret_context, updates), num_parameters)
+
+
+def _check_parameter_count(secret_context: HeContext, num_parameters: int) -> None:
+    if num_parameters != secret_context.parameters.num_parameters:
+        raise ValueRangeError(
+            f"asked for {num_parameters} parameters, the HE parameters are for {secret_context.parameters.num_parameters}"
+        )
+
+
+def _average(secret_context: HeContext, packed: np.ndarray, num_parameters: int) -> tuple[np.ndarray, float]:
     params = secret_context.parameters
-    if num_parameters != params.num_parameters:
-        raise ValueRangeError(f"asked for {num_parameters} parameters, the HE parameters are for {params.num_parameters}")
-    packed = decrypt_sum(secret_context, summed)
     decrypted_total = float(packed[num_parameters]) / params.max_abs_weight_bound
     error_bound = decryption_error_bound(params, params.num_sites) / params.max_abs_weight_bound
     # sum n_i is an integer: rounding removes the count's error whenever the bound allows it
@@ -265,18 +325,9 @@ def check_update_chunks(context: HeContext, chunks: Sequence[bytes], *, label: s
 def sum_loaded(context: HeContext, updates: Sequence[Sequence[sealapi.Ciphertext]]) -> list[bytes]:
     """Coordinator side, from already-checked ciphertexts: the encrypted sum, serialized in chunks.
 
-    Adds in place into the first update's ciphertexts (freshly loaded for this sum). Needs no key.
+    Leaves `updates` as they were (the sum goes into new ciphertexts). Needs no key.
     """
-    if not updates:
-        raise CiphertextMismatchError("no updates to add")
-    evaluator = sealapi.Evaluator(context.seal_context)
-    totals = list(updates[0])
-    for update_index, ciphertexts in enumerate(updates[1:], start=1):
-        for index, (total, ciphertext) in enumerate(zip(totals, ciphertexts, strict=True)):
-            try:
-                evaluator.add_inplace(total, ciphertext)
-            except (RuntimeError, ValueError) as error:  # e.g. SEAL's "result ciphertext is transparent"
-                raise CiphertextMismatchError(f"update #{update_index}, chunk {index}: SEAL cannot add it ({error})") from error
+    totals = add_loaded(context, updates)
     shape = _shape(context)
     bits = shape.modulus.bit_length()
     packed_length = context.parameters.num_parameters + 1
@@ -285,6 +336,47 @@ def sum_loaded(context: HeContext, updates: Sequence[Sequence[sealapi.Ciphertext
         + pack_bits(read_ciphertext(shape, total), bits)
         for index, total in enumerate(totals)
     ]
+
+
+def add_loaded(context: HeContext, updates: Sequence[Sequence[sealapi.Ciphertext]]) -> list[sealapi.Ciphertext]:
+    """SEAL's chunk-by-chunk sum of loaded updates, in new ciphertexts: the inputs are not changed (one
+    update is its own sum)."""
+    if not updates:
+        raise CiphertextMismatchError("no updates to add")
+    if len(updates) == 1:
+        return list(updates[0])
+    evaluator = sealapi.Evaluator(context.seal_context)
+    totals = []
+    for index, first in enumerate(updates[0]):
+        total = sealapi.Ciphertext()
+        for update_index, ciphertexts in enumerate(updates[1:], start=1):
+            try:
+                if update_index == 1:
+                    evaluator.add(first, ciphertexts[index], total)
+                else:
+                    evaluator.add_inplace(total, ciphertexts[index])
+            except (RuntimeError, ValueError, IndexError) as error:  # e.g. SEAL's "result ciphertext is transparent"
+                raise CiphertextMismatchError(f"update #{update_index}, chunk {index}: SEAL cannot add it ({error})") from error
+        totals.append(total)
+    return totals
+
+
+def _ntt_tables(context: HeContext, shape: SealShape) -> NttTables:
+    """The numpy NTT's tables for this ring, checked once per process and ring against SEAL's own transform
+    of a random polynomial both ways (a SEAL that transformed differently is refused, not silently misread)."""
+    tables = NttTables.of(shape.degree, shape.modulus)
+    if (shape.degree, shape.modulus) not in _CHECKED_RINGS:
+        probe = np.random.default_rng().integers(0, shape.modulus, (1, shape.degree), dtype=np.uint64)
+        if not (
+            np.array_equal(forward_ntt(tables, probe), to_ntt(shape, context.seal_context, probe))
+            and np.array_equal(inverse_ntt(tables, probe), from_ntt(shape, context.seal_context, probe))
+        ):
+            raise HeContextError(
+                f"this SEAL's NTT modulo {shape.modulus} at N = {shape.degree} differs from the one medtwin computes "
+                "(core/he/ntt.py, written for SEAL 4.1): install the tenseal version pinned in pyproject.toml"
+            )
+        _CHECKED_RINGS.add((shape.degree, shape.modulus))
+    return tables
 
 
 def _shape(context: HeContext) -> SealShape:

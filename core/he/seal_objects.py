@@ -12,10 +12,11 @@ through SEAL's serialization, whose members are, after SEAL's 16-byte header (li
                 DynArray of size x N x k values — or, seeded, N x k values followed by a nested
                 UniformRandomGeneratorInfo object: PRNG type (uint8) and its 512-bit seed
 
-The transforms between coefficient and NTT form are SEAL's (`Evaluator.transform_to_ntt_inplace` /
+`to_ntt` / `from_ntt` are SEAL's own transforms (`Evaluator.transform_to_ntt_inplace` /
 `transform_from_ntt_inplace`) applied to a ciphertext whose polynomials are the ones to transform:
 up to SEAL's limit of 16 polynomials per call, the last one all ones (SEAL refuses transparent
-ciphertexts, whose polynomials after the first are zero).
+ciphertexts, whose polynomials after the first are zero). They are the reference the numpy NTT
+(ntt.py), which the codec uses, is checked against: once per ring in each process, and in tests.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from medtwin.core.he import (
     encrypt_update,
     serialize_public_context,
     serialize_secret_context,
+    sum_encrypted,
 )
 from medtwin.core.he.codec import CHUNK_HEADER
 from medtwin.core.identity import FederationManifest, ReplyClaim, SiteEntry, sign_claim
@@ -245,6 +246,46 @@ def test_check_stores_nothing(alpha: Federation) -> None:
     before = dict(vars(aggregator))
     assert aggregator.check(update) is None and aggregator.check(update) is None
     assert dict(vars(aggregator)) == before
+
+
+def test_the_sum_reuses_the_ciphertexts_the_check_loaded_and_equals_a_sum_of_fresh_loads(
+    alpha: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    aggregator, verifier = alpha.aggregator(), alpha.verifier()
+    updates = [_admit(verifier, aggregator, _pack(alpha, site_id=site, server_round=1)) for site in SITES]
+    assert all(len(update.checked_payload) == 1 for update in updates)
+    fresh = sum_encrypted(aggregator.public_context, [record_to_chunks(update.record) for update in updates])
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the sum loaded an update the check had loaded already")
+
+    monkeypatch.setattr("medtwin.server.aggregation.load_update_chunks", no_second_load)
+    assert record_to_chunks(aggregator.aggregate(updates)) == fresh
+    assert record_to_chunks(aggregator.aggregate(updates[::-1])) == fresh  # the checked ciphertexts were left unchanged
+
+
+def test_an_update_whose_bytes_differ_from_what_its_check_loaded_is_loaded_again(alpha: Federation) -> None:
+    aggregator, verifier = alpha.aggregator(), alpha.verifier()
+    first, second = (_admit(verifier, aggregator, _pack(alpha, site_id=site, server_round=1)) for site in ("hosp0", "hosp1"))
+    third = _pack(alpha, site_id="hosp2", server_round=1)
+    swapped = replace(second, record=third.record)  # keeps the loads of hosp1's bytes
+    assert swapped.checked_payload is second.checked_payload
+    expected = sum_encrypted(aggregator.public_context, [record_to_chunks(first.record), record_to_chunks(third.record)])
+    assert record_to_chunks(aggregator.aggregate([first, swapped])) == expected
+
+
+def test_a_chunk_that_does_not_load_is_refused_at_check_time_and_leaves_nothing_loaded(alpha: Federation) -> None:
+    aggregator = alpha.aggregator()
+    signed = _pack(alpha, site_id="hosp1", server_round=1)
+    chunks = record_to_chunks(signed.record)
+    header = bytearray(chunks[1][: CHUNK_HEADER.size])
+    body = np.frombuffer(chunks[1][CHUNK_HEADER.size + 65 :], dtype=np.uint8).copy()
+    body[:4] = 0xFF  # the first coefficient reads as 2^bits - 1 >= q
+    tampered = chunks[:1] + [bytes(header) + chunks[1][CHUNK_HEADER.size : CHUNK_HEADER.size + 65] + body.tobytes()] + chunks[2:]
+    update = SiteUpdate(node_id=2, record=chunks_to_record(tampered), claim=signed.claim, signature=signed.signature)  # type: ignore[arg-type]
+    code, reason = aggregator.check(update)
+    assert code == "ciphertext_mismatch" and "not below the prime" in reason
+    assert update.checked_payload == {}
 
 
 # --- encrypted FedAvg == plaintext FedAvg -------------------------------------------------------------

@@ -149,10 +149,13 @@ class WarmWorkerExecutor:
         self._fallback.close()
 
 
-def _exit_with(supernode: subprocess.Popen, executor: WarmWorkerExecutor) -> None:
-    """When the SuperNode exits (refused, crashed, stopped), so does this process, with its code."""
+def _exit_with(supernode: subprocess.Popen, executors: list[WarmWorkerExecutor]) -> None:
+    """When the SuperNode exits (refused, crashed, stopped), so does this process, with its code — also while
+    the executor is still being built (its forkserver preloads torch & co., which can take a minute on a busy
+    machine: a refused SuperNode must be reported at once, not after the warm-up)."""
     code = supernode.wait()
-    executor.close()
+    for executor in executors:
+        executor.close()
     os._exit(code if code >= 0 else 128 - code)
 
 
@@ -177,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # inherits stdout/stderr (one log for the site); gets SIGTERM if this process dies, even by SIGKILL
     supernode = subprocess.Popen(command, preexec_fn=die_with_parent)  # no orphaned SuperNode stays listed at the SuperLink
     atexit.register(_stop, supernode)
+    executors: list[WarmWorkerExecutor] = []  # filled once built; the watcher runs from the start
+    threading.Thread(target=_exit_with, args=(supernode, executors), name="supernode", daemon=True).start()
     executor = WarmWorkerExecutor()
-    threading.Thread(target=_exit_with, args=(supernode, executor), name="supernode", daemon=True).start()
+    executors.append(executor)
     handler = logging.StreamHandler()  # the worker's per-task report, in the site's log
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     logger.addHandler(handler)

@@ -69,6 +69,27 @@ def test_a_sigkilled_wrapper_takes_its_supernode_with_it() -> None:
         wrapper.wait(timeout=10)
 
 
+def test_a_supernode_that_exits_ends_the_wrapper_even_while_its_executor_warms_up() -> None:
+    """A refused SuperNode exits at once; the wrapper must exit with its code then, not once the forkserver has
+    preloaded torch & co. (on a busy machine that took longer than a site's start-up deadline)."""
+    script = (
+        "import sys, time\n"
+        "from medtwin.experiments import warm_clientapp\n"
+        "class NeverReady:\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        time.sleep(600)\n"
+        "warm_clientapp.WarmWorkerExecutor = NeverReady\n"
+        "warm_clientapp.main(['--runtime-api-address', '127.0.0.1:9', '--', sys.executable, '-c', 'raise SystemExit(3)', '--isolation', 'process'])\n"
+    )
+    wrapper = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wrapper.wait(timeout=120) == 3  # the guard against a hang, not a timing goal
+    finally:
+        if wrapper.poll() is None:
+            os.kill(wrapper.pid, signal.SIGKILL)
+            wrapper.wait()
+
+
 def test_a_command_without_process_isolation_is_refused() -> None:
     from medtwin.experiments.warm_clientapp import main
 

@@ -12,7 +12,7 @@ Products modulo q use Shoup's method with a precomputed quotient per twiddle fac
 larger primes (SEAL allows 60 bits) floor(w * 2^64 / q), the 128-bit high half assembled from 32-bit
 pieces in uint64 arithmetic. Values stay fully reduced: min(r, r - q) in wrapping uint64 arithmetic.
 `NttTables.of(N, q)` caches the tables per ring; codec.py checks them once per ring against SEAL's own
-transform (`seal_objects.seal_transform`) before using them.
+transform (`seal_objects.to_ntt` / `from_ntt`) before using them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def forward_ntt(tables: NttTables, polynomials: np.ndarray) -> np.ndarray:
     count, modulus = len(values), np.uint64(tables.modulus)
     for stage, (twiddles, quotients) in enumerate(zip(tables.forward_twiddles, tables.forward_quotients, strict=True)):
         blocks = values.reshape(count, 1 << stage, 2, -1)  # group g's butterflies pair its two halves
-        top = blocks[:, :, 0, :].reshape(count, -1)  # copies: contiguous rows run numpy's fast loops
+        top = blocks[:, :, 0, :].reshape(count, -1)  # contiguous rows (copied when strided): numpy's fast loops
         product = _multiply(blocks[:, :, 1, :].reshape(count, -1), twiddles, quotients, modulus)
         blocks[:, :, 1, :] = _subtract(top, product, modulus).reshape(blocks[:, :, 1, :].shape)
         blocks[:, :, 0, :] = _add(top, product, modulus).reshape(blocks[:, :, 0, :].shape)

@@ -391,6 +391,9 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
     site = normalised_site(site, message)
     model, verified = current_model(site, message, certificate_round=server_round)
     assert verified is not None
+    # computed, not released: the round's anchor lands meanwhile (the coordinator sends it in the background);
+    # nothing is recorded, spent or released before the check below
+    metrics = site.task.evaluate(model, site.data.x_test, site.data.y_test)
     if site.file.approvals == "chain" and approval_check is not None:
         problem = approval_check.aggregate_problem(
             run_id=site.proposal.run_id, server_round=server_round, aggregate_sha256=verified.aggregate_sha256
@@ -421,7 +424,6 @@ def evaluate_phase(site: Site, message: Message, server_round: int, approval_che
             )
         except PrivacyError as error:
             raise RoundRefused("refused:budget", str(error)) from None
-    metrics = site.task.evaluate(model, site.data.x_test, site.data.y_test)
     released = release_metrics({key: float(value) for key, value in metrics.items()}, policy)
     histogram = release_score_histogram(site.task.score_histogram(model, site.data.x_test, site.data.y_test), policy)
     histogram_values = histogram.to_values() if histogram is not None else None

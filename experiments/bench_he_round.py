@@ -25,7 +25,7 @@ A round is built from the pieces the real round loop runs (server/loop.py, clien
                  store the aggregate and certify it; [chain: decisions + dataset commitments + anchor,
                  made durable and handed to each chain's background sender]
     site         [chain: its approval] -> take the certified updates again (verify, sum, decrypt)
-                 -> [chain: the aggregate's anchor, waiting for it to land] -> evaluate on its test split
+                 -> evaluate on its test split (computed, not released) -> [chain: the aggregate's anchor, waiting for it to land]
 
 The [chain] steps run with `--chain anvil` only: the real calls against two local anvil nodes
 (started in a temporary folder, stopped by PID), the coordinator's session and, for the sites,
@@ -326,20 +326,20 @@ class SchemeRounds:
 
         exact = sum(vector for vector, _ in weighted) / sum(count for _, count in weighted)
         evaluate_chain, anchor_wait, evaluate_decode, evaluate, errors = [], [], [], [], []
-        for index, site_id in enumerate(site_ids):  # in client/app.py's order: approval, decode, anchor, evaluate
+        for index, site_id in enumerate(site_ids):  # in client/app.py's order: approval, decode, evaluate, anchor
             approval_s = self.chain.site_evaluate_checks_s(site_id) if self.chain is not None else 0.0
             seconds, average = _timed(lambda: self._site_average(index, certified))
             evaluate_decode.append(seconds)
-            anchor_wait.append(
-                self.chain.anchor_wait_s(site_id, server_round=server_round, aggregate_sha256=certified.certificate.aggregate_sha256)
-                if self.chain is not None else 0.0
-            )  # fmt: skip
-            evaluate_chain.append(approval_s + anchor_wait[-1])
             errors.append(float(np.max(np.abs(average - exact)) / np.max(np.abs(exact))))
             model = workload.build_model()
             vector_to_model(model, average)
             seconds, _ = _timed(lambda: workload.evaluate(model, *workload.test[index]))
             evaluate.append(seconds)
+            anchor_wait.append(
+                self.chain.anchor_wait_s(site_id, server_round=server_round, aggregate_sha256=certified.certificate.aggregate_sha256)
+                if self.chain is not None else 0.0
+            )  # fmt: skip
+            evaluate_chain.append(approval_s + anchor_wait[-1])
         background_send_s = 0.0
         if self.chain is not None:  # between rounds, untimed: the senders finish this round's writes
             self.chain.drain()

@@ -523,6 +523,43 @@ def test_a_site_whose_ledger_and_mark_were_both_deleted_does_not_start_over(hosp
 
 
 
+class AnchorWitness(ChainWitness):
+    """A chain reader whose data chain has (or has not yet) the round's anchor."""
+
+    def __init__(self, anchored: bool) -> None:
+        super().__init__([])
+        self.anchored, self.anchor_reads = anchored, 0
+
+    def aggregate_problem(self, **binding: object) -> str | None:
+        self.anchor_reads += 1
+        return None if self.anchored else "the data chain holds no anchor of this aggregate for round 1"
+
+
+def test_an_unanchored_aggregate_is_refused_and_nothing_is_recorded_spent_or_released(hospital: Hospital) -> None:
+    """The site computes an evaluation while the round's anchor lands, but records, spends and releases nothing
+    before the anchor check: refused as unanchored, the same aggregate is evaluated once it is anchored."""
+    document = yaml.safe_load(hospital.site_file.read_text())
+    document["approvals"] = "chain"
+    document["chain"] = {"state_dir": str(hospital.root / "chain-record")}
+    document["evaluation"] = {"release": "dp", "epsilon_per_release": 0.5, "min_participants": 2}
+    hospital.site_file.write_text(yaml.safe_dump(document))
+    run_id, text = hospital.proposal("federation.num_rounds=3")
+    hungarian, hungarian_claim = _peer_update(hospital, "hungarian", run_id=run_id, server_round=1, num_examples=180)
+    swiss, swiss_claim = _peer_update(hospital, "switzerland", run_id=run_id, server_round=1, num_examples=80)
+    extra = _round_records(_sum_records([hungarian, swiss]), [hungarian_claim, swiss_claim], [hungarian, swiss])
+    ledger = hospital.state_dir / "privacy-ledger.json"
+    spent_before = ledger.read_bytes() if ledger.exists() else b""
+    missing = AnchorWitness(anchored=False)
+    status, reason = status_of(hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra, chains=missing))
+    assert status == "refused:unanchored" and "no anchor" in reason and missing.anchor_reads == 1
+    assert (ledger.read_bytes() if ledger.exists() else b"") == spent_before  # no release reserved
+    assert not list((hospital.state_dir / "replies").rglob("evaluate-*"))  # no reply kept to resend
+    landed = AnchorWitness(anchored=True)
+    reply = hospital.ask(text, phase="evaluate", run_id=run_id, server_round=1, extra=extra, chains=landed)
+    assert status_of(reply)[0] == "evaluated" and landed.anchor_reads == 1  # not "already evaluated": nothing was recorded
+    assert ledger.read_bytes() != spent_before  # the release is spent now, once
+
+
 def _vitals_site(hospital: Hospital, streams: str, *, accept_vitals: dict | None = None) -> None:
     """Cleveland becomes a hospital that brings its own vital-sign streams (a long-format CSV)."""
     (hospital.root / "cleveland" / "vitals.csv").write_text(streams)

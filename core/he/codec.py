@@ -39,7 +39,7 @@ from .context import KEY_ID_BYTES, HeContext, load_context
 from .errors import CiphertextMismatchError, HeContextError, ValueRangeError
 from .ntt import NttTables, forward_ntt, inverse_ntt
 from .params import decryption_error_bound
-from .seal_io import seal_load
+from .seal_io import seal_load, seal_loader
 from .seal_objects import (
     PRNG_INFO_BYTES,
     SealShape,
@@ -257,7 +257,7 @@ def _load_update(
         FULL: CHUNK_HEADER.size + (2 * shape.degree * bits + 7) // 8,
     }
     packed_length = params.num_parameters + 1
-    ciphertexts = []
+    prng_infos, packed_polynomials = [], []
     for index, chunk in enumerate(chunks):
         if len(chunk) < CHUNK_HEADER.size:
             raise CiphertextMismatchError(f"{where}, chunk {index}: {len(chunk)} bytes, shorter than the chunk header")
@@ -292,23 +292,33 @@ def _load_update(
                 f"these parameters has {sizes[SEEDED]} bytes, a sum {sizes[FULL]}"
             )
         body = chunk[CHUNK_HEADER.size :]
-        prng_info = body[:PRNG_INFO_BYTES] if polynomials == SEEDED else b""
-        values = unpack_bits(body[len(prng_info) :], polynomials * shape.degree, bits)
-        if np.any(values >= shape.modulus):
-            raise CiphertextMismatchError(
-                f"{where}, chunk {index}: a coefficient is not below the prime q = {shape.modulus} — corrupted in "
-                "transit or made with other CKKS parameters"
-            )
-        data = ciphertext_bytes(shape, values.reshape(polynomials, shape.degree), scale=2.0**params.scale_bits, prng_info=prng_info)
-        ciphertext = sealapi.Ciphertext()
-        try:
-            seal_load(lambda path: ciphertext.load(context.seal_context, path), data)
-        except (RuntimeError, ValueError, OverflowError, IndexError, MemoryError) as error:
-            raise CiphertextMismatchError(
-                f"{where}, chunk {index}: SEAL refused the ciphertext ({error}) — made with other CKKS "
-                "parameters, or corrupted in transit"
-            ) from error
-        ciphertexts.append(ciphertext)
+        prng_infos.append(body[:PRNG_INFO_BYTES] if stored == SEEDED else b"")
+        packed_polynomials.append(body[len(prng_infos[-1]) :])
+    per_chunk = stored * shape.degree
+    if per_chunk * bits % 8 == 0:  # every chunk ends on a byte boundary (any N >= 8): one stream, unpacked at once
+        values = unpack_bits(b"".join(packed_polynomials), len(chunks) * per_chunk, bits)
+    else:
+        values = np.concatenate([unpack_bits(packed, per_chunk, bits) for packed in packed_polynomials])
+    values = values.reshape(len(chunks), stored, shape.degree)
+    out_of_range = np.flatnonzero((values >= shape.modulus).any(axis=(1, 2)))
+    if out_of_range.size:
+        raise CiphertextMismatchError(
+            f"{where}, chunk {int(out_of_range[0])}: a coefficient is not below the prime q = {shape.modulus} — corrupted in "
+            "transit or made with other CKKS parameters"
+        )
+    ciphertexts = []
+    with seal_loader() as load:  # one scratch file for every chunk
+        for index, (polynomial_values, prng_info) in enumerate(zip(values, prng_infos, strict=True)):
+            data = ciphertext_bytes(shape, polynomial_values, scale=2.0**params.scale_bits, prng_info=prng_info)
+            ciphertext = sealapi.Ciphertext()
+            try:
+                load(lambda path: ciphertext.load(context.seal_context, path), data)
+            except (RuntimeError, ValueError, OverflowError, IndexError, MemoryError) as error:
+                raise CiphertextMismatchError(
+                    f"{where}, chunk {index}: SEAL refused the ciphertext ({error}) — made with other CKKS "
+                    "parameters, or corrupted in transit"
+                ) from error
+            ciphertexts.append(ciphertext)
     return ciphertexts
 
 

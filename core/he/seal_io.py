@@ -53,6 +53,20 @@ def seal_load(load: Callable[[str], None], data: bytes, *, max_object_bytes: int
         load(path)
 
 
+@contextmanager
+def seal_loader() -> Iterator[Callable[[Callable[[str], None], bytes], None]]:
+    """`seal_load` without `max_object_bytes` for many objects in a row, through one scratch file
+    (rewritten for each): `with seal_loader() as load: load(lambda path: ..., data)`."""
+    with _scratch_path() as path:
+
+        def load(seal_load_from: Callable[[str], None], data: bytes) -> None:
+            with open(path, "wb") as handle:  # truncates what the previous object left
+                handle.write(data)
+            seal_load_from(path)
+
+        yield load
+
+
 def inflate_untrusted(data: bytes, *, max_object_bytes: int) -> bytes:
     """The same SEAL object, uncompressed: header checked, zstd inflated with its output capped."""
     if len(data) < SEAL_HEADER.size:

@@ -30,11 +30,14 @@ demo: install
 deploy-demo: install
 	$(BIN)/python -m medtwin.experiments.deploy_demo
 
+# unit tests on both cores (pytest-xdist), then the integration tests one at a time: each starts Ray, anvil
+# or Flower processes of its own and needs the machine to itself
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 -m "not slow"
+	$(BIN)/pytest -q -m slow
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 2 -m "not slow"
 
 bench: install
 	$(BIN)/python -m medtwin.experiments.bench_fed_heart_disease

@@ -82,8 +82,14 @@ def record_from_bytes(data: bytes | memoryview) -> ArrayRecord:
     arrays = {}
     for index in range(0, len(fields), 5):
         name, dtype, shape, stype, blob = fields[index : index + 5]
-        dims = tuple(int(part) for part in bytes(shape).decode().strip("(),").split(",") if part.strip())
-        arrays[bytes(name).decode()] = Array(dtype=bytes(dtype).decode(), shape=dims, stype=bytes(stype).decode(), data=bytes(blob))
+        text = bytes(shape).decode()
+        dims = tuple(int(part) for part in text.strip("(),").split(",") if part.strip())
+        if repr(dims) != text:  # "1_0", " 3", "((3,),)", "" all parse: only record_bytes' own spelling is one
+            raise ValueError(f"array {index // 5}: shape {text[:40]!r} is not written as record_bytes writes {dims!r:.40}")
+        array_name = bytes(name).decode()
+        if arrays and array_name <= next(reversed(arrays)):  # record_bytes writes names sorted, each once
+            raise ValueError(f"array {array_name[:60]!r} is out of order or repeated")
+        arrays[array_name] = Array(dtype=bytes(dtype).decode(), shape=dims, stype=bytes(stype).decode(), data=bytes(blob))
     return ArrayRecord(arrays)
 
 
@@ -146,6 +152,8 @@ def unpack_payloads(content: RecordDict, name: str) -> dict[str, ArrayRecord]:
             record_name = bytes(fields[index]).decode()
             if record_name in records:
                 raise ValueError(f"the record {record_name!r} appears twice")
+            if records and record_name < next(reversed(records)):  # pack_payloads writes names sorted
+                raise ValueError(f"the record {record_name[:60]!r} is out of order")
             records[record_name] = record_from_bytes(fields[index + 1])
     except ValueError as error:  # UnicodeDecodeError is one
         raise MalformedPayloads(f"{name} is malformed: {str(error)[:200]}") from None

@@ -24,8 +24,8 @@ from flwr.supercore.exit import ExitCode
 
 from medtwin.experiments.pinned_clientapp import SITE_CLIENTAPP_REF
 from medtwin.experiments.site_worker import SiteWorker
+from test_site_worker import TASK_TIMEOUT_S, wait_idle  # tests/unit is on sys.path (rootdir-relative imports)
 
-TASK_TIMEOUT_S = 60.0
 REFUSAL = "this hospital runs only medtwin's own ClientApp"
 PUBLISHER, PROJECT, VERSION = "coordinator", "evilapp", "1.0.0"
 
@@ -60,15 +60,6 @@ def _records(path: Path) -> list[dict]:
 def _append(report: str, record: dict) -> None:
     with open(report, "a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
-
-
-def _wait_idle(worker: SiteWorker, *, done: int) -> None:
-    deadline = time.monotonic() + TASK_TIMEOUT_S
-    while worker.tasks_done < done:
-        worker.collect()
-        assert worker.alive, f"the worker died (exit code {worker.process.exitcode})"
-        assert time.monotonic() < deadline, "the worker did not finish its task"
-        time.sleep(0.05)
 
 
 # --- tasks a forked ClientApp process runs (module-level: found by name) ---
@@ -235,7 +226,7 @@ def test_the_warm_worker_refuses_a_foreign_fab_then_runs_its_own_app_unshadowed(
         orders = [("flower", foreign), ("load", shadowing), ("load", shadowing)]  # the third finds the FAB installed
         for done, (kind, fab_file) in enumerate(orders, start=1):
             assert worker.submit(done, [kind, str(fab_file), str(report)])
-            _wait_idle(worker, done=done)
+            wait_idle(worker, done=done)
             assert worker.last_exit_code == (ExitCode.TASK_PROC_EXCEPTION if kind == "flower" else 0)
     finally:
         worker.close()

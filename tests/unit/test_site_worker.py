@@ -25,7 +25,7 @@ def _context():
     return multiprocessing.get_context("forkserver")
 
 
-def _wait_idle(worker: SiteWorker, *, done: int) -> None:
+def wait_idle(worker: SiteWorker, *, done: int) -> None:
     deadline = time.monotonic() + TASK_TIMEOUT_S
     while worker.tasks_done < done:
         worker.collect()
@@ -117,13 +117,13 @@ def test_the_second_message_of_a_run_reuses_the_site_the_first_built(tmp_path: P
     try:
         for done in (1, 2):
             assert worker.submit(done, [str(parties.site_files[0]), str(proposal), str(report)])
-            _wait_idle(worker, done=done)
+            wait_idle(worker, done=done)
         first, second = _records(report)
         assert first["pid"] == second["pid"] == worker.process.pid
         assert (first["misses"], second["misses"], second["hits"]) == (1, 1, first["hits"] + 1)  # built once, then kept
         Path(parties.site_files[0]).touch()  # the hospital edited its site file: the next message rebuilds
         assert worker.submit(3, [str(parties.site_files[0]), str(proposal), str(report)])
-        _wait_idle(worker, done=3)
+        wait_idle(worker, done=3)
         assert _records(report)[2]["misses"] == 2
     finally:
         worker.close()
@@ -136,7 +136,7 @@ def test_a_task_that_fails_or_ends_the_flower_way_leaves_the_worker_clean(tmp_pa
     try:
         for done, how in enumerate(("raise", "ok", "error", "ok"), start=1):
             assert worker.submit(done, [how, str(report)])
-            _wait_idle(worker, done=done)
+            wait_idle(worker, done=done)
             assert worker.last_exit_code == {"raise": 1, "ok": 0, "error": 101}[how]
         records = _records(report)
     finally:

@@ -15,14 +15,13 @@ import dataclasses
 import json
 import multiprocessing
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from medtwin.experiments.site_worker import WORKER_SITES_KEPT, SiteWorker
+from test_site_worker import wait_idle  # tests/unit is on sys.path (rootdir-relative imports)
 
-TASK_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +34,6 @@ def parties(tmp_path_factory: pytest.TempPathFactory):
     config = compose_config(["task=breast_cancer", "task.num_sites=3", f"runs_dir={runs}"])
     config.run_id = make_run_id(config)
     return prepare_parties(config)
-
-
-def _wait_idle(worker: SiteWorker, *, done: int) -> None:
-    deadline = time.monotonic() + TASK_TIMEOUT_S
-    while worker.tasks_done < done:
-        worker.collect()
-        assert worker.alive, f"the worker died (exit code {worker.process.exitcode})"
-        assert time.monotonic() < deadline, "the worker did not finish its task"
-        time.sleep(0.05)
 
 
 def _records(path: Path) -> list[dict]:
@@ -103,7 +93,7 @@ def test_a_coordinator_cannot_make_the_worker_hold_a_site_per_proposal_text(part
     worker = SiteWorker(multiprocessing.get_context("fork"), task=many_proposals_task)
     try:
         assert worker.submit(1, [str(parties.site_files[1]), str(proposal), str(WORKER_SITES_KEPT + 3), str(report)])
-        _wait_idle(worker, done=1)
+        wait_idle(worker, done=1)
     finally:
         worker.close()
     assert _records(report)[0]["kept"] <= WORKER_SITES_KEPT
@@ -115,7 +105,7 @@ def test_a_task_leaves_sys_path_as_it_found_it(tmp_path: Path) -> None:
     try:
         for done in (1, 2):
             assert worker.submit(done, [folder, str(report)])
-            _wait_idle(worker, done=done)
+            wait_idle(worker, done=done)
     finally:
         worker.close()
     first, second = _records(report)

@@ -5,6 +5,7 @@ missing or invalid site file; a kit that never joined; an unreachable SuperLink;
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 import time
 from pathlib import Path
@@ -122,3 +123,24 @@ def test_a_run_whose_chains_do_not_answer_is_not_submitted(tmp_path: Path) -> No
     with pytest.raises(DeploymentError, match=r"the auth chain at http://127\.0\.0\.1:\d+ .* does not answer: start it"):
         submit_proposal(proposal, coordinator_state=tmp_path / "coordinator", public_context=None, timeout_s=10)
     assert time.monotonic() - started < 15
+
+
+def test_waiting_for_a_run_names_the_connection_when_it_is_missing_or_its_superlink_is_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The researcher's wait asks the Control API in-process: a connection FLWR_HOME does not define, or a SuperLink
+    that does not answer, is a DeploymentError naming the connection within seconds, and FLWR_HOME is left as it was."""
+    from medtwin.experiments.deployment import wait_for_run
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "config.toml").write_text(
+        f'[superlink]\ndefault = "medtwin-coordinator"\n\n[superlink.medtwin-coordinator]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "researcher-home"))
+    with pytest.raises(DeploymentError, match=f"no Flower connection 'elsewhere' in FLWR_HOME {tmp_path}"):
+        wait_for_run(tmp_path, "elsewhere", 7, timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(DeploymentError, match="connection 'medtwin-coordinator' gave no status for run 7"):
+        wait_for_run(tmp_path, "medtwin-coordinator", 7, timeout_s=30)
+    assert time.monotonic() - started < 20
+    assert os.environ["FLWR_HOME"] == str(tmp_path / "researcher-home")

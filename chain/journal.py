@@ -13,6 +13,8 @@ keeps two points, each an entry number with the block (number and hash) at which
 
 A reconcile re-checks only the entries after the durable point, unless the chain no longer has the
 durable block's hash (a node restored from an older state, a reorg): then it re-checks everything.
+An entry's number comes from the file's last entry, and never goes below one this `Journal` already handed
+out (a line appended by someone else with an old number does not make this process reuse it).
 Appends and watermark updates happen under the outbox's file lock (`Outbox.files_locked`, the gateway sets
 `guard`): a background sender marks entries mined while the round loop appends new ones.
 """
@@ -70,13 +72,16 @@ class Journal:
         self.watermark_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".watermark.json")
         # held around every change (the outbox's file lock, set by the gateway): appends from two threads
         self.guard: Callable[[], AbstractContextManager[None]] = nullcontext
+        self._last_handed_out = 0  # the highest seq this instance appended
 
     def append(self, *, method: str, args: list[Any], sender: str, signer_label: str = "") -> JournalEntry:
         with self.guard():
-            entry = JournalEntry(self.last_seq() + 1, method, encode_args(args), sender, signer_label, time.time())
+            seq = max(self.last_seq(), self._last_handed_out) + 1
+            entry = JournalEntry(seq, method, encode_args(args), sender, signer_label, time.time())
             record = asdict(entry)
             del record["tx_hash"]
             self._append_line(record)
+            self._last_handed_out = seq
             return entry
 
     def mark_mined(self, seq: int, *, tx_hash: str, block: int) -> None:

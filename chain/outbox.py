@@ -5,6 +5,12 @@ removals rewrite the file atomically (temp file, fsync, rename); a lock file ser
 Entries that the chain refuses on replay move to ``<name>.failed.jsonl`` and are reported, never
 dropped silently. The replay logic (idempotency checks, sending) lives in the gateway.
 
+Numbers (`seq`) are never handed out twice: a removal's rewrite starts the file with ``{"last_seq": N}``,
+the highest number the outbox has held, so numbering goes on after the outbox empties (no extra fsync: the
+rewrite is fsynced anyway), and an `Outbox` also remembers the highest number it handed out, whatever the
+file says later. Files from before that line load as they are. A number is still no proof of who wrote the
+line (anyone who can write the file can reuse one): the gateway tells its own entries by their content.
+
 Two locks: `locked()` is held by whoever sends or replays queued writes (for as long as that takes);
 `files_locked()` only for a read or change of the files themselves (milliseconds). A background sender
 holds the first while a transaction mines, so the round loop's hand-off takes only the second: it never
@@ -31,6 +37,7 @@ __all__ = ["Outbox", "PendingWrite", "decode_args", "encode_args"]
 
 FILE_MODE = 0o600
 TAIL_BYTES = 1 << 16  # an append reads the outbox's last line from this much of its end
+LAST_SEQ_PREFIX = '{"last_seq": '  # a removal's first line: the highest number the outbox has held
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,16 @@ def decode_args(args: list[Any]) -> list[Any]:
     return [decode(arg) for arg in args]
 
 
+def _recorded_last_seq(head: bytes) -> int:
+    """The ``last_seq`` a removal wrote at the top of the file (0 in files from before it did)."""
+    if not head.startswith(LAST_SEQ_PREFIX.encode()):
+        return 0
+    try:
+        return int(json.loads(head[: head.index(b"\n")])["last_seq"])
+    except (ValueError, KeyError, TypeError):
+        return 0  # not that line after all: the full read names a damaged line
+
+
 def _atomic_write(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode=FILE_MODE)
 
@@ -94,6 +111,7 @@ class Outbox:
         self.failed_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".failed.jsonl")
         self._files_held = threading.local()  # this thread's depth in `files_locked` (re-entrant per thread)
         self._failed_max_seq: tuple[tuple[int, int], int] | None = None  # ((size, mtime) of the failed file, its highest seq)
+        self._last_handed_out = 0  # the highest seq this instance appended: never handed out again, whatever the file says
 
     def locked(self) -> AbstractContextManager[None]:
         """Hold the cross-process sending lock (flock on a sibling .lock file): whoever sends or replays queued writes."""
@@ -126,7 +144,7 @@ class Outbox:
             text = text[: text.rfind("\n") + 1]  # before its fsync — never a write whose call returned
         entries = []
         for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+            if not line.strip() or (number == 1 and line.startswith(LAST_SEQ_PREFIX)):
                 continue
             try:
                 entries.append(PendingWrite(**json.loads(line)))
@@ -157,7 +175,7 @@ class Outbox:
 
     def _append_locked(self, *, method: str, args: list[Any], sender: str, reason: str, signer_label: str, journal_seq: int) -> PendingWrite:
         entry = PendingWrite(
-            seq=max(self._last_pending_seq(), self._failed_seq()) + 1,
+            seq=max(self._last_pending_seq(), self._failed_seq(), self._last_handed_out) + 1,
             chain=self.chain,
             method=method,
             args=encode_args(args),
@@ -168,16 +186,18 @@ class Outbox:
             journal_seq=journal_seq,
         )
         _append_line(self.path, asdict(entry))
+        self._last_handed_out = entry.seq
         return entry
 
     def _last_pending_seq(self) -> int:
-        """The highest queued seq, from the file's last complete line (appends number upwards and removals keep
-        the order): a hand-off reads a few bytes, not the backlog an outage left. A torn last line (a crash before
-        its fsync: never returned from an append) is cut off first, so the next line does not run into it
-        (caller holds `files_locked`)."""
+        """The highest seq the outbox file has held: its last complete line's (appends number upwards and removals
+        keep the order) or its first line's ``last_seq``, whichever is higher — a hand-off reads a few bytes, not
+        the backlog an outage left. A torn last line (a crash before its fsync: never returned from an append) is
+        cut off first, so the next line does not run into it (caller holds `files_locked`)."""
         if not self.path.is_file():
             return 0
         with self.path.open("r+b") as handle:
+            recorded = _recorded_last_seq(handle.read(len(LAST_SEQ_PREFIX) + 24))
             size = handle.seek(0, os.SEEK_END)
             start = max(0, size - TAIL_BYTES)
             handle.seek(start)
@@ -190,10 +210,11 @@ class Outbox:
         complete = tail.splitlines()
         if complete and tail.endswith(b"\n") and (start == 0 or len(complete) > 1):  # a partial tail's first line may be cut
             try:
-                return int(json.loads(complete[-1])["seq"])
+                last = json.loads(complete[-1])
+                return max(int(last["seq"] if "seq" in last else last["last_seq"]), recorded)
             except (ValueError, KeyError, TypeError):
                 pass  # a line edited by hand: the full read names it
-        return max((item.seq for item in self.pending()), default=0)
+        return max([recorded, *(item.seq for item in self.pending())])
 
     def _failed_seq(self) -> int:
         """The highest seq in the failed file, read again only when it grew (refusals append to it; nothing removes)."""
@@ -204,10 +225,13 @@ class Outbox:
         return self._failed_max_seq[1]
 
     def remove(self, seq: int) -> None:
-        """Drop a write that is now on chain (caller holds `locked()`)."""
+        """Drop a write that is now on chain (caller holds `locked()`). The rewrite keeps the highest number the
+        outbox has held in its first line, so that no later append hands the number out again."""
         with self.files_locked():  # a hand-off's append between the read and the rewrite would be lost
-            remaining = [item for item in self.pending() if item.seq != seq]
-            _atomic_write(self.path, "".join(json.dumps(asdict(item), sort_keys=True) + "\n" for item in remaining))
+            entries = self.pending()
+            last_seq = max(self._last_pending_seq(), self._last_handed_out, *(item.seq for item in entries))
+            lines = [json.dumps({"last_seq": last_seq}), *(json.dumps(asdict(item), sort_keys=True) for item in entries if item.seq != seq)]
+            _atomic_write(self.path, "".join(line + "\n" for line in lines))
 
     def move_to_failed(self, seq: int, *, error: str) -> PendingWrite:
         """The chain refused a queued write: keep it, with the error, in the failed file."""

@@ -69,13 +69,17 @@ class ContractGateway:
         self._last_mined: tuple[int, str] | None = None  # (block, hash) of this process's last write
         self._signers = {account.address: account for account in signers}
         self._trusted = frozenset(self._signers)  # this session's own role keys: they may sign any replay
-        self._own_journal: set[int] = set()  # journal / outbox entries this process wrote
-        self._own_outbox: set[int] = set()
+        # the journal / outbox entries this process wrote, by seq: an entry is "own" only if it is the very entry
+        # (same content) — a number is no proof, anyone who can write the files can reuse one. Outbox entries are
+        # forgotten once this process takes them out (mined, applied or refused): a copy planted later is not own.
+        self._own_journal: dict[int, JournalEntry] = {}
+        self._own_outbox: dict[int, PendingWrite] = {}
         # label -> account, for queued writes of signers this process has not met yet (dev keys)
         self.signer_resolver = signer_resolver
         self.sender: BackgroundSender | None = None
-        # outbox entries this process queued for its sender and nobody tried to send yet: sent without first asking
-        # the chain whether they are applied (anything else queued goes through the reconcile, which asks)
+        # seqs of outbox entries this process queued for its sender and nobody tried to send yet (each also in
+        # `_own_outbox`): sent without first asking the chain whether they are applied (anything else queued goes
+        # through the reconcile, which asks)
         self._fresh: set[int] = set()
         # "seq N method: error" for each write the chain refused while a background sender had it (kept after the sender stops)
         self.refused_in_background: list[str] = []
@@ -151,7 +155,7 @@ class ContractGateway:
             entry = self.outbox.append(
                 method=method, args=args, sender=account.address, reason=reason, signer_label=account.label, journal_seq=journaled,
             )  # fmt: skip
-            self._own_outbox.add(entry.seq)
+            self._own_outbox[entry.seq] = entry
         log.warning("%s chain: %s queued in %s (seq %d): %s", self.client.name, method, self.outbox.path, entry.seq, reason)
         return WriteReceipt(status="queued", chain=self.client.name, call=method, outbox_seq=entry.seq)
 
@@ -163,7 +167,7 @@ class ContractGateway:
                 method=method, args=args, sender=account.address, reason="sent in the background", signer_label=account.label,
                 journal_seq=journaled,
             )  # fmt: skip
-            self._own_outbox.add(entry.seq)
+            self._own_outbox[entry.seq] = entry
             self._fresh.add(entry.seq)
         self.sender.wake()
         status = "queued" if self.sender.stalled else "sending"
@@ -176,11 +180,13 @@ class ContractGateway:
         assert self.outbox is not None
         with self.outbox.locked():
             pending = self.outbox.pending()
-            if any(entry.seq not in self._fresh for entry in pending) or self._node_lost_our_writes():
+            if not all(self._fresh_here(entry) for entry in pending) or self._node_lost_our_writes():
                 return self._reconcile_locked().flush
             mined: list[WriteReceipt] = []
             failed: list[str] = []
             for index, entry in enumerate(pending):
+                if not self._fresh_here(entry):  # a second line under a number this pass took out: the next pass checks it
+                    break
                 self._fresh.discard(entry.seq)  # tried from now on: a retry asks the chain first
                 args = decode_args(entry.args)
                 signer = self._signer_for(entry.sender, entry.signer_label)
@@ -195,19 +201,19 @@ class ContractGateway:
                     break
                 except (ChainError, ValueError) as error:
                     if self._applied_after_all(entry, args):  # another process sent it (and crashed before removing it)
-                        self.outbox.remove(entry.seq)
+                        self._take_out(entry.seq)
                         continue
                     if entry.journal_seq and self.journal is not None:  # refused: a reconcile must not send it again
                         mark = self.journal.watermark()
                         self.journal.set_watermark(replace(mark, refused=(*mark.refused, entry.journal_seq)))
-                    self.outbox.move_to_failed(entry.seq, error=str(error))
+                    self._take_out(entry.seq, refused=str(error))
                     failed.append(f"seq {entry.seq} {entry.method}: {error}")
                     log.error("%s chain: %s (outbox seq %d) refused: %s", self.client.name, entry.method, entry.seq, error)
                     continue
                 if entry.journal_seq and self.journal is not None:
                     self.journal.mark_mined(entry.journal_seq, tx_hash=receipt.tx_hash, block=receipt.block_number)
                 self.on_mined(entry.method, args)
-                self.outbox.remove(entry.seq)
+                self._take_out(entry.seq)
                 mined.append(receipt)
             return FlushResult(mined=tuple(mined), failed=tuple(failed), remaining=len(self.outbox))
 
@@ -239,7 +245,7 @@ class ContractGateway:
         if self.journal is None:
             return 0
         entry = self.journal.append(method=method, args=args, sender=account.address, signer_label=account.label)
-        self._own_journal.add(entry.seq)
+        self._own_journal[entry.seq] = entry
         return entry.seq
 
     def flush(self) -> FlushResult:
@@ -261,22 +267,22 @@ class ContractGateway:
         for entry in self.outbox.pending():
             if journaled_through is not None and entry.journal_seq > journaled_through:
                 break  # handed off after the reconcile's snapshot: the next pass takes it, with its journal entry
-            signer = self._replay_signer(entry.sender, entry.signer_label, own=entry.seq in self._own_outbox)
+            signer = self._replay_signer(entry.sender, entry.signer_label, own=self._queued_here(entry))
             if signer is None:
                 log.warning("%s chain: outbox seq %d waits for signer %s", self.client.name, entry.seq, entry.sender)
                 break
             args = decode_args(entry.args)
             try:
                 if self.is_applied(entry.method, args, entry.sender):
-                    self.outbox.remove(entry.seq)
+                    self._take_out(entry.seq)
                     applied += 1
                     continue
                 mined.append(self._send(signer, entry.method, args))
-                self.outbox.remove(entry.seq)
+                self._take_out(entry.seq)
             except ChainUnavailableError:
                 break
             except ChainError as error:
-                self.outbox.move_to_failed(entry.seq, error=str(error))
+                self._take_out(entry.seq, refused=str(error))
                 failed.append(f"seq {entry.seq} {entry.method}: {error}")
                 log.error("%s chain: queued %s refused on replay: %s", self.client.name, entry.method, error)
         return FlushResult(mined=tuple(mined), already_applied=applied, failed=tuple(failed), remaining=len(self.outbox))
@@ -289,6 +295,28 @@ class ContractGateway:
             resolved = self.signer_resolver(label) if label and self.signer_resolver is not None else None
             return resolved if resolved is not None and resolved.address == address else None
         return self._signer_for(address, label)
+
+    def _queued_here(self, entry: PendingWrite) -> bool:
+        """This process queued this very entry, and it has not taken it out since."""
+        return self._own_outbox.get(entry.seq) == entry
+
+    def _fresh_here(self, entry: PendingWrite) -> bool:
+        return entry.seq in self._fresh and self._queued_here(entry)
+
+    def _journaled_here(self, entry: JournalEntry) -> bool:
+        """This process journaled this very entry (a "mined" line since only adds the transaction hash)."""
+        return self._own_journal.get(entry.seq) == replace(entry, tx_hash="")
+
+    def _take_out(self, seq: int, *, refused: str | None = None) -> None:
+        """Remove a queued write (mined or applied), or move it to the failed file (`refused`: the chain's error);
+        from then on its number is not this process's any more."""
+        assert self.outbox is not None
+        if refused is not None:
+            self.outbox.move_to_failed(seq, error=refused)
+        else:
+            self.outbox.remove(seq)
+        self._own_outbox.pop(seq, None)
+        self._fresh.discard(seq)
 
     # -- journal ------------------------------------------------------------------------------
 
@@ -383,11 +411,11 @@ class ContractGateway:
                 if pending is None and not self._lost(entry, args):
                     continue
                 if pending is not None and self.is_applied(entry.method, args, entry.sender):  # mined just before a crash
-                    self.outbox.remove(pending.seq)
+                    self._take_out(pending.seq)
                     applied += 1
                     continue
-                own = entry.seq in self._own_journal or (pending is not None and pending.seq in self._own_outbox)
-                signer = self._replay_signer(entry.sender, entry.signer_label, own=own)
+                # what is sent is the journal entry: it must be this process's own (its queued twin is written with it)
+                signer = self._replay_signer(entry.sender, entry.signer_label, own=self._journaled_here(entry))
                 if signer is None:
                     log.warning("%s chain: journal entry %d waits for its signer %s", self.client.name, entry.seq, entry.sender)
                     unfinished = len(entries) - index
@@ -395,7 +423,7 @@ class ContractGateway:
                 receipt = self._send(signer, entry.method, args)
                 journal.mark_mined(entry.seq, tx_hash=receipt.tx_hash, block=receipt.block_number)
                 if pending is not None:
-                    self.outbox.remove(pending.seq)
+                    self._take_out(pending.seq)
                     from_outbox.append(receipt)
                 else:
                     resent.append(receipt)
@@ -406,10 +434,10 @@ class ContractGateway:
             except (ChainError, ValueError) as error:  # refused, or a malformed entry
                 if self._applied_after_all(entry, args):  # e.g. a send that timed out was mined after all
                     if pending is not None:
-                        self.outbox.remove(pending.seq)
+                        self._take_out(pending.seq)
                     continue
                 if pending is not None:
-                    self.outbox.move_to_failed(pending.seq, error=str(error))
+                    self._take_out(pending.seq, refused=str(error))
                     failed.append(f"seq {pending.seq} {entry.method}: {error}")
                 else:
                     refused.append(f"journal entry {entry.seq} {entry.method}: {error}")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from medtwin.chain import audit_lineage, audit_verify, chain_down, chain_up, open_readonly, open_session, run_key
+from medtwin.chain import Outbox, audit_lineage, audit_verify, chain_down, chain_up, open_readonly, open_session, run_key
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.chain.backends.anvil import node_is_running, read_node, stop_anvil
 from medtwin.core.config import compose_config
@@ -68,8 +68,7 @@ def _wait_until_on_chain(state_dir: Path, run_id: str, round_index: int, deadlin
     """Round `round_index`'s writes, sent by the coordinator's background senders, are on chain: its anchor is
     there and neither outbox holds anything."""
     while time.monotonic() < deadline:
-        empty = all(not (state_dir / f"outbox-{role}.jsonl").is_file() or not (state_dir / f"outbox-{role}.jsonl").read_text().strip()
-                    for role in ("auth", "data"))  # fmt: skip
+        empty = all(not Outbox(state_dir / f"outbox-{role}.jsonl", chain=role).pending() for role in ("auth", "data"))
         if empty and open_readonly(state_dir).data.anchor(run_id, round_index) is not None:
             return
         time.sleep(0.01)

@@ -175,15 +175,18 @@ def test_round_status_is_unknown_not_missing_while_the_chain_is_down(session: Ch
     assert session.data.round_status("run-o", 1) is RoundStatus.FINALIZED
 
 
-def test_an_append_numbers_as_a_full_read_would_and_does_not_read_the_backlog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """seq = highest of the queued and failed entries + 1, from the outbox's last line and the failed file (read again
-    only when it changed): through removals, refusals, another instance's appends and a torn last line."""
+def test_an_append_numbers_past_every_number_the_outbox_held_and_does_not_read_the_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """seq = the highest number the outbox ever held + 1 (queued, failed, or removed since), from the outbox's first
+    and last lines and the failed file (read again only when it changed): through removals, refusals, another
+    instance's appends and a torn last line."""
     path = tmp_path / "outbox-data.jsonl"
     outbox, other = Outbox(path, chain="data"), Outbox(path, chain="data")
     rng = random.Random(12)
+    highest = 0
     for step in range(120):
         pending = outbox.pending()
-        expected = max((entry.seq for entry in [*pending, *outbox.failed()]), default=0) + 1
         action = rng.random()
         if pending and action < 0.25:
             outbox.remove(rng.choice(pending).seq)
@@ -193,14 +196,15 @@ def test_an_append_numbers_as_a_full_read_would_and_does_not_read_the_backlog(tm
             with path.open("a") as handle:  # a crash mid-append: no newline, never returned to a caller
                 handle.write('{"seq": 99999, "chain": "da')
             appended = (other if step % 2 else outbox).append(method="anchor_round", args=[step], sender="0xabc")
-            assert appended.seq == expected and outbox.pending()[-1] == appended  # the torn line was cut, not joined
+            assert appended.seq == highest + 1 and outbox.pending()[-1] == appended  # the torn line was cut, not joined
+            highest = appended.seq
         else:
-            assert (other if step % 2 else outbox).append(method="anchor_round", args=[step], sender="0xabc").seq == expected
+            highest += 1
+            assert (other if step % 2 else outbox).append(method="anchor_round", args=[step], sender="0xabc").seq == highest
 
     def backlog_read() -> None:
         raise AssertionError("a hand-off read the whole outbox")
 
     monkeypatch.setattr(outbox, "pending", backlog_read)
     monkeypatch.setattr(outbox, "failed", backlog_read)
-    last = max(entry.seq for entry in [*other.pending(), *other.failed()])
-    assert outbox.append(method="anchor_round", args=[1], sender="0xabc").seq == last + 1
+    assert outbox.append(method="anchor_round", args=[1], sender="0xabc").seq == highest + 1

@@ -630,14 +630,19 @@ class SiteProcess:
         _check_port_free("127.0.0.1", self.port, flag="--port")
         return ca_cert, key_path.resolve()
 
+    def executor_command(self) -> list[str]:
+        """What runs flower-supernode as its child, plus Flower's SuperExec with the site's warm executor, whose
+        worker runs only the site's own ClientApp (warm_clientapp.py); the SuperNode's command follows `--`."""
+        return [sys.executable, "-m", "medtwin.experiments.warm_clientapp", "--runtime-api-address", f"127.0.0.1:{self.port}"]
+
     def start(self) -> SiteProcess:
         ca_cert, key_path = self.check()
         assert self.state_dir is not None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         flwr_home = self.state_dir / "flwr-home"
         flwr_home.mkdir(exist_ok=True)
-        command = [  # warm_clientapp runs flower-supernode as its child, plus Flower's SuperExec with a warm executor
-            sys.executable, "-m", "medtwin.experiments.warm_clientapp", "--runtime-api-address", f"127.0.0.1:{self.port}", "--",
+        command = [
+            *self.executor_command(), "--",
             sys.executable, "-m", "medtwin.experiments.prompt_flower",  # Flower's flower-supernode, shorter sleeps
             "--root-certificates", str(ca_cert),
             "--superlink", self.superlink_address,

@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 
 from .site_worker import SiteWorker, TaskFunction, die_with_parent, prepare_clientapp_process, run_flwr_clientapp
@@ -168,7 +168,9 @@ def _stop(supernode: subprocess.Popen) -> None:
             supernode.kill()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, executor_factory: Callable[[], WarmWorkerExecutor] | None = None) -> None:
+    """The site's wrapper; `executor_factory` (default `WarmWorkerExecutor`, the site's pinned worker) is for the
+    Flower floor bench (experiments/flower_floor.py), whose own SuperNodes run a no-op app, never a site's."""
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # Flower polls every 1 s by default
     parser = argparse.ArgumentParser(prog="python -m medtwin.experiments.warm_clientapp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --host:--port)")
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     atexit.register(_stop, supernode)
     executors: list[WarmWorkerExecutor] = []  # filled once built; the watcher runs from the start
     threading.Thread(target=_exit_with, args=(supernode, executors), name="supernode", daemon=True).start()
-    executor = WarmWorkerExecutor()
+    executor = (executor_factory or WarmWorkerExecutor)()
     executors.append(executor)
     handler = logging.StreamHandler()  # the worker's per-task report, in the site's log
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))

@@ -79,13 +79,42 @@ def decode_args(args: list[Any]) -> list[Any]:
     return [decode(arg) for arg in args]
 
 
+# the JSON type of each field of an outbox line (a number is never a bool, a float or a string of digits)
+ENTRY_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int, "chain": str, "method": str, "args": list, "sender": str, "queued_at": (int, float), "reason": str,
+    "signer_label": str, "journal_seq": int,
+}  # fmt: skip
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _entry_from_line(line: str | bytes) -> PendingWrite:
+    """One outbox line as this code writes it; ValueError / TypeError (naming the field) for anything else."""
+    entry = PendingWrite(**json.loads(line))
+    wrong = [name for name, kind in ENTRY_FIELD_TYPES.items() if isinstance(getattr(entry, name), bool) or not isinstance(getattr(entry, name), kind)]
+    if wrong:
+        raise TypeError(f"{', '.join(wrong)} of the wrong type")
+    return entry
+
+
+def _last_seq_from_line(line: str | bytes) -> int:
+    """The number in a removal's first line, exactly ``{"last_seq": <integer>}``; ValueError for anything else."""
+    record = json.loads(line)
+    number = _integer(record.get("last_seq")) if isinstance(record, dict) and set(record) == {"last_seq"} else None
+    if number is None:
+        raise ValueError('not {"last_seq": <integer>}')
+    return number
+
+
 def _recorded_last_seq(head: bytes) -> int:
     """The ``last_seq`` a removal wrote at the top of the file (0 in files from before it did)."""
     if not head.startswith(LAST_SEQ_PREFIX.encode()):
         return 0
     try:
-        return int(json.loads(head[: head.index(b"\n")])["last_seq"])
-    except (ValueError, KeyError, TypeError):
+        return _last_seq_from_line(head[: head.index(b"\n")])
+    except ValueError:
         return 0  # not that line after all: the full read names a damaged line
 
 
@@ -144,10 +173,13 @@ class Outbox:
             text = text[: text.rfind("\n") + 1]  # before its fsync — never a write whose call returned
         entries = []
         for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip() or (number == 1 and line.startswith(LAST_SEQ_PREFIX)):
+            if not line.strip():
                 continue
             try:
-                entries.append(PendingWrite(**json.loads(line)))
+                if number == 1 and line.startswith(LAST_SEQ_PREFIX):
+                    _last_seq_from_line(line)  # a removal's first line, checked like any other
+                    continue
+                entries.append(_entry_from_line(line))
             except (ValueError, TypeError) as error:
                 raise OutboxError(
                     f"{path} line {number} is not a valid outbox entry ({error}) — fix or move the line by hand; "
@@ -211,9 +243,12 @@ class Outbox:
         if complete and tail.endswith(b"\n") and (start == 0 or len(complete) > 1):  # a partial tail's first line may be cut
             try:
                 last = json.loads(complete[-1])
-                return max(int(last["seq"] if "seq" in last else last["last_seq"]), recorded)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line edited by hand: the full read names it
+            except ValueError:
+                last = None
+            number = _integer(last.get("seq", last.get("last_seq"))) if isinstance(last, dict) else None
+            if number is not None:
+                return max(number, recorded)
+            # a line edited by hand: the full read names it
         return max([recorded, *(item.seq for item in self.pending())])
 
     def _failed_seq(self) -> int:

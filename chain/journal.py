@@ -63,6 +63,25 @@ class Watermark:
     refused: tuple[int, ...] = field(default=())  # entries the chain refused when re-sent (reported, not retried)
 
 
+# the JSON type of each field of an entry line (a number is never a bool, a float or a string of digits)
+ENTRY_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int, "method": str, "args": list, "sender": str, "signer_label": str, "at": (int, float), "tx_hash": str,
+}  # fmt: skip
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_from_record(record: Any) -> JournalEntry:
+    """An entry line as `Journal.append` writes it; TypeError (naming the fields) for anything else."""
+    entry = JournalEntry(**record)
+    wrong = [name for name, kind in ENTRY_FIELD_TYPES.items() if isinstance(getattr(entry, name), bool) or not isinstance(getattr(entry, name), kind)]
+    if wrong:
+        raise TypeError(f"{', '.join(wrong)} of the wrong type")
+    return entry
+
+
 class Journal:
     """The ordered record of one chain's writes from this state folder."""
 
@@ -140,9 +159,11 @@ class Journal:
             lines = handle.read().splitlines()
         for line in reversed(lines):
             try:
-                return int(json.loads(line)["seq"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a "mined" line, a torn last line (never sent) or a partial first line of the tail
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn last line (never sent) or a partial first line of the tail
+            if isinstance(record, dict) and _is_integer(record.get("seq")):
+                return record["seq"]  # else a "mined" line, or one this code does not write (`entries` names it)
         entries = self.entries()  # one entry longer than the tail
         return entries[-1].seq if entries else 0
 
@@ -156,12 +177,14 @@ class Journal:
                 continue
             try:
                 record = json.loads(line)
-                if "mined" in record:
-                    seq = int(record["mined"])
+                if isinstance(record, dict) and "mined" in record:
+                    seq, tx_hash = record["mined"], record["tx_hash"]
+                    if not _is_integer(seq) or not isinstance(tx_hash, str):
+                        raise TypeError("mined or tx_hash of the wrong type")
                     if seq in entries:
-                        entries[seq] = replace(entries[seq], tx_hash=str(record["tx_hash"]))
+                        entries[seq] = replace(entries[seq], tx_hash=tx_hash)
                     continue
-                entry = JournalEntry(**record)
+                entry = _entry_from_record(record)
             except (ValueError, TypeError, KeyError) as error:
                 if number == len(lines):  # no newline after it: torn by a crash before its fsync, never sent
                     break

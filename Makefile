@@ -30,11 +30,12 @@ demo: install
 deploy-demo: install
 	$(BIN)/python -m medtwin.experiments.deploy_demo
 
-# unit tests on both cores (pytest-xdist), then the integration tests one at a time: each starts Ray, anvil
-# or Flower processes of its own and needs the machine to itself
+# unit tests on both cores (pytest-xdist), then the integration tests on both cores too, one test file per
+# worker (--dist loadfile: a file's tests share its module fixtures); each test starts its own Ray, anvil and
+# Flower processes on free loopback ports and stops them by PID
 test: install
 	$(BIN)/pytest -q -n 2 -m "not slow"
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -n 2 --dist loadfile -m slow
 
 test-fast: install
 	$(BIN)/pytest -q -n 2 -m "not slow"

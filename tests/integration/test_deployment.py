@@ -3,7 +3,11 @@ three hospitals' SuperNodes (each a separate process tree with keys born at the 
 chains. The apps are the ones pyproject.toml names (`medtwin.experiments.flower_apps`): the coordinator
 records admissions and anchors on the chains, each site reads its approval and each round's anchor
 from the chain folder its own site file names. Three encrypted DP rounds of breast_cancer (3 sites).
-Every process is stopped by PID in the fixtures' finalizers, also when the test fails.
+
+The module starts the parties once (the SuperNodes at once, as three hospitals would) and both tests
+submit their own runs to them; each test asserts only on its own run ids. The kill/resume test runs
+last: it SIGKILLs a hospital and the coordinator. Every process is stopped by PID in the module
+fixtures' finalizers, also when a test fails.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,7 +52,9 @@ class Deployment:
     admin_dir: Path
     site_files: dict[str, Path]
     state_dirs: dict[str, Path]
-    timings: dict[str, float] = field(default_factory=dict)
+    coordinator: CoordinatorProcess
+    sites: dict[str, SiteProcess]
+    timings: dict[str, float] = field(default_factory=dict)  # the module's setup phases
 
 
 def write_site_file(root: Path, site_id: str, index: int, kit_dir: Path) -> Path:
@@ -67,20 +74,55 @@ def write_site_file(root: Path, site_id: str, index: int, kit_dir: Path) -> Path
     return path
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
-    started = time.monotonic()
-    kits = {site: tmp_path / site / "kit" for site in SITES}
-    public_files = [init_site_identity(kits[site], site_id=site) for site in SITES]  # at each hospital
-    admin = provision_federation(tmp_path / "admin", federation_name="deploy-test", site_public_files=public_files)
-    for site in SITES:
-        join_federation(kits[site], admin.manifest_path)
-    site_files = {site: write_site_file(tmp_path, site, index, kits[site]) for index, site in enumerate(SITES)}
-    result = Deployment(
-        root=tmp_path, admin_dir=admin.root, site_files=site_files, state_dirs={site: tmp_path / site / "state" for site in SITES}
-    )
-    result.timings["identities + provision + join"] = time.monotonic() - started
-    return result
+@pytest.fixture(scope="module")
+def parties() -> Iterator[list]:
+    """Every process the module starts; stopped by PID (sites first, then the SuperLink) even when a test fails."""
+    started: list = []
+    yield started
+    survivors = []
+    for party in reversed(started):
+        try:
+            party.stop()
+        except DeploymentError as error:
+            survivors.append(str(error))
+    assert not survivors, survivors
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, parties: list) -> Iterator[Deployment]:
+    """Keys born at each hospital, the admin's provisioning, the coordinator's SuperLink and the three
+    hospitals' SuperNodes (started at once); both anvil chains (started by the first proposal) are
+    stopped by PID at the end."""
+    from medtwin.chain import chain_down
+
+    root = tmp_path_factory.mktemp("deployment")
+    timings: dict[str, float] = {}
+    try:
+        started = time.monotonic()
+        kits = {site: root / site / "kit" for site in SITES}
+        public_files = [init_site_identity(kits[site], site_id=site) for site in SITES]  # at each hospital
+        admin = provision_federation(root / "admin", federation_name="deploy-test", site_public_files=public_files)
+        for site in SITES:
+            join_federation(kits[site], admin.manifest_path)
+        site_files = {site: write_site_file(root, site, index, kits[site]) for index, site in enumerate(SITES)}
+        timings["identities + provision + join"] = time.monotonic() - started
+
+        started = time.monotonic()
+        coordinator = CoordinatorProcess(admin.root, root / "coordinator")
+        parties.append(coordinator)
+        coordinator.start()
+        ports = dict(zip(SITES, free_ports(len(SITES)), strict=True))  # chosen apart: three starts at once cannot pick one port twice
+        sites = {site: SiteProcess(site_files[site], coordinator.address, port=ports[site], max_wait_time_s=20) for site in SITES}
+        parties.extend(sites.values())
+        with ThreadPoolExecutor(max_workers=len(SITES)) as pool:
+            list(pool.map(SiteProcess.start, sites.values()))  # each raises here if its SuperNode did not connect
+        timings["coordinator + 3 SuperNodes start"] = time.monotonic() - started
+        yield Deployment(
+            root=root, admin_dir=admin.root, site_files=site_files, state_dirs={site: root / site / "state" for site in SITES},
+            coordinator=coordinator, sites=sites, timings=timings,
+        )  # fmt: skip
+    finally:
+        chain_down(root / "chain")
 
 
 def propose_and_approve(
@@ -103,36 +145,14 @@ def propose_and_approve(
         ]
     )  # fmt: skip
     text = config_to_yaml(config)
-    session = open_chains(config.chain)  # starts both anvil nodes (stopped by the `chains` fixture)
+    session = open_chains(config.chain)  # starts both anvil nodes the first time (stopped by the `deployment` fixture)
     kits = {site: deployment.root / site / "kit" for site in SITES}
-    if approvers == SITES:
+    if approvers == SITES:  # the admin registers the sites not registered yet; every site approves
         enrol_federation(session, load_manifest(deployment.admin_dir), run_id=run_id, proposal_text=text, site_kits=kits)
     else:  # the sites are registered already; only `approvers` approve this run with their own accounts
         for site in approvers:
             approve_run_on_chain(session, site_id=site, kit_dir=kits[site], run_id=run_id, proposal_text=text)
     return run_id, text
-
-
-@pytest.fixture
-def chains(deployment: Deployment) -> Iterator[Path]:
-    from medtwin.chain import chain_down
-
-    yield deployment.root / "chain"
-    chain_down(deployment.root / "chain")
-
-
-@pytest.fixture
-def parties() -> Iterator[list]:
-    """Every process the test starts; stopped by PID (sites first, then the SuperLink) even when the test fails."""
-    started: list = []
-    yield started
-    survivors = []
-    for party in reversed(started):
-        try:
-            party.stop()
-        except DeploymentError as error:
-            survivors.append(str(error))
-    assert not survivors, survivors
 
 
 def rogue_site_file(deployment: Deployment) -> Path:
@@ -159,15 +179,10 @@ def online_nodes(coordinator: CoordinatorProcess) -> list[str]:
     return [node["node-id"] for node in list_supernodes(coordinator.flwr_home, coordinator.connection) if node["status"] == "online"]
 
 
-def refuse_unregistered_and_plaintext_supernodes(deployment: Deployment, coordinator: CoordinatorProcess, parties: list) -> None:
-    timings = deployment.timings
-    started = time.monotonic()
-    rogue = SiteProcess(rogue_site_file(deployment), coordinator.address, max_wait_time_s=10, max_retries=2, activation_patience_s=0)
-    parties.append(rogue)
-    with pytest.raises(DeploymentError, match="refused this SuperNode's key"):
-        rogue.start()
-    timings["unregistered SuperNode refused"] = time.monotonic() - started
-    started = time.monotonic()
+def refuse_unregistered_and_plaintext_supernodes(deployment: Deployment, parties: list) -> dict[str, float]:
+    """A SuperNode with a key the coordinator never registered, and a plaintext one, try to join at the same
+    time; the SuperLink refuses both."""
+    coordinator, started = deployment.coordinator, time.monotonic()
     insecure_log = deployment.root / "insecure-supernode.log"
     with insecure_log.open("wb") as log_file:
         insecure = subprocess.Popen(
@@ -178,11 +193,16 @@ def refuse_unregistered_and_plaintext_supernodes(deployment: Deployment, coordin
         )  # fmt: skip
     tree = ProcessTree(insecure)
     try:
+        rogue = SiteProcess(rogue_site_file(deployment), coordinator.address, max_wait_time_s=10, max_retries=2, activation_patience_s=0)
+        parties.append(rogue)
+        with pytest.raises(DeploymentError, match="refused this SuperNode's key"):
+            rogue.start()
+        unregistered_refused_s = time.monotonic() - started
         returncode = insecure.wait(timeout=60)
     finally:
-        assert not tree.stop()
-    assert returncode != 0, insecure_log.read_text()
-    timings["plaintext SuperNode refused"] = time.monotonic() - started
+        still_running = tree.stop()
+    assert not still_running and returncode != 0, insecure_log.read_text()
+    return {"unregistered SuperNode refused": unregistered_refused_s, "plaintext SuperNode refused": time.monotonic() - started}
 
 
 def check_run_results(deployment: Deployment, run_dir: Path, run_id: str) -> dict:
@@ -196,9 +216,7 @@ def check_run_results(deployment: Deployment, run_dir: Path, run_id: str) -> dic
     return summary
 
 
-def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_in(
-    deployment: Deployment, parties: list, chains: Path
-) -> None:
+def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_in(deployment: Deployment, parties: list) -> None:
     """crypto=ckks: site0 (the key steward) makes the key set and wraps it for the others; the coordinator
     gets only the key-less public context (its path in the run config). Only registered SuperNodes join."""
     import torch
@@ -208,7 +226,7 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
     from medtwin.core.model_vector import model_to_vector
     from medtwin.core.tasks import get_task
 
-    timings = deployment.timings
+    timings = dict(deployment.timings)
     started = time.monotonic()
     config = compose_config([*TASK, "crypto=ckks"])
     task = get_task(config.task)
@@ -221,22 +239,14 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
         install_he_secret(kits[site_id], envelope)  # each hospital opens its own envelope
     timings["steward keygen + envelopes"] = time.monotonic() - started
 
-    started = time.monotonic()
-    coordinator = CoordinatorProcess(deployment.admin_dir, deployment.root / "coordinator")
-    parties.append(coordinator)
-    coordinator.start()
-    sites = [SiteProcess(deployment.site_files[site], coordinator.address, max_wait_time_s=20) for site in SITES]
-    for site in sites:
-        parties.append(site)
-        site.start()
-    timings["coordinator + 3 SuperNodes start"] = time.monotonic() - started
+    coordinator, sites = deployment.coordinator, list(deployment.sites.values())
     assert {site.node_id for site in sites} == {coordinator.registered[site_id] for site_id in SITES}
     assert (deployment.root / "coordinator" / "superlink.db").is_file()
-    refuse_unregistered_and_plaintext_supernodes(deployment, coordinator, parties)
+    timings |= refuse_unregistered_and_plaintext_supernodes(deployment, parties)
     assert sorted(online_nodes(coordinator)) == sorted(site.node_id for site in sites)
 
     run_id, proposal = propose_and_approve(deployment, "crypto=ckks", f"crypto.key_id={distribution.key_id}")
-    proposal_file = deployment.root / "proposal.yaml"
+    proposal_file = deployment.root / "proposal-ckks.yaml"
     proposal_file.write_text(proposal)
     started = time.monotonic()
     run_dir = submit_proposal(  # what `medtwin run --federation <state> --proposal <file>` does
@@ -249,12 +259,12 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
     # summary, chains and ledgers agree: one anchor per round, with each site's signed epsilon
     from medtwin.chain import open_readonly
 
-    chain = open_readonly(chains)
+    chain = open_readonly(deployment.root / "chain")
     anchors = chain.data.anchors(run_id)
     assert [anchor.round_index for anchor in anchors] == list(range(1, NUM_ROUNDS + 1))
     assert anchors[-1].aggregate_hash.removeprefix("0x") == summary["final_aggregate_sha256"]
     assert summary["chain"]["anchors_written"] == NUM_ROUNDS and summary["chain"]["backend"] == "anvil"
-    admitted = {(d.site_id, d.round_index) for d in chain.auth.decisions() if d.granted and d.action == "admit_update"}
+    admitted = {(d.site_id, d.round_index) for d in chain.auth.decisions(run_id=run_id) if d.granted and d.action == "admit_update"}
     # each site is registered with, and approved the run from, the chain account born in its own kit
     from medtwin.core.identity import chain_address_of, load_chain_account_key
 
@@ -273,10 +283,6 @@ def test_three_hospitals_run_encrypted_dp_rounds_over_tls_with_the_chains_wired_
     trained = [json.loads(line) for line in (run_dir_2 / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert trained[0]["participants"] == ["site0", "site1"] and trained[0]["rejected"]["site2"].startswith("refused:not_approved")
     timings["a run site2 did not approve (1 round)"] = time.monotonic() - started
-    started = time.monotonic()
-    for party in reversed(parties):
-        party.stop()
-    timings["stop everything"] = time.monotonic() - started
     print("\nper-phase wall time (s):\n" + "\n".join(f"  {name:<70} {seconds:7.1f}" for name, seconds in timings.items()))
 
 
@@ -319,24 +325,18 @@ def record_of(run_dir: Path, phase: str, server_round: int) -> dict | None:
 
 
 def test_a_killed_hospital_costs_one_deadline_and_a_killed_coordinator_resumes_without_a_second_spend(
-    deployment: Deployment, parties: list, chains: Path
+    deployment: Deployment, parties: list
 ) -> None:
     """DP rounds of 3 hospitals (plain aggregation, both chains). SIGKILL one hospital's whole process tree
     after round 1: round 2 closes at its deadline with the other two, naming the dead site; later rounds do
     not wait for it. SIGKILL the coordinator (SuperLink and ServerApp) once round 2 is checkpointed; start
     it again on the same state; `medtwin run --federation --resume` continues at round 3: every round is
     anchored once, and no site spends a round twice (a round it trained before the crash is resent)."""
-    rounds, timeout_s = 3, 10.0
-    timings = deployment.timings
-    coordinator = CoordinatorProcess(deployment.admin_dir, deployment.root / "coordinator")
-    parties.append(coordinator)
-    coordinator.start()
-    sites = {site: SiteProcess(deployment.site_files[site], coordinator.address, max_wait_time_s=20) for site in SITES}
-    for site in sites.values():
-        parties.append(site)
-        site.start()
+    rounds, timeout_s = 3, 15.0  # the deadline: a live site's round 1 (a new run) takes ~5 s here, up to ~9 s on a loaded machine
+    timings = dict(deployment.timings)
+    coordinator, sites = deployment.coordinator, deployment.sites
     run_id, proposal = propose_and_approve(deployment, rounds=rounds, timeout_s=timeout_s)
-    proposal_file = deployment.root / "proposal.yaml"
+    proposal_file = deployment.root / "proposal-kill.yaml"
     proposal_file.write_text(proposal)
     run_dir = deployment.root / "runs" / run_id
     first_attempt: dict[str, object] = {}
@@ -392,7 +392,7 @@ def test_a_killed_hospital_costs_one_deadline_and_a_killed_coordinator_resumes_w
 
     from medtwin.chain import open_readonly
 
-    anchors = open_readonly(chains).data.anchors(run_id)
+    anchors = open_readonly(deployment.root / "chain").data.anchors(run_id)
     assert [anchor.round_index for anchor in anchors] == list(range(1, rounds + 1))  # no round anchored twice
     for site_id in ("site0", "site1"):
         ledger = json.loads((deployment.state_dirs[site_id] / "privacy-ledger.json").read_text())["ledger"]
@@ -407,12 +407,20 @@ def coordinator_bin() -> str:
     return str(Path(sys.executable).parent)
 
 
-def free_port() -> int:
+def free_ports(count: int) -> list[int]:
+    """`count` different loopback ports free now (every probe stays bound until all are chosen)."""
     import socket
+    from contextlib import ExitStack
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    with ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def offline_env(flwr_home: Path) -> dict[str, str]:

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import multiprocessing
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -43,20 +41,27 @@ from medtwin.core.protocol import INSTRUCTION, instruction
 from medtwin.core.rundir import atomic_write_text
 
 from .prompt_flower import prompt_object_pulls
-from .site_worker import die_with_parent, end_task, install_each_fab_once, run_flwr_clientapp
+from .site_worker import (
+    clientapp_arguments,
+    die_with_owner,
+    end_task,
+    install_each_fab_once,
+    run_flwr_clientapp,
+    run_task,
+    saved_signal_handlers,
+    task_orders,
+)
 
 __all__ = [
     "INSTRUCTION_SHAPE", "PHASES", "REPLY_SHAPES", "FloorExecutor", "RecordShape", "client_app", "instruction_content",
     "main", "reply_content", "server_app", "shape_of",
 ]  # fmt: skip
 
-logger = logging.getLogger("medtwin.flower_floor")
 
 PHASES = ("train", "evaluate")
 FLOOR_RUN_ID = "flower-floor"
 NODE_WAIT_S = 60.0
 PHASE_TIMEOUT_S = 120.0
-_FLOWER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 
 
 @dataclass(frozen=True)
@@ -239,11 +244,7 @@ def serve_floor(connection: Connection, owner_pid: int, tasks_log: str) -> None:
     """The floor's warm worker: each (task id, arguments) runs Flower's `flwr-clientapp` code path in this
     process, its app this module's `client_app` (nothing is imported from the FAB), as a site's worker runs
     its own; one JSON line per task (wall-clock stamps) is appended to `tasks_log`."""
-    die_with_parent()
-    try:
-        os.kill(owner_pid, 0)
-    except ProcessLookupError:
-        os._exit(1)
+    die_with_owner(owner_pid)
     from flwr.supercore.utils import get_flwr_home
     from flwr.supernode.runtime import run_clientapp
 
@@ -254,26 +255,13 @@ def serve_floor(connection: Connection, owner_pid: int, tasks_log: str) -> None:
     stamps: dict[str, float] = {}
     run_clientapp.pull_task_input = _stamped(run_clientapp.pull_task_input, stamps, "pulled")
     run_clientapp.push_message = _stamped(run_clientapp.push_message, stamps, "pushed")
-    signal_handlers = {signum: signal.getsignal(signum) for signum in _FLOWER_SIGNALS}
+    signal_handlers = saved_signal_handlers()
     with open(tasks_log, "a", encoding="utf-8") as log:
-        while True:
-            try:
-                order = connection.recv()
-            except (EOFError, OSError):
-                return
-            if order is None:
-                return
-            task_id, arguments = order
+        for task_id, arguments in task_orders(connection):
             stamps.clear()
             stamps["started"] = time.time()
-            try:
-                code = run_flwr_clientapp(list(arguments))
-            except Exception:  # a failed task must not end the worker
-                logger.exception("floor ClientApp task %d failed", task_id)
-                code = 1
+            code = run_task(run_flwr_clientapp, task_id, arguments, signal_handlers)  # as a site's worker runs one
             stamps["ended"] = time.time()
-            for signum, handler in signal_handlers.items():
-                signal.signal(signum, handler)
             log.write(json.dumps({"task_id": task_id, "code": code, **stamps}) + "\n")
             log.flush()
 
@@ -306,11 +294,7 @@ class FloorExecutor:
 
         if spec.task_type != TaskType.CLIENT_APP:
             return LaunchResult.failed(f"the floor's SuperNode runs only ClientApp tasks; task {spec.task_id} is a {spec.task_type} task")
-        arguments = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
-        if spec.insecure:
-            arguments.append("--insecure")
-        elif spec.root_certificates_path is not None:
-            arguments += ["--root-certificates", spec.root_certificates_path]
+        arguments = clientapp_arguments(spec)
         with self._lock:
             if not self.worker.is_alive():
                 return LaunchResult.failed(f"the floor's worker exited with code {self.worker.exitcode}")

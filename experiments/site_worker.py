@@ -36,7 +36,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -45,8 +45,8 @@ from typing import NoReturn
 from medtwin.core.rundir import atomic_write_text
 
 __all__ = [
-    "PROFILE_DIR_ENV", "WORKER_SITES_KEPT", "SiteWorker", "TaskFunction", "die_with_parent", "end_task", "install_each_fab_once", "prepare_clientapp_process",
-    "run_flwr_clientapp", "serve",
+    "PROFILE_DIR_ENV", "WORKER_SITES_KEPT", "SiteWorker", "TaskFunction", "clientapp_arguments", "die_with_owner", "die_with_parent", "end_task", "install_each_fab_once",
+    "prepare_clientapp_process", "run_flwr_clientapp", "run_task", "saved_signal_handlers", "serve", "task_orders",
 ]  # fmt: skip
 
 logger = logging.getLogger("medtwin.site_worker")
@@ -66,6 +66,15 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def die_with_owner(owner_pid: int) -> None:
+    """A worker forked for `owner_pid` (its executor) ends with it, also if it died before this ran."""
+    die_with_parent()
+    try:
+        os.kill(owner_pid, 0)  # the executor died before the death signal was armed
+    except ProcessLookupError:
+        os._exit(1)
 
 
 def install_each_fab_once(install: Callable[..., Path], marks: Path) -> Callable[..., Path]:
@@ -146,7 +155,35 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _run_one(task: TaskFunction, task_id: int, arguments: list[str], signal_handlers: dict) -> int:
+def clientapp_arguments(spec: object) -> list[str]:
+    """`flwr-clientapp`'s arguments for a SuperExec task (flwr's ExecutionSpec): its Runtime API, token and TLS."""
+    arguments = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]  # type: ignore[attr-defined]
+    if spec.insecure:  # type: ignore[attr-defined]
+        arguments.append("--insecure")
+    elif spec.root_certificates_path is not None:  # type: ignore[attr-defined]
+        arguments += ["--root-certificates", spec.root_certificates_path]  # type: ignore[attr-defined]
+    return arguments
+
+
+def saved_signal_handlers() -> dict:
+    """The worker's own handlers of the signals Flower's tasks take over (`run_task` puts them back)."""
+    return {signum: signal.getsignal(signum) for signum in _FLOWER_SIGNALS}
+
+
+def task_orders(connection: Connection) -> Iterator[tuple[int, list[str]]]:
+    """(task id, arguments) as the executor sends them, until it closes the pipe or sends None."""
+    while True:
+        try:
+            order = connection.recv()
+        except (EOFError, OSError):
+            return
+        if order is None:
+            return
+        task_id, arguments = order
+        yield task_id, list(arguments)
+
+
+def run_task(task: TaskFunction, task_id: int, arguments: list[str], signal_handlers: dict) -> int:
     """One task; whatever it does, the worker is left as before it: no exit handler, its own signal handlers,
     its own `sys.path` (the pinned loader adds nothing to it; whatever a task adds is gone for the next one)."""
     from flwr.supercore.exit.exit_handler import trigger_exit_handlers
@@ -182,23 +219,12 @@ def _run_one(task: TaskFunction, task_id: int, arguments: list[str], signal_hand
 def serve(connection: Connection, task: TaskFunction, owner_pid: int) -> None:
     """The worker's main loop: run each (task id, arguments) the executor sends, report (task id, exit code,
     resident bytes, seconds); end when the executor closes the pipe or sends None."""
-    die_with_parent()
-    try:
-        os.kill(owner_pid, 0)  # the executor died before the death signal was armed
-    except ProcessLookupError:
-        os._exit(1)
+    die_with_owner(owner_pid)
     prepare_clientapp_process(warm_worker=True)
-    signal_handlers = {signum: signal.getsignal(signum) for signum in _FLOWER_SIGNALS}
-    while True:
-        try:
-            order = connection.recv()
-        except (EOFError, OSError):
-            return
-        if order is None:
-            return
-        task_id, arguments = order
+    signal_handlers = saved_signal_handlers()
+    for task_id, arguments in task_orders(connection):
         started = time.monotonic()
-        code = _run_one(task, task_id, list(arguments), signal_handlers)
+        code = run_task(task, task_id, arguments, signal_handlers)
         connection.send((task_id, code, _resident_bytes(), time.monotonic() - started))
 
 

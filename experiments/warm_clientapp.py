@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 
-from .site_worker import SiteWorker, TaskFunction, die_with_parent, prepare_clientapp_process, run_flwr_clientapp
+from .site_worker import SiteWorker, TaskFunction, clientapp_arguments, die_with_parent, prepare_clientapp_process, run_flwr_clientapp
 
 __all__ = ["PRELOAD", "WORKER_MAX_RSS_MB", "WarmWorkerExecutor", "main"]
 
@@ -90,11 +90,7 @@ class WarmWorkerExecutor:
                 f"this hospital runs only medtwin's own ClientApp; task {spec.task_id} is a {spec.task_type} task, "
                 "whose app would be loaded from the coordinator's FAB"
             )
-        arguments = ["--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
-        if spec.insecure:
-            arguments.append("--insecure")
-        elif spec.root_certificates_path is not None:
-            arguments += ["--root-certificates", spec.root_certificates_path]
+        arguments = clientapp_arguments(spec)
         with self._lock:
             try:
                 if self._ready_worker().submit(spec.task_id, arguments):

@@ -33,7 +33,7 @@ from typing import Any
 from medtwin.core.rundir import atomic_write_bytes
 
 from .errors import OutboxError
-from .outbox import encode_args
+from .outbox import encode_args, is_integer, typed_entry
 
 __all__ = ["Journal", "JournalEntry", "Watermark", "anvil_durable_block"]
 
@@ -69,17 +69,9 @@ ENTRY_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
 }  # fmt: skip
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _entry_from_record(record: Any) -> JournalEntry:
     """An entry line as `Journal.append` writes it; TypeError (naming the fields) for anything else."""
-    entry = JournalEntry(**record)
-    wrong = [name for name, kind in ENTRY_FIELD_TYPES.items() if isinstance(getattr(entry, name), bool) or not isinstance(getattr(entry, name), kind)]
-    if wrong:
-        raise TypeError(f"{', '.join(wrong)} of the wrong type")
-    return entry
+    return typed_entry(JournalEntry(**record), ENTRY_FIELD_TYPES)
 
 
 class Journal:
@@ -162,7 +154,7 @@ class Journal:
                 record = json.loads(line)
             except ValueError:
                 continue  # a torn last line (never sent) or a partial first line of the tail
-            if isinstance(record, dict) and _is_integer(record.get("seq")):
+            if isinstance(record, dict) and is_integer(record.get("seq")):
                 return record["seq"]  # else a "mined" line, or one this code does not write (`entries` names it)
         entries = self.entries()  # one entry longer than the tail
         return entries[-1].seq if entries else 0
@@ -179,7 +171,7 @@ class Journal:
                 record = json.loads(line)
                 if isinstance(record, dict) and "mined" in record:
                     seq, tx_hash = record["mined"], record["tx_hash"]
-                    if not _is_integer(seq) or not isinstance(tx_hash, str):
+                    if not is_integer(seq) or not isinstance(tx_hash, str):
                         raise TypeError("mined or tx_hash of the wrong type")
                     if seq in entries:
                         entries[seq] = replace(entries[seq], tx_hash=tx_hash)

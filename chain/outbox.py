@@ -86,17 +86,27 @@ ENTRY_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
 }  # fmt: skip
 
 
+def is_integer(value: Any) -> bool:
+    """A JSON integer (a bool is not one, though Python says so)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _integer(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if is_integer(value) else None
+
+
+def typed_entry(entry: Any, field_types: dict[str, type | tuple[type, ...]]) -> Any:
+    """`entry` (a dataclass read from a line), if each field in `field_types` has that type (a bool never counts
+    as a number); TypeError naming the fields that do not."""
+    wrong = [name for name, kind in field_types.items() if isinstance(getattr(entry, name), bool) or not isinstance(getattr(entry, name), kind)]
+    if wrong:
+        raise TypeError(f"{', '.join(wrong)} of the wrong type")
+    return entry
 
 
 def _entry_from_line(line: str | bytes) -> PendingWrite:
     """One outbox line as this code writes it; ValueError / TypeError (naming the field) for anything else."""
-    entry = PendingWrite(**json.loads(line))
-    wrong = [name for name, kind in ENTRY_FIELD_TYPES.items() if isinstance(getattr(entry, name), bool) or not isinstance(getattr(entry, name), kind)]
-    if wrong:
-        raise TypeError(f"{', '.join(wrong)} of the wrong type")
-    return entry
+    return typed_entry(PendingWrite(**json.loads(line)), ENTRY_FIELD_TYPES)
 
 
 def _last_seq_from_line(line: str | bytes) -> int:

@@ -45,7 +45,7 @@ logger = logging.getLogger("medtwin.bench_flower_floor")
 
 TASKS_LOG = "floor-tasks.jsonl"
 IDLE_SAMPLE_S = 5.0  # before the run: CPU of the parties with every SuperNode connected and idle
-STATUS_CHECK_S = 120.0  # waiting for the timings, look (one `flwr ls`, a CLI start-up) whether the run ended without them
+STATUS_CHECK_S = 120.0  # waiting for the timings, ask (one Control API request) whether the run ended without them
 FLOOR_PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=69"]

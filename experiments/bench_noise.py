@@ -4,11 +4,11 @@ DP-SGD draws one Gaussian per trainable parameter every step; for the MLP 30 -> 
 (73,985 parameters, batch 64) that draw is a large part of the step. This bench times, on one thread,
 interleaved, the median of `--repeats`:
 
-- `torch`: what training uses — `Tensor.normal_` with a `torch.Generator` (MT19937, Box–Muller);
+- `torch`: what training used before — `Tensor.normal_` with a `torch.Generator` (MT19937, Box–Muller);
 - `numpy-pcg64`, `numpy-sfc64`: numpy's ziggurat into a float32 buffer;
-- `aes-ctr+box-muller`: an AES-256-CTR keystream (`cryptography`, AES-NI) turned into Gaussians by
-  Box–Muller with torch's vectorised log / sqrt / cos / sin, into preallocated buffers — the fastest
-  exact method found here with the installed libraries (a CSPRNG too);
+- `medtwin`: what DP training draws from since issue 12 — `client/privacy/noise.GaussianNoise`, an
+  AES-256-CTR keystream (`cryptography`, AES-NI) turned into Gaussians by Box–Muller with numpy's SIMD
+  float32 log / sqrt / cos / sin (a CSPRNG too);
 - `plain step`: one plain SGD step of that MLP at batch 64 (forward, backward, `optimizer.step`).
 
 It prints microseconds and each generator's cost as a fraction of the plain step, and writes JSON.
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -31,37 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from torch import nn
 
+from medtwin.client.privacy.noise import GaussianNoise
 from medtwin.core.rundir import atomic_write_text
 
 PARAMETERS = 73_985  # MLP 30 -> 256 -> 256 -> 1
-
-
-class AesBoxMuller:
-    """Gaussians from an AES-256-CTR keystream: 24-bit uniforms in (0, 1), Box–Muller pairs."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.half = size, (size + 1) // 2
-        self._encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
-        self._zeros = bytes(8 * self.half)
-        self._keystream = bytearray(8 * self.half + 15)  # update_into wants a block of slack
-        self._words = torch.frombuffer(self._keystream, dtype=torch.int32, count=2 * self.half)
-        self._uniform = torch.empty(2 * self.half)
-        self._scratch = torch.empty(self.half)
-
-    def fill_(self, out: torch.Tensor, std: float) -> torch.Tensor:
-        half, rest = self.half, self.size - self.half
-        self._encryptor.update_into(self._zeros, self._keystream)
-        torch.bitwise_and(self._words, 0xFFFFFF, out=self._words)
-        uniform = self._uniform.copy_(self._words).add_(0.5).mul_(2.0**-24)  # (0, 1): log never sees 0
-        radius, angle = uniform[:half], uniform[half:]
-        radius.log_().mul_(-2.0 * std * std).sqrt_()
-        angle.mul_(2.0 * math.pi)
-        torch.mul(torch.cos(angle, out=self._scratch), radius, out=out[:half])
-        torch.mul(torch.sin(angle[:rest], out=self._scratch[:rest]), radius[:rest], out=out[half:])
-        return out
 
 
 def _plain_step() -> Callable[[], None]:
@@ -84,13 +57,13 @@ def candidates() -> dict[str, Callable[[], object]]:
     generator = torch.Generator().manual_seed(1)
     buffer = np.empty(PARAMETERS, dtype=np.float32)
     pcg64, sfc64 = np.random.Generator(np.random.PCG64()), np.random.Generator(np.random.SFC64())
-    aes = AesBoxMuller(PARAMETERS)
+    noise = GaussianNoise()
     return {
         "plain step": _plain_step(),
         "torch": lambda: out.normal_(0.0, 1.0, generator=generator),
         "numpy-pcg64": lambda: pcg64.standard_normal(out=buffer, dtype=np.float32),
         "numpy-sfc64": lambda: sfc64.standard_normal(out=buffer, dtype=np.float32),
-        "aes-ctr+box-muller": lambda: aes.fill_(out, 1.0),
+        "medtwin": lambda: noise.fill_(out, 1.0),
     }
 
 
@@ -108,15 +81,15 @@ def main(argv: list[str] | None = None) -> None:
             run()
             samples[name].append(time.process_time() - started)
     micros = {name: statistics.median(values[1:]) * 1e6 for name, values in samples.items()}
-    check = AesBoxMuller(1_000_001).fill_(torch.empty(1_000_001), 2.0)  # the hand-made generator is a Gaussian: say so
+    check = GaussianNoise().fill_(torch.empty(1_000_001), 2.0)  # the hand-made generator is a Gaussian: say so
     sanity = {"mean": float(check.mean()), "std": float(check.std()), "expected_std": 2.0}
     plain = micros["plain step"]
     print(f"{PARAMETERS:,} Gaussians (MLP 30-256-256-1) vs one plain step at batch 64, 1 thread, median of {args.repeats}")
     for name, value in micros.items():
         print(f"  {name:<20} {value:8.0f} us   {value / plain:5.2f} of a plain step   {value * 1e3 / PARAMETERS:5.1f} ns/value")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps({"parameters": PARAMETERS, "repeats": args.repeats, "us": micros, "aes_sanity": sanity}, indent=1) + "\n")
-    print(f"  aes-ctr+box-muller, 1,000,001 draws with std 2: mean {sanity['mean']:+.4f}, std {sanity['std']:.4f}")
+    atomic_write_text(args.out, json.dumps({"parameters": PARAMETERS, "repeats": args.repeats, "us": micros, "medtwin_sanity": sanity}, indent=1) + "\n")
+    print(f"  medtwin, 1,000,001 draws with std 2: mean {sanity['mean']:+.4f}, std {sanity['std']:.4f}")
     print(f"(written to {args.out})")
 
 

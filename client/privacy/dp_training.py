@@ -26,14 +26,16 @@ patient, not one window of them.
 No accountant lives here: a fresh Opacus accountant per round would forget earlier rounds, so the
 spend is recorded in the site's `BudgetLedger` by the caller (see `site_privacy`).
 
-Sampling and noise generators are seeded from the OS CSPRNG (`secrets`), never from the run's
+Sampling and noise are seeded from the OS CSPRNG (`secrets`, `os.urandom`), never from the run's
 config seed: a seed the coordinator knows would let it replay the sampling and subtract the noise.
-`seed` is used only with `deterministic_for_tests=True`. `secure_mode` additionally uses Opacus's
-floating-point-attack-resistant noise and reseeds the noise generator from `secrets` every step.
+`seed` is used only with `deterministic_for_tests=True`. The noise is `GaussianNoise` (AES-256-CTR keyed from
+`os.urandom`, Box–Muller); `secure_mode` instead uses Opacus's floating-point-attack-resistant noise and
+reseeds its torch generator from `secrets` every step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from medtwin.core.privacy_math import units_per_step as dp_units_per_step  # the
 from .bookkeeping import BookkeepingClipper
 from .errors import IncompatibleModelError
 from .flat_optimizer import FlatDPOptimizer
+from .noise import GaussianNoise
 
 __all__ = ["DpTrainingResult", "check_model_compatible", "dp_units_per_step", "train_locally_dp"]
 
@@ -230,7 +233,8 @@ def train_locally_dp(
     sample_rate = sample_rate_for(batch_size=units_per_step, num_train=grouping.count)
     features, targets = torch.from_numpy(x_train), torch.from_numpy(y_train)
     sampling = np.random.default_rng(_secret_or_test_seed(seed, deterministic=deterministic_for_tests))
-    noise = torch.Generator().manual_seed(_secret_or_test_seed(seed + 1, deterministic=deterministic_for_tests))
+    noise = torch.Generator().manual_seed(_secret_or_test_seed(seed + 1, deterministic=deterministic_for_tests))  # secure_mode's
+    gaussian = GaussianNoise(hashlib.sha256(f"medtwin dp noise {seed + 1}".encode()).digest() if deterministic_for_tests else None)
 
     model.train()
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -244,6 +248,7 @@ def train_locally_dp(
         loss_reduction=reduction,
         generator=noise,
         secure_mode=secure_mode,
+        noise=gaussian,
     )
     if grad_sample_mode == "bookkeeping":
         step = _BookkeepingStep(model, loss_fn, dp_optimizer, reduction=reduction, max_grad_norm=max_grad_norm)

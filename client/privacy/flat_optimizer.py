@@ -11,6 +11,8 @@ skip-step and processed-flag checks, and only changes how the same maths is laid
     summed       = factor @ G                                  [P]
     grad         = (summed + N(0, (sigma C)^2 I_P)) / expected_batch_size
 
+The noise comes from `noise` (a `GaussianNoise`: AES-256-CTR + Box–Muller, float32) when one is given,
+else — and always in `secure_mode` — from Opacus's `_generate_noise` with the torch `generator`.
 `p.summed_grad` and `p.grad` are views into the flat vectors. A unit test checks it gives the same
 gradients as the stock `DPOptimizer`.
 """
@@ -20,14 +22,17 @@ from __future__ import annotations
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _generate_noise, _mark_as_processed
 
+from .noise import GaussianNoise
+
 __all__ = ["FlatDPOptimizer"]
 
 
 class FlatDPOptimizer(DPOptimizer):
     """Drop-in `DPOptimizer` (flat-clipping, non-distributed) for small models."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, noise: GaussianNoise | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._noise = noise
         self._flat_summed: torch.Tensor | None = None
         self._flat_grad: torch.Tensor | None = None
         self._noised_grad: torch.Tensor | None = None  # book-keeping's flat gradient (`draw_noise_into_grads`)
@@ -55,11 +60,17 @@ class FlatDPOptimizer(DPOptimizer):
             p.summed_grad = view
             _mark_as_processed(p.grad_sample)
 
+    def _fast_noise(self, std: float, like: torch.Tensor) -> bool:
+        """Whether `GaussianNoise` draws this step's noise (not in secure mode; float32 gradients)."""
+        return self._noise is not None and not self.secure_mode and std > 0 and like.dtype == torch.float32
+
     def add_noise(self) -> None:
         params = self.params
         _check_processed_flag(self._flat_summed)
         std = self.noise_multiplier * self.max_grad_norm
-        if self.secure_mode or std == 0:
+        if self._fast_noise(std, self._flat_summed):
+            self._flat_grad = self._noise.fill_(torch.empty_like(self._flat_summed), std).add_(self._flat_summed)
+        elif self.secure_mode or std == 0:
             noise = _generate_noise(
                 std=std, reference=self._flat_summed, generator=self.generator, secure_mode=self.secure_mode
             )
@@ -87,7 +98,9 @@ class FlatDPOptimizer(DPOptimizer):
             for p, view in zip(params, self._split(self._noised_grad, params), strict=True):
                 p.grad = view
         std = self.noise_multiplier * self.max_grad_norm * self.grad_scale
-        if self.secure_mode or std == 0:
+        if self._fast_noise(std, self._noised_grad):
+            self._noise.fill_(self._noised_grad, std)
+        elif self.secure_mode or std == 0:
             self._noised_grad.copy_(_generate_noise(std=std, reference=self._noised_grad, generator=self.generator, secure_mode=self.secure_mode))
         else:
             self._noised_grad.normal_(0.0, std, generator=self.generator)

@@ -61,8 +61,8 @@ class FlatDPOptimizer(DPOptimizer):
             _mark_as_processed(p.grad_sample)
 
     def _fast_noise(self, std: float, like: torch.Tensor) -> bool:
-        """Whether `GaussianNoise` draws this step's noise (not in secure mode; float32 gradients)."""
-        return self._noise is not None and not self.secure_mode and std > 0 and like.dtype == torch.float32
+        """Whether `GaussianNoise` draws this step's noise (not in secure mode, std in its range, float32 gradients)."""
+        return self._noise is not None and not self.secure_mode and GaussianNoise.STD_RANGE[0] <= std <= GaussianNoise.STD_RANGE[1] and like.dtype == torch.float32
 
     def add_noise(self) -> None:
         params = self.params

@@ -10,7 +10,7 @@ MT19937's state follows from its outputs.
 The transform is Box–Muller, as in torch's `normal_`: from two independent 32-bit words w, v of the
 keystream,
 
-    u = ((w >> 1) + 1/2) 2^-31  in (0, 1)     θ = v π 2^-31  in [-π, π]     (v a signed int32)
+    u = ((w >> 1) + 1/2) 2^-31  in (0, 1)     θ = v π 2^-31  in [-π, π] (float32)     (v a signed int32)
     z1, z2 = σ sqrt(-2 ln u) (cos θ, sin θ)
 
 u's smallest value is 2^-32, so the radius reaches 6.66 σ (torch's 24-bit uniforms stop at 5.77 σ).
@@ -29,9 +29,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = ["GaussianNoise"]
 
+_SQUARE_RANGE = (1e-37, 1e37)  # where 2σ² itself is a float32 normal
+
 
 class GaussianNoise:
-    """Fills float32 tensors with independent N(0, std²) draws from one AES-256-CTR stream."""
+    """Fills float32 tensors with independent N(0, std²) draws from one AES-256-CTR stream. One per training
+    loop: it is not thread-safe (two threads filling at once could read the same keystream buffer)."""
+
+    STD_RANGE = (1e-37, 1e37)  # the draws are float32 normals, with room for the 6.66 σ tail
 
     def __init__(self, key: bytes | None = None) -> None:
         """`key`: 32 bytes; None draws a fresh one from the OS (always, outside tests)."""
@@ -53,6 +58,9 @@ class GaussianNoise:
         """`out` (float32, contiguous, on the CPU) refilled with N(0, std²) draws; returns `out`."""
         if out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
             raise TypeError(f"GaussianNoise fills contiguous float32 CPU tensors, got {out.dtype} on {out.device}")
+        low, high = self.STD_RANGE
+        if not low <= std <= high:  # also NaN; 0 would be no noise at all
+            raise ValueError(f"noise std {std!r} is outside [{low:g}, {high:g}] (float32 draws)")
         size = out.numel()
         if size != self._size:
             self._buffers(size)
@@ -64,8 +72,13 @@ class GaussianNoise:
         radius += np.float32(0.5)
         radius *= np.float32(2.0**-31)  # (0, 1): the log never sees 0
         np.log(radius, out=radius)
-        radius *= np.float32(-2.0 * std * std)
-        np.sqrt(radius, out=radius)
+        if _SQUARE_RANGE[0] <= 2.0 * std * std <= _SQUARE_RANGE[1]:  # σ² as a float32: one multiply
+            radius *= np.float32(-2.0 * std * std)
+            np.sqrt(radius, out=radius)
+        else:  # σ² would underflow or overflow float32 (σ far from any DP run's): σ after the root
+            radius *= np.float32(-2.0)
+            np.sqrt(radius, out=radius)
+            radius *= np.float32(std)
         np.copyto(first, self._angle_bits, casting="unsafe")
         first *= np.float32(math.pi * 2.0**-31)  # the angles, in [-π, π]
         np.sin(first[: len(second)], out=second)

@@ -91,6 +91,11 @@ class RoundCheckpoint:
     # so a resumed run sends the very statistics every site already normalised with
     statistics_aggregate_sha256: str = ""
     statistics_certificate: RoundCertificate | None = None
+    # the loop's deadline memory, so a resumed coordinator does not wait a deadline again for a node that missed
+    # one (a SIGKILLed SuperNode stays listed for ~45-60 s): node id -> round it last missed, and those of them
+    # the SuperLink stopped listing since (listed again = back)
+    unresponsive: dict[int, int] = field(default_factory=dict)
+    dropped: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         values = {item.name: getattr(self, item.name) for item in fields(self)}
@@ -109,6 +114,8 @@ class RoundCheckpoint:
             "he_error_bounds": list(self.he_error_bounds),
             "sites": {str(node_id): site for node_id, site in self.sites.items()},
             "accepted_payloads": {digest: [server_round, site] for digest, (server_round, site) in self.accepted_payloads.items()},
+            "unresponsive": {str(node_id): missed_in for node_id, missed_in in self.unresponsive.items()},
+            "dropped": sorted(self.dropped),
         }
         return values
 
@@ -150,6 +157,9 @@ class RoundCheckpoint:
                 statistics_certificate=(
                     RoundCertificate.from_record(values["statistics_certificate"]) if values.get("statistics_certificate") else None
                 ),
+                # absent from checkpoints written before they were kept: nothing remembered, as before
+                unresponsive={_node_id(node_id): _count(missed_in, "unresponsive round") for node_id, missed_in in values.get("unresponsive", {}).items()},
+                dropped=tuple(_node_id(node_id) for node_id in values.get("dropped", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError, SignatureError) as error:
             raise CheckpointError(
@@ -179,6 +189,8 @@ class RoundCheckpoint:
             problems.append("the statistics certificate and the statistics aggregate do not match")
         if self.evaluation_pending and self.phase != "train":
             problems.append("an evaluation is pending after the evaluation phase")
+        if any(missed_in > self.server_round for missed_in in self.unresponsive.values()):
+            problems.append(f"a node missed a deadline in a round after round {self.server_round}")
         if not all(math.isfinite(value) for value in (*self.round_times_s, *self.he_error_bounds, self.open_round_time_s)):
             problems.append("a time or error bound is not a finite number")
         if problems:
@@ -193,6 +205,15 @@ class RoundCheckpoint:
 def _count(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} is {value!r}, not a non-negative integer")
+    return value
+
+
+def _node_id(value: object) -> int:
+    """A Flower node id (an unsigned 64-bit integer), written as a JSON key (str) or value (int)."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"node id {value!r} is not an unsigned 64-bit integer")
     return value
 
 

@@ -12,7 +12,8 @@ restarted SuperNode), is asked again after its sit-out (a slow one), and is aske
 the round would otherwise have fewer than `min_sites` nodes.
 
 After every round (and after its training, when an evaluation follows) the loop writes a
-`RoundCheckpoint`; `RoundLoop(resume_from=checkpoint)` continues with the round after it.
+`RoundCheckpoint`; `RoundLoop(resume_from=checkpoint)` continues with the round after it, remembering
+which nodes missed a deadline (a resumed coordinator does not wait for a dead node again).
 
 Nothing a site sends stops the loop: each reply is read inside a guard, and whatever is wrong with
 it — a bad signature, a malformed record, an exception while reading it — becomes a `Rejection`
@@ -261,6 +262,8 @@ class RoundLoop:
         result.privacy = {site: dict(spent) for site, spent in checkpoint.privacy.items()}
         self.verifier.site_of_node.update(checkpoint.sites)
         self.verifier.payloads.update(checkpoint.accepted_payloads)  # a replayed earlier update stays refused
+        self.unresponsive.update(checkpoint.unresponsive)  # a node that missed a deadline still sits out after a restart
+        self._dropped.update(checkpoint.dropped)
         if checkpoint.statistics_certificate is not None:  # the statistics every site normalised with, unchanged
             result.statistics_aggregate = record_from_bytes(self.artifacts.get(checkpoint.statistics_aggregate_sha256))
             result.statistics_certificate = checkpoint.statistics_certificate
@@ -297,6 +300,8 @@ class RoundLoop:
             accepted_payloads=dict(self.verifier.payloads),
             statistics_aggregate_sha256=result.statistics_certificate.aggregate_sha256 if result.statistics_certificate else "",
             statistics_certificate=result.statistics_certificate,
+            unresponsive=dict(self.unresponsive),
+            dropped=tuple(sorted(self._dropped)),
         )
 
     def save_checkpoint(self, server_round: int, *, phase: str, evaluation_pending: bool = False, open_round_time_s: float = 0.0) -> None:

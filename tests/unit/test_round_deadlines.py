@@ -9,6 +9,7 @@ Sites are honest and sign with real Ed25519 keys (helpers of test_hostile_site).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +23,7 @@ from test_hostile_site import MANIFEST, RUN_ID, _order, honest
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.errors import RoundFailedError
 from medtwin.server.aggregation import PlainAggregator
+from medtwin.server.checkpoint import CheckpointError, RoundCheckpoint
 from medtwin.server.loop import RoundLoop
 
 SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the source of errors the SuperLink writes
@@ -79,7 +81,7 @@ class FlakyGrid:
         return replies
 
 
-def _loop(default_config, tmp_path: Path, grid: FlakyGrid, *, rounds: int, min_sites: int, num_sites: int = 3, node_sites=None):
+def _loop(default_config, tmp_path: Path, grid: FlakyGrid, *, rounds: int, min_sites: int, num_sites: int = 3, node_sites=None, resume_from=None):
     config = replace(
         default_config,
         task=replace(default_config.task, num_sites=num_sites),
@@ -97,6 +99,7 @@ def _loop(default_config, tmp_path: Path, grid: FlakyGrid, *, rounds: int, min_s
         artifacts=ArtifactStore(tmp_path / "artifacts"),
         on_record=records.append,
         node_sites=node_sites,
+        resume_from=resume_from,
     )
     return loop, records
 
@@ -206,6 +209,38 @@ def test_a_dead_node_the_superlink_still_lists_costs_one_deadline_not_one_per_ro
     with pytest.raises(RoundFailedError):
         loop.run()
     assert grid.sent_to("train", 2) == [11, 13]
+
+
+def test_a_resumed_coordinator_remembers_the_dead_node_and_does_not_wait_for_it_again(default_config, tmp_path: Path) -> None:
+    """The coordinator restarts (`--resume`) while a SIGKILLed SuperNode is still listed: its checkpoint keeps who
+    missed a deadline, so the resumed rounds do not each start with a deadline lost on it."""
+    silent_13 = lambda node, *_: "silent" if node == 13 else "reply"  # noqa: E731
+    grid = FlakyGrid(nodes=dict(NODES), answer=silent_13, listed=lambda *_: True)
+    first, _ = _loop(default_config, tmp_path, grid, rounds=1, min_sites=2)
+    first.run()
+    checkpoint = RoundCheckpoint.from_dict(json.loads(json.dumps(first.checkpoint(1, phase="evaluate").to_dict())))  # as on disk
+    assert checkpoint.unresponsive == {13: 1}
+
+    grid = FlakyGrid(nodes=dict(NODES), answer=silent_13, listed=lambda *_: True)
+    resumed, records = _loop(default_config, tmp_path, grid, rounds=4, min_sites=2, resume_from=checkpoint)
+    resumed.run()
+    waits = {(phase, server_round): seconds for phase, server_round, seconds in grid.waits}
+    for server_round in (2, 3):  # still sitting out
+        assert 13 not in grid.sent_to("train", server_round) and waits[("train", server_round)] < TIMEOUT_S
+        assert _record(records, "train", server_round)["participants"] == ["alpha", "beta"]
+    assert 13 in grid.sent_to("train", 4)  # probed again after its sit-out, as without the restart
+
+
+def test_the_deadline_memory_in_a_checkpoint_is_read_strictly_and_may_be_absent(default_config, tmp_path: Path) -> None:
+    grid = FlakyGrid(nodes=dict(NODES), answer=lambda node, *_: "silent" if node == 13 else "reply", listed=lambda *_: True)
+    loop, _ = _loop(default_config, tmp_path, grid, rounds=1, min_sites=2)
+    loop.run()
+    body = loop.checkpoint(1, phase="evaluate").to_dict()
+    older = {key: value for key, value in body.items() if key not in ("unresponsive", "dropped")}  # written before they were kept
+    assert RoundCheckpoint.from_dict(older).unresponsive == {}
+    for edit in ({"unresponsive": {"-3": 1}}, {"unresponsive": {"13": "1"}}, {"unresponsive": [13]}, {"dropped": [2**64]}, {"unresponsive": {"13": 9}}):
+        with pytest.raises(CheckpointError, match="round checkpoint|inconsistent"):
+            RoundCheckpoint.from_dict(body | edit, source="round-00001.json")
 
 
 def test_below_min_sites_the_run_stops_naming_who_replied_refused_and_missed(default_config, tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ from medtwin.core.identity import (
     load_supernode_auth_public_key,
     supernode_auth_key_path,
 )
+from medtwin.core.ports import free_port
 from medtwin.core.rundir import atomic_write_text
 
 from .flower_local import APP_DIR, OFFLINE_ENVIRONMENT, ProcessId, ProcessTree, _read_stat
@@ -252,12 +253,6 @@ def _check_port_free(host: str, port: int, *, flag: str) -> None:
             raise DeploymentError(f"port {port} on {host} ({flag}) is not free ({error.strerror}); choose another {flag}") from error
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def _split_address(address: str, *, flag: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -379,7 +374,7 @@ class CoordinatorProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         if self.port is None:
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
         _check_port_free(self.host, self.port, flag="--port")
         command = [
             str(_bin_dir() / "flower-superlink"),
@@ -626,7 +621,7 @@ class SiteProcess:
                 f"stop it first with `medtwin site stop --site-file {self.site_file}`"
             )
         if self.port is None:
-            self.port = _free_port("127.0.0.1")
+            self.port = free_port("127.0.0.1")
         _check_port_free("127.0.0.1", self.port, flag="--port")
         return ca_cert, key_path.resolve()
 

@@ -13,7 +13,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import requests
+
+from medtwin.core.ports import free_port
 
 from ..errors import AnvilNotFoundError, ChainSetupError
 
@@ -79,12 +80,6 @@ def find_anvil(configured: str = "") -> Path:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     raise AnvilNotFoundError([str(candidate) for candidate in candidates] + ["PATH"])
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def _nodes_dir(state_dir: Path) -> Path:

@@ -7,7 +7,7 @@ import threading
 
 __all__ = ["free_port"]
 
-_HANDED_OUT: set[tuple[str, int]] = set()  # ports this process chose: a server it starts may not have bound one yet
+_HANDED_OUT: set[int] = set()  # ports this process chose (on any address: 0.0.0.0 and 127.0.0.1 clash): not bound yet, maybe
 _HANDED_OUT_LOCK = threading.Lock()
 
 
@@ -19,7 +19,7 @@ def free_port(host: str = "127.0.0.1") -> int:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.bind((host, 0))
                 port = int(probe.getsockname()[1])
-            if (host, port) not in _HANDED_OUT:
-                _HANDED_OUT.add((host, port))
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
                 return port
     raise OSError(f"no free port on {host} that this process has not handed out already (64 tries)")

@@ -158,8 +158,11 @@ class RoundCheckpoint:
                     RoundCertificate.from_record(values["statistics_certificate"]) if values.get("statistics_certificate") else None
                 ),
                 # absent from checkpoints written before they were kept: nothing remembered, as before
-                unresponsive={_node_id(node_id): _count(missed_in, "unresponsive round") for node_id, missed_in in values.get("unresponsive", {}).items()},
-                dropped=tuple(_node_id(node_id) for node_id in values.get("dropped", [])),
+                unresponsive={
+                    _node_id(node_id): _count(missed_in, "unresponsive round")
+                    for node_id, missed_in in _typed(values.get("unresponsive", {}), dict, "unresponsive").items()
+                },
+                dropped=tuple(_node_id(node_id) for node_id in _typed(values.get("dropped", []), list, "dropped")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, SignatureError) as error:
             raise CheckpointError(
@@ -191,6 +194,8 @@ class RoundCheckpoint:
             problems.append("an evaluation is pending after the evaluation phase")
         if any(missed_in > self.server_round for missed_in in self.unresponsive.values()):
             problems.append(f"a node missed a deadline in a round after round {self.server_round}")
+        if not set(self.dropped) <= set(self.unresponsive):
+            problems.append("a dropped node is not among the nodes that missed a deadline")
         if not all(math.isfinite(value) for value in (*self.round_times_s, *self.he_error_bounds, self.open_round_time_s)):
             problems.append("a time or error bound is not a finite number")
         if problems:
@@ -208,9 +213,15 @@ def _count(value: object, name: str) -> int:
     return value
 
 
+def _typed(value: Any, kind: type, name: str) -> Any:
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
 def _node_id(value: object) -> int:
-    """A Flower node id (an unsigned 64-bit integer), written as a JSON key (str) or value (int)."""
-    if isinstance(value, str) and value.isdigit():
+    """A Flower node id (an unsigned 64-bit integer), written as a JSON key (str, in its one decimal form) or value (int)."""
+    if isinstance(value, str) and re.fullmatch(r"0|[1-9][0-9]*", value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
         raise ValueError(f"node id {value!r} is not an unsigned 64-bit integer")
@@ -237,14 +248,14 @@ def load_checkpoint(path: Path | str) -> RoundCheckpoint:
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         body, checksum = stored["checkpoint"], stored["checksum"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: nested absurdly deep
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(error).__name__}: {error!s:.200}) — "
             "delete it to resume from the previous checkpoint"
         ) from None
     try:
         actual = _checksum(body)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         actual = "not canonical JSON"
     if actual != checksum:
         raise CheckpointError(

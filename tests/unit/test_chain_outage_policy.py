@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_chain_outbox import unreachable  # tests/unit is on sys.path (rootdir-relative imports)
@@ -21,6 +22,7 @@ from medtwin.chain.backends import free_port
 from medtwin.chain.deployment import ChainDeployment, Deployment, write_deployment
 from medtwin.client.site_state import ChainVerifiedApprovals
 from medtwin.core.config.chain import ChainConfig
+from medtwin.experiments import chain_wiring
 from medtwin.experiments.chain_wiring import APPROVAL_OUTAGE_GRACE_S, ChainApprovalCheck, ChainProvenance
 
 RUN = "run-outage"
@@ -63,6 +65,18 @@ def test_the_coordinator_admits_from_the_last_verified_registry_state_and_stops_
     provenance.session.flush()  # the chain is back: the queue goes out
     assert provenance.outage_problem() is None
     assert provenance.admission_problem(site_id="hosp0", run_id=RUN) is not None  # revoked now, on chain
+
+
+def test_the_outage_boundary_is_the_configured_timeout(provenance: ChainProvenance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a controlled wall clock: train on up to chain.outage_timeout_s after the oldest queued write, stop after."""
+    provenance.outage_timeout_s = 30.0
+    with unreachable(provenance.session, "auth"):
+        assert provenance.session.auth.revoke_site(site_id="hosp0", reason="stolen key").status == "queued"
+        queued = time.time()
+        for elapsed, stops in ((0.0, False), (29.0, False), (31.0, True)):
+            clock = SimpleNamespace(time=lambda elapsed=elapsed: queued + elapsed, monotonic=time.monotonic)
+            monkeypatch.setattr(chain_wiring, "time", clock)
+            assert (provenance.outage_problem() is not None) == stops, elapsed
 
 
 def test_the_outage_clock_survives_a_coordinator_restart(provenance: ChainProvenance, tmp_path: Path) -> None:

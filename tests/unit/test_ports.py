@@ -35,12 +35,12 @@ def test_a_port_offered_again_is_not_handed_out_again(monkeypatch: pytest.Monkey
     monkeypatch.setattr(ports.socket, "socket", ReusingKernel)
     ReusingKernel.offers = [40001, 40001, 40001, 40002]
     assert [ports.free_port(), ports.free_port()] == [40001, 40002]  # two chains started one after the other
-    ReusingKernel.offers = [40001]
-    assert ports.free_port("10.0.0.1") == 40001  # on another address it is another port
+    ReusingKernel.offers = [40001, 40003]
+    assert ports.free_port("0.0.0.0") == 40003  # all addresses: the same port would clash with 127.0.0.1's
 
 
 def test_it_gives_up_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ports, "_HANDED_OUT", {("127.0.0.1", 40001)})
+    monkeypatch.setattr(ports, "_HANDED_OUT", {40001})
     monkeypatch.setattr(ports.socket, "socket", ReusingKernel)
     ReusingKernel.offers = [40001] * 64
     with pytest.raises(OSError, match="64 tries"):

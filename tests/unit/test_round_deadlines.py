@@ -23,7 +23,8 @@ from test_hostile_site import MANIFEST, RUN_ID, _order, honest
 from medtwin.core.artifacts import ArtifactStore
 from medtwin.core.errors import RoundFailedError
 from medtwin.server.aggregation import PlainAggregator
-from medtwin.server.checkpoint import CheckpointError, RoundCheckpoint
+from medtwin.core.protocol import RoundCertificate
+from medtwin.server.checkpoint import CheckpointError, RoundCheckpoint, load_checkpoint, save_checkpoint
 from medtwin.server.loop import RoundLoop
 
 SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the source of errors the SuperLink writes
@@ -231,6 +232,35 @@ def test_a_resumed_coordinator_remembers_the_dead_node_and_does_not_wait_for_it_
     assert 13 in grid.sent_to("train", 4)  # probed again after its sit-out, as without the restart
 
 
+def test_a_node_dropped_before_the_restart_and_listed_again_rejoins_at_once_after_resume(default_config, tmp_path: Path) -> None:
+    # round 1: gamma (13) misses; the SuperLink then stops listing it (dropped). Checkpoint after round 2.
+    listed_1 = lambda node, last: node != 13 or last < 1  # noqa: E731
+    grid = FlakyGrid(nodes=dict(NODES), answer=lambda node, *_: "silent" if node == 13 else "reply", listed=listed_1)
+    first, _ = _loop(default_config, tmp_path, grid, rounds=2, min_sites=2)
+    first.run()
+    checkpoint = RoundCheckpoint.from_dict(json.loads(json.dumps(first.checkpoint(2, phase="evaluate").to_dict())))
+    assert checkpoint.unresponsive == {13: 1} and checkpoint.dropped == (13,)
+
+    # its SuperNode was restarted and is listed again, healthy: round 3 is still within 1 + SIT_OUT_ROUNDS, but a
+    # node listed again after being dropped rejoins at once (module docstring) — also after a resume
+    grid = FlakyGrid(nodes=dict(NODES), answer=lambda *_: "reply", listed=lambda *_: True)
+    resumed, records = _loop(default_config, tmp_path, grid, rounds=3, min_sites=2, resume_from=checkpoint)
+    resumed.run()
+    assert grid.sent_to("train", 3) == [11, 12, 13]
+    assert _record(records, "train", 3)["participants"] == ["alpha", "beta", "gamma"]
+
+
+def test_unsigned_64_bit_node_ids_round_trip_exactly_through_a_checkpoint_file(tmp_path: Path) -> None:
+    top, mid = 2**64 - 1, 2**63 + 12345
+    checkpoint = RoundCheckpoint(
+        run_id="run-1", config_sha256="0" * 64, server_round=2, phase="evaluate", aggregate_sha256="1" * 64,
+        certificate=RoundCertificate(server_round=2, aggregate_sha256="1" * 64, claims=()), aggregate_digests=("1" * 64,) * 2,
+        unresponsive={top: 2, mid: 1}, dropped=(mid,),
+    )  # fmt: skip
+    restored = load_checkpoint(save_checkpoint(tmp_path, checkpoint))
+    assert restored.unresponsive == {top: 2, mid: 1} and restored.dropped == (mid,)
+
+
 def test_the_deadline_memory_in_a_checkpoint_is_read_strictly_and_may_be_absent(default_config, tmp_path: Path) -> None:
     grid = FlakyGrid(nodes=dict(NODES), answer=lambda node, *_: "silent" if node == 13 else "reply", listed=lambda *_: True)
     loop, _ = _loop(default_config, tmp_path, grid, rounds=1, min_sites=2)
@@ -238,7 +268,12 @@ def test_the_deadline_memory_in_a_checkpoint_is_read_strictly_and_may_be_absent(
     body = loop.checkpoint(1, phase="evaluate").to_dict()
     older = {key: value for key, value in body.items() if key not in ("unresponsive", "dropped")}  # written before they were kept
     assert RoundCheckpoint.from_dict(older).unresponsive == {}
-    for edit in ({"unresponsive": {"-3": 1}}, {"unresponsive": {"13": "1"}}, {"unresponsive": [13]}, {"dropped": [2**64]}, {"unresponsive": {"13": 9}}):
+    edits = (
+        {"unresponsive": {"-3": 1}}, {"unresponsive": {"13": "1"}}, {"unresponsive": [13]}, {"unresponsive": {"13": 9}},
+        {"unresponsive": {"013": 1}}, {"unresponsive": {"１３": 1}}, {"dropped": [2**64]}, {"dropped": "13"}, {"dropped": {"13": 1}},
+        {"dropped": [12]},  # dropped, but never missed a deadline
+    )  # fmt: skip
+    for edit in edits:
         with pytest.raises(CheckpointError, match="round checkpoint|inconsistent"):
             RoundCheckpoint.from_dict(body | edit, source="round-00001.json")
 

@@ -1,10 +1,10 @@
 """DP-SGD's Gaussian noise: an AES-256-CTR keystream turned into normals by Box–Muller.
 
 Every DP step draws one Gaussian per trainable parameter. torch's CPU `normal_` takes each uniform from
-MT19937 one value at a time (~3 ns each here): for the 74k-parameter MLP that was 0.38 of a whole plain
+MT19937 one value at a time (~3.4 ns each here): for the 74k-parameter MLP that is 0.34 of a whole plain
 step. This generator takes its bits from AES-256-CTR (the `cryptography` package, AES-NI: ~0.5 ns per 32
-bits) and transforms them with numpy's SIMD float32 log / sqrt / cos / sin in preallocated buffers — ~0.6x
-torch's time (`experiments/bench_noise.py`). It is also a CSPRNG keyed from the OS (`os.urandom`), where
+bits) and transforms them with numpy's SIMD float32 log / sqrt / cos / sin in preallocated buffers: 0.25
+of that step, ~0.75x torch's time (`experiments/bench_noise.py`, BENCHMARKS.md). It is also a CSPRNG keyed from the OS (`os.urandom`), where
 MT19937's state follows from its outputs.
 
 The transform is Box–Muller, as in torch's `normal_`: from two independent 32-bit words w, v of the

@@ -5,6 +5,8 @@ embedded (eth-tester, in-process), anvil (local nodes with persistent state), rp
 See chain/README.md for the on-chain data model and the round-anchor leaf definition.
 """
 
+import sys as _sys
+
 from .accounts import ChainAccount, dev_account
 from .anchoring import RoundManifest, build_round_anchor, epsilon_hash, participants_hash
 from .audit import (
@@ -50,6 +52,13 @@ from .records import (
 )
 from .render import access_table, lineage_table, status_table, verify_table
 from .session import ChainSession, open_readonly, open_session, open_signed_readonly, shared_readonly
+
+# web3 imports py_ecc, which raises the interpreter's recursion limit to 100000 for its pairing maths (medtwin does
+# none). At that limit a deeply nested input — JSON, YAML — overflows the C stack and the process dies with SIGSEGV
+# before Python can raise RecursionError: a peer's message would crash a coordinator or site that talks to a
+# chain. py-evm (the embedded chain) asks for 1024 * 12 to reach the EVM's call depth; that much stays.
+_EVM_RECURSION_LIMIT = 1024 * 12
+_sys.setrecursionlimit(_EVM_RECURSION_LIMIT)
 
 __all__ = [
     "MAX_DECISIONS_PER_TX",

@@ -205,8 +205,8 @@ def claim_from_site_record(record: object) -> tuple[ReplyClaim, object]:
         raise SignatureError("the reply's site record carries no signed claim")
     try:
         values = json.loads(text)
-    except ValueError as error:
-        raise SignatureError(f"the reply's claim is not JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the recursion limit
+        raise SignatureError(f"the reply's claim is not JSON ({type(error).__name__}: {error})") from None
     return ReplyClaim.from_dict(values), record.get("signature")
 
 

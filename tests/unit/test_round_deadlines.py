@@ -312,9 +312,3 @@ def test_the_run_starts_without_a_missing_node_after_the_deadline_if_min_sites_a
         loop.run()
     assert grid.sent == []
 
-
-def test_an_absurdly_nested_checkpoint_file_is_a_checkpoint_error(tmp_path: Path) -> None:
-    path = tmp_path / "round-00001.json"
-    path.write_text('{"checkpoint": ' + "[" * 100_000 + "]" * 100_000 + ', "checksum": "x"}', encoding="utf-8")
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(path)

@@ -83,6 +83,8 @@ class RoundManifest:
     def from_bytes(cls, data: bytes) -> RoundManifest:
         try:
             record = json.loads(data)
+            if not isinstance(record, dict):
+                raise TypeError(f"a round manifest is a JSON object, this is a {type(record).__name__}")
             if record.get("schema") != MANIFEST_SCHEMA:
                 raise ValueError(f"schema is {record.get('schema')!r}, expected {MANIFEST_SCHEMA!r}")
             return cls(
@@ -93,8 +95,8 @@ class RoundManifest:
                 epsilon_micro_by_site=tuple(sorted((str(k), int(v)) for k, v in record["epsilon_micro_by_site"].items())),
                 he_error_bound_pico=int(record["he_error_bound_pico"]),
             )
-        except (ValueError, KeyError, TypeError) as error:
-            raise ChainError(f"round manifest is malformed: {error}") from error
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:  # the coordinator's file: anything
+            raise ChainError(f"round manifest is malformed: {type(error).__name__}: {str(error)[:200]}") from None
 
     def anchor(self, manifest_sha256: str) -> RoundAnchor:
         epsilons = dict(self.epsilon_micro_by_site)

@@ -68,8 +68,8 @@ def load_chain_record(path: Path | str, manifest: FederationManifest) -> dict[st
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         signature = bytes.fromhex(document["signature"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SignatureError(f"{path} is not a signed chain record ({error})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        raise SignatureError(f"{path} is not a signed chain record ({str(error)[:200]})") from None
     if document.get("format") != CHAINS_FORMAT or document.get("federation_name") != manifest.federation_name:
         raise SignatureError(f"{path} is not a chain record of federation {manifest.federation_name!r}")
     ca_public = x509.load_pem_x509_certificate(manifest.ca_certificate_pem.encode("ascii")).public_key()

@@ -159,8 +159,8 @@ class FederationManifest:
                 if entry.supernode_auth_public_key is not None
                 and stored[entry.site_id].get("supernode_auth_key_fingerprint") != entry.supernode_auth_key_fingerprint
             ]
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise KitError(f"{source} is not a valid federation manifest ({error!r})") from error
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
+            raise KitError(f"{source} is not a valid federation manifest ({str(repr(error))[:200]})") from None
         if mismatched:
             raise KitError(f"{source}: {', '.join(mismatched)} does not match its key; the manifest was altered")
         return manifest

@@ -202,8 +202,8 @@ def _read_envelope(envelope: Path | str | bytes | Mapping[str, Any]) -> dict[str
     try:
         text = envelope.decode("utf-8") if isinstance(envelope, bytes) else Path(envelope).read_text(encoding="utf-8")
         document = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EnvelopeError(f"cannot read envelope ({error})") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise EnvelopeError(f"cannot read envelope ({str(error)[:200]})") from None
     if not isinstance(document, dict):
         raise EnvelopeError("an envelope is a JSON object")
     return document

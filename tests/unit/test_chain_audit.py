@@ -98,6 +98,20 @@ def test_verify_reports_a_missing_artifact_and_a_tampered_manifest(federation) -
     assert (3, "manifest") in kinds
 
 
+@pytest.mark.parametrize(
+    "replacement",
+    [b"[]", b'"x"', b"5", b"[" * 20_000 + b"]" * 20_000, b'{"schema": "medtwin.round-manifest/1", "updates": [[1]], "epsilon_micro_by_site": []}'],
+    ids=["list", "string", "number", "nested 20k deep", "fields of the wrong type"],
+)
+def test_a_manifest_replaced_by_any_json_is_reported_not_a_crash(federation, replacement: bytes) -> None:
+    """The manifests are the coordinator's files: a hostile one must not make the auditor's verify crash."""
+    session, store, _ = federation
+    store.path(session.data.anchor(RUN, 2).manifest_hash).write_bytes(replacement)
+    report = audit_verify(session, store, RUN)
+    assert not report.ok and {(m.round_index, m.kind) for m in report.mismatches} >= {(2, "manifest")}
+    assert {m.round_index for m in report.mismatches} == {2}  # rounds 1 and 3 still verified
+
+
 def test_verify_of_an_unknown_run_fails(federation) -> None:
     session, store, _ = federation
     report = audit_verify(session, store, "no-such-run")

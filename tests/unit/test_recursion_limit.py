@@ -55,3 +55,26 @@ def test_a_claim_nested_past_the_recursion_limit_is_a_malformed_claim() -> None:
         "    print(str(error)[:60])\n"
     )
     assert done.returncode == 0 and "not JSON (RecursionError" in done.stdout, (done.stdout, done.stderr[-300:])
+
+
+def test_the_admins_files_nested_absurdly_deep_are_refused_by_name(tmp_path: Path) -> None:
+    """Federation manifest, signed chain record, key envelope: a nested file is a clear error, not a traceback."""
+    nested = "[" * 20_000 + "]" * 20_000
+    path = tmp_path / "nested.json"
+    path.write_text(nested, encoding="utf-8")
+    done = run(
+        "import medtwin.chain\n"
+        "from medtwin.core.identity.manifest import FederationManifest\n"
+        "from medtwin.core.identity.chain_record import load_chain_record\n"
+        "from medtwin.core.identity.steward import _read_envelope\n"
+        "from medtwin.core.identity.errors import KitError, SignatureError, EnvelopeError\n"
+        f"path = {str(path)!r}\n"
+        "for name, call, error in (('manifest', lambda: FederationManifest.from_json(open(path).read(), source=path), KitError),\n"
+        "                          ('chain record', lambda: load_chain_record(path, None), SignatureError),\n"
+        "                          ('envelope', lambda: _read_envelope(path), EnvelopeError)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except error:\n"
+        "        print(name, 'refused')\n"
+    )
+    assert done.stdout.split("\n")[:3] == ["manifest refused", "chain record refused", "envelope refused"], (done.stdout, done.stderr[-400:])

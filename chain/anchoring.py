@@ -38,6 +38,17 @@ MANIFEST_KIND = "round_manifest"
 MANIFEST_SCHEMA = "medtwin.round-manifest/1"
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a manifest holds")
+
+
+def _text(value: object) -> str:
+    """A manifest's string (run or site id): encodable as UTF-8 (a lone surrogate is not), as hashing needs."""
+    text = str(value)
+    text.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return text
+
+
 def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -82,20 +93,20 @@ class RoundManifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> RoundManifest:
         try:
-            record = json.loads(data)
+            record = json.loads(data, parse_constant=_no_constant)
             if not isinstance(record, dict):
                 raise TypeError(f"a round manifest is a JSON object, this is a {type(record).__name__}")
             if record.get("schema") != MANIFEST_SCHEMA:
                 raise ValueError(f"schema is {record.get('schema')!r}, expected {MANIFEST_SCHEMA!r}")
             return cls(
-                run_id=str(record["run_id"]),
+                run_id=_text(record["run_id"]),
                 round_index=int(record["round_index"]),
-                updates=tuple((str(item["site_id"]), str(item["sha256"])) for item in record["updates"]),
+                updates=tuple((_text(item["site_id"]), _text(item["sha256"])) for item in record["updates"]),
                 aggregate_sha256=str(record["aggregate_sha256"]),
-                epsilon_micro_by_site=tuple(sorted((str(k), int(v)) for k, v in record["epsilon_micro_by_site"].items())),
+                epsilon_micro_by_site=tuple(sorted((_text(k), int(v)) for k, v in record["epsilon_micro_by_site"].items())),
                 he_error_bound_pico=int(record["he_error_bound_pico"]),
             )
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:  # the coordinator's file: anything
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, ArithmeticError) as error:  # the coordinator's file
             raise ChainError(f"round manifest is malformed: {type(error).__name__}: {str(error)[:200]}") from None
 
     def anchor(self, manifest_sha256: str) -> RoundAnchor:

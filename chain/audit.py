@@ -285,7 +285,7 @@ MAX_PLANNED_ROUNDS = 1_000_000
 def _registered_config(run: RunRecord, store: ArtifactStore) -> tuple[str, str] | None:
     """(where, text) of a config artifact in the store that hashes to the run's registered config hash."""
     registered = run.config_hash.lower().removeprefix("0x")
-    for digest, kind in store.kinds().items():
+    for digest, kind in store.kinds().items():  # ArtifactError: the caller reports it
         if kind == "config":
             try:
                 text = store.read_unverified(digest).decode("utf-8")
@@ -301,13 +301,23 @@ def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch])
     artifact in the store (what an auditor with only the store has) — trusted only if it hashes to the
     config hash registered on the data chain; None when there is no config to check."""
     path = store.root.parent / "config.yaml"
-    if path.is_file():
-        where, text = str(path), path.read_text(encoding="utf-8")
+    if path.exists() or path.is_symlink():
+        try:
+            if not path.is_file():
+                raise OSError(f"{path} is not a regular file")
+            where, text = str(path), path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            found.append(Mismatch(0, "run", f"{path} cannot be read as the run's config ({error}): completeness is not checked"))
+            return None
         if config_hash(text) != run.config_hash.lower().removeprefix("0x"):
             found.append(Mismatch(0, "run", f"{path} does not hash to the config hash registered for the run: it is not the config that ran"))
             return None
     else:
-        stored = _registered_config(run, store)
+        try:
+            stored = _registered_config(run, store)
+        except ArtifactError as error:
+            found.append(Mismatch(0, "run", f"the run's config cannot be looked up in the artifact index: {error}"))
+            return None
         if stored is None:
             return None
         where, text = stored
@@ -397,7 +407,11 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
     for model in models:
         if store.exists(model.model_hash):
             checked += 1
-            actual = sha256_hex(store.read_unverified(model.model_hash))
+            try:
+                actual = sha256_hex(store.read_unverified(model.model_hash))
+            except ArtifactError as error:
+                found.append(Mismatch(model.round_index, "model", str(error)))
+                continue
             if actual != model.model_hash:
                 found.append(Mismatch(model.round_index, "model", f"stored model {model.model_hash} now hashes to {actual}"))
     completeness = (

@@ -38,6 +38,16 @@ class ArtifactError(MedtwinError):
     """Base class of artifact-store errors."""
 
 
+def _read(path: Path) -> bytes:
+    """A file's bytes; an unreadable one (a directory, a device, no permission) is an ArtifactError naming it."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} is not a regular file")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ArtifactError(f"{path} cannot be read ({error.strerror or error})") from None
+
+
 class ArtifactNotFoundError(ArtifactError):
     def __init__(self, digest: str, path: Path) -> None:
         self.digest = digest
@@ -104,7 +114,7 @@ class ArtifactStore:
         target = self.path(normalized)
         if not target.is_file():
             raise ArtifactNotFoundError(normalized, target)
-        data = target.read_bytes()
+        data = _read(target)
         actual = sha256_hex(data)
         if actual != normalized:
             raise ArtifactCorruptedError(normalized, target, actual)
@@ -115,7 +125,7 @@ class ArtifactStore:
         target = self.path(digest)
         if not target.is_file():
             raise ArtifactNotFoundError(_check_digest(digest), target)
-        return target.read_bytes()
+        return _read(target)
 
     def digests(self) -> Iterator[str]:
         if not self.root.is_dir():
@@ -127,15 +137,26 @@ class ArtifactStore:
                         yield blob.name
 
     def kinds(self) -> dict[str, str]:
-        """sha256 -> kind, from the index (last entry wins)."""
+        """sha256 -> kind, from the index (last entry wins); ArtifactError naming the line if it is not one this
+        store writes (an auditor reads a coordinator's index: whatever is in it is reported, not a crash)."""
         index = self.root / INDEX_NAME
-        if not index.is_file():
+        if not index.exists():
             return {}
         kinds: dict[str, str] = {}
-        for line in index.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        try:
+            lines = _read(index).decode("utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ArtifactError(f"artifact index {index} is not UTF-8 text ({error})") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
                 entry = json.loads(line)
-                kinds[entry["sha256"]] = entry["kind"]
+            except (ValueError, RecursionError) as error:
+                raise ArtifactError(f"artifact index {index} line {number} is not JSON ({type(error).__name__})") from None
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("kind"), str)):
+                raise ArtifactError(f"artifact index {index} line {number} is not an index entry (sha256, kind)")
+            kinds[entry["sha256"]] = entry["kind"]
         return kinds
 
     def verify_all(self) -> list[ArtifactProblem]:

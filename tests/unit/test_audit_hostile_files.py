@@ -1,0 +1,184 @@
+"""The auditor reads the coordinator's files (artifact store, its index, config.yaml): whatever is in them is
+REPORTED as a mismatch or problem, never a crash, and never hides an incomplete run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from medtwin.chain import (
+    Decision,
+    RunRegistration,
+    audit_lineage,
+    audit_verify,
+    build_round_anchor,
+    open_session,
+)
+from medtwin.chain.anchoring import RoundManifest
+from medtwin.chain.records import RoundAnchor
+from medtwin.core.artifacts import ArtifactStore
+from medtwin.core.config.chain import ChainConfig
+from medtwin.core.hashing import config_hash
+from medtwin.core.merkle import merkle_root, update_leaves
+
+SITES = ("hosp-a", "hosp-b", "hosp-c")
+RUN = "run-audit"
+
+
+def h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def render(table) -> str:
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(table)
+    return console.export_text()
+
+
+@pytest.fixture()
+def fed(tmp_path: Path):
+    session = open_session(ChainConfig(name="embedded"))
+    store = ArtifactStore(tmp_path / "runs" / RUN / "artifacts")
+    for site_id in SITES:
+        account = session.site_account(site_id)
+        session.auth.register_site(site_id=site_id, address=account.address, key_fingerprint=h(f"key {site_id}"))
+        session.auth.approve_run(site=account, run_id=RUN, config_hash=h("config"), code_hash=h("code"))
+    session.data.register_run(RunRegistration(RUN, "breast_cancer", h("config"), h("code"), h("dp"), h("he")))
+    paths: dict[str, Path] = {}
+    previous = ""
+    for round_index in (1, 2, 3):
+        digests = {site: store.put(f"{site} round {round_index} update".encode(), kind="update") for site in SITES}
+        aggregate = store.put(f"aggregate {round_index}".encode(), kind="aggregate")
+        session.auth.record_decisions(
+            [Decision("admit_update", True, "ok", site_id=s, subject=d) for s, d in digests.items()], run_id=RUN, round_index=round_index
+        )
+        anchor, _ = build_round_anchor(
+            store, run_id=RUN, round_index=round_index, update_digests=digests, aggregate_digest=aggregate,
+            epsilon_by_site={s: 0.5 * round_index for s in SITES}, he_error_bound=3e-8,
+        )  # fmt: skip
+        assert session.data.anchor_round(anchor).mined
+        session.data.record_lineage(model_hash=aggregate, parent_hash=previous, run_id=RUN, round_index=round_index)
+        previous = aggregate
+        if round_index == 2:
+            paths = {"update": store.path(digests["hosp-b"]), "aggregate": store.path(aggregate), "manifest": store.path(anchor.manifest_hash)}
+    assert audit_verify(session, store, RUN).ok
+    return session, store, paths
+
+
+def _replace(path: Path, how: str) -> None:
+    path.unlink()
+    path.symlink_to(how)
+
+
+# --- index.jsonl (read by _registered_config -> ArtifactStore.kinds) -------------------------------------------
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json\n", b"[]\n", b'"x"\n', b"{}\n", b'{"sha256": [1], "kind": "config"}\n', b"[" * 20_000 + b"]" * 20_000 + b"\n", b"\xff\xfe\n"],
+    ids=["non-json", "list", "string", "missing-keys", "unhashable", "nested-20k", "non-utf8"],
+)
+def test_hostile_index_is_reported_not_a_crash(fed, content: bytes) -> None:
+    session, store, _ = fed
+    (store.root / "index.jsonl").write_bytes(content)
+    report = audit_verify(session, store, RUN)
+    assert any("index" in m.detail for m in report.mismatches), report.mismatches
+
+
+def test_index_symlinked_to_an_unreadable_proc_file_is_reported(fed) -> None:
+    session, store, _ = fed
+    _replace(store.root / "index.jsonl", "/proc/self/mem")
+    report = audit_verify(session, store, RUN)
+    assert any("index" in m.detail for m in report.mismatches)
+
+
+# --- config.yaml beside the store (_planned_rounds) -----------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["non-utf8", "/proc/self/mem", "/proc/self/pagemap"])
+def test_hostile_config_yaml_is_reported_not_a_crash(fed, how: str) -> None:
+    session, store, _ = fed
+    path = store.root.parent / "config.yaml"
+    if how == "non-utf8":
+        path.write_bytes(b"\xff\xfe federation: {num_rounds: 3}")
+    else:
+        path.symlink_to(how)
+    report = audit_verify(session, store, RUN)
+    assert any(m.kind == "run" and "config.yaml" in m.detail for m in report.mismatches)
+
+
+@pytest.mark.parametrize("how", ["directory", "/dev/zero"])
+def test_config_yaml_made_unreadable_does_not_hide_a_truncated_run(tmp_path: Path, how: str) -> None:
+    """Planned 4 rounds, anchored 2: not OK. Replacing config.yaml by a directory / device must not turn it OK."""
+    session = open_session(ChainConfig(name="embedded"))
+    store = ArtifactStore(tmp_path / "runs" / "stopped" / "artifacts")
+    text = "federation:\n  num_rounds: 4\n"
+    session.data.register_run(RunRegistration("stopped", "breast_cancer", config_hash(text), h("code"), h("dp"), h("he")))
+    for round_index in (1, 2):
+        digests = {s: store.put(f"{s} {round_index}".encode(), kind="update") for s in SITES}
+        session.auth.record_decisions(
+            [Decision("admit_update", True, "ok", site_id=s, subject=d) for s, d in digests.items()], run_id="stopped", round_index=round_index
+        )
+        anchor, _ = build_round_anchor(
+            store, run_id="stopped", round_index=round_index, update_digests=digests,
+            aggregate_digest=store.put(f"agg {round_index}".encode(), kind="aggregate"), epsilon_by_site={}, he_error_bound=0.0,
+        )  # fmt: skip
+        session.data.anchor_round(anchor)
+    path = store.root.parent / "config.yaml"
+    path.write_text(text)
+    assert not audit_verify(session, store, "stopped").ok
+    path.unlink()
+    path.mkdir() if how == "directory" else path.symlink_to(how)
+    report = audit_verify(session, store, "stopped")
+    assert not report.ok, f"truncated run verified OK ({report.completeness})"
+
+
+# --- artifacts (update / aggregate / manifest) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["/proc/self/mem", "/proc/self/pagemap"])
+@pytest.mark.parametrize("kind", ["update", "aggregate", "manifest"])
+def test_artifact_symlinked_to_an_unreadable_file_is_reported(fed, kind: str, target: str) -> None:
+    session, store, paths = fed
+    _replace(paths[kind], target)
+    report = audit_verify(session, store, RUN)
+    assert (2, kind) in {(m.round_index, m.kind) for m in report.mismatches}
+    if kind == "manifest":
+        assert any(p.startswith("round 2") for p in audit_lineage(session, store, RUN).problems)
+
+
+@pytest.mark.parametrize("field", ["he_error_bound_pico", "round_index", "epsilon"])
+def test_manifest_with_infinity_is_reported_not_a_crash(fed, field: str) -> None:
+    session, store, paths = fed
+    record = json.loads(paths["manifest"].read_bytes())
+    if field == "epsilon":
+        record["epsilon_micro_by_site"]["hosp-a"] = float("inf")
+    else:
+        record[field] = float("inf")
+    paths["manifest"].write_text(json.dumps(record))  # json writes Infinity, json.loads reads it back
+    report = audit_verify(session, store, RUN)
+    assert (2, "manifest") in {(m.round_index, m.kind) for m in report.mismatches}
+
+
+def test_manifest_with_a_lone_surrogate_site_id_is_reported_not_a_crash(fed) -> None:
+    session, store, paths = fed
+    record = json.loads(paths["manifest"].read_bytes())
+    record["updates"][0]["site_id"] = "\ud800"
+    paths["manifest"].write_text(json.dumps(record))
+    report = audit_verify(session, store, RUN)
+    assert {m.round_index for m in report.mismatches} == {2}
+
+
+def test_anchored_manifest_with_a_surrogate_site_id_does_not_crash_verify_or_lineage(fed) -> None:
+    """A hostile coordinator anchors what it likes: its own manifest, hashed correctly, with an unencodable site id."""
+    session, store, _ = fed
+    update, aggregate = store.put(b"evil update", kind="update"), store.put(b"agg 4", kind="aggregate")
+    manifest_hash = store.put(RoundManifest(RUN, 4, (("\ud800", update),), aggregate, (), 0).to_bytes(), kind="manifest")
+    anchor = RoundAnchor(
+        RUN, 4, merkle_root(update_leaves({"x": update})).hex(), aggregate, manifest_hash,
+        hashlib.sha256("\ud800".encode("utf-8", "surrogatepass")).hexdigest(), 1, hashlib.sha256(b"{}").hexdigest(), 0, 0,
+    )  # fmt: skip
+    assert session.data.anchor_round(anchor).mined
+    assert not audit_verify(session, store, RUN).ok
+    assert any("round 4" in p for p in audit_lineage(session, store, RUN).problems)

@@ -13,10 +13,14 @@ from rich.console import Console
 from medtwin.chain import (
     Decision,
     RunRegistration,
+    access_table,
+    audit_access,
     audit_lineage,
     audit_verify,
     build_round_anchor,
+    lineage_table,
     open_session,
+    verify_table,
 )
 from medtwin.chain.anchoring import RoundManifest
 from medtwin.chain.records import RoundAnchor
@@ -182,3 +186,30 @@ def test_anchored_manifest_with_a_surrogate_site_id_does_not_crash_verify_or_lin
     assert session.data.anchor_round(anchor).mined
     assert not audit_verify(session, store, RUN).ok
     assert any("round 4" in p for p in audit_lineage(session, store, RUN).problems)
+
+
+# --- tables: what the coordinator wrote is printed as text, never read as rich markup ---------------------------
+
+def test_markup_in_a_tampered_manifest_does_not_crash_verify_table(fed) -> None:
+    session, store, paths = fed
+    record = json.loads(paths["manifest"].read_bytes())
+    record["run_id"] = "[/x]"
+    paths["manifest"].write_text(json.dumps(record))
+    assert "[/x]" in render(verify_table(audit_verify(session, store, RUN)))
+
+
+def test_markup_in_an_anchored_site_id_does_not_crash_lineage_or_verify_tables(fed) -> None:
+    session, store, _ = fed
+    anchor, _ = build_round_anchor(
+        store, run_id=RUN, round_index=4, update_digests={"[/x]": store.put(b"evil", kind="update")},
+        aggregate_digest=store.put(b"agg 4", kind="aggregate"), epsilon_by_site={}, he_error_bound=0.0,
+    )  # fmt: skip
+    session.data.anchor_round(anchor)
+    assert "[/x]" in render(lineage_table(audit_lineage(session, store, RUN)))
+    assert "[/x]" in render(verify_table(audit_verify(session, store, RUN)))
+
+
+def test_markup_in_a_recorded_decision_reason_does_not_crash_access_table(fed) -> None:
+    session, _, _ = fed
+    session.auth.record_decisions([Decision("admit_update", False, "[/x]", site_id="hosp-a", subject="11" * 32)], run_id=RUN, round_index=2)
+    assert "[/x]" in render(access_table(audit_access(session, run_id=RUN)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -99,10 +101,12 @@ def _artifact_store(runs_dir: Path, target: str):
     candidate = runs_dir / target / "artifacts"
     if candidate.is_dir():
         return ArtifactStore(candidate)
-    for folder in sorted(runs_dir.glob("*/artifacts")):
-        if ArtifactStore(folder).exists(target.removeprefix("0x")):
-            return ArtifactStore(folder)
-    return ArtifactStore(candidate)
+    digest = target.lower().removeprefix("0x")
+    if re.fullmatch(r"[0-9a-f]{64}", digest):  # a model hash: the run folder whose store holds it (a run id is no digest)
+        for folder in sorted(runs_dir.glob("*/artifacts")):
+            if folder.is_dir() and ArtifactStore(folder).exists(digest):
+                return ArtifactStore(folder)
+    return ArtifactStore(candidate)  # absent: the audit reports every artifact as missing
 
 
 @audit_app.command("lineage")

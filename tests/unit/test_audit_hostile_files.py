@@ -213,3 +213,22 @@ def test_markup_in_a_recorded_decision_reason_does_not_crash_access_table(fed) -
     session, _, _ = fed
     session.auth.record_decisions([Decision("admit_update", False, "[/x]", site_id="hosp-a", subject="11" * 32)], run_id=RUN, round_index=2)
     assert "[/x]" in render(access_table(audit_access(session, run_id=RUN)))
+
+
+# --- the CLI's choice of artifact store -----------------------------------------------------------------------
+
+def test_cli_verify_when_the_runs_artifacts_folder_is_gone_reports_not_a_traceback(fed, monkeypatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medtwin.experiments import cli_federation
+    from medtwin.experiments.cli_admin import audit_app
+
+    session, store, _ = fed
+    monkeypatch.setattr(cli_federation, "auditor_session", lambda *args: session)
+    (tmp_path / "runs" / "other-run" / "artifacts").mkdir(parents=True)
+    result = CliRunner().invoke(audit_app, ["verify", RUN, "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0 and result.exception is None, result.output  # baseline
+    store.root.rename(tmp_path / "moved")
+    store.root.write_text("not a folder")  # the coordinator swaps its artifacts folder for a file
+    result = CliRunner().invoke(audit_app, ["verify", RUN, "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)

@@ -121,7 +121,7 @@ class VerifyReport(_Json):
 
 
 def _load_manifest(store: ArtifactStore, digest: str) -> RoundManifest:
-    return RoundManifest.from_bytes(store.get(digest))
+    return RoundManifest.from_bytes(store.get(digest, max_bytes=MAX_MANIFEST_BYTES))
 
 
 def _site_names(session: ChainSession) -> dict[str, str]:
@@ -228,7 +228,7 @@ def _verify_round(
         found.append(Mismatch(index, kind, detail))
 
     try:
-        raw = store.read_unverified(anchor.manifest_hash)
+        raw = store.read_unverified(anchor.manifest_hash, max_bytes=MAX_MANIFEST_BYTES)
     except ArtifactError as error:
         report("manifest", str(error))
         return 0
@@ -246,7 +246,7 @@ def _verify_round(
     actual_leaves: dict[str, str] = {}
     for site_id, digest in manifest.updates:
         try:
-            actual = sha256_hex(store.read_unverified(digest))
+            actual = store.hash_unverified(digest)
         except ArtifactError as error:
             report("update", f"site {site_id!r}: {error}")
             continue
@@ -261,7 +261,7 @@ def _verify_round(
     else:
         report("merkle_root", "cannot recompute the Merkle root: update artifacts are missing")
     try:
-        aggregate = sha256_hex(store.read_unverified(anchor.aggregate_hash))
+        aggregate = store.hash_unverified(anchor.aggregate_hash)
         checked += 1
         if aggregate != anchor.aggregate_hash:
             report("aggregate", f"stored aggregate now hashes to {aggregate}, on chain {anchor.aggregate_hash}")
@@ -280,6 +280,8 @@ def _verify_round(
 
 
 MAX_PLANNED_ROUNDS = 1_000_000
+MAX_CONFIG_BYTES = 4 << 20  # a run's config.yaml is a few KB: a larger "config" artifact is not read
+MAX_MANIFEST_BYTES = 64 << 20  # a round manifest is ~150 bytes a site: anything near this is not one
 
 
 def _registered_config(run: RunRecord, store: ArtifactStore) -> tuple[str, str] | None:
@@ -288,7 +290,7 @@ def _registered_config(run: RunRecord, store: ArtifactStore) -> tuple[str, str] 
     for digest, kind in store.kinds().items():  # ArtifactError: the caller reports it
         if kind == "config":
             try:
-                text = store.read_unverified(digest).decode("utf-8")
+                text = store.read_unverified(digest, max_bytes=MAX_CONFIG_BYTES).decode("utf-8")
             except (ArtifactError, UnicodeDecodeError):
                 continue
             if config_hash(text) == registered:
@@ -408,7 +410,7 @@ def audit_verify(session: ChainSession, store: ArtifactStore, run_id: str) -> Ve
         if store.exists(model.model_hash):
             checked += 1
             try:
-                actual = sha256_hex(store.read_unverified(model.model_hash))
+                actual = store.hash_unverified(model.model_hash)
             except ArtifactError as error:
                 found.append(Mismatch(model.round_index, "model", str(error)))
                 continue

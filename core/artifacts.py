@@ -38,14 +38,30 @@ class ArtifactError(MedtwinError):
     """Base class of artifact-store errors."""
 
 
-def _read(path: Path) -> bytes:
-    """A file's bytes; an unreadable one (a directory, a device, no permission) is an ArtifactError naming it."""
+def _chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """A file's bytes in chunks, exactly as many as its size says: a directory, a device, an unreadable file, or a
+    "file" that yields more than its size (a /proc file: /proc/self/pagemap would stream ~256 GB) is an
+    ArtifactError naming it, not a hang or a crash."""
     if not path.is_file():
         raise ArtifactError(f"{path} is not a regular file")
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            left = os.fstat(handle.fileno()).st_size
+            while left > 0:
+                data = handle.read(min(chunk, left))
+                if not data:
+                    raise ArtifactError(f"{path} ended {left} bytes before its size (it changed while read)")
+                left -= len(data)
+                yield data
+            if handle.read(1):
+                raise ArtifactError(f"{path} holds more than its size says: not a regular file")
     except OSError as error:
         raise ArtifactError(f"{path} cannot be read ({error.strerror or error})") from None
+
+
+def _read(path: Path) -> bytes:
+    """A file's bytes (see `_chunks`)."""
+    return b"".join(_chunks(path))
 
 
 class ArtifactNotFoundError(ArtifactError):
@@ -108,24 +124,40 @@ class ArtifactStore:
         self._append_index({"sha256": digest, "kind": kind, "size": len(data)})
         return digest
 
-    def get(self, digest: str) -> bytes:
-        """The bytes filed under `digest`; raises ArtifactCorruptedError if they no longer match."""
+    def get(self, digest: str, *, max_bytes: int | None = None) -> bytes:
+        """The bytes filed under `digest`; raises ArtifactCorruptedError if they no longer match (and an ArtifactError
+        if the file is larger than `max_bytes`)."""
         normalized = _check_digest(digest)
         target = self.path(normalized)
         if not target.is_file():
             raise ArtifactNotFoundError(normalized, target)
+        if max_bytes is not None and target.stat().st_size > max_bytes:
+            raise ArtifactError(f"artifact {target} is {target.stat().st_size} bytes, more than the {max_bytes} this reader accepts")
         data = _read(target)
         actual = sha256_hex(data)
         if actual != normalized:
             raise ArtifactCorruptedError(normalized, target, actual)
         return data
 
-    def read_unverified(self, digest: str) -> bytes:
-        """Raw bytes without the hash check (for auditors who recompute digests themselves)."""
+    def read_unverified(self, digest: str, *, max_bytes: int | None = None) -> bytes:
+        """Raw bytes without the hash check (for auditors who recompute digests themselves); an ArtifactError if the
+        file is larger than `max_bytes` (what an auditor parses is small: a coordinator's 3 GB file is refused)."""
         target = self.path(digest)
         if not target.is_file():
             raise ArtifactNotFoundError(_check_digest(digest), target)
+        if max_bytes is not None and target.stat().st_size > max_bytes:
+            raise ArtifactError(f"artifact {target} is {target.stat().st_size} bytes, more than the {max_bytes} this reader accepts")
         return _read(target)
+
+    def hash_unverified(self, digest: str) -> str:
+        """The sha256 of what is filed under `digest`, read in chunks (an artifact of any size, in constant memory)."""
+        target = self.path(digest)
+        if not target.is_file():
+            raise ArtifactNotFoundError(_check_digest(digest), target)
+        hasher = hashlib.sha256()
+        for chunk in _chunks(target):
+            hasher.update(chunk)
+        return hasher.hexdigest()
 
     def digests(self) -> Iterator[str]:
         if not self.root.is_dir():

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
+import sys
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,25 @@ def test_cli_verify_when_the_runs_artifacts_folder_is_gone_reports_not_a_traceba
     store.root.write_text("not a folder")  # the coordinator swaps its artifacts folder for a file
     result = CliRunner().invoke(audit_app, ["verify", RUN, "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+# --- huge artifacts: hashed in chunks, parsed only below a size cap ----------------------------------------------
+
+def test_a_huge_sparse_update_is_reported_not_a_memory_error(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_audit_hostile_files import fed, audit_verify, RUN
+        from pathlib import Path
+        session, store, paths = fed.__wrapped__(Path({str(tmp_path)!r}))
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # a 3 GB file cannot be read whole
+        for kind, size in (("update", 3 << 30), ("manifest", 100 << 20)):  # the manifest last: without it, no updates
+            paths[kind].unlink()
+            with open(paths[kind], "wb") as handle:
+                handle.truncate(size)  # sparse: no disk used
+            report = audit_verify(session, store, RUN)
+            assert (2, kind) in {{(m.round_index, m.kind) for m in report.mismatches}}, report.mismatches
+        print("reported")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "reported" in done.stdout, done.stderr[-800:]

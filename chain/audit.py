@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from medtwin.core.artifacts import ArtifactError, ArtifactStore, sha256_hex
+from medtwin.core.artifacts import ArtifactError, ArtifactStore, read_file, sha256_hex
 from medtwin.core.hashing import config_hash
 from medtwin.core.merkle import merkle_root, update_leaves
 
@@ -305,10 +305,8 @@ def _planned_rounds(run: RunRecord, store: ArtifactStore, found: list[Mismatch])
     path = store.root.parent / "config.yaml"
     if path.exists() or path.is_symlink():
         try:
-            if not path.is_file():
-                raise OSError(f"{path} is not a regular file")
-            where, text = str(path), path.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as error:
+            where, text = str(path), read_file(path).decode("utf-8")
+        except (ArtifactError, UnicodeDecodeError) as error:
             found.append(Mismatch(0, "run", f"{path} cannot be read as the run's config ({error}): completeness is not checked"))
             return None
         if config_hash(text) != run.config_hash.lower().removeprefix("0x"):

@@ -25,6 +25,7 @@ __all__ = [
     "ArtifactNotFoundError",
     "ArtifactProblem",
     "ArtifactStore",
+    "read_file",
     "sha256_hex",
 ]
 
@@ -38,15 +39,17 @@ class ArtifactError(MedtwinError):
     """Base class of artifact-store errors."""
 
 
-def _chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """A file's bytes in chunks, exactly as many as its size says: a directory, a device, an unreadable file, or a
-    "file" that yields more than its size (a /proc file: /proc/self/pagemap would stream ~256 GB) is an
-    ArtifactError naming it, not a hang or a crash."""
+def _chunks(path: Path, chunk: int = 1 << 20, *, max_bytes: int | None = None) -> Iterator[bytes]:
+    """A file's bytes in chunks, exactly as many as its size says: a directory, a device, an unreadable file, a
+    file larger than `max_bytes`, or a "file" that yields more than its size (a /proc file: /proc/self/pagemap
+    would stream ~256 GB) is an ArtifactError naming it, not a hang or a crash."""
     if not path.is_file():
         raise ArtifactError(f"{path} is not a regular file")
     try:
         with path.open("rb") as handle:
             left = os.fstat(handle.fileno()).st_size
+            if max_bytes is not None and left > max_bytes:
+                raise ArtifactError(f"{path} is {left} bytes, more than the {max_bytes} this reader accepts")
             while left > 0:
                 data = handle.read(min(chunk, left))
                 if not data:
@@ -59,9 +62,9 @@ def _chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
         raise ArtifactError(f"{path} cannot be read ({error.strerror or error})") from None
 
 
-def _read(path: Path) -> bytes:
-    """A file's bytes (see `_chunks`)."""
-    return b"".join(_chunks(path))
+def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
+    """A file's bytes, read as `_chunks` does: for files someone else controls (an auditor's view of a coordinator's)."""
+    return b"".join(_chunks(path, max_bytes=max_bytes))
 
 
 class ArtifactNotFoundError(ArtifactError):
@@ -128,12 +131,8 @@ class ArtifactStore:
         """The bytes filed under `digest`; raises ArtifactCorruptedError if they no longer match (and an ArtifactError
         if the file is larger than `max_bytes`)."""
         normalized = _check_digest(digest)
-        target = self.path(normalized)
-        if not target.is_file():
-            raise ArtifactNotFoundError(normalized, target)
-        if max_bytes is not None and target.stat().st_size > max_bytes:
-            raise ArtifactError(f"artifact {target} is {target.stat().st_size} bytes, more than the {max_bytes} this reader accepts")
-        data = _read(target)
+        target = self._existing(normalized)
+        data = read_file(target, max_bytes=max_bytes)
         actual = sha256_hex(data)
         if actual != normalized:
             raise ArtifactCorruptedError(normalized, target, actual)
@@ -142,22 +141,21 @@ class ArtifactStore:
     def read_unverified(self, digest: str, *, max_bytes: int | None = None) -> bytes:
         """Raw bytes without the hash check (for auditors who recompute digests themselves); an ArtifactError if the
         file is larger than `max_bytes` (what an auditor parses is small: a coordinator's 3 GB file is refused)."""
-        target = self.path(digest)
-        if not target.is_file():
-            raise ArtifactNotFoundError(_check_digest(digest), target)
-        if max_bytes is not None and target.stat().st_size > max_bytes:
-            raise ArtifactError(f"artifact {target} is {target.stat().st_size} bytes, more than the {max_bytes} this reader accepts")
-        return _read(target)
+        return read_file(self._existing(digest), max_bytes=max_bytes)
 
     def hash_unverified(self, digest: str) -> str:
         """The sha256 of what is filed under `digest`, read in chunks (an artifact of any size, in constant memory)."""
+        hasher = hashlib.sha256()
+        for chunk in _chunks(self._existing(digest)):
+            hasher.update(chunk)
+        return hasher.hexdigest()
+
+    def _existing(self, digest: str) -> Path:
+        """The file filed under `digest`; ArtifactNotFoundError if there is none."""
         target = self.path(digest)
         if not target.is_file():
             raise ArtifactNotFoundError(_check_digest(digest), target)
-        hasher = hashlib.sha256()
-        for chunk in _chunks(target):
-            hasher.update(chunk)
-        return hasher.hexdigest()
+        return target
 
     def digests(self) -> Iterator[str]:
         if not self.root.is_dir():
@@ -176,7 +174,7 @@ class ArtifactStore:
             return {}
         kinds: dict[str, str] = {}
         try:
-            lines = _read(index).decode("utf-8").splitlines()
+            lines = read_file(index).decode("utf-8").splitlines()
         except UnicodeDecodeError as error:
             raise ArtifactError(f"artifact index {index} is not UTF-8 text ({error})") from None
         for number, line in enumerate(lines, start=1):

@@ -32,13 +32,7 @@ from medtwin.core.config.chain import ChainConfig
 from medtwin.core.hashing import config_hash
 from medtwin.core.merkle import merkle_root, update_leaves
 
-SITES = ("hosp-a", "hosp-b", "hosp-c")
-RUN = "run-audit"
-
-
-def h(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
+from test_chain_audit import RUN, SITES, anchored_federation, h  # tests/unit is on sys.path (rootdir-relative imports)
 
 def render(table) -> str:
     console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
@@ -48,30 +42,11 @@ def render(table) -> str:
 
 @pytest.fixture()
 def fed(tmp_path: Path):
-    session = open_session(ChainConfig(name="embedded"))
-    store = ArtifactStore(tmp_path / "runs" / RUN / "artifacts")
-    for site_id in SITES:
-        account = session.site_account(site_id)
-        session.auth.register_site(site_id=site_id, address=account.address, key_fingerprint=h(f"key {site_id}"))
-        session.auth.approve_run(site=account, run_id=RUN, config_hash=h("config"), code_hash=h("code"))
-    session.data.register_run(RunRegistration(RUN, "breast_cancer", h("config"), h("code"), h("dp"), h("he")))
-    paths: dict[str, Path] = {}
-    previous = ""
-    for round_index in (1, 2, 3):
-        digests = {site: store.put(f"{site} round {round_index} update".encode(), kind="update") for site in SITES}
-        aggregate = store.put(f"aggregate {round_index}".encode(), kind="aggregate")
-        session.auth.record_decisions(
-            [Decision("admit_update", True, "ok", site_id=s, subject=d) for s, d in digests.items()], run_id=RUN, round_index=round_index
-        )
-        anchor, _ = build_round_anchor(
-            store, run_id=RUN, round_index=round_index, update_digests=digests, aggregate_digest=aggregate,
-            epsilon_by_site={s: 0.5 * round_index for s in SITES}, he_error_bound=3e-8,
-        )  # fmt: skip
-        assert session.data.anchor_round(anchor).mined
-        session.data.record_lineage(model_hash=aggregate, parent_hash=previous, run_id=RUN, round_index=round_index)
-        previous = aggregate
-        if round_index == 2:
-            paths = {"update": store.path(digests["hosp-b"]), "aggregate": store.path(aggregate), "manifest": store.path(anchor.manifest_hash)}
+    """test_chain_audit's anchored federation, its store where a run directory keeps it (config.yaml beside it);
+    (session, store, round 2's update of hosp-b, aggregate and manifest files)."""
+    session, store, updates = anchored_federation(ArtifactStore(tmp_path / "runs" / RUN / "artifacts"))
+    anchor = session.data.anchor(RUN, 2)
+    paths = {"update": store.path(updates[(2, "hosp-b")]), "aggregate": store.path(anchor.aggregate_hash), "manifest": store.path(anchor.manifest_hash)}
     assert audit_verify(session, store, RUN).ok
     return session, store, paths
 

@@ -37,9 +37,12 @@ def h(text: str) -> str:
 
 @pytest.fixture()
 def federation(tmp_path: Path) -> tuple[ChainSession, ArtifactStore, dict[tuple[int, str], str]]:
-    """Three sites, three rounds, all anchored, with their updates in an artifact store."""
+    return anchored_federation(ArtifactStore(tmp_path / "artifacts"))
+
+
+def anchored_federation(store: ArtifactStore) -> tuple[ChainSession, ArtifactStore, dict[tuple[int, str], str]]:
+    """Three sites, three rounds, all anchored, with their updates in `store`; (session, store, (round, site) -> update)."""
     session = open_session(ChainConfig(name="embedded"))
-    store = ArtifactStore(tmp_path / "artifacts")
     for site_id in SITES:
         account = session.site_account(site_id)
         session.auth.register_site(site_id=site_id, address=account.address, key_fingerprint=h(f"key {site_id}"))
